@@ -1,0 +1,112 @@
+"""climate_text_schema: the contract shared by merra2_text_data (writer) and fusion_trainer (reader).
+
+It holds the dataset layout, the pandera schema of the index, the sample and manifest contract, and `open_dataset`,
+which resolves a dataset reference on any fsspec store. It never imports torch.
+"""
+
+from .errors import (
+    ContractError,
+    DatasetNotFoundError,
+    IndexValidationError,
+    ManifestError,
+    ReferenceError_,
+    SampleError,
+    SchemaVersionError,
+)
+from .index import BASE_COLUMNS, index_schema, stat_columns, validate_index, variables_in_index
+from .layout import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    QUARANTINE_FILE,
+    README_FILE,
+    SPLITS,
+    join_url,
+    shard_name,
+    tag_url,
+    tags_url,
+    version_url,
+    versions_url,
+)
+from .manifest import (
+    SCHEMA_VERSION,
+    BuilderInfo,
+    Manifest,
+    NormStats,
+    ShardInfo,
+    SourceInfo,
+    VariableInfo,
+    check_schema_version,
+    parse_manifest,
+)
+from .reference import OpenedDataset, open_dataset, parse_reference, resolve_version_url
+from .sample import (
+    ARRAY_DIMS,
+    ARRAY_DTYPE,
+    CLIMATE_MEMBER,
+    META_MEMBER,
+    SAMPLE_MEMBERS,
+    TEXT_MEMBER,
+    SampleMeta,
+    check_climate_array,
+    decode_climate,
+    decode_meta,
+    decode_text,
+)
+from .variables import DEFAULT_VARIABLES, FILL_VALUE, KNOWN_VARIABLES, VariableSpec, variable_spec
+
+__version__ = "1.0.0"
+
+__all__ = [
+    "ARRAY_DIMS",
+    "ARRAY_DTYPE",
+    "BASE_COLUMNS",
+    "CLIMATE_MEMBER",
+    "DEFAULT_VARIABLES",
+    "FILL_VALUE",
+    "INDEX_FILE",
+    "KNOWN_VARIABLES",
+    "MANIFEST_FILE",
+    "META_MEMBER",
+    "QUARANTINE_FILE",
+    "README_FILE",
+    "SAMPLE_MEMBERS",
+    "SCHEMA_VERSION",
+    "SPLITS",
+    "TEXT_MEMBER",
+    "BuilderInfo",
+    "ContractError",
+    "DatasetNotFoundError",
+    "IndexValidationError",
+    "Manifest",
+    "ManifestError",
+    "NormStats",
+    "OpenedDataset",
+    "ReferenceError_",
+    "SampleError",
+    "SampleMeta",
+    "SchemaVersionError",
+    "ShardInfo",
+    "SourceInfo",
+    "VariableInfo",
+    "VariableSpec",
+    "check_climate_array",
+    "check_schema_version",
+    "decode_climate",
+    "decode_meta",
+    "decode_text",
+    "index_schema",
+    "join_url",
+    "open_dataset",
+    "parse_manifest",
+    "parse_reference",
+    "resolve_version_url",
+    "shard_name",
+    "stat_columns",
+    "tag_url",
+    "tags_url",
+    "validate_index",
+    "variable_spec",
+    "variables_in_index",
+    "version_url",
+    "versions_url",
+]

@@ -1,0 +1,45 @@
+"""Errors of the shared contract. Every message names the offending value and the way out."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ContractError",
+    "DatasetNotFoundError",
+    "IndexValidationError",
+    "ManifestError",
+    "ReferenceError_",
+    "SampleError",
+    "SchemaVersionError",
+]
+
+
+class ContractError(Exception):
+    """Base class: data or a reference does not satisfy the shared contract."""
+
+
+class IndexValidationError(ContractError):
+    """An index table failed the pandera schema; the message lists every failure (column, row, check, value)."""
+
+    def __init__(self, message: str, failures: list[dict[str, object]]):
+        super().__init__(message)
+        self.failures = failures
+
+
+class SampleError(ContractError):
+    """One sample (climate array, text or metadata) breaks the sample contract."""
+
+
+class ManifestError(ContractError):
+    """A manifest.json is missing a field, has a wrong type, or is not JSON."""
+
+
+class SchemaVersionError(ContractError):
+    """A dataset was written with a schema version this reader does not support."""
+
+
+class ReferenceError_(ContractError):  # noqa: N801 - avoid shadowing the builtin ReferenceError
+    """A dataset reference string is malformed."""
+
+
+class DatasetNotFoundError(ContractError):
+    """A dataset reference resolves to nothing: no manifest, unknown tag or version."""

@@ -1,0 +1,142 @@
+"""manifest.json (CONTRACT section 4) and the schema version check between writer and reader."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ManifestError, SchemaVersionError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "BuilderInfo",
+    "Manifest",
+    "NormStats",
+    "ShardInfo",
+    "SourceInfo",
+    "VariableInfo",
+    "check_schema_version",
+    "parse_manifest",
+]
+
+SCHEMA_VERSION = "1.0"
+"""MAJOR.MINOR. A reader accepts its own major version and any minor (minor versions only add fields)."""
+
+
+class VariableInfo(BaseModel):
+    """One variable of the dataset, in the order of the climate array's variable axis."""
+
+    name: str
+    units: str
+    long_name: str = ""
+    collection: str = ""
+
+
+class ShardInfo(BaseModel):
+    """One WebDataset shard."""
+
+    path: str = Field(description="relative to the version folder: shards/<split>-<NNNNNN>.tar")
+    split: str
+    samples: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    sha256: str = Field(min_length=64, max_length=64)
+
+
+class SourceInfo(BaseModel):
+    """One source granule the dataset was built from."""
+
+    granule: str
+    file: str
+    bytes: int | None = None
+    checksum: str | None = None
+
+
+class NormStats(BaseModel):
+    """Per-variable normalisation over the train split (physical units)."""
+
+    mean: float
+    std: float = Field(gt=0)
+
+
+class BuilderInfo(BaseModel):
+    """The package (and version) that wrote the dataset."""
+
+    package: str
+    version: str
+
+
+class Manifest(BaseModel):
+    """The commit record of a dataset version: a version exists if and only if its manifest exists."""
+
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: str
+    name: str
+    version: str
+    created_at: str
+    builder: BuilderInfo
+    config: dict[str, Any]
+    variables: list[VariableInfo] = Field(min_length=1)
+    window: str
+    time_step: str
+    splits: dict[str, int]
+    shards: list[ShardInfo]
+    normalization: dict[str, NormStats]
+    sources: list[SourceInfo]
+    quarantined: int = Field(ge=0)
+    parent: str | None = None
+
+    @property
+    def variable_names(self) -> list[str]:
+        """Variable names in array order."""
+        return [v.name for v in self.variables]
+
+    def shards_of(self, split: str) -> list[ShardInfo]:
+        """The shards of one split, in order."""
+        return [s for s in self.shards if s.split == split]
+
+    def to_json(self) -> str:
+        """Canonical JSON text (sorted keys, indented) as written to storage."""
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+
+def check_schema_version(found: str, where: str = "dataset") -> None:
+    """Raise SchemaVersionError unless `found` is readable by this version of the contract.
+
+    Args:
+        found: the `schema_version` a writer recorded.
+        where: what is being read, for the message (a URL).
+    """
+    ours = SCHEMA_VERSION.split(".")[0]
+    try:
+        major = str(int(str(found).split(".")[0]))
+    except ValueError as exc:
+        raise SchemaVersionError(f"{where}: schema_version {found!r} is not of the form MAJOR.MINOR") from exc
+    if major != ours:
+        newer = int(major) > int(ours)
+        hint = (
+            "upgrade climate-text-schema (and the trainer) to a release that reads it"
+            if newer
+            else "rebuild the dataset with the current merra2-text"
+        )
+        raise SchemaVersionError(
+            f"{where} was written with schema_version {found}; this reader supports {SCHEMA_VERSION} "
+            f"(major {ours}.x only): {hint}"
+        )
+
+
+def parse_manifest(text: str | bytes, where: str = "manifest.json") -> Manifest:
+    """Parse manifest JSON, checking the schema version first (so a future layout fails clearly, not later)."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{where} is not valid JSON ({exc}); the version is damaged: rebuild it") from exc
+    if not isinstance(raw, dict) or "schema_version" not in raw:
+        raise ManifestError(f"{where} has no schema_version field; it is not a merra2-text manifest")
+    check_schema_version(str(raw["schema_version"]), where)
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ManifestError(f"{where} breaks the manifest contract:\n{exc}") from exc

@@ -1,0 +1,134 @@
+"""One sample, one WebDataset key (CONTRACT section 2): member names, array layout and metadata."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import SampleError
+from .layout import SPLITS
+from .variables import FILL_VALUE
+
+__all__ = [
+    "ARRAY_DIMS",
+    "ARRAY_DTYPE",
+    "CLIMATE_MEMBER",
+    "KEY_PATTERN",
+    "META_MEMBER",
+    "SAMPLE_MEMBERS",
+    "TEXT_MEMBER",
+    "SampleMeta",
+    "check_climate_array",
+    "decode_climate",
+    "decode_meta",
+    "decode_text",
+]
+
+CLIMATE_MEMBER = "climate.npy"
+TEXT_MEMBER = "txt"
+META_MEMBER = "json"
+SAMPLE_MEMBERS: tuple[str, ...] = (CLIMATE_MEMBER, TEXT_MEMBER, META_MEMBER)
+"""Member suffixes of one sample: `<key>.climate.npy`, `<key>.txt`, `<key>.json`."""
+
+ARRAY_DIMS: tuple[str, ...] = ("time", "variable", "lat", "lon")
+ARRAY_DTYPE = np.dtype("float32")
+
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
+"""Keys hold no dots (WebDataset splits member names at the first dot) and no path separators."""
+
+
+class SampleMeta(BaseModel):
+    """The `<key>.json` member."""
+
+    model_config = ConfigDict(extra="allow")
+
+    key: str
+    split: str
+    time_start: str = Field(description="ISO 8601, UTC")
+    time_end: str = Field(description="ISO 8601, UTC")
+    region: str
+    bbox: list[float] = Field(min_length=4, max_length=4, description="[W, S, E, N] in degrees")
+    variables: list[str] = Field(min_length=1)
+    units: list[str]
+    lat: list[float] = Field(min_length=1, description="ascending, south to north")
+    lon: list[float] = Field(min_length=1, description="ascending, west to east (across the antimeridian: wraps)")
+    stats: dict[str, dict[str, float]] = Field(description="{V: {mean, min, max}} in physical units")
+
+    @field_validator("key")
+    @classmethod
+    def _key_ok(cls, value: str) -> str:
+        if not KEY_PATTERN.match(value):
+            raise ValueError(f"key {value!r} must match {KEY_PATTERN.pattern} (no dots, no slashes)")
+        return value
+
+    @field_validator("split")
+    @classmethod
+    def _split_ok(cls, value: str) -> str:
+        if value not in SPLITS:
+            raise ValueError(f"split {value!r} is not one of {', '.join(SPLITS)}")
+        return value
+
+
+def check_climate_array(array: np.ndarray, n_variables: int | None = None) -> list[str]:
+    """Return every way `array` breaks the climate-array contract (an empty list when it is valid).
+
+    Args:
+        array: the decoded `<key>.climate.npy`.
+        n_variables: the manifest's number of variables, if known.
+    """
+    problems: list[str] = []
+    if array.dtype != ARRAY_DTYPE:
+        problems.append(f"dtype is {array.dtype}, expected float32")
+    if array.ndim != 4:
+        problems.append(f"array has {array.ndim} dims {array.shape}, expected 4 {ARRAY_DIMS}")
+        return problems
+    if min(array.shape) == 0:
+        problems.append(f"array has an empty dimension: shape {array.shape}")
+    if n_variables is not None and array.shape[1] != n_variables:
+        problems.append(f"array has {array.shape[1]} variables, the manifest lists {n_variables}")
+    n_nan = int(np.isnan(array).sum())
+    if n_nan:
+        problems.append(f"{n_nan} NaN values")
+    n_fill = int((np.abs(array) >= FILL_VALUE * 0.5).sum())
+    if n_fill:
+        problems.append(f"{n_fill} fill values (1e15)")
+    return problems
+
+
+def decode_climate(data: bytes, key: str = "?") -> np.ndarray:
+    """Decode a `.climate.npy` member with `allow_pickle=False` (a pickled payload is refused, never executed)."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as exc:
+        raise SampleError(f"sample {key!r}: climate.npy is not a plain numeric .npy array ({exc})") from exc
+    except Exception as exc:  # truncated or garbage bytes
+        raise SampleError(f"sample {key!r}: climate.npy cannot be decoded ({exc})") from exc
+    return array  # type: ignore[no-any-return]
+
+
+def decode_text(data: bytes, key: str = "?") -> str:
+    """Decode a `.txt` member (UTF-8, non-empty)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SampleError(f"sample {key!r}: txt member is not UTF-8 ({exc})") from exc
+    if not text.strip():
+        raise SampleError(f"sample {key!r}: txt member is empty")
+    return text
+
+
+def decode_meta(data: bytes, key: str = "?") -> SampleMeta:
+    """Decode and validate a `.json` member."""
+    try:
+        raw: Any = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SampleError(f"sample {key!r}: json member is not valid JSON ({exc})") from exc
+    try:
+        return SampleMeta.model_validate(raw)
+    except ValidationError as exc:
+        raise SampleError(f"sample {key!r}: json member breaks the contract:\n{exc}") from exc

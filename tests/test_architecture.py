@@ -1,0 +1,61 @@
+"""The architecture invariants: the packages meet only in climate_text_schema, and the builder never needs torch."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = {
+    "climate_text_schema": ROOT / "schemas" / "src" / "climate_text_schema",
+    "merra2_text_data": ROOT / "packages" / "merra2_text_data" / "src" / "merra2_text_data",
+    "fusion_trainer": ROOT / "packages" / "fusion_trainer" / "src" / "fusion_trainer",
+}
+
+
+def _imported_roots(package_dir: Path) -> set[str]:
+    roots: set[str] = set()
+    for path in package_dir.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("merra2_text_data", {"fusion_trainer", "torch"}),
+        ("fusion_trainer", {"merra2_text_data"}),
+        ("climate_text_schema", {"merra2_text_data", "fusion_trainer", "torch"}),
+    ],
+)
+def test_static_imports_respect_boundaries(package: str, forbidden: set[str]) -> None:
+    found = _imported_roots(SOURCES[package]) & forbidden
+    assert not found, f"{package} imports {sorted(found)}"
+
+
+@pytest.mark.parametrize("package", ["climate_text_schema", "merra2_text_data"])
+def test_runtime_import_pulls_no_torch(package: str) -> None:
+    """Importing the package (and its CLI) at run time loads neither torch nor the other package."""
+    mods = [package] + ([f"{package}.cli"] if (SOURCES[package] / "cli.py").exists() else [])
+    code = (
+        "import sys, json, importlib\n"
+        f"for m in {mods!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(k for k in sys.modules if k.split('.')[0] in {'torch','fusion_trainer'})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == []
+
+
+def test_every_package_ships_py_typed() -> None:
+    for path in SOURCES.values():
+        assert (path / "py.typed").exists(), path
