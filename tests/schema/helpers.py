@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
 from climate_text_schema import SCHEMA_VERSION
 
 
@@ -49,15 +48,21 @@ def _tar_bytes(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def write_version(fs: Any, dataset_url: str, version: str, tag: str | None = "latest",
-                  schema_version: str = SCHEMA_VERSION) -> str:
+def _put(fs: Any, url: str, data: bytes) -> None:
+    fs.makedirs(url.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(url, data)
+
+
+def write_version(
+    fs: Any, dataset_url: str, version: str, tag: str | None = "latest", schema_version: str = SCHEMA_VERSION
+) -> str:
     """Write a minimal, contract-shaped version with one train shard; returns the version folder URL."""
     vurl = f"{dataset_url}/versions/{version}"
     arr = np.zeros((2, 1, 3, 4), dtype=np.float32) + 280.0
     npy = io.BytesIO()
     np.save(npy, arr)
     shard = _tar_bytes({"k0.climate.npy": npy.getvalue(), "k0.txt": b"hello", "k0.json": b"{}"})
-    fs.pipe_file(f"{vurl}/shards/train-000000.tar", shard)
+    _put(fs, f"{vurl}/shards/train-000000.tar", shard)
     manifest: dict[str, Any] = {
         "schema_version": schema_version,
         "name": dataset_url.rsplit("/", 1)[-1],
@@ -69,13 +74,20 @@ def write_version(fs: Any, dataset_url: str, version: str, tag: str | None = "la
         "window": "1d",
         "time_step": "1h",
         "splits": {"train": 1},
-        "shards": [{"path": "shards/train-000000.tar", "split": "train", "samples": 1, "bytes": len(shard),
-                    "sha256": hashlib.sha256(shard).hexdigest()}],
+        "shards": [
+            {
+                "path": "shards/train-000000.tar",
+                "split": "train",
+                "samples": 1,
+                "bytes": len(shard),
+                "sha256": hashlib.sha256(shard).hexdigest(),
+            }
+        ],
         "normalization": {"T2M": {"mean": 280.0, "std": 1.0}},
         "sources": [],
         "quarantined": 0,
     }
-    fs.pipe_file(f"{vurl}/manifest.json", json.dumps(manifest).encode())
+    _put(fs, f"{vurl}/manifest.json", json.dumps(manifest).encode())
     if tag:
-        fs.pipe_file(f"{dataset_url}/tags/{tag}", version.encode())
+        _put(fs, f"{dataset_url}/tags/{tag}", version.encode())
     return vurl

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
 from climate_text_schema import IndexValidationError, validate_index
 
 from .helpers import make_index
@@ -94,3 +93,17 @@ def test_unknown_variable_gets_finiteness_only() -> None:
 def test_missing_column_is_named() -> None:
     df = make_index().drop(columns=["region"])
     assert "region" in str(_failures(df))
+
+
+def test_naive_timestamps_are_refused() -> None:
+    df = make_index()
+    df["time_start"] = df["time_start"].dt.tz_localize(None)
+    err = _failures(df)
+    assert any(f["column"] == "time_start" and f["check"] == "utc_timestamp" for f in err.failures)
+
+
+def test_min_le_mean_le_max() -> None:
+    df = make_index()
+    df.loc[1, "U10M_min"] = df.loc[1, "U10M_mean"] + 1.0
+    err = _failures(df)
+    assert any(f["check"] == "U10M_min_le_mean_le_max" and f["row"] == 1 for f in err.failures)

@@ -37,7 +37,7 @@ class SchemaVersionError(ContractError):
     """A dataset was written with a schema version this reader does not support."""
 
 
-class ReferenceError_(ContractError):  # noqa: N801 - avoid shadowing the builtin ReferenceError
+class ReferenceError_(ContractError):  # trailing underscore: the builtin ReferenceError is another thing
     """A dataset reference string is malformed."""
 
 

@@ -68,7 +68,9 @@ class OpenedDataset:
 def parse_reference(ref: str) -> ParsedReference:
     """Split a reference into its form (see the module docstring). Does no I/O."""
     if not ref or not ref.strip():
-        raise ReferenceError_("empty dataset reference: give a version folder, a manifest.json URL or ROOT/NAME@TAG")
+        raise ReferenceError_(
+            "empty dataset reference: give a version folder, a manifest.json URL or ROOT/NAME@TAG"
+        )
     ref = ref.strip().rstrip("/")
     head, _, last = ref.rpartition("/")
     if last == MANIFEST_FILE:
@@ -117,7 +119,9 @@ def resolve_version_url(ref: str, fs: AbstractFileSystem) -> str:
     tags = _list_names(fs, tags_url(dataset))
     all_versions = _list_names(fs, versions_url(dataset))
     if len(versions) > 1:
-        raise DatasetNotFoundError(f"{ref!r}: {selector!r} matches several versions ({', '.join(versions)}); give more digits")
+        raise DatasetNotFoundError(
+            f"{ref!r}: {selector!r} matches several versions ({', '.join(versions)}); give more digits"
+        )
     if not tags and not all_versions:
         raise DatasetNotFoundError(
             f"{ref!r}: no dataset at {dataset} (no tags/ or versions/ folder); check the root URL and the name, "

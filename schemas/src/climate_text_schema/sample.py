@@ -56,7 +56,9 @@ class SampleMeta(BaseModel):
     variables: list[str] = Field(min_length=1)
     units: list[str]
     lat: list[float] = Field(min_length=1, description="ascending, south to north")
-    lon: list[float] = Field(min_length=1, description="ascending, west to east (across the antimeridian: wraps)")
+    lon: list[float] = Field(
+        min_length=1, description="ascending, west to east (across the antimeridian: wraps)"
+    )
     stats: dict[str, dict[str, float]] = Field(description="{V: {mean, min, max}} in physical units")
 
     @field_validator("key")
@@ -108,7 +110,7 @@ def decode_climate(data: bytes, key: str = "?") -> np.ndarray:
         raise SampleError(f"sample {key!r}: climate.npy is not a plain numeric .npy array ({exc})") from exc
     except Exception as exc:  # truncated or garbage bytes
         raise SampleError(f"sample {key!r}: climate.npy cannot be decoded ({exc})") from exc
-    return array  # type: ignore[no-any-return]
+    return array
 
 
 def decode_text(data: bytes, key: str = "?") -> str:
