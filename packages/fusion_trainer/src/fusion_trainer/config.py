@@ -145,3 +145,253 @@ def _lora_problems(lora: dict[str, Any]) -> list[str]:
 
 
 # --- TrainConfig (training) ---
+# (owned by the training engineer; imports are local to this section so the two sections can be edited apart)
+
+import json as _json  # noqa: E402
+from collections.abc import Sequence as _Sequence  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+from typing import Any as _Any  # noqa: E402
+from typing import Literal as _Literal  # noqa: E402
+
+import yaml as _yaml  # noqa: E402
+from pydantic import BaseModel as _BaseModel  # noqa: E402
+from pydantic import ConfigDict as _ConfigDict  # noqa: E402
+from pydantic import Field as _Field  # noqa: E402
+from pydantic import ValidationError as _ValidationError  # noqa: E402
+from pydantic import model_validator as _model_validator  # noqa: E402
+
+from .errors import ConfigError as _ConfigError  # noqa: E402
+
+DEFAULT_PROMPT_TEMPLATE = "Example: {example}\nDescribe this climate window ({variables}):\n"
+"""`{example}`: a one-shot caption whose numbers are the train means; `{variables}`: the variable names."""
+
+_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+class TrainConfig(_BaseModel):
+    """One training run (`fusion-train`): data, model, DeepSpeed/ZeRO layout, optimisation, logging.
+
+    Every field is a YAML key of `pipelines/train-*.yaml`; `--set a.b=v` overrides any of them.
+    """
+
+    model_config = _ConfigDict(extra="forbid", validate_assignment=True)
+
+    shards: str = _Field(description="dataset reference: version folder, manifest.json URL or ROOT/NAME@TAG")
+    model: str = _Field(description="base causal LM: a local folder (save_pretrained layout) or a hub id")
+    out: str = _Field(description="RUN_DIR (local path): config.yaml, metrics.jsonl, checkpoints/, final/")
+    fusion: dict[str, _Any] = _Field(
+        default_factory=dict,
+        description="FusionConfig fields (fusion, encoder sizes, ...); n_variables, variables and normalization "
+        "come from the dataset",
+    )
+    zero: int = _Field(default=2, ge=0, le=3, description="ZeRO stage 0, 1, 2 or 3")
+    steps: int = _Field(
+        default=1000, gt=0, description="optimizer steps of the whole run (the schedule's length)"
+    )
+    stop_at_step: int | None = _Field(
+        default=None,
+        gt=0,
+        description="stop (after a checkpoint) at this step although the schedule runs to `steps`",
+    )
+    micro_batch: int = _Field(default=4, gt=0, description="samples per rank per forward pass")
+    grad_accum: int = _Field(default=1, gt=0, description="micro-batches accumulated per optimizer step")
+    global_batch: int | None = _Field(
+        default=None, gt=0, description="if set, must equal micro_batch x grad_accum x world size"
+    )
+    lr: float = _Field(default=1e-4, gt=0, description="peak learning rate of AdamW")
+    min_lr_ratio: float = _Field(
+        default=0.1, ge=0, le=1, description="final lr of the cosine as a fraction of lr"
+    )
+    weight_decay: float = _Field(
+        default=0.0, ge=0, description="AdamW weight decay (not on biases and norms)"
+    )
+    betas: tuple[float, float] = _Field(default=(0.9, 0.95), description="AdamW betas")
+    warmup_steps: int = _Field(default=0, ge=0, description="linear warm-up steps before the cosine decay")
+    schedule: _Literal["cosine", "constant"] = _Field(
+        default="cosine", description="lr schedule after warm-up"
+    )
+    grad_clip: float = _Field(default=1.0, ge=0, description="gradient clipping norm (0: off)")
+    bf16: bool = _Field(default=True, description="bf16 mixed precision (DeepSpeed `bf16.enabled`)")
+    seed: int = _Field(default=0, ge=0, description="seed of the model init, data order and RNGs")
+    eval_every: int = _Field(
+        default=0, ge=0, description="evaluate the val split every N steps (0: only at the end)"
+    )
+    eval_batches: int | None = _Field(
+        default=None, gt=0, description="cap on val batches per evaluation per rank"
+    )
+    save_every: int = _Field(default=0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    log_every: int = _Field(
+        default=10, gt=0, description="write a metrics record and a log line every N steps"
+    )
+    resume: bool = _Field(default=False, description="continue from the newest complete checkpoint in `out`")
+    nproc: int = _Field(default=1, gt=0, description="local ranks started through the DeepSpeed launcher")
+    deepspeed: str | None = _Field(
+        default=None, description="a ds_config.json whose keys override the generated DeepSpeed config"
+    )
+    prompt_template: str = _Field(default=DEFAULT_PROMPT_TEMPLATE, description="prompt before each caption")
+    max_length: int = _Field(
+        default=256, gt=8, description="max tokens of prompt + caption (caption truncated)"
+    )
+    num_workers: int = _Field(default=0, ge=0, description="DataLoader worker processes per rank")
+    shuffle_buffer: int = _Field(default=256, ge=0, description="samples in the seeded shuffle buffer")
+    verify_shards: bool = _Field(default=True, description="check each shard's sha256 as it streams")
+    log_keys: bool = _Field(
+        default=True, description="write the sample keys of every step to samples/rank<R>.jsonl"
+    )
+    tensorboard: bool = _Field(default=False, description="also write TensorBoard events to out/tensorboard")
+    show_progress: bool = _Field(default=False, description="progress bar on rank 0 (the CLI turns it on)")
+
+    @_model_validator(mode="after")
+    def _check_relations(self) -> TrainConfig:
+        problems = []
+        if self.stop_at_step is not None and self.stop_at_step > self.steps:
+            problems.append(f"stop_at_step: {self.stop_at_step} is beyond steps {self.steps}")
+        if self.warmup_steps > self.steps:
+            problems.append(f"warmup_steps: {self.warmup_steps} exceeds steps {self.steps}")
+        try:
+            self.prompt_template.format(example="", variables="")
+        except (KeyError, IndexError, ValueError) as exc:
+            problems.append(f"prompt_template: {exc!r}; use only {{example}} and {{variables}}")
+        if self.fusion:
+            try:
+                FusionConfig(**{"n_variables": 1, **self.fusion})
+            except (ValueError, TypeError) as exc:
+                problems.append(f"fusion: {exc}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @classmethod
+    def load(cls, raw: dict[str, _Any]) -> TrainConfig:
+        """Validate a dict, collecting every problem into one ConfigError that names the keys."""
+        try:
+            return cls.model_validate(raw)
+        except _ValidationError as exc:
+            lines = [
+                f"  - {'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in exc.errors()
+            ]
+            raise _ConfigError(
+                f"invalid training config ({len(lines)} problem(s)):\n" + "\n".join(lines)
+            ) from exc
+
+    @classmethod
+    def from_yaml(
+        cls, path: str | _Path | None, overrides: _Sequence[str] = (), **values: _Any
+    ) -> TrainConfig:
+        """Read a YAML file (optional), apply `key=value` and `a.b=value` overrides, then keyword values.
+
+        Args:
+            path: a `pipelines/train-*.yaml` file, or None.
+            overrides: `--set` items; values are parsed as YAML scalars (`lr=3e-4`, `fusion.fusion=xattn`).
+            **values: explicit values (CLI flags); None values are ignored.
+
+        Raises:
+            ConfigError: unreadable file, malformed override, unknown key or invalid value (all listed).
+        """
+        raw: dict[str, _Any] = {}
+        if path is not None:
+            try:
+                loaded = _yaml.safe_load(_Path(path).read_text(encoding="utf-8"))
+            except (OSError, _yaml.YAMLError) as exc:
+                raise _ConfigError(f"--config {path}: cannot read it as YAML ({exc})") from exc
+            if not isinstance(loaded, dict):
+                raise _ConfigError(
+                    f"--config {path}: expected a mapping of keys, got {type(loaded).__name__}"
+                )
+            raw = loaded
+        for item in overrides:
+            key, sep, text = item.partition("=")
+            if not sep or not key.strip():
+                raise _ConfigError(
+                    f"--set {item!r}: write KEY=VALUE, e.g. --set lr=3e-4 or --set fusion.fusion=xattn"
+                )
+            node = raw
+            *parents, leaf = key.strip().split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise _ConfigError(f"--set {item!r}: {part!r} is not a mapping")
+            node[leaf] = _yaml.safe_load(text)
+        for key, value in values.items():
+            if value is not None:
+                raw[key] = value
+        return cls.load(raw)
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (what RUN_DIR/config.yaml holds)."""
+        return _yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def check_batch(self, world: int) -> int:
+        """Return the global batch micro_batch x grad_accum x world, checked against `global_batch`.
+
+        Raises:
+            ConfigError: `global_batch` is set and differs.
+        """
+        total = self.micro_batch * self.grad_accum * world
+        if self.global_batch is not None and self.global_batch != total:
+            raise _ConfigError(
+                f"global_batch {self.global_batch} != micro_batch {self.micro_batch} x grad_accum {self.grad_accum} "
+                f"x world {world} = {total}: change one of them (e.g. grad_accum "
+                f"{max(1, self.global_batch // (self.micro_batch * world))})"
+            )
+        return total
+
+    def deepspeed_config(self, world: int) -> dict[str, _Any]:
+        """The DeepSpeed config dict, with the user's `deepspeed` JSON file merged over it.
+
+        The optimizer is AdamW over the trainable parameters with `torch_adam` (no compiled CPU Adam); batch keys are
+        checked once here. Keys the user file sets to "auto" keep the generated value.
+
+        Raises:
+            ConfigError: the file is unreadable, or sets batch sizes that contradict this config.
+        """
+        total = self.check_batch(world)
+        generated: dict[str, _Any] = {
+            "train_micro_batch_size_per_gpu": self.micro_batch,
+            "gradient_accumulation_steps": self.grad_accum,
+            "train_batch_size": total,
+            "gradient_clipping": self.grad_clip,
+            "zero_optimization": {"stage": self.zero},
+            "bf16": {"enabled": self.bf16},
+            "optimizer": {
+                "type": "AdamW",
+                "params": {
+                    "lr": self.lr,
+                    "betas": list(self.betas),
+                    "eps": 1e-8,
+                    "weight_decay": self.weight_decay,
+                    "torch_adam": True,
+                },
+            },  # fmt: skip
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if self.deepspeed is None:
+            return generated
+        try:
+            user = _json.loads(_Path(self.deepspeed).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise _ConfigError(f"deepspeed: cannot read {self.deepspeed} as JSON ({exc})") from exc
+        if not isinstance(user, dict):
+            raise _ConfigError(f"deepspeed: {self.deepspeed} must hold a JSON object")
+        merged = _merge(generated, user)
+        clashes = [k for k in _BATCH_KEYS if merged[k] != generated[k]]
+        if clashes:
+            detail = ", ".join(f"{k}={merged[k]} (config: {generated[k]})" for k in clashes)
+            raise _ConfigError(
+                f"deepspeed: {self.deepspeed} sets {detail}; set micro_batch/grad_accum in the training config "
+                'instead, or write "auto"'
+            )
+        return merged
+
+
+def _merge(base: dict[str, _Any], over: dict[str, _Any]) -> dict[str, _Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if value == "auto" and key in base:
+            continue
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = _merge(base[key], value)
+        else:
+            out[key] = value
+    return out
