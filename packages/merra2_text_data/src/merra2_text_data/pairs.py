@@ -1,0 +1,566 @@
+"""From a regional hourly cube to samples: the plan (windows x tiles), splits, arrays and statistics.
+
+Everything here is a pure function over plain values or an in-memory `xr.Dataset` (dims time, lat, lon; hourly means
+stamped at HH:30 UTC; lat S->N; lon W->E in array order, wrapping across the antimeridian).
+
+Rules (also the dataset card's wording):
+
+- Windows start at 00:00 UTC of the first whole day (the first day whose 00:30 step is present), every `stride`;
+  a window `[start, end)` holds the hourly steps whose HH:30 stamps fall inside it, and only complete windows
+  (`window / 1h` steps present) become samples.
+- Tiles of `(ny, nx)` grid points are cut from the south-west corner. A partial tile at the north or east edge is kept
+  when it has at least half the tile's points along that axis (`2 * rest >= size`), otherwise dropped. Kept edge tiles
+  are smaller than the others. Without a tile size the whole region is one sample.
+- Keys: `<region>-<YYYYMMDD>T<HHMM>[-t<iy>x<ix>]`, e.g. `conus-20190101T0000-t03x05` (tile row 3 from the south,
+  column 5 from the west).
+- Arrays are float32 `[time, variable, lat, lon]`: means over the hourly steps of each `time_step` bucket.
+- Statistics are computed on that stored array (the aggregated resolution): `mean` is the cos(latitude)-weighted mean
+  over grid points and time steps (identical to the hourly one, as buckets are equal-sized means), `min`/`max` are the
+  extremes of the stored array. Captions quote these same numbers.
+- Splits are contiguous blocks of whole days (`assign_splits`); train normalisation is exact and mergeable across
+  workers (`NormAccumulator`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .errors import BuildError, ConfigError, MissingDataError
+
+__all__ = [
+    "HOUR",
+    "UNASSIGNED",
+    "NormAccumulator",
+    "SampleData",
+    "SamplePlan",
+    "assign_splits",
+    "check_time_step",
+    "extract_sample",
+    "extract_window",
+    "format_duration",
+    "iter_samples",
+    "parse_duration",
+    "plan_samples",
+    "tile_ranges",
+    "with_split",
+]
+
+logger = logging.getLogger(__name__)
+
+HOUR = pd.Timedelta(hours=1)
+UNASSIGNED = "unassigned"
+"""The split of a plan before `assign_splits`."""
+
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*([hdw])\s*$", re.IGNORECASE)
+_UNIT_HOURS = {"h": 1, "d": 24, "w": 168}
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
+
+
+def parse_duration(text: str | pd.Timedelta) -> pd.Timedelta:
+    """Parse a window, stride or time step such as `1h`, `3h`, `12h`, `1d`, `7d`, `2w` (a whole number of hours).
+
+    Args:
+        text: the duration text (or an already parsed Timedelta, checked the same way).
+
+    Returns:
+        The duration.
+
+    Raises:
+        ConfigError: not `<positive integer><h|d|w>`, naming the value.
+
+    Examples:
+        >>> parse_duration("3h")
+        Timedelta('0 days 03:00:00')
+    """
+    if isinstance(text, pd.Timedelta):
+        td = text
+    else:
+        match = _DURATION_RE.match(str(text))
+        if not match:
+            raise ConfigError(
+                f"duration {text!r} is not understood; write a whole number of h, d or w: 1h, 3h, 1d, 7d"
+            )
+        td = pd.Timedelta(hours=int(match.group(1)) * _UNIT_HOURS[match.group(2).lower()])
+    if td <= pd.Timedelta(0) or td % HOUR != pd.Timedelta(0):
+        raise ConfigError(
+            f"duration {text!r} must be a positive whole number of hours (the source is hourly)"
+        )
+    return td
+
+
+def format_duration(td: pd.Timedelta) -> str:
+    """The short text of a duration: `1d`, `6h` (inverse of `parse_duration`)."""
+    hours = int(td / HOUR)
+    return f"{hours // 24}d" if hours % 24 == 0 else f"{hours}h"
+
+
+def check_time_step(window: str | pd.Timedelta, time_step: str | pd.Timedelta) -> pd.Timedelta:
+    """Check that `time_step` (e.g. 1h, 3h, 1d) divides `window`; return the parsed time step.
+
+    Raises:
+        ConfigError: naming both values when the step is longer than the window or does not divide it.
+    """
+    w, s = parse_duration(window), parse_duration(time_step)
+    if w % s != pd.Timedelta(0):
+        raise ConfigError(
+            f"--time-step {format_duration(s)} does not divide --window {format_duration(w)}; "
+            "choose a time step such as 1h, 3h or 1d that divides the window"
+        )
+    return s
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """One sample to build: a time window over one tile. Serialisable with `to_dict` / `from_dict`."""
+
+    key: str
+    time_start: pd.Timestamp
+    """Window start (UTC, inclusive)."""
+    time_end: pd.Timestamp
+    """Window end (UTC, exclusive)."""
+    lat_start: int
+    lat_stop: int
+    lon_start: int
+    lon_stop: int
+    bbox: tuple[float, float, float, float]
+    """(W, S, E, N) of the tile's grid points; W > E across the antimeridian."""
+    split: str = UNASSIGNED
+    region: str = ""
+    tile: tuple[int, int] | None = None
+    """(row from the south, column from the west), or None for a whole-region sample."""
+
+    @property
+    def lat_slice(self) -> slice:
+        """Index slice of the tile along lat."""
+        return slice(self.lat_start, self.lat_stop)
+
+    @property
+    def lon_slice(self) -> slice:
+        """Index slice of the tile along lon."""
+        return slice(self.lon_start, self.lon_stop)
+
+    @property
+    def tile_label(self) -> str:
+        """`t03x05`, or `all` for a whole-region sample (the grouping of `DayOfYearClimatology`)."""
+        return "all" if self.tile is None else f"t{self.tile[0]:02d}x{self.tile[1]:02d}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (times as ISO 8601 UTC)."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["time_start"], out["time_end"] = self.time_start.isoformat(), self.time_end.isoformat()
+        out["bbox"] = list(self.bbox)
+        out["tile"] = None if self.tile is None else list(self.tile)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamplePlan:
+        """Inverse of `to_dict`."""
+        d = dict(data)
+        d["time_start"], d["time_end"] = _utc(d["time_start"]), _utc(d["time_end"])
+        d["bbox"] = tuple(float(x) for x in d["bbox"])
+        d["tile"] = None if d.get("tile") is None else tuple(d["tile"])
+        return cls(**d)
+
+
+@dataclass(frozen=True, eq=False)
+class SampleData:
+    """The data of one sample, ready for validation, captioning and writing."""
+
+    plan: SamplePlan
+    array: np.ndarray
+    """float32 `[time, variable, lat, lon]` in physical units."""
+    lat: np.ndarray
+    lon: np.ndarray
+    times: pd.DatetimeIndex
+    """Start of each time step (UTC)."""
+    variables: tuple[str, ...]
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    """{V: {"mean", "min", "max"}}: cos-latitude weighted mean, extremes of `array` (plain floats)."""
+
+
+def _utc(value: Any) -> pd.Timestamp:
+    ts = pd.Timestamp(value)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def _utc_index(times: Any) -> pd.DatetimeIndex:
+    idx = pd.DatetimeIndex(times)
+    return idx.tz_localize("UTC") if idx.tz is None else idx.tz_convert("UTC")
+
+
+def tile_ranges(n: int, size: int | None) -> list[tuple[int, int]]:
+    """Index ranges of the tiles along one axis of `n` points (see the module rules for the partial edge tile)."""
+    if size is None:
+        return [(0, n)] if n > 0 else []
+    ranges = [(i, i + size) for i in range(0, n - size + 1, size)]
+    rest = n - len(ranges) * size
+    if rest and 2 * rest >= size:
+        ranges.append((n - rest, n))
+    return ranges
+
+
+def _window_starts(times: pd.DatetimeIndex, window: pd.Timedelta, stride: pd.Timedelta) -> list[pd.Timestamp]:
+    first = times[0].floor("D")
+    if times[0] >= first + HOUR:  # the first day is not whole
+        first += pd.Timedelta(days=1)
+    n = int((times[-1] - first) // stride) + 1 if times[-1] >= first else 0
+    starts = first + stride * np.arange(max(n, 0))
+    counts = times.searchsorted(starts + window, side="left") - times.searchsorted(starts, side="left")
+    complete = counts == int(window / HOUR)
+    if (~complete).any():
+        logger.info("skipped %d incomplete window(s) of %d (gaps or period edges)", int((~complete).sum()), n)
+    return list(starts[complete])
+
+
+def plan_samples(
+    times: Any,
+    n_lat: int,
+    n_lon: int,
+    lat: Sequence[float] | np.ndarray,
+    lon: Sequence[float] | np.ndarray,
+    region_name: str,
+    window: str | pd.Timedelta = "1d",
+    stride: str | pd.Timedelta | None = None,
+    tile: tuple[int, int] | None = None,
+    bbox: tuple[float, float, float, float] | None = None,
+) -> list[SamplePlan]:
+    """Plan every sample (windows x tiles) before any data is read.
+
+    Args:
+        times: the cube's hourly time stamps (UTC; naive values are taken as UTC), ascending and unique.
+        n_lat: number of lat points of the region grid.
+        n_lon: number of lon points.
+        lat: lat values, ascending S->N.
+        lon: lon values in array order W->E (may wrap across the antimeridian).
+        region_name: the region's short name, used in keys (unsafe characters become `_`).
+        window: span of one sample (default 1d).
+        stride: step between window starts (default: the window).
+        tile: (ny, nx) grid points per tile, or None for the whole region.
+        bbox: the requested region (W, S, E, N); when given, a grid far outside it is logged as a warning.
+
+    Returns:
+        The plans ordered by time, then tile row and column, with split `unassigned`.
+
+    Raises:
+        ConfigError: bad window/stride/tile, or a tile that leaves no sample.
+        BuildError: times not ascending and unique, or coordinates that do not match n_lat/n_lon.
+    """
+    w = parse_duration(window)
+    s = w if stride is None else parse_duration(stride)
+    lat_a, lon_a = np.asarray(lat, dtype=float), np.asarray(lon, dtype=float)
+    if lat_a.shape != (n_lat,) or lon_a.shape != (n_lon,):
+        raise BuildError(
+            f"grid of {lat_a.size} x {lon_a.size} coordinates does not match n_lat={n_lat}, n_lon={n_lon}"
+        )
+    idx = _utc_index(times)
+    if len(idx) == 0:
+        raise MissingDataError("the cube has no time steps; check the period and --allow-gaps")
+    if len(idx) > 1 and not (np.diff(idx.asi8) > 0).all():
+        bad = int(np.argmin(np.diff(idx.asi8) > 0))
+        raise BuildError(
+            f"cube times are not ascending and unique at position {bad} ({idx[bad]}, {idx[bad + 1]})"
+        )
+    if tile is not None and (len(tile) != 2 or min(tile) < 1):
+        raise ConfigError(f"tile {tile!r} must be two positive grid-point counts, e.g. 16x16")
+    lat_tiles = tile_ranges(n_lat, None if tile is None else tile[0])
+    lon_tiles = tile_ranges(n_lon, None if tile is None else tile[1])
+    if not lat_tiles or not lon_tiles:
+        raise ConfigError(
+            f"tile {tile[0]}x{tile[1]} is more than twice the region grid {n_lat}x{n_lon} (lat x lon): no sample "  # type: ignore[index]
+            "fits; choose a smaller --tile or a larger region"
+        )
+    if bbox is not None:
+        _warn_outside(lat_a, lon_a, bbox)
+    slug = _KEY_UNSAFE.sub("_", region_name).strip("_") or "region"
+    plans = []
+    for start in _window_starts(idx, w, s):
+        stamp = f"{slug}-{start:%Y%m%dT%H%M}"
+        for iy, (y0, y1) in enumerate(lat_tiles):
+            for ix, (x0, x1) in enumerate(lon_tiles):
+                box = (float(lon_a[x0]), float(lat_a[y0]), float(lon_a[x1 - 1]), float(lat_a[y1 - 1]))
+                key = stamp if tile is None else f"{stamp}-t{iy:02d}x{ix:02d}"
+                plans.append(
+                    SamplePlan(key, start, start + w, y0, y1, x0, x1, box, region=region_name,
+                               tile=None if tile is None else (iy, ix))
+                )  # fmt: skip
+    logger.info("planned %d samples: %d tile(s) x %d window(s)", len(plans), len(lat_tiles) * len(lon_tiles),
+                len(plans) // max(1, len(lat_tiles) * len(lon_tiles)))  # fmt: skip
+    return plans
+
+
+def _warn_outside(lat: np.ndarray, lon: np.ndarray, bbox: tuple[float, float, float, float]) -> None:
+    west, south, east, north = bbox
+    tol = 1.0
+    span = (east - west) % 360.0 or 360.0
+    lon_off = ((lon - west) % 360.0) > span + tol
+    lon_off &= ((west - lon) % 360.0) > tol
+    if lat.min() < south - tol or lat.max() > north + tol or lon_off.any():
+        logger.warning("grid lat %.3f..%.3f, lon %.3f..%.3f reaches outside the region bbox %s",
+                       lat.min(), lat.max(), lon[0], lon[-1], bbox)  # fmt: skip
+
+
+def _load_block(
+    cube: xr.Dataset, variables: Sequence[str], start: pd.Timestamp, end: pd.Timestamp
+) -> np.ndarray:
+    missing = [v for v in variables if v not in cube.data_vars]
+    if missing:
+        raise MissingDataError(
+            f"variable(s) {', '.join(missing)} are not in the cube (it has {', '.join(map(str, cube.data_vars))}); "
+            "add them to the source or drop them from --variables"
+        )
+    idx = _utc_index(cube["time"].values)
+    i0, i1 = int(idx.searchsorted(start, side="left")), int(idx.searchsorted(end, side="left"))
+    expected = int((end - start) / HOUR)
+    if i1 - i0 != expected:
+        raise MissingDataError(
+            f"window {start.isoformat()}..{end.isoformat()} has {i1 - i0} hourly steps in the cube, expected "
+            f"{expected}; pass a cube covering the whole window (or plan with plan_samples, which skips gaps)"
+        )
+    layers = [
+        np.asarray(cube[v].isel(time=slice(i0, i1)).transpose("time", "lat", "lon").values, dtype=np.float32)
+        for v in variables
+    ]
+    return np.stack(layers, axis=1)  # (T, V, lat, lon)
+
+
+def _stats(array: np.ndarray, lat: np.ndarray, variables: Sequence[str]) -> dict[str, dict[str, float]]:
+    weights = np.maximum(np.cos(np.deg2rad(lat)), 1e-12)
+    weights = weights / weights.sum()
+    a64 = array.astype(np.float64)
+    means = np.einsum("tvyx,y->v", a64, weights) / (array.shape[0] * array.shape[3])
+    mins, maxs = a64.min(axis=(0, 2, 3)), a64.max(axis=(0, 2, 3))
+    return {
+        v: {"mean": float(means[i]), "min": float(mins[i]), "max": float(maxs[i])}
+        for i, v in enumerate(variables)
+    }
+
+
+def extract_window(
+    cube: xr.Dataset,
+    plans: Sequence[SamplePlan],
+    variables: Sequence[str],
+    time_step: str | pd.Timedelta = "1h",
+) -> list[SampleData]:
+    """Extract every tile of one time window from one loaded block (one `.values` read per variable).
+
+    Args:
+        cube: the regional cube (or any time slice of it that covers the window).
+        plans: plans that share the same `time_start` and `time_end` (usually all tiles of one window).
+        variables: variable names, in array order.
+        time_step: resolution inside the sample; the array holds means over the hourly steps of each bucket.
+
+    Returns:
+        One SampleData per plan, in the order of `plans`. NaN in the source stays NaN (validation rejects it).
+
+    Raises:
+        ConfigError: plans of different windows, or a time step that does not divide the window.
+        MissingDataError: a variable or hourly step of the window is missing from the cube.
+    """
+    if not plans:
+        return []
+    start, end = plans[0].time_start, plans[0].time_end
+    if any(p.time_start != start or p.time_end != end for p in plans):
+        raise ConfigError("extract_window needs plans of one window; group them with iter_samples")
+    step = check_time_step(end - start, time_step)
+    block = _load_block(cube, variables, start, end)
+    k = int(step / HOUR)
+    if k > 1:
+        t, v, ny, nx = block.shape
+        block = block.reshape(t // k, k, v, ny, nx).mean(axis=1, dtype=np.float64).astype(np.float32)
+    times = pd.date_range(start, end, freq=step, inclusive="left")
+    lat_all, lon_all = (
+        np.asarray(cube["lat"].values, dtype=float),
+        np.asarray(cube["lon"].values, dtype=float),
+    )
+    out = []
+    for plan in plans:
+        arr = np.ascontiguousarray(block[:, :, plan.lat_slice, plan.lon_slice])
+        lat = lat_all[plan.lat_slice].copy()
+        out.append(SampleData(plan, arr, lat, lon_all[plan.lon_slice].copy(), times, tuple(variables),
+                              _stats(arr, lat, variables)))  # fmt: skip
+    return out
+
+
+def extract_sample(
+    cube: xr.Dataset, plan: SamplePlan, variables: Sequence[str], time_step: str | pd.Timedelta = "1h"
+) -> SampleData:
+    """Extract one sample (see `extract_window`, which does all tiles of a window in one read)."""
+    return extract_window(cube, [plan], variables, time_step)[0]
+
+
+def iter_samples(
+    cube: xr.Dataset,
+    plans: Sequence[SamplePlan],
+    variables: Sequence[str],
+    time_step: str | pd.Timedelta = "1h",
+) -> Iterator[SampleData]:
+    """Stream the samples of `plans`, reading each window once (plans of one window must be adjacent)."""
+    i = 0
+    while i < len(plans):
+        j = i + 1
+        while (
+            j < len(plans)
+            and plans[j].time_start == plans[i].time_start
+            and plans[j].time_end == plans[i].time_end
+        ):
+            j += 1
+        yield from extract_window(cube, plans[i:j], variables, time_step)
+        i = j
+
+
+def with_split(plan: SamplePlan, split: str) -> SamplePlan:
+    """A copy of `plan` with `split` set."""
+    return replace(plan, split=split)
+
+
+# ---- splits ---------------------------------------------------------------------------------------------------------
+def _year_map(split_years: dict[str, list[int]] | dict[int, str] | None) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for a, b in (split_years or {}).items():
+        pairs = [(int(y), str(a)) for y in b] if isinstance(b, list | tuple) else [(int(a), str(b))]
+        for year, split in pairs:
+            if split not in ("train", "val", "test"):
+                raise ConfigError(f"split_years names split {split!r}; use train, val or test")
+            if out.get(year, split) != split:
+                raise ConfigError(
+                    f"year {year} is given to both {out[year]} and {split}; give each year one split"
+                )
+            out[year] = split
+    return out
+
+
+def _n_days(n: int, fraction: float) -> int:
+    return 0 if fraction <= 0 else max(1, int(np.floor(n * fraction + 0.5)))
+
+
+def assign_splits(
+    plans: Sequence[SamplePlan],
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    split_years: dict[str, list[int]] | dict[int, str] | None = None,
+) -> list[SamplePlan]:
+    """Assign train/val/test in contiguous blocks of whole days, deterministically.
+
+    A plan belongs to the UTC day of its `time_start` (a window that straddles a boundary goes with its start day).
+    Years pinned in `split_years` go to their split. The other days, in time order, are cut into blocks: the last
+    `test_fraction` of them is test, the `val_fraction` before it val, the rest train (a split with pinned years gets no
+    fraction). A non-zero fraction gets at least one day while train keeps one; a split left empty is logged.
+
+    Args:
+        plans: the plans of `plan_samples`.
+        val_fraction: share of the (unpinned) days for val.
+        test_fraction: share of the (unpinned) days for test.
+        split_years: `{"val": [2019], "test": [2020]}` (or `{2019: "val", 2020: "test"}`); other years are train,
+            unless `train` is listed, in which case an unlisted year is an error.
+
+    Returns:
+        New plans, in the same order, with `split` set.
+
+    Raises:
+        ConfigError: fractions outside [0, 1) or summing to 1 or more, unknown split names, a year in two splits, or
+            plan years missing from an explicit `train` list.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ConfigError(
+            f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in [0, 1) and leave train days"
+        )
+    years = _year_map(split_years)
+    days = [p.time_start.normalize() for p in plans]
+    if "train" in years.values():
+        unlisted = sorted({d.year for d in days} - set(years))
+        if unlisted:
+            raise ConfigError(f"year(s) {unlisted} are in no split of split_years; list them or drop 'train'")
+    free = sorted({d for d in days if d.year not in years})
+    fractions = {s: f for s, f in (("test", test_fraction), ("val", val_fraction)) if s not in years.values()}
+    counts = {s: _n_days(len(free), f) for s, f in fractions.items()}
+    for split in ("val", "test"):  # keep one train day: take back from val first
+        while counts.get(split, 0) and sum(counts.values()) >= len(free):
+            counts[split] -= 1
+    n_test, n_val = counts.get("test", 0), counts.get("val", 0)
+    by_day = {d: "test" if i >= len(free) - n_test else "val" if i >= len(free) - n_test - n_val else "train"
+              for i, d in enumerate(free)}  # fmt: skip
+    out = [replace(p, split=years.get(d.year) or by_day[d]) for p, d in zip(plans, days, strict=True)]
+    found = {p.split for p in out}
+    for split in [s for s, f in fractions.items() if f > 0] + list(set(years.values())):
+        if split not in found:
+            logger.warning("split %s is empty (%d day(s) to share); lengthen the period or change the fractions",
+                           split, len(free))  # fmt: skip
+    straddle = sum(1 for p, d in zip(out, days, strict=True)
+                   if by_day.get((p.time_end - pd.Timedelta(microseconds=1)).normalize(), p.split) != p.split)  # fmt: skip
+    if straddle:
+        logger.info(
+            "%d window(s) reach into the next split's first day; assigned by their start day", straddle
+        )
+    return out
+
+
+# ---- normalisation --------------------------------------------------------------------------------------------------
+class NormAccumulator:
+    """Exact per-variable mean and standard deviation over train arrays, mergeable across workers.
+
+    Keeps, per variable, the count, mean and sum of squared deviations (Chan et al.'s parallel update, float64): this
+    is the sum / sum-of-squares scheme without its cancellation on large values such as SLP in Pa. NaN are ignored.
+
+    Examples:
+        >>> acc = NormAccumulator(["T2M"])
+        >>> acc.update(np.full((2, 1, 3, 3), 280.0, dtype=np.float32))
+        >>> acc.result()["T2M"]["mean"]
+        280.0
+    """
+
+    def __init__(self, variables: Sequence[str]):
+        self.variables = tuple(variables)
+        n = len(self.variables)
+        self.count = np.zeros(n, dtype=np.int64)
+        self.mean = np.zeros(n, dtype=np.float64)
+        self.m2 = np.zeros(n, dtype=np.float64)
+
+    def update(self, array: np.ndarray) -> None:
+        """Add one `[time, variable, lat, lon]` array (variables in this accumulator's order)."""
+        if array.ndim != 4 or array.shape[1] != len(self.variables):
+            raise BuildError(f"array of shape {array.shape} does not hold the {len(self.variables)} variables "
+                             f"{', '.join(self.variables)} on axis 1")  # fmt: skip
+        x = np.moveaxis(array, 1, 0).reshape(len(self.variables), -1).astype(np.float64)
+        ok = np.isfinite(x)
+        n = ok.sum(axis=1)
+        mean = np.where(ok, x, 0.0).sum(axis=1) / np.maximum(n, 1)
+        m2 = (np.where(ok, x - mean[:, None], 0.0) ** 2).sum(axis=1)
+        self._combine(n, mean, m2)
+
+    def _combine(self, n: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> None:
+        total = self.count + n
+        safe = np.maximum(total, 1)
+        delta = mean - self.mean
+        self.mean = self.mean + delta * n / safe
+        self.m2 = self.m2 + m2 + delta**2 * self.count * n / safe
+        self.count = total
+
+    def merge(self, other: NormAccumulator) -> NormAccumulator:
+        """Fold another worker's accumulator into this one (same variables); returns self."""
+        if other.variables != self.variables:
+            raise BuildError(f"cannot merge accumulators of {other.variables} into {self.variables}")
+        self._combine(other.count, other.mean, other.m2)
+        return self
+
+    def result(self) -> dict[str, dict[str, float]]:
+        """`{V: {"mean", "std"}}` (population std, floored to stay > 0).
+
+        Raises:
+            BuildError: a variable saw no finite value (no train samples).
+        """
+        empty = [v for v, n in zip(self.variables, self.count, strict=True) if n == 0]
+        if empty:
+            raise BuildError(f"no train values for {', '.join(empty)}: the train split is empty or all NaN; "
+                             "lengthen the period or lower val/test fractions")  # fmt: skip
+        std = np.sqrt(self.m2 / self.count)
+        floor = np.maximum(np.abs(self.mean) * 1e-6, 1e-12)
+        return {v: {"mean": float(self.mean[i]), "std": float(max(std[i], floor[i]))}
+                for i, v in enumerate(self.variables)}  # fmt: skip
