@@ -1,5 +1,79 @@
-"""merra2_text_data: NASA MERRA-2 reanalysis to validated climate-text pairs in versioned WebDataset shards."""
+"""merra2_text_data: NASA MERRA-2 reanalysis to validated climate-text pairs in versioned WebDataset shards.
+
+Examples:
+    >>> from merra2_text_data import BuildConfig, build
+    >>> cfg = BuildConfig.from_options(region="-105,35,-95,45", start="2019-01-01", end="2019-01-05",
+    ...                                source="granules/", out="./datasets")  # doctest: +SKIP
+    >>> build(cfg)  # doctest: +SKIP
+    '/abs/datasets/bbox-105_35_-95_45@9c1e...'
+"""
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from .config import (
+    BuildConfig,
+    PublishConfig,
+    RunConfig,
+    SampleConfig,
+    ShardConfig,
+    SourceConfig,
+    SubsetConfig,
+)
+from .errors import (
+    BuildError,
+    ConfigError,
+    CredentialsError,
+    GranuleError,
+    Merra2TextError,
+    MissingDataError,
+    PublishError,
+    SampleValidationError,
+    VerifyError,
+)
+from .pipeline import build, plan_build
+from .publish import (
+    DiffReport,
+    GcReport,
+    VerifyReport,
+    VersionInfo,
+    diff,
+    gc,
+    list_versions,
+    tag,
+    verify,
+)
+from .regions import REGIONS, Region, parse_region
+
+__all__ = [
+    "REGIONS",
+    "BuildConfig",
+    "BuildError",
+    "ConfigError",
+    "CredentialsError",
+    "DiffReport",
+    "GcReport",
+    "GranuleError",
+    "Merra2TextError",
+    "MissingDataError",
+    "PublishConfig",
+    "PublishError",
+    "Region",
+    "RunConfig",
+    "SampleConfig",
+    "SampleValidationError",
+    "ShardConfig",
+    "SourceConfig",
+    "SubsetConfig",
+    "VerifyError",
+    "VerifyReport",
+    "VersionInfo",
+    "__version__",
+    "build",
+    "diff",
+    "gc",
+    "list_versions",
+    "parse_region",
+    "plan_build",
+    "tag",
+    "verify",
+]

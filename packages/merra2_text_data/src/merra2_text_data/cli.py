@@ -1,0 +1,364 @@
+"""`merra2-text`: build, inspect, verify and manage MERRA-2 climate-text dataset versions.
+
+Parsing only: each command builds a config or reference and calls the library. Errors exit non-zero with one line
+(no traceback) that names the value and the way out; `-v` shows the log.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from climate_text_schema import ContractError
+
+from .errors import ConfigError, Merra2TextError, VerifyError
+
+__all__ = ["app", "main"]
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(
+    name="merra2-text",
+    help=(
+        "NASA MERRA-2 reanalysis -> validated climate-text pairs in versioned WebDataset shards.\n\n"
+        "Examples:\n\n"
+        "  merra2-text synth --out granules/ --region=-105,35,-95,45 --start 2019-01-01 --end 2019-01-05\n\n"
+        "  merra2-text build --source granules/ --region=-105,35,-95,45 --start 2019-01-01 --end 2019-01-05\n\n"
+        "  merra2-text build --config pipelines/build-conus.yaml --out s3://bucket/merra2-text\n\n"
+        "  merra2-text verify ./datasets/conus@latest"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _errors(func: F) -> F:
+    """Turn every expected error into one message on stderr and a non-zero exit code (2: usage, 1: failure)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except ConfigError as exc:
+            _fail(str(exc), 2)
+        except (Merra2TextError, ContractError) as exc:
+            _fail(str(exc), 1)
+        except (OSError, PermissionError) as exc:
+            _fail(f"{type(exc).__name__}: {exc}; check the path or URL and your permissions/credentials", 1)
+        except KeyboardInterrupt:
+            _fail("interrupted; rerun the same command to resume", 130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="Show the log (-vv: debug).")]
+
+
+@app.command()
+@_errors
+def build(
+    region: Annotated[
+        str | None, typer.Option(help="Named region or W,S,E,N (write --region=-105,35,-95,45).")
+    ] = None,
+    years: Annotated[str | None, typer.Option(help="2019 or 2018-2020.")] = None,
+    start: Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD.")] = None,
+    end: Annotated[str | None, typer.Option(help="Last day (inclusive), YYYY-MM-DD.")] = None,
+    variables: Annotated[str | None, typer.Option(help="Comma-separated, e.g. T2M,U10M,V10M.")] = None,
+    source: Annotated[
+        str | None, typer.Option(help="'earthaccess' (default) or a folder/URL of granules.")
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="Dataset root: folder or URL (default ./datasets).")] = None,
+    name: Annotated[str | None, typer.Option(help="Dataset name (default: the region name).")] = None,
+    window: Annotated[str | None, typer.Option(help="Span of one sample, e.g. 1d.")] = None,
+    stride: Annotated[str | None, typer.Option(help="Step between samples (default: the window).")] = None,
+    time_step: Annotated[str | None, typer.Option(help="Resolution inside a sample: 1h, 3h, 1d.")] = None,
+    tile: Annotated[str | None, typer.Option(help="Tile of LATxLON grid points, e.g. 16x16.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Local dask workers.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Existing dask scheduler address.")] = None,
+    allow_gaps: Annotated[bool, typer.Option("--allow-gaps", help="Build around missing days.")] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Fail on an invalid sample instead of quarantining.")
+    ] = False,
+    events: Annotated[list[str] | None, typer.Option(help="NOAA Storm Events CSV(.gz); repeatable.")] = None,
+    text_table: Annotated[str | None, typer.Option(help="CSV/Parquet with time, lat, lon, text.")] = None,
+    shard_size: Annotated[str | None, typer.Option(help="Target shard size, e.g. 256MB.")] = None,
+    cache_dir: Annotated[str | None, typer.Option(help="Download and zarr cache folder.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Split seed.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="A build YAML (pipelines/*.yaml).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key: --set sample.window=2d.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    verbose: Verbose = 0,
+) -> None:
+    """Build a dataset version and print its reference as the last line.
+
+    Examples:
+
+      merra2-text build --source granules/ --region=-105,35,-95,45 --start 2019-01-01 --end 2019-01-05
+
+      merra2-text build --config pipelines/build-conus.yaml --set sample.tile=16x16 --workers 4
+    """
+    from .config import BuildConfig
+    from .pipeline import build as run_build
+
+    _setup_logging(verbose)
+    options: dict[str, Any] = dict(
+        region=region, years=years, start=start, end=end, variables=variables, source=source, out=out, name=name,
+        window=window, stride=stride, time_step=time_step, tile=tile, workers=workers, scheduler=scheduler,
+        allow_gaps=allow_gaps or None, strict=strict or None, events=events or None, text_table=text_table,
+        shard_size=shard_size, cache_dir=cache_dir, seed=seed, quiet=quiet or None,
+    )  # fmt: skip
+    if config is not None:
+        cfg = BuildConfig.from_yaml(config, overrides=set_ or [], options=options)
+    else:
+        cfg = BuildConfig.from_options(overrides=set_ or [], **options)
+    if cfg.run.quiet:
+        ref = run_build(cfg)
+    else:
+        from rich.progress import Progress
+
+        with Progress(transient=True, console=_stderr_console()) as bar:
+            tasks: dict[str, Any] = {}
+
+            def hook(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(f"{stage} (shards)", total=total)
+                bar.update(tasks[stage], completed=done, total=total)
+
+            ref = run_build(cfg, progress=hook)
+    typer.echo(_display_ref(ref, cfg.publish.out))
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _display_ref(ref: str, out: str) -> str:
+    """Show a local reference in the form the user wrote `--out` (./datasets/conus@v rather than an absolute path)."""
+    if "://" in out:
+        return ref
+    root = str(Path(out).expanduser().resolve())
+    if ref.startswith(root + "/"):
+        return out.rstrip("/") + ref[len(root) :]
+    return ref
+
+
+@app.command()
+@_errors
+def regions() -> None:
+    """List the named regions and their bounding boxes (W, S, E, N)."""
+    from .regions import REGIONS
+
+    for r in REGIONS.values():
+        typer.echo(f"{r.name:<12} {r.west:>8g} {r.south:>7g} {r.east:>8g} {r.north:>7g}  {r.describe()}")
+
+
+@app.command()
+@_errors
+def synth(
+    out: Annotated[Path, typer.Option(help="Folder for the granules.")],
+    region: Annotated[str, typer.Option(help="Named region or W,S,E,N (write --region=-105,35,-95,45).")],
+    years: Annotated[str | None, typer.Option(help="2019 or 2018-2020.")] = None,
+    start: Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD.")] = None,
+    end: Annotated[str | None, typer.Option(help="Last day (inclusive).")] = None,
+    seed: Annotated[int, typer.Option(help="Weather seed.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    verbose: Verbose = 0,
+) -> None:
+    """Write synthetic MERRA-2 granules (real file format and names) for tests and demos.
+
+    Example: merra2-text synth --out granules/ --region=-105,35,-95,45 --start 2019-01-01 --end 2019-01-05
+    """
+    from .config import BuildConfig
+    from .regions import parse_region
+    from .synth import write_synthetic_granules
+
+    _setup_logging(verbose)
+    cfg = BuildConfig.from_options(region=region, years=years, start=start, end=end)
+    first, last = cfg.subset.period()
+    paths = write_synthetic_granules(
+        out, parse_region(region), first, last, seed=seed, show_progress=not quiet
+    )
+    typer.echo(f"wrote {len(paths)} granules to {out}")
+
+
+@app.command()
+@_errors
+def inspect(
+    ref: Annotated[str, typer.Argument(help="A dataset reference, e.g. ./datasets/conus@latest.")],
+    png: Annotated[Path | None, typer.Option(help="Write a map of one sample with its text.")] = None,
+    verbose: Verbose = 0,
+) -> None:
+    """Summarise a version, show one sample's text, and optionally draw its map (--png FILE)."""
+    from climate_text_schema import open_dataset
+
+    from .shards import fs_path, iter_shard
+
+    _setup_logging(verbose)
+    ds = open_dataset(ref)
+    m = ds.manifest
+    typer.echo(f"{m.name} @ {m.version}  (created {m.created_at}, schema {m.schema_version})")
+    typer.echo(
+        f"  samples: {', '.join(f'{s} {n}' for s, n in m.splits.items())}; quarantined {m.quarantined}"
+    )
+    typer.echo(f"  window {m.window}, time step {m.time_step}; {len(m.shards)} shard(s), "
+               f"{sum(s.bytes for s in m.shards):,} bytes; {len(m.sources)} source granule(s)")  # fmt: skip
+    typer.echo(f"  variables: {', '.join(f'{v.name} [{v.units}]' for v in m.variables)}")
+    if not m.shards:
+        return
+    with ds.fs.open(fs_path(ds.fs, ds.url_of(m.shards[0].path)), "rb") as fh:
+        sample = next(iter_shard(fh, m.shards[0].path, len(m.variables)))
+    typer.echo(f"\nsample {sample['key']} {tuple(sample['climate'].shape)} [time, variable, lat, lon]:")
+    typer.echo(textwrap.fill(sample["text"], width=100, initial_indent="  ", subsequent_indent="  "))
+    if png is not None:
+        _draw(sample, m.variable_names, png)
+        typer.echo(f"\nmap written to {png}")
+
+
+def _draw(sample: dict[str, Any], variables: list[str], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    meta, array = sample["meta"], sample["climate"]
+    field = array[:, 0].mean(axis=0)
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    lon = np.unwrap(np.deg2rad(np.asarray(meta.lon))) * 180 / np.pi
+    mesh = ax.pcolormesh(lon, meta.lat, field, shading="nearest", cmap="RdYlBu_r")
+    fig.colorbar(mesh, ax=ax, label=f"{variables[0]} window mean [{meta.units[0]}]")
+    ax.set_xlabel("longitude (°E)")
+    ax.set_ylabel("latitude (°N)")
+    ax.set_title(f"{sample['key']}  {meta.time_start} .. {meta.time_end}", fontsize=9)
+    fig.text(0.02, 0.01, textwrap.fill(sample["text"], 120), fontsize=7, va="bottom")
+    fig.subplots_adjust(bottom=0.3)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+@app.command()
+@_errors
+def versions(
+    dataset: Annotated[
+        str, typer.Argument(help="ROOT/NAME, e.g. ./datasets/conus or s3://bucket/merra2-text/conus.")
+    ],
+    verbose: Verbose = 0,
+) -> None:
+    """List the versions (oldest first) and tags of a dataset."""
+    from .publish import list_versions
+
+    _setup_logging(verbose)
+    for v in list_versions(dataset):
+        tags = f"  [{', '.join(v.tags)}]" if v.tags else ""
+        parent = f"  parent {v.parent}" if v.parent else ""
+        typer.echo(f"{v.id}  {v.created}  {v.samples:>7} samples  {v.bytes:>14,} bytes{tags}{parent}")
+
+
+@app.command()
+@_errors
+def verify(ref: Annotated[str, typer.Argument(help="A dataset reference.")], verbose: Verbose = 0) -> None:
+    """Re-read every shard (sha256, sizes, sample counts, member names) and the index; exit 1 on any mismatch."""
+    from .publish import verify as run_verify
+
+    _setup_logging(verbose)
+    report = run_verify(ref)
+    if not report.ok:
+        raise VerifyError(
+            f"{ref} (version {report.version}) has {len(report.problems)} problem(s):\n  - "
+            + "\n  - ".join(report.problems)
+            + "\nrebuild the version (or restore the damaged objects) and verify again"
+        )
+    typer.echo(
+        f"ok: {ref} (version {report.version}): {report.shards} shard(s), {report.samples} samples verified"
+    )
+
+
+@app.command()
+@_errors
+def tag(
+    ref: Annotated[str, typer.Argument(help="The version to tag, e.g. ./datasets/conus@3f2a.")],
+    name: Annotated[str, typer.Argument(help="The tag, e.g. paper-2026.")],
+    verbose: Verbose = 0,
+) -> None:
+    """Point a tag at a version; prints the tag's reference."""
+    from .publish import tag as run_tag
+
+    _setup_logging(verbose)
+    typer.echo(run_tag(ref, name))
+
+
+@app.command()
+@_errors
+def diff(
+    ref_a: Annotated[str, typer.Argument(help="The older version.")],
+    ref_b: Annotated[str, typer.Argument(help="The newer version.")],
+    verbose: Verbose = 0,
+) -> None:
+    """Show how two versions differ: config, samples per split, keys added and removed."""
+    from .publish import diff as run_diff
+
+    _setup_logging(verbose)
+    d = run_diff(ref_a, ref_b)
+    typer.echo(f"{d.a} -> {d.b}")
+    for key, (a, b) in d.config.items():
+        typer.echo(f"  config {key}: {a!r} -> {b!r}")
+    for split, (a, b) in d.splits.items():
+        typer.echo(f"  {split}: {a} -> {b} samples")
+    typer.echo(f"  keys added: {len(d.added)} {d.added[:5]}; removed: {len(d.removed)} {d.removed[:5]}")
+
+
+@app.command()
+@_errors
+def gc(
+    dataset: Annotated[str, typer.Argument(help="ROOT/NAME of a dataset.")],
+    delete: Annotated[bool, typer.Option("--delete", help="Delete them (never while a build runs).")] = False,
+    verbose: Verbose = 0,
+) -> None:
+    """List objects no manifest references (shards of dead builds, temp files); --delete removes them."""
+    from .publish import gc as run_gc
+
+    _setup_logging(verbose)
+    report = run_gc(dataset, delete=delete)
+    for path in report.orphans:
+        typer.echo(path)
+    verb = "deleted" if report.deleted else "unreferenced (pass --delete to remove)"
+    typer.echo(f"{len(report.orphans)} object(s), {report.bytes:,} bytes {verb}")
+    for t in report.dangling_tags:
+        typer.echo(f"warning: tag {t!r} points at a version without a manifest", err=True)
+
+
+def main() -> None:
+    """Console entry point (`merra2-text`)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
