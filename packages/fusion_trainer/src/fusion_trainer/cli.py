@@ -1,0 +1,247 @@
+"""Command lines: `fusion-train`, `fusion-eval`, `fusion-generate` (and the entry points of `fusion-base`/`fusion-model`).
+
+Each command parses its flags into a config or arguments, then calls one library function. Every error exits
+non-zero with one clear message. `python -m fusion_trainer.cli train|eval|generate ...` runs the same commands (the
+DeepSpeed launcher starts the ranks of `fusion-train --nproc N` that way).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from climate_text_schema import ContractError
+
+from .errors import FusionError
+
+__all__ = ["base_main", "eval_main", "generate_main", "model_main", "train_main"]
+
+logger = logging.getLogger(__name__)
+
+train_app = typer.Typer(
+    add_completion=False, pretty_exceptions_enable=False, help="Train a climate fusion adapter."
+)
+eval_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Evaluate a finished run.")
+generate_app = typer.Typer(
+    add_completion=False, pretty_exceptions_enable=False, help="Generate texts with a run."
+)
+
+
+def _setup_logging(level: str) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    fmt = (
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if rank == 0
+        else f"[rank {rank}] %(levelname)s %(message)s"
+    )
+    logging.basicConfig(
+        level=level.upper() if rank == 0 else "WARNING", format=fmt, stream=sys.stderr, force=True
+    )
+
+
+def _fail(exc: BaseException) -> typer.Exit:
+    prefix = f"[rank {os.environ['RANK']}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    typer.echo(f"{prefix}error: {exc}", err=True)
+    return typer.Exit(1)
+
+
+@train_app.command()
+def train_command(
+    shards: Annotated[
+        str | None, typer.Option(help="dataset REF: version folder, manifest URL or ROOT/NAME@TAG")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="base model folder (save_pretrained) or hub id")] = None,
+    out: Annotated[str | None, typer.Option(help="RUN_DIR (local folder)")] = None,
+    fusion: Annotated[str | None, typer.Option(help="add | xattn | prefix | gated-xattn")] = None,
+    zero: Annotated[int | None, typer.Option(help="ZeRO stage 0-3")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
+    micro_batch: Annotated[int | None, typer.Option(help="samples per rank per forward")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="micro-batches per optimizer step")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    nproc: Annotated[int | None, typer.Option(help="local ranks (DeepSpeed launcher)")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 mixed precision")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="evaluate val every N steps")] = None,
+    save_every: Annotated[int | None, typer.Option(help="checkpoint every N steps")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the newest checkpoint in RUN_DIR")
+    ] = False,
+    seed: Annotated[int | None, typer.Option(help="seed")] = None,
+    deepspeed: Annotated[
+        str | None, typer.Option(help="ds_config.json overriding the generated config")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="training YAML (pipelines/train-*.yaml)")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a key: a.b=v (repeatable)")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the resolved config and sizes, train nothing")
+    ] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bar on rank 0")] = True,
+    log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
+) -> None:
+    """Train the fusion part of a frozen LM on a climate-text dataset with DeepSpeed ZeRO."""
+    _setup_logging(log_level)
+    from .config import TrainConfig
+    from .launch import launch_local, under_launcher
+
+    overrides = list(set_ or []) + ([f"fusion.fusion={fusion}"] if fusion else [])
+    flags: dict[str, Any] = dict(
+        shards=shards, model=model, out=out, zero=zero, steps=steps, micro_batch=micro_batch, grad_accum=grad_accum,
+        lr=lr, nproc=nproc, bf16=bf16, eval_every=eval_every, save_every=save_every, seed=seed, deepspeed=deepspeed,
+        resume=True if resume else None, show_progress=progress and sys.stderr.isatty() or None,
+    )  # fmt: skip
+    try:
+        cfg = TrainConfig.from_yaml(config, overrides, **flags)
+        if dry_run:
+            typer.echo(_dry_run(cfg))
+            return
+        if cfg.nproc > 1 and not under_launcher():
+            run_dir = Path(cfg.out)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            launch_cfg = run_dir / ".launch-config.yaml"
+            launch_cfg.write_text(cfg.to_yaml(), encoding="utf-8")
+            code = launch_local(cfg.nproc, ["train", "--config", str(launch_cfg), "--log-level", log_level])
+            if code != 0:
+                typer.echo(
+                    f"error: {cfg.nproc} ranks failed (exit {code}); see the rank errors above", err=True
+                )
+            raise typer.Exit(code)
+        from .train import train
+
+        result = train(cfg)
+    except (FusionError, ContractError) as exc:
+        raise _fail(exc) from exc
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(
+            json.dumps(
+                {
+                    "run": str(result.run_dir),
+                    "step": result.step,
+                    "loss": result.final_loss,
+                    "val_loss": result.val_loss,
+                    "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+                    "adapter": str(result.adapter_dir) if result.adapter_dir else None,
+                }  # fmt: skip
+            )
+        )
+
+
+def _dry_run(cfg: Any) -> str:
+    """The resolved config, the trainable parameter count and a memory estimate, without training."""
+    import torch
+
+    from .config import FusionConfig
+    from .data import open_shards
+    from .model import FusionModel
+
+    data = open_shards(cfg.shards)
+    manifest = data.manifest
+    norm = {v: s.model_dump() for v, s in manifest.normalization.items()}
+    fusion = FusionConfig(**{**cfg.fusion, "variables": manifest.variable_names, "normalization": norm})
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    model = FusionModel.from_base(cfg.model, fusion, dtype=dtype)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    lines = [cfg.to_yaml().rstrip(), "---", f"dataset: {data.version_url} ({manifest.splits})"]
+    lines.append(f"trainable parameters: {trainable:,}; frozen: {frozen:,}")
+    estimate = getattr(model, "memory_estimate", None)
+    if callable(estimate):
+        lines.append(f"memory estimate: {estimate()}")
+    else:
+        world = max(cfg.nproc, 1)
+        width = 2 if cfg.bf16 else 4
+        # frozen weights + trainable weights, fp32 master, grads and two Adam moments (ZeRO >= 1 shards the optimizer)
+        opt = trainable * (4 + 4 + 4 + width) / (world if cfg.zero >= 1 else 1)
+        weights = (frozen + trainable) * width / (world if cfg.zero == 3 else 1)
+        lines.append(
+            f"memory estimate per rank (weights + optimizer, no activations): {(opt + weights) / 2**30:.2f} GiB"
+        )
+    return "\n".join(lines)
+
+
+@eval_app.command()
+def eval_command(
+    run: Annotated[Path, typer.Option(help="RUN_DIR of a finished fusion-train run")],
+    shards: Annotated[str, typer.Option(help="dataset REF")],
+    split: Annotated[str, typer.Option(help="train | val | test")] = "test",
+    batch_size: Annotated[int, typer.Option(help="samples per batch")] = 4,
+    max_batches: Annotated[int | None, typer.Option(help="cap on batches")] = None,
+    log_level: Annotated[str, typer.Option(help="logging level")] = "WARNING",
+) -> None:
+    """Print JSON: caption loss and perplexity of the fused model and of the frozen base alone."""
+    _setup_logging(log_level)
+    from .evaluate import evaluate_run
+
+    try:
+        result = evaluate_run(run, shards, split, batch_size=batch_size, max_batches=max_batches)
+    except (FusionError, ContractError) as exc:
+        raise _fail(exc) from exc
+    typer.echo(json.dumps(result, indent=2))
+
+
+@generate_app.command()
+def generate_command(
+    run: Annotated[Path, typer.Option(help="RUN_DIR of a finished fusion-train run")],
+    shards: Annotated[str, typer.Option(help="dataset REF")],
+    split: Annotated[str, typer.Option(help="train | val | test")] = "test",
+    limit: Annotated[int | None, typer.Option(help="at most N samples")] = None,
+    out: Annotated[Path | None, typer.Option(help="write JSONL here (default: stdout)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per sample")] = 64,
+    batch_size: Annotated[int, typer.Option(help="samples per generate call")] = 4,
+    log_level: Annotated[str, typer.Option(help="logging level")] = "WARNING",
+) -> None:
+    """Generate a text per sample: one JSON line with key, reference and generated text."""
+    _setup_logging(log_level)
+    from .generate import generate_run
+
+    try:
+        rows = generate_run(
+            run, shards, split, limit, out, batch_size=batch_size, max_new_tokens=max_new_tokens
+        )
+    except (FusionError, ContractError) as exc:
+        raise _fail(exc) from exc
+    if out is None:
+        for row in rows:
+            typer.echo(json.dumps(row, ensure_ascii=False))
+
+
+def train_main() -> None:
+    """Entry point of `fusion-train`."""
+    train_app()
+
+
+def eval_main() -> None:
+    """Entry point of `fusion-eval`."""
+    eval_app()
+
+
+def generate_main() -> None:
+    """Entry point of `fusion-generate`."""
+    generate_app()
+
+
+def base_main() -> None:
+    """Entry point of `fusion-base` (the model engineer's CLI in cli_model.py)."""
+    import importlib
+
+    importlib.import_module("fusion_trainer.cli_model").base_main()
+
+
+def model_main() -> None:
+    """Entry point of `fusion-model` (the model engineer's CLI in cli_model.py)."""
+    import importlib
+
+    importlib.import_module("fusion_trainer.cli_model").model_main()
+
+
+_COMMANDS = {"train": train_app, "eval": eval_app, "generate": generate_app}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in _COMMANDS:
+        sys.exit(f"usage: python -m fusion_trainer.cli {{{'|'.join(_COMMANDS)}}} [OPTIONS]")
+    _COMMANDS[sys.argv[1]](args=sys.argv[2:], prog_name=f"fusion-{sys.argv[1]}")

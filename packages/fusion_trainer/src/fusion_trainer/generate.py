@@ -1,0 +1,92 @@
+"""Generation for a finished run: one JSON line per sample with its key, the reference text and the generated text."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+__all__ = ["generate_run", "iter_generations"]
+
+logger = logging.getLogger(__name__)
+
+
+def iter_generations(
+    model: Any,
+    dataset: Any,
+    prompt: str,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 4,
+    max_new_tokens: int = 64,
+) -> Iterator[dict[str, Any]]:
+    """Generate greedily for the samples of `split` in manifest order.
+
+    Yields:
+        {"key", "reference", "generated"} per sample.
+    """
+    from .data import decode_sample, epoch_samples
+
+    device = next(model.parameters()).device
+    raws = epoch_samples(dataset, split, epoch=0, rank=0, world=1, seed=0, shuffle=False)
+    batch: list[Any] = []
+
+    def flush(items: list[Any]) -> Iterator[dict[str, Any]]:
+        climate = torch.from_numpy(np.stack([s.climate_x for s in items])).to(device)  # (B, T, V, H, W)
+        texts = model.generate(
+            climate, prompt=[prompt] * len(items), max_new_tokens=max_new_tokens, do_sample=False
+        )
+        for sample, text in zip(items, texts, strict=True):
+            yield {"key": sample.key, "reference": sample.text, "generated": text}
+
+    for done, raw in enumerate(raws):
+        if limit is not None and done >= limit:
+            break
+        batch.append(decode_sample(raw, dataset))
+        if len(batch) == batch_size:
+            yield from flush(batch)
+            batch = []
+    if batch:
+        yield from flush(batch)
+
+
+def generate_run(
+    run_dir: Path,
+    shards: str,
+    split: str = "test",
+    limit: int | None = None,
+    out: Path | None = None,
+    batch_size: int = 4,
+    max_new_tokens: int = 64,
+) -> list[dict[str, Any]]:
+    """Generate texts for a split with a finished run's adapter; optionally write them as JSONL (atomically).
+
+    Raises:
+        CheckpointError: the run has no final adapter.
+        DataError: the dataset cannot be read or has no samples in `split`.
+    """
+    from .data import open_shards, render_prompt
+    from .evaluate import load_run
+
+    config, model = load_run(run_dir)
+    data = open_shards(shards)
+    if not data.shards(split):
+        raise DataError(
+            f"--split {split}: dataset {data.version_url} has no {split!r} shards ({data.manifest.splits})"
+        )
+    prompt = render_prompt(config.prompt_template, data)
+    rows = list(iter_generations(model, data, prompt, split, limit, batch_size, max_new_tokens))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(out)
+        logger.info("wrote %d generations to %s", len(rows), out)
+    return rows

@@ -1,0 +1,105 @@
+"""Starting ranks: N local processes through the DeepSpeed launcher, or the environment of one process.
+
+`fusion-train --nproc N` re-invokes the same entry point (`python -m fusion_trainer.cli train ...`) under
+`python -m deepspeed.launcher.runner --num_gpus N --master_port FREE --no_local_rank --module`; each rank then finds
+RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in its environment, exactly as under `deepspeed` or
+`torchrun` on a cluster. Measured here: the DeepSpeed launcher starts CPU ranks when DS_ACCELERATOR=cpu (it sets
+CUDA_VISIBLE_DEVICES, which the CPU accelerator ignores); we also give each rank OMP_NUM_THREADS = cores / N.
+A process started without a launcher sets RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR=127.0.0.1 and a free
+MASTER_PORT itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "DistEnv",
+    "build_launch_command",
+    "ensure_dist_env",
+    "free_port",
+    "launch_local",
+    "under_launcher",
+]
+
+logger = logging.getLogger(__name__)
+
+_SELF_SET = "FUSION_TRAINER_SELF_LAUNCHED"
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def under_launcher() -> bool:
+    """True when a launcher (deepspeed, torchrun, slurm wrappers) started this process."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def ensure_dist_env() -> DistEnv:
+    """Read the rank layout from the environment, setting a one-process layout when no launcher did.
+
+    Raises:
+        ValueError: RANK/WORLD_SIZE/LOCAL_RANK are present but not integers.
+    """
+    if not under_launcher() or os.environ.get(_SELF_SET) == "1":
+        # a fresh port each time: one process may run several trainings one after the other (tests, notebooks)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.update(MASTER_PORT=str(free_port()), **{_SELF_SET: "1"})
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError as exc:
+        raise ValueError(
+            f"RANK={os.environ.get('RANK')!r} WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} "
+            f"LOCAL_RANK={os.environ.get('LOCAL_RANK')!r} must be integers (set by the launcher)"
+        ) from exc
+    return DistEnv(rank=rank, world=world, local_rank=local)
+
+
+def build_launch_command(nproc: int, args: Sequence[str], module: str = "fusion_trainer.cli") -> list[str]:
+    """The DeepSpeed launcher command that runs `python -m MODULE *args` on `nproc` local ranks."""
+    return [
+        sys.executable, "-m", "deepspeed.launcher.runner",
+        "--num_gpus", str(nproc), "--num_nodes", "1", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), "--no_local_rank", "--module", module, *args,
+    ]  # fmt: skip
+
+
+def launch_local(nproc: int, args: Sequence[str], module: str = "fusion_trainer.cli") -> int:
+    """Run `python -m MODULE *args` on `nproc` local ranks through the DeepSpeed launcher; return its exit code.
+
+    On a machine without CUDA the ranks use DeepSpeed's CPU accelerator with OMP_NUM_THREADS = cores / nproc.
+    The launcher stops every rank when one fails, and exits non-zero.
+    """
+    env = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", _SELF_SET):
+        env.pop(key, None)
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = build_launch_command(nproc, args, module)
+    logger.info("launching %d local ranks: %s", nproc, " ".join(cmd))
+    return subprocess.run(cmd, env=env, check=False).returncode

@@ -1,0 +1,356 @@
+"""`train(config)`: DeepSpeed ZeRO training of a FusionModel on streamed WebDataset shards.
+
+One function wires the run: distributed set-up, dataset, model (frozen base + trainable fusion), DeepSpeed engine
+with AdamW over the trainable parameters and a warm-up + cosine schedule, the step loop with gradient accumulation,
+periodic evaluation and checkpoints, NaN guard, and the final adapter. It runs the same on one process, under
+`fusion-train --nproc N`, and under `deepspeed`/`torchrun`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import (
+    export_adapter,
+    find_latest_checkpoint,
+    frozen_digest,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .config import FusionConfig, TrainConfig
+from .data import ClimateTextStream, DataPosition, open_shards, render_prompt
+from .errors import CheckpointError, ConfigError, TrainingError
+from .evaluate import evaluate_loss
+from .launch import ensure_dist_env
+from .metrics import (
+    MetricsLog,
+    Throughput,
+    device_peak_flops,
+    flops_per_token,
+    log_rank_zero,
+    peak_memory_bytes,
+)
+
+__all__ = ["RunResult", "lr_lambda", "train"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run produced."""
+
+    run_dir: Path
+    step: int
+    final_loss: float | None
+    val_loss: float | None
+    adapter_dir: Path | None
+    checkpoint: Path | None
+    frozen_digest_start: str | None = None
+    frozen_digest_end: str | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of the peak lr at scheduler step s: linear warm-up, then cosine to `min_lr_ratio` (or constant)."""
+
+    def fn(s: int) -> float:
+        if config.warmup_steps and s < config.warmup_steps:
+            return (s + 1) / config.warmup_steps
+        if config.schedule == "constant":
+            return 1.0
+        span = max(1, config.steps - config.warmup_steps)
+        progress = min(1.0, (s - config.warmup_steps) / span)
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    if not decay and not no_decay:
+        raise ConfigError("the model has no trainable parameters: check the fusion settings")
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _prepare_run_dir(config: TrainConfig, rank: int) -> Path:
+    run_dir = Path(config.out)
+    if "://" in config.out and not config.out.startswith("file://"):
+        raise ConfigError(
+            f"out: {config.out!r} must be a local folder (DeepSpeed checkpoints are written locally)"
+        )
+    run_dir = Path(config.out.removeprefix("file://"))
+    if rank == 0:
+        has_ckpt = find_latest_checkpoint(run_dir) is not None
+        if has_ckpt and not config.resume:
+            raise ConfigError(
+                f"out: {run_dir} already holds checkpoints; pass --resume to continue it or choose a new --out"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / ".config.yaml.tmp"
+        tmp.write_text(config.to_yaml(), encoding="utf-8")
+        tmp.replace(run_dir / "config.yaml")
+    return run_dir
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _load_model(config: TrainConfig, variables: list[str], normalization: dict[str, Any]) -> Any:
+    from .model import FusionModel
+
+    fusion = FusionConfig(**{**config.fusion, "variables": variables, "normalization": normalization})
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    return FusionModel.from_base(config.model, fusion, dtype=dtype)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels", "climate_x")}
+
+
+def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(
+            t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+        )
+    return [float(x) for x in t.tolist()]
+
+
+class _Run:
+    """State of one run on one rank (the step loop lives in `train`)."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, rank: int, world: int) -> None:
+        self.config, self.run_dir, self.rank, self.world = config, run_dir, rank, world
+        self.metrics = MetricsLog(run_dir, enabled=rank == 0, tensorboard=config.tensorboard)
+        self.keys_file = run_dir / "samples" / f"rank{rank}.jsonl" if config.log_keys else None
+        self.last_checkpoint: Path | None = None
+
+    def log_keys(self, step: int, keys: list[str]) -> None:
+        if self.keys_file is None:
+            return
+        self.keys_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.keys_file.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, "keys": keys}) + "\n")
+
+
+def train(config: TrainConfig) -> RunResult:
+    """Train the fusion part of a FusionModel with DeepSpeed; checkpoint, evaluate and export the adapter.
+
+    Args:
+        config: the resolved training config (see `TrainConfig`).
+
+    Returns:
+        The run's result (last step, losses, val loss, paths, frozen-base digests before and after).
+
+    Raises:
+        ConfigError: inconsistent batch layout, a micro-batch that does not fit the data, an existing run without
+            `resume`.
+        DataError: the dataset cannot be read (unknown reference, schema version, corrupt shard).
+        ModelError: the base model cannot be loaded.
+        CheckpointError: `resume` without a usable checkpoint.
+        TrainingError: NaN/inf loss, or the frozen base changed.
+    """
+    import deepspeed
+
+    env = ensure_dist_env()
+    rank, world = env.rank, env.world
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    try:
+        result = _train(config, rank, world)
+    except BaseException:
+        # Never wait on the other ranks here: they may be blocked in a collective; the launcher stops them.
+        if world == 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        raise
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return result
+
+
+def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
+    import deepspeed
+
+    ds_config = config.deepspeed_config(world)  # checks micro x accum x world once
+    if config.nproc != world and world > 1:
+        log_rank_zero(
+            logger, "nproc=%d but the launcher started %d ranks; using %d", config.nproc, world, world
+        )
+    data = open_shards(config.shards)
+    manifest = data.manifest
+    run_dir = _prepare_run_dir(config, rank)
+    torch.distributed.barrier()
+    resume_from = find_latest_checkpoint(run_dir) if config.resume else None
+    if config.resume and resume_from is None:
+        raise CheckpointError(f"--resume: {run_dir} holds no complete checkpoint; start without --resume")
+    run = _Run(config, run_dir, rank, world)
+
+    _seed_all(config.seed)
+    norm = {v: s.model_dump() for v, s in manifest.normalization.items()}
+    model = _load_model(config, manifest.variable_names, norm)
+    tokenizer = model.tokenizer
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    digest_start = frozen_digest(model)
+    log_rank_zero(logger, "model: %d trainable, %d frozen parameters; world %d; ZeRO %d", n_trainable, n_frozen, world,
+                  config.zero)  # fmt: skip
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=_param_groups(model, config.weight_decay),
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config)),
+    )
+    device = engine.device
+    step, position = 0, DataPosition(seed=config.seed)
+    if resume_from is not None:
+        client = load_checkpoint(engine, resume_from, rank)
+        if client.get("seed") != config.seed:
+            raise CheckpointError(
+                f"{resume_from} was trained with seed {client.get('seed')}, not {config.seed}"
+            )
+        step, position = int(client["step"]), DataPosition.from_dict(client["position"])
+        run.last_checkpoint = resume_from
+    prompt = render_prompt(config.prompt_template, data)
+    stream = ClimateTextStream(
+        data, "train", tokenizer, prompt=prompt, micro_batch=config.micro_batch, max_length=config.max_length,
+        rank=rank, world=world, seed=config.seed, start=position, train=True,
+        shuffle_buffer=config.shuffle_buffer, verify=config.verify_shards,
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers)
+    batches: Iterator[dict[str, Any]] = iter(loader)
+    peak = device_peak_flops(device)
+    fpt = flops_per_token(n_trainable, n_frozen)
+    last_step = min(config.steps, config.stop_at_step or config.steps)
+    log_rank_zero(logger, "training steps %d..%d of %d (%d batches per epoch per rank)", step + 1, last_step,
+                  config.steps, stream.batches_per_epoch)  # fmt: skip
+
+    progress: Any = None
+    if config.show_progress and rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=last_step, initial=step, desc="fusion-train", unit="step")
+    throughput, losses = Throughput(), []
+    window_loss, window_steps, val_loss = 0.0, 0, None
+    engine.train()
+    while step < last_step:
+        step_loss, step_tokens, step_samples, step_keys = 0.0, 0, 0, []
+        for _ in range(config.grad_accum):
+            batch = next(batches)
+            inputs = _to_device(batch, device)
+            out = engine(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         climate=inputs["climate_x"], labels=inputs["labels"])  # fmt: skip
+            loss = out.loss
+            (bad,) = _all_reduce([0.0 if torch.isfinite(loss.detach()).item() else 1.0], device, op="max")
+            if bad:
+                raise TrainingError(
+                    f"loss is {loss.item()} at step {step + 1} (batch keys on rank {rank}: {', '.join(batch['keys'])}); "
+                    f"last good checkpoint: {run.last_checkpoint or 'none'}; lower lr, check the data, or resume"
+                )
+            engine.backward(loss)
+            engine.step()
+            step_loss += float(loss.detach()) / config.grad_accum
+            step_tokens += int(batch["attention_mask"].sum())
+            step_samples += len(batch["keys"])
+            step_keys += batch["keys"]
+            position = DataPosition.from_dict(batch["position"])
+        step += 1
+        run.log_keys(step, step_keys)
+        mean_loss, tokens, samples = _all_reduce([step_loss, step_tokens, step_samples], device)
+        mean_loss /= world
+        losses.append(mean_loss)
+        throughput.add(int(samples), int(tokens))
+        window_loss, window_steps = window_loss + mean_loss, window_steps + 1
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+        if step % config.log_every == 0 or step == last_step:
+            sps, tps = throughput.rate()
+            lr = float(scheduler.get_last_lr()[0]) if scheduler is not None else config.lr
+            mem = peak_memory_bytes(device)
+            record = {
+                "step": step, "loss": window_loss / window_steps, "lr": lr, "samples_per_s": sps, "tokens_per_s": tps,
+                "peak_memory_mb": mem / 2**20, "mfu": (tps * fpt / (peak * world)) if peak else None,
+                "epoch": position.epoch, "time": time.time(),
+            }  # fmt: skip
+            run.metrics.write(record)
+            log_rank_zero(logger, "step %d/%d loss %.4f lr %.3g %.1f tok/s mem %.0f MiB", step, config.steps,
+                          record["loss"], lr, tps, record["peak_memory_mb"])  # fmt: skip
+            window_loss, window_steps = 0.0, 0
+        if config.eval_every and step % config.eval_every == 0 and step != last_step:
+            val_loss = _evaluate(engine, data, tokenizer, prompt, config, rank, world, step, run)
+        if config.save_every and step % config.save_every == 0 and step != last_step:
+            run.last_checkpoint = _save(engine, run, step, position)
+    if progress is not None:
+        progress.close()
+
+    if resume_from is None or step > int(resume_from.name.removeprefix("step")):
+        run.last_checkpoint = _save(engine, run, step, position)
+    if data.shards("val"):
+        val_loss = _evaluate(engine, data, tokenizer, prompt, config, rank, world, step, run)
+    digest_end = frozen_digest(engine.module)
+    if digest_end != digest_start:
+        raise TrainingError(
+            f"the frozen base changed during training (digest {digest_start} -> {digest_end})"
+        )
+    adapter = export_adapter(engine.module, run_dir, rank) if step >= config.steps else None
+    run.metrics.close()
+    log_rank_zero(logger, "done at step %d; checkpoint %s; adapter %s", step, run.last_checkpoint, adapter)
+    return RunResult(run_dir=run_dir, step=step, final_loss=losses[-1] if losses else None, val_loss=val_loss,
+                     adapter_dir=adapter, checkpoint=run.last_checkpoint, frozen_digest_start=digest_start,
+                     frozen_digest_end=digest_end, losses=losses)  # fmt: skip
+
+
+def _save(engine: Any, run: _Run, step: int, position: DataPosition) -> Path:
+    client = {"step": step, "position": position.to_dict(), "seed": run.config.seed, "world": run.world}
+    return save_checkpoint(engine, run.run_dir, step, client, run.rank)
+
+
+def _evaluate(
+    engine: Any,
+    data: Any,
+    tokenizer: Any,
+    prompt: str,
+    config: TrainConfig,
+    rank: int,
+    world: int,
+    step: int,
+    run: _Run,
+) -> float | None:
+    stream = ClimateTextStream(
+        data, "val", tokenizer, prompt=prompt, micro_batch=config.micro_batch, max_length=config.max_length,
+        rank=rank, world=world, seed=config.seed, train=False, verify=config.verify_shards,
+    )  # fmt: skip
+    if stream.per_rank == 0:
+        return None
+    engine.eval()
+    try:
+        result = evaluate_loss(engine, stream, engine.device, max_batches=config.eval_batches)
+    finally:
+        engine.train()
+    run.metrics.write({"step": step, "split": "val", "val_loss": result.loss, "val_perplexity": result.perplexity,
+                       "val_tokens": result.tokens})  # fmt: skip
+    log_rank_zero(logger, "step %d val loss %.4f (ppl %.2f)", step, result.loss, result.perplexity)
+    return result.loss
