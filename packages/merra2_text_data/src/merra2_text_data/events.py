@@ -5,10 +5,11 @@ Every loader returns an *event frame*: the columns of `EVENT_COLUMNS` (`begin_ut
 
 NOAA Storm Events: `BEGIN_DATE_TIME`/`END_DATE_TIME` (`12-JAN-19 10:00:00`, two-digit years) are local standard time;
 the century comes from `BEGIN_YEARMONTH`/`END_YEARMONTH` when present (else years up to this year's two digits are
-20xx, the rest 19xx). The offset comes from `CZ_TIMEZONE` (`EST-5`, `CST-6`, `AKST-9`, `SST-11`: the number is hours
+20xx, the rest 19xx). The offset comes from `CZ_TIMEZONE` (`EST-5`, `CST-6`, `AKST-9`, `SST-11`, `GST10`: the number is hours
 east of UTC; older files' `CST`, `PDT`, ... without a number use a table). An unknown timezone raises ConfigError
 naming the value and its rows, or, with `on_unknown_timezone="skip"`, those rows are dropped and counted in a log line.
-Zone events (`CZ_TYPE` Z) have no coordinates: they are kept, flagged (`is_zone`, `has_point` False) and never joined.
+Zone events (`CZ_TYPE` Z, `is_zone`) mostly have no coordinates: those are kept with NaN lat/lon, flagged
+(`has_point` False) and never joined. Marine zones that carry a point are joined like point events.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ STORM_COLUMNS: tuple[str, ...] = (
     "BEGIN_DATE_TIME", "END_DATE_TIME", "CZ_TIMEZONE",
 )  # fmt: skip
 _OPTIONAL_STORM = ("CZ_TYPE", "BEGIN_LOCATION", "BEGIN_YEARMONTH", "END_YEARMONTH")
-_TZ_RE = re.compile(r"^\s*([A-Za-z]{1,5})?\s*([+-]\d{1,2})?\s*$")
+_TZ_RE = re.compile(r"^\s*([A-Za-z]{1,5})?\s*([+-]?\d{1,2})?\s*$")
 _TZ_NAMES = {
     "UTC": 0, "GMT": 0, "Z": 0, "AST": -4, "ADT": -3, "EST": -5, "EDT": -4, "CST": -6, "CDT": -5, "MST": -7,
     "MDT": -6, "PST": -8, "PDT": -7, "AKST": -9, "AKDT": -8, "HST": -10, "SST": -11, "GST": 10, "CHST": 10,

@@ -370,7 +370,7 @@ def format_events(events: Sequence[Event], max_events: int = 3, max_chars: int =
 # ---- climatology ----------------------------------------------------------------------------------------------------
 def _doy(ts: pd.Timestamp) -> int:
     """Day index 0..365 on a leap-year calendar (29 February has its own slot)."""
-    return int(pd.Timestamp(2000, ts.month, ts.day).dayofyear) - 1
+    return int(pd.Timestamp(2000, ts.month, ts.day).day_of_year) - 1
 
 
 class DayOfYearClimatology:
