@@ -87,6 +87,13 @@ def test_plan_starts_at_first_whole_day_and_skips_incomplete_windows(make_cube: 
     assert [p.time_start.day for p in _plan(gappy)] == [3]
 
 
+def test_plan_of_a_cube_shorter_than_a_window_is_empty() -> None:
+    late = pd.date_range("2019-01-01 05:30", periods=10, freq="h")
+    assert plan_samples(late, 1, 1, [0.0], [0.0], "r") == []
+    early = pd.date_range("2019-01-01 00:30", periods=10, freq="h")
+    assert [p.key for p in plan_samples(early, 1, 1, [0.0], [0.0], "r", window="6h")] == ["r-20190101T0000"]
+
+
 def test_plan_stride_and_multi_day_windows(make_cube: MakeCube) -> None:
     cube = make_cube(days=3)
     half = _plan(cube, stride="12h")
@@ -284,7 +291,7 @@ def test_norm_accumulator_is_exact_and_mergeable() -> None:
     for i, arr in enumerate(arrays):
         one.update(arr)
         (a if i % 2 else b).update(arr)
-    merged = a.merge(b).result()
+    merged = NormAccumulator.from_dict(json.loads(json.dumps(a.to_dict()))).merge(b).result()
     flat = np.concatenate([np.moveaxis(x, 1, 0).reshape(2, -1) for x in arrays], axis=1).astype(np.float64)
     for i, v in enumerate(["SLP", "T2M"]):
         for res in (one.result(), merged):

@@ -212,7 +212,9 @@ def _window_starts(times: pd.DatetimeIndex, window: pd.Timedelta, stride: pd.Tim
     if times[0] >= first + HOUR:  # the first day is not whole
         first += pd.Timedelta(days=1)
     n = int((times[-1] - first) // stride) + 1 if times[-1] >= first else 0
-    starts = first + stride * np.arange(max(n, 0))
+    if n == 0:
+        return []
+    starts = pd.date_range(first, periods=n, freq=stride)
     counts = times.searchsorted(starts + window, side="left") - times.searchsorted(starts, side="left")
     complete = counts == int(window / HOUR)
     if (~complete).any():
@@ -549,6 +551,22 @@ class NormAccumulator:
             raise BuildError(f"cannot merge accumulators of {other.variables} into {self.variables}")
         self._combine(other.count, other.mean, other.m2)
         return self
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        """The state as JSON-ready lists (a worker's receipt); `from_dict` restores it."""
+        return {"variables": list(self.variables), "count": self.count.tolist(), "mean": self.mean.tolist(),
+                "m2": self.m2.tolist()}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list[Any]]) -> NormAccumulator:
+        """Inverse of `to_dict`."""
+        acc = cls(data["variables"])
+        acc.count = np.asarray(data["count"], dtype=np.int64)
+        acc.mean = np.asarray(data["mean"], dtype=np.float64)
+        acc.m2 = np.asarray(data["m2"], dtype=np.float64)
+        if not acc.count.shape == acc.mean.shape == acc.m2.shape == (len(acc.variables),):
+            raise BuildError(f"normalisation state for {acc.variables} has mismatched lengths")
+        return acc
 
     def result(self) -> dict[str, dict[str, float]]:
         """`{V: {"mean", "std"}}` (population std, floored to stay > 0).
