@@ -10,11 +10,18 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import ConfigError
 
-__all__ = ["REGIONS", "Region", "parse_region"]
+__all__ = ["LAT_STEP", "LON_STEP", "REGIONS", "Region", "grid_points", "parse_region"]
 
 logger = logging.getLogger(__name__)
+
+LAT_STEP = 0.5
+"""MERRA-2 latitude spacing in degrees (lat = -90 + 0.5 j, 361 rows)."""
+LON_STEP = 0.625
+"""MERRA-2 longitude spacing in degrees (lon = -180 + 0.625 i, 576 columns)."""
 
 
 @dataclass(frozen=True)
@@ -181,3 +188,28 @@ def parse_region(text: str) -> Region:
     region = Region(_bbox_name(w_n, s, e_n, n), w_n, s, e_n, n)
     logger.debug("parsed region %r as %s", text, region)
     return region
+
+
+def grid_points(region: Region) -> tuple[np.ndarray, np.ndarray]:
+    """The MERRA-2 lattice points inside a region (bounds inclusive).
+
+    Returns:
+        (lat ascending south to north, lon ascending west to east across the antimeridian, e.g. 170..179.375
+        then -180..-170), both float64 in degrees.
+
+    Raises:
+        ConfigError: the box holds no grid point (narrower than the grid spacing).
+    """
+    lat = -90.0 + LAT_STEP * np.arange(361)
+    lon = -180.0 + LON_STEP * np.arange(576)
+    lat = lat[(lat >= region.south - 1e-9) & (lat <= region.north + 1e-9)]
+    offset = np.mod(lon - region.west, 360.0)
+    offset = np.where(offset >= 360.0 - 1e-9, 0.0, offset)
+    inside = offset <= region.lon_span + 1e-9
+    lon = lon[inside][np.argsort(offset[inside], kind="stable")]
+    if lat.size == 0 or lon.size == 0:
+        raise ConfigError(
+            f"region {region.name} {region.bbox} holds no MERRA-2 grid point (lat step {LAT_STEP}°, lon step "
+            f"{LON_STEP}°): widen the box"
+        )
+    return lat, lon

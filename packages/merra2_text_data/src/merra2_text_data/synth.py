@@ -23,7 +23,7 @@ from climate_text_schema import FILL_VALUE, KNOWN_VARIABLES
 
 from .errors import ConfigError
 from .fetch import COLLECTIONS, VERSION, granule_name
-from .regions import Region
+from .regions import Region, grid_points
 
 __all__ = ["FLX_VARIABLES", "SLV_VARIABLES", "synthetic_stream", "write_synthetic_granules"]
 
@@ -318,19 +318,6 @@ class _World:
                 "TQV": tqv, "PRECTOT": prec, "PRECTOTCORR": prec * self.bias}  # fmt: skip
 
 
-def _grid(region: Region) -> tuple[np.ndarray, np.ndarray]:
-    """The MERRA-2 lattice points inside the region, in the grid's own (ascending) order."""
-    lat = -90.0 + 0.5 * np.arange(361)
-    lon = -180.0 + 0.625 * np.arange(576)
-    lat = lat[(lat >= region.south - 1e-9) & (lat <= region.north + 1e-9)]
-    offset = np.mod(lon - region.west, 360.0)
-    lon = lon[(offset <= region.lon_span + 1e-9) | (offset >= 360.0 - 1e-9)]
-    if lat.size == 0 or lon.size == 0:
-        raise ConfigError(f"region {region.name} {region.bbox} holds no MERRA-2 grid point (lat step 0.5°, "
-                          "lon step 0.625°): widen the box")  # fmt: skip
-    return lat, lon
-
-
 def _f32(value: float | list[float]) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
@@ -422,7 +409,8 @@ def write_synthetic_granules(
         raise ConfigError(f"end {end} is before start {start}: give an end on or after the start")
     if seed < 0:
         raise ConfigError(f"seed {seed} is negative: use an integer >= 0")
-    lat, lon = _grid(region)
+    lat, lon = grid_points(region)
+    lon = np.sort(lon)  # the grid's own storage order, as an index-range subsetter writes it
     world = _World(seed, lat, lon)
     t_first = (datetime(start.year, start.month, start.day) - _EPOCH).total_seconds() / 3600.0
     t_last = (datetime(end.year, end.month, end.day) - _EPOCH).total_seconds() / 3600.0 + 24.0

@@ -1,0 +1,301 @@
+"""Lazy regional subsetting of MERRA-2 granules into one hourly cube, with a zarr v3 cache.
+
+Each granule is checked (readable, has the variables, its time axis is the day its name says, complete), cut to the
+region's MERRA-2 grid points (two slices across the antimeridian), then SLV and FLX are merged on time and the days
+concatenated. Nothing is read until computed; dask chunks hold one day.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Sequence
+from contextlib import nullcontext
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import xarray as xr
+from climate_text_schema import KNOWN_VARIABLES
+
+from .errors import ConfigError, GranuleError, MissingDataError
+from .fetch import Granule, collection_for
+from .regions import Region, grid_points
+
+__all__ = ["cache_key", "open_region", "variable_collection"]
+
+logger = logging.getLogger(__name__)
+
+_CACHE_FORMAT = 1
+
+
+def variable_collection(variable: str) -> str:
+    """The collection that holds a variable (the contract's table first, then the collections' variable lists).
+
+    Raises:
+        ConfigError: unknown variable.
+    """
+    spec = KNOWN_VARIABLES.get(variable)
+    return spec.collection if spec is not None else collection_for(variable)
+
+
+def cache_key(granules: Sequence[Granule], variables: Sequence[str], region: Region, start: date, end: date,
+              allow_partial_days: bool = False) -> str:  # fmt: skip
+    """The hex digest naming a regional cube: region, dates, variables and the identities of the granules.
+
+    Granule identity is (granule_id, file name, size, checksum): moving files does not change it, new data does.
+    """
+    payload = {
+        "format": _CACHE_FORMAT,
+        "region": [region.name, *region.bbox],
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+        "variables": list(variables),
+        "allow_partial_days": allow_partial_days,
+        "granules": sorted([g.granule_id, g.file_name, g.size, g.checksum] for g in granules),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _runs(indices: np.ndarray) -> list[slice]:
+    """Split an index sequence into slices of consecutive ascending indices."""
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    return [slice(int(run[0]), int(run[-1]) + 1) for run in np.split(indices, breaks)]
+
+
+def _select(axis: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Positions in `axis` of each wanted coordinate value (tolerance 1e-6 degrees), or -1 where absent."""
+    order = np.argsort(axis)
+    pos = np.clip(np.searchsorted(axis[order], wanted), 0, axis.size - 1)
+    best = order[pos]
+    left = order[np.clip(pos - 1, 0, axis.size - 1)]
+    best = np.where(np.abs(axis[left] - wanted) < np.abs(axis[best] - wanted), left, best)
+    return np.where(np.abs(axis[best] - wanted) <= 1e-6, best, -1)
+
+
+def _open(granule: Granule) -> xr.Dataset:
+    try:
+        if "://" in granule.url and not granule.url.startswith("file://"):
+            source: Any = fsspec.open(granule.url, "rb").open()
+        else:
+            source = granule.url.removeprefix("file://")
+        return xr.open_dataset(source, engine="h5netcdf", chunks=None, mask_and_scale=True, decode_times=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise GranuleError(
+            f"{granule.file_name} ({granule.url}) cannot be read as a MERRA-2 netCDF4/HDF5 file: {exc}; it is "
+            "probably truncated or corrupt: delete it and download it again"
+        ) from exc
+
+
+def _check_time(granule: Granule, ds: xr.Dataset, allow_partial_days: bool) -> None:
+    times = ds["time"].values
+    if not np.issubdtype(times.dtype, np.datetime64):
+        raise GranuleError(f"{granule.file_name}: its time coordinate is not decodable as dates "
+                           f"(units {ds['time'].attrs.get('units')!r})")  # fmt: skip
+    day0 = np.datetime64(granule.day.isoformat(), "ns")
+    expected = day0 + np.timedelta64(30, "m") + np.arange(24) * np.timedelta64(1, "h")
+    times = times.astype("datetime64[ns]")
+    days = np.unique(times.astype("datetime64[D]"))
+    if days.size != 1 or days[0] != np.datetime64(granule.day.isoformat(), "D"):
+        raise GranuleError(
+            f"{granule.file_name}: its name says {granule.day} but its time coordinate runs {times[0]} .. {times[-1]};"
+            " the file was renamed or mislabelled: fetch the right granule"
+        )
+    if times.size == 24 and np.array_equal(times, expected):
+        return
+    on_grid = np.isin(times, expected).all() and np.all(np.diff(times) > np.timedelta64(0, "ns"))
+    if allow_partial_days and on_grid:
+        return
+    raise GranuleError(
+        f"{granule.file_name}: the time axis holds {times.size} step(s) ({times[0]} .. {times[-1]}) instead of the "
+        f"24 hourly means at HH:30 of {granule.day}; the file is incomplete or a temporal subset: download the full "
+        "granule (or pass allow_partial_days=True for subsets)"
+    )
+
+
+def _open_granule(granule: Granule, variables: Sequence[str], lat: np.ndarray, lon: np.ndarray,
+                  allow_partial_days: bool) -> xr.Dataset:  # fmt: skip
+    """One granule cut to the region's grid points, lazily, as float32 (time, lat, lon) with one dask chunk."""
+    ds = _open(granule)
+    if "lat" not in ds.dims or "lon" not in ds.dims or "time" not in ds.dims:
+        raise GranuleError(
+            f"{granule.file_name}: dimensions {dict(ds.sizes)} are not MERRA-2's (time, lat, lon); a GrADS Data Server "
+            "export (lowercase names, 'hours since' time) or a point subset is not supported: use GES DISC granules"
+        )
+    missing = [v for v in variables if v not in ds.data_vars]
+    if missing:
+        raise GranuleError(f"{granule.file_name} lacks {missing}; it has {sorted(map(str, ds.data_vars))}: pick "
+                           f"variables of {granule.collection} or fetch the full granule")  # fmt: skip
+    _check_time(granule, ds, allow_partial_days)
+    lat_idx, lon_idx = _select(ds["lat"].values, lat), _select(ds["lon"].values, lon)
+    if (lat_idx < 0).any() or (lon_idx < 0).any():
+        raise GranuleError(
+            f"{granule.file_name} covers lat {float(ds['lat'].min())}..{float(ds['lat'].max())}, lon "
+            f"{float(ds['lon'].min())}..{float(ds['lon'].max())}, which misses grid points of the region "
+            f"(lat {lat[0]}..{lat[-1]}, lon {lon[0]}..{lon[-1]}): use granules that cover the whole region"
+        )
+    pieces = []
+    for lat_run in _runs(lat_idx):
+        row = [ds[list(variables)].isel(lat=lat_run, lon=lon_run).chunk(-1) for lon_run in _runs(lon_idx)]
+        pieces.append(xr.concat(row, dim="lon") if len(row) > 1 else row[0])
+    cut = xr.concat(pieces, dim="lat") if len(pieces) > 1 else pieces[0]
+    cut = cut.assign_coords(time=cut["time"].values.astype("datetime64[ns]"))
+    for name in variables:
+        attrs = cut[name].attrs
+        cut[name] = cut[name].astype(np.float32)
+        cut[name].attrs = {"units": attrs.get("units", ""), "long_name": attrs.get("long_name", name),
+                           "collection": granule.collection}  # fmt: skip
+        cut[name].encoding = {}
+    cut["lat"].attrs = {"units": "degrees_north", "long_name": "latitude"}
+    cut["lon"].attrs = {"units": "degrees_east", "long_name": "longitude"}
+    cut.attrs = {}
+    return cut
+
+
+def _plan(
+    granules: Sequence[Granule], variables: Sequence[str], start: date, end: date
+) -> dict[date, list[Granule]]:
+    """The granules to read, by day; raises on duplicates and on days where a needed collection is missing."""
+    if not variables:
+        raise ConfigError("no variables requested: name at least one, e.g. T2M")
+    if len(set(variables)) != len(variables):
+        raise ConfigError(f"variables {list(variables)} repeat a name: list each once")
+    if end < start:
+        raise ConfigError(f"end {end} is before start {start}: give an end on or after the start")
+    needed = {variable_collection(v) for v in variables}
+    by_key: dict[tuple[str, date], Granule] = {}
+    for g in granules:
+        if g.collection in needed and start <= g.day <= end:
+            other = by_key.setdefault((g.collection, g.day), g)
+            if other is not g and other != g:
+                raise GranuleError(f"two granules for {g.collection} on {g.day}: {other.file_name} and "
+                                   f"{g.file_name}; keep one (find_granules picks the newest stream)")  # fmt: skip
+    days = sorted({d for _, d in by_key})
+    if not days:
+        raise MissingDataError(f"no granule of {sorted(needed)} between {start} and {end}: fetch them first")
+    gaps = [f"{c} {d}" for d in days for c in sorted(needed) if (c, d) not in by_key]
+    if gaps:
+        raise MissingDataError(f"granules missing for {', '.join(gaps)} while other collections have those days: "
+                               "fetch them, or leave those days out")  # fmt: skip
+    return {d: [by_key[(c, d)] for c in sorted(needed)] for d in days}
+
+
+def _build(plan: dict[date, list[Granule]], variables: Sequence[str], region: Region,
+           allow_partial_days: bool) -> xr.Dataset:  # fmt: skip
+    lat, lon = grid_points(region)
+    days = []
+    for day, day_granules in plan.items():
+        parts = [_open_granule(g, [v for v in variables if variable_collection(v) == g.collection], lat, lon,
+                               allow_partial_days) for g in day_granules]  # fmt: skip
+        try:
+            days.append(xr.merge(parts, join="exact", combine_attrs="drop") if len(parts) > 1 else parts[0])
+        except ValueError as exc:
+            names = ", ".join(g.file_name for g in day_granules)
+            raise GranuleError(
+                f"{names} disagree on the time, lat or lon coordinates of {day}: {exc}"
+            ) from exc
+    cube = (
+        xr.concat(days, dim="time", data_vars="all", coords="minimal", compat="override", join="exact")
+        if len(days) > 1
+        else days[0]
+    )
+    cube = cube[list(variables)].chunk({"time": 24, "lat": -1, "lon": -1})
+    return cube
+
+
+def _describe(
+    cube: xr.Dataset, plan: dict[date, list[Granule]], region: Region, start: date, end: date
+) -> None:
+    cube.attrs = {
+        "title": f"MERRA-2 hourly means over {region.describe()}",
+        "region": region.name,
+        "bbox": [float(v) for v in region.bbox],
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+        "source_granules": [g.file_name for gs in plan.values() for g in gs],
+        "source_granule_ids": [g.granule_id or g.file_name for gs in plan.values() for g in gs],
+    }
+
+
+def _open_cached(path: str) -> xr.Dataset:
+    cube = xr.open_zarr(path, zarr_format=3, consolidated=False, chunks={"time": 24, "lat": -1, "lon": -1})
+    return cube.assign_coords(time=cube["time"].values.astype("datetime64[ns]"))
+
+
+def open_region(
+    granules: Sequence[Granule],
+    variables: Sequence[str],
+    region: Region,
+    start: date,
+    end: date,
+    cache_dir: str | Path | None = None,
+    show_progress: bool = False,
+    *,
+    allow_partial_days: bool = False,
+) -> xr.Dataset:
+    """The hourly cube of `variables` over `region` for start..end from MERRA-2 granules.
+
+    Args:
+        granules: granules of the needed collections (others and days outside start..end are ignored); url is a
+            local path or an fsspec URL.
+        variables: MERRA-2 names, in the order wanted; SLV and FLX variables may be mixed.
+        region: the box; bounds inclusive, antimeridian-aware.
+        start: first day, inclusive.
+        end: last day, inclusive.
+        cache_dir: when set, the cube is stored at `cache_dir/regional/<digest>.zarr` (zarr v3) and later calls with
+            the same inputs open it without reading any granule.
+        show_progress: show a progress bar while the cache is written.
+        allow_partial_days: accept temporal subsets (hourly steps at HH:30 of the named day, not all 24).
+
+    Returns:
+        A Dataset with dims (time, lat, lon): time datetime64[ns] UTC at HH:30, lat south to north, lon west to
+        east (original values, e.g. 170..179.375 then -180..-170 across the antimeridian), float32 variables in
+        physical units with fill values as NaN, attrs units/long_name/collection, dataset attrs naming the
+        source granules. Days without any granule are absent (gaps).
+
+    Raises:
+        ConfigError: no/duplicate/unknown variables, end before start, a box without grid points.
+        MissingDataError: no granule in the period, or a day that has one collection but not another.
+        GranuleError: unreadable file, missing variable, name/content date mismatch, incomplete time axis,
+            or a file not covering the region (each message names the file).
+    """
+    plan = _plan(granules, variables, start, end)
+    used = [g for gs in plan.values() for g in gs]
+    target: str | None = None
+    if cache_dir is not None:
+        key = cache_key(used, variables, region, start, end, allow_partial_days)
+        target = os.path.join(str(cache_dir), "regional", f"{key}.zarr")
+        if os.path.isdir(target):
+            logger.info("regional cache hit: %s", target)
+            return _open_cached(target)
+    cube = _build(plan, variables, region, allow_partial_days)
+    _describe(cube, plan, region, start, end)
+    logger.info("regional cube %s: %s over %s, %d day(s) from %d granule(s)", region.name, list(variables),
+                region.bbox, len(plan), len(used))  # fmt: skip
+    if target is None:
+        return cube
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if show_progress:
+        from dask.diagnostics import ProgressBar
+
+        bar: Any = ProgressBar()
+    else:
+        bar = nullcontext()
+    with bar:
+        cube.to_zarr(tmp, zarr_format=3, consolidated=False, mode="w")
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process finished the same cube first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(target):
+            raise
+    logger.info("regional cache written: %s", target)
+    return _open_cached(target)
