@@ -271,7 +271,7 @@ def run_task(
     receipt = {
         "task": task.name, "shard": None if info is None else info.model_dump(), "rows": rows,
         "quarantine": quarantined,
-        "norm": {"count": acc.count.tolist(), "mean": acc.mean.tolist(), "m2": acc.m2.tolist()},
+        "norm": acc.to_dict(),
     }  # fmt: skip
     receipt = json.loads(json.dumps(receipt, default=str))
     write_receipt(fs, dataset_url, version, task.name, receipt)
@@ -335,11 +335,7 @@ def _index(receipts: list[dict[str, Any]], variables: Sequence[str]) -> pd.DataF
 def _normalization(receipts: list[dict[str, Any]], variables: Sequence[str]) -> dict[str, NormStats]:
     total = NormAccumulator(variables)
     for rec in receipts:
-        part = NormAccumulator(variables)
-        part.count = np.asarray(rec["norm"]["count"], dtype=np.int64)
-        part.mean = np.asarray(rec["norm"]["mean"], dtype=np.float64)
-        part.m2 = np.asarray(rec["norm"]["m2"], dtype=np.float64)
-        total.merge(part)
+        total.merge(NormAccumulator.from_dict(rec["norm"]))
     return {v: NormStats(**s) for v, s in total.result().items()}
 
 

@@ -259,6 +259,9 @@ def commit_version(
     staging = fs_path(fs, staging_url(dataset_url, manifest.version))
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
+        parent = staging.rsplit("/", 1)[0]
+        if is_local(fs) and fs.exists(parent) and not fs.ls(parent):
+            fs.rmdir(parent)
     return vurl
 
 

@@ -1,0 +1,203 @@
+"""The build end to end on synthetic MERRA-2 granules: layout, values checked against the files, idempotence, resume."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import re
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from climate_text_schema import DEFAULT_VARIABLES, decode_meta, open_dataset
+from merra2_text_data import BuildConfig, build, verify
+from merra2_text_data import pipeline as pipeline_mod
+from merra2_text_data.errors import MissingDataError, SampleValidationError
+from merra2_text_data.regions import parse_region
+from merra2_text_data.synth import write_synthetic_granules
+
+BBOX = "-105,35,-95,45"
+START, END = dt.date(2019, 1, 1), dt.date(2019, 1, 5)
+CACHE: list[Path] = []
+
+
+@pytest.fixture(scope="module")
+def granules(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
+    out = tmp_path_factory.mktemp("granules")
+    write_synthetic_granules(out, parse_region(BBOX), START, END, seed=3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One zarr cache for the module: only the first build reads the granules."""
+    CACHE[:] = [tmp_path_factory.mktemp("cache")]
+    return CACHE[0]
+
+
+def _config(granules: Path, out: Path, **extra: Any) -> BuildConfig:
+    options: dict[str, Any] = dict(region=BBOX, start=str(START), end=str(END), window="1d", time_step="1h",
+                                   source=str(granules), out=str(out), cache_dir=str(CACHE[0]), quiet=True)  # fmt: skip
+    options.update(extra)
+    return BuildConfig.from_options(**options)
+
+
+def _t2m_from_file(granules: Path, day: dt.date) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """T2M (time, lat, lon) inside the bbox, read with h5py directly (not through the package)."""
+    [path] = granules.glob(f"MERRA2_*.tavg1_2d_slv_Nx.{day:%Y%m%d}.nc4")
+    with h5py.File(path, "r") as f:
+        lat, lon = f["lat"][:], f["lon"][:]
+        t2m = f["T2M"][:].astype(np.float32)
+    ilat = (lat >= 35 - 1e-9) & (lat <= 45 + 1e-9)
+    ilon = (lon >= -105 - 1e-9) & (lon <= -95 + 1e-9)
+    return t2m[:, ilat][:, :, ilon], lat[ilat], lon[ilon]
+
+
+def _samples(vdir: Path) -> dict[str, tuple[np.ndarray, str, Any]]:
+    out = {}
+    for shard in sorted((vdir / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+        for name in members:
+            if name.endswith(".climate.npy"):
+                key = name.split(".", 1)[0]
+                arr = np.load(io.BytesIO(members[name]), allow_pickle=False)
+                out[key] = (arr, members[f"{key}.txt"].decode(), decode_meta(members[f"{key}.json"], key))
+    return out
+
+
+def test_build_layout_values_and_captions(granules: Path, tmp_path: Path) -> None:
+    ref = build(_config(granules, tmp_path / "datasets"))
+    ds = open_dataset(ref)
+    m = ds.manifest
+    vdir = Path(ds.version_url)
+    assert ref == f"{tmp_path / 'datasets' / 'bbox-105_35_-95_45'}@{m.version}"
+    assert {p.name for p in vdir.iterdir()} == {"manifest.json", "index.parquet", "quarantine.parquet",
+                                                "README.md", "shards"}  # fmt: skip
+    assert (vdir.parent.parent / "tags" / "latest").read_text().strip() == m.version
+    assert m.variable_names == list(DEFAULT_VARIABLES) and sum(m.splits.values()) == 5 and m.quarantined == 0
+    assert set(m.splits) == {"train", "val", "test"}
+    assert len(m.sources) == 10 and {s.file.split(".")[1] for s in m.sources} == {
+        "tavg1_2d_slv_Nx",
+        "tavg1_2d_flx_Nx",
+    }
+    assert verify(ref).ok
+
+    index = ds.read_index().set_index("key")
+    samples = _samples(vdir)
+    assert sorted(samples) == sorted(index.index)
+    t = m.variable_names.index("T2M")
+    for key, (array, text, meta) in samples.items():
+        day = pd.Timestamp(meta.time_start).date()
+        t2m, lat, lon = _t2m_from_file(granules, day)
+        assert array.shape == (24, len(DEFAULT_VARIABLES), lat.size, lon.size) and array.dtype == np.float32
+        np.testing.assert_array_equal(array[:, t], t2m)
+        np.testing.assert_allclose(meta.lat, lat)
+        np.testing.assert_allclose(meta.lon, lon)
+        w = np.cos(np.deg2rad(lat))
+        expected = float(
+            (t2m.astype(np.float64) * w[None, :, None]).sum() / (w.sum() * t2m.shape[0] * lon.size)
+        )
+        assert index.loc[key, "T2M_mean"] == pytest.approx(expected, rel=1e-9, abs=1e-6)
+        assert index.loc[key, "T2M_min"] == pytest.approx(float(t2m.min()))
+        assert index.loc[key, "T2M_max"] == pytest.approx(float(t2m.max()))
+        quoted = re.search(r"(-?\d+\.\d) °C", text)
+        assert quoted is not None and float(quoted.group(1)) == pytest.approx(
+            round(expected - 273.15, 1), abs=0.051
+        )
+        assert index.loc[key, "text"] == text
+    card = (vdir / "README.md").read_text()
+    assert m.version in card and "T2M" in card and "## Variables" in card
+
+
+def test_same_config_twice_same_version_nothing_rewritten(granules: Path, tmp_path: Path) -> None:
+    cfg = _config(granules, tmp_path / "ds")
+    ref = build(cfg)
+    root = tmp_path / "ds" / "bbox-105_35_-95_45"
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*") if p.is_file()}
+    assert build(cfg) == ref
+    assert build(_config(granules, tmp_path / "ds", workers=None, quiet=False)) == ref
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_interrupted_build_resumes_to_the_same_version(
+    granules: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _config(granules, tmp_path / "ds", shard_size=2048)  # one sample per shard: five tasks
+    reference = build(_config(granules, tmp_path / "clean", shard_size=2048))
+    calls = {"n": 0}
+    real_write = pipeline_mod.write_shard
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("injected: connection reset while writing a shard")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_mod, "write_shard", flaky)
+    with pytest.raises(OSError, match="injected"):
+        build(cfg)
+    root = tmp_path / "ds" / "bbox-105_35_-95_45"
+    assert not list(root.glob("versions/*/manifest.json")) and not (root / "tags").exists()
+    assert len(list(root.glob("staging/*/*.json"))) == 2
+
+    monkeypatch.setattr(pipeline_mod, "write_shard", real_write)
+    ran: list[str] = []
+    real_run = pipeline_mod.run_task
+
+    def counting(task: Any, *args: Any, **kwargs: Any) -> Any:
+        ran.append(task.name)
+        return real_run(task, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_mod, "run_task", counting)
+    ref = build(cfg)
+    assert ref.rsplit("@", 1)[1] == reference.rsplit("@", 1)[1]
+    assert len(ran) == 3  # the two finished shards were not recomputed
+    assert verify(ref).ok and not (root / "staging").exists()
+    clean = open_dataset(reference).manifest
+    assert [(s.path, s.sha256) for s in open_dataset(ref).manifest.shards] == [
+        (s.path, s.sha256) for s in clean.shards
+    ]
+
+
+def test_missing_days_fail_unless_allowed(granules: Path, tmp_path: Path) -> None:
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for f in granules.iterdir():
+        if ".20190103." not in f.name:
+            (partial / f.name).symlink_to(f)
+    with pytest.raises(MissingDataError, match=r"2019-01-03.*--allow-gaps"):
+        build(_config(partial, tmp_path / "ds"))
+    ref = build(_config(partial, tmp_path / "ds", allow_gaps=True))
+    m = open_dataset(ref).manifest
+    assert m.config["gaps"] == ["2019-01-03"] and sum(m.splits.values()) == 4
+
+
+def test_quarantine_and_strict(granules: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = pipeline_mod.validate_sample
+
+    def picky(array: np.ndarray, stats: Any, *args: Any) -> list[str]:
+        reasons = real(array, stats, *args)
+        return reasons + (
+            ["T2M: injected implausible value"] if stats["T2M"]["max"] == stats_max["max"] else []
+        )
+
+    stats_max: dict[str, float] = {}
+    ref = build(_config(granules, tmp_path / "a"))
+    index = open_dataset(ref).read_index()
+    stats_max["max"] = float(index["T2M_max"].iloc[1])
+    bad_key = str(index["key"].iloc[1])
+    monkeypatch.setattr(pipeline_mod, "validate_sample", picky)
+    ref = build(_config(granules, tmp_path / "b"))
+    ds = open_dataset(ref)
+    q = pd.read_parquet(Path(ds.version_url) / "quarantine.parquet")
+    assert list(q["key"]) == [bad_key] and "injected" in q["reason"].iloc[0]
+    assert ds.manifest.quarantined == 1 and bad_key not in set(ds.read_index()["key"])
+    assert verify(ref).ok
+    with pytest.raises(SampleValidationError, match=f"{bad_key}.*without --strict"):
+        build(_config(granules, tmp_path / "c", strict=True))
