@@ -1,5 +1,73 @@
-"""fusion_trainer: DeepSpeed ZeRO training of a frozen causal LM fused with a trainable climate encoder."""
+"""fusion_trainer: DeepSpeed ZeRO training of a frozen causal LM fused with a trainable climate encoder.
+
+The model API users script against is exported here. The torch/transformers-heavy names are imported on first use,
+so `import fusion_trainer` (and its config and errors) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .config import FusionConfig
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    FusionError,
+    ModelError,
+    TrainingError,
+    UnsupportedArchitectureError,
+)
+
+if TYPE_CHECKING:
+    from .base import fetch_smollm2, fingerprint_base, load_base, make_tiny_model
+    from .encoder import ClimateEncoder, ClimateTokens
+    from .model import FusionModel
+    from .registry import MemoryEstimate, architecture_for, preset_config, supported_architectures
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+_LAZY = {
+    "FusionModel": "model",
+    "ClimateEncoder": "encoder",
+    "ClimateTokens": "encoder",
+    "MemoryEstimate": "registry",
+    "architecture_for": "registry",
+    "preset_config": "registry",
+    "supported_architectures": "registry",
+    "fetch_smollm2": "base",
+    "fingerprint_base": "base",
+    "load_base": "base",
+    "make_tiny_model": "base",
+}
+
+__all__ = [
+    "CheckpointError",
+    "ClimateEncoder",
+    "ClimateTokens",
+    "ConfigError",
+    "DataError",
+    "FusionConfig",
+    "FusionError",
+    "FusionModel",
+    "MemoryEstimate",
+    "ModelError",
+    "TrainingError",
+    "UnsupportedArchitectureError",
+    "__version__",
+    "architecture_for",
+    "fetch_smollm2",
+    "fingerprint_base",
+    "load_base",
+    "make_tiny_model",
+    "preset_config",
+    "supported_architectures",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fusion_trainer' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

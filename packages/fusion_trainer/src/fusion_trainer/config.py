@@ -21,7 +21,7 @@ FUSION_KINDS: tuple[str, ...] = ("add", "xattn", "prefix", "gated-xattn")
 
 
 def _format_validation_error(model: str, exc: ValidationError) -> str:
-    lines = []
+    lines: list[str] = []
     for err in exc.errors():
         if not err["loc"]:  # a model-level check: one line per problem, each already naming its key
             msg = str(err["msg"]).removeprefix("Value error, ")

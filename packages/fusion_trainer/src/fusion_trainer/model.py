@@ -1,0 +1,555 @@
+"""FusionModel: a frozen pretrained causal LM + a trainable climate encoder + one fusion variant.
+
+The base is frozen by construction ("freeze all, assert zero trainable, then unfreeze by name"), stays in eval mode
+(no dropout) even when the model trains, and its state-dict keys are untouched. Only `fusion_params()` train: the
+encoder, the fusion modules, and LoRA / the LM head when the config asks. `save_adapter` writes just those weights plus
+`fusion_config.json` naming the base and its fingerprint; `load_adapter` puts them back onto that same base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .base import fingerprint_base, load_base
+from .config import FusionConfig
+from .encoder import ClimateEncoder, ClimateTokens
+from .errors import ConfigError, DataError, ModelError
+from .fusion import (
+    FusionLayer,
+    build_fusion,
+    climate_scope,
+    fuse_inputs,
+    fuse_new_tokens,
+    unwrapped_layers,
+)
+from .registry import MemoryEstimate, architecture_for, estimate_memory
+
+__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "FusionModel"]
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FILE = "adapter.safetensors"
+CONFIG_FILE = "fusion_config.json"
+
+
+class FusionModel(nn.Module):
+    """A frozen causal LM that reads climate windows through a trainable encoder and fusion module.
+
+    Build it with `FusionModel.from_base(base, config)` (or `FusionModel(lm, config)` on a loaded model).
+
+    Args:
+        lm: the base causal LM (a registered architecture); it is frozen in place.
+        config: the fusion config.
+        tokenizer: the base's tokenizer (needed by `generate`).
+        base_fingerprint: `fingerprint_base(lm)` taken before wrapping; computed here when None and the weights are
+            materialised.
+
+    Raises:
+        UnsupportedArchitectureError: the base's architecture is not in the registry.
+        ConfigError: the config does not fit the base (e.g. `n_heads` does not divide the hidden size).
+
+    Examples:
+        >>> model = FusionModel.from_base("runs/tiny-llama", FusionConfig(fusion="xattn", n_variables=4))
+        >>> out = model(input_ids, attention_mask, climate, labels=labels)  # climate: (B, T, 4, lat, lon)
+        >>> out.loss.backward()
+        >>> model.generate(climate, "Summary:", max_new_tokens=32, seed=0)
+    """
+
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        config: FusionConfig,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        base_fingerprint: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.arch = architecture_for(lm)
+        materialised = not any(p.is_meta for p in lm.parameters())
+        if base_fingerprint is None and materialised:
+            base_fingerprint = fingerprint_base(lm)
+        self.base_fingerprint = base_fingerprint
+        self.config = config
+        self.tokenizer = tokenizer
+        hidden = self.arch.hidden_size(lm.config)
+        if config.fusion in ("xattn", "gated-xattn") and hidden % config.n_heads:
+            raise ConfigError(
+                f"FusionConfig.n_heads={config.n_heads} does not divide the base's hidden size {hidden}; "
+                f"pick a divisor of {hidden}"
+            )
+        lm.eval()
+        for param in lm.parameters():
+            param.requires_grad_(False)
+        assert not any(p.requires_grad for p in lm.parameters()), (
+            "base parameters still trainable after freezing"
+        )
+        if config.lora is not None:
+            _inject_lora(lm, config.lora)
+        if config.train_lm_head:
+            _untie_lm_head(lm, self.arch.output_head(lm), self.arch.input_embeddings(lm))
+
+        self.lm = lm
+        self.encoder = ClimateEncoder(
+            n_variables=int(config.n_variables or 0),
+            d_model=config.d_encoder,
+            depth=config.encoder_depth,
+            n_heads=config.encoder_heads,
+            patch_size=config.patch_size,
+            per_patch_tokens=config.per_patch_tokens,
+            dropout=config.encoder_dropout,
+        )
+        self.fusion = build_fusion(config, hidden, self.arch.decoder_layers(lm))
+        self._cache_kwarg = (
+            "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        )
+
+        # freeze all, assert zero trainable, then unfreeze by name
+        for param in self.parameters():
+            param.requires_grad_(False)
+        assert not any(p.requires_grad for p in self.parameters())
+        for name, param in self.named_parameters():
+            if self._is_fusion_name(name):
+                param.requires_grad_(True)
+        if config.gradient_checkpointing:
+            enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
+            lm.enable_input_require_grads()
+        self.train()
+        logger.info(
+            "FusionModel(%s) on %s: %s",
+            config.fusion,
+            config.base or lm.config.model_type,
+            self.num_parameters(),
+        )
+
+    # ----- construction -----
+
+    @classmethod
+    def from_base(
+        cls,
+        base: str | os.PathLike[str] | PreTrainedModel,
+        config: FusionConfig,
+        dtype: torch.dtype | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> FusionModel:
+        """Load (or take) a base causal LM, freeze it and attach a fresh encoder + fusion module.
+
+        Args:
+            base: a local folder, a hub id (loaded with `from_pretrained`) or a loaded `PreTrainedModel`.
+            config: the fusion config; its `base` is set to the folder (resolved) or id.
+            dtype: the base's dtype; None: bf16 where supported (see `base.default_dtype`), a loaded model unchanged.
+                The trainable modules are created in fp32.
+            tokenizer: overrides the tokenizer loaded with the base (a loaded model comes without one).
+
+        Returns:
+            The model, in training mode (the base itself stays in eval mode).
+
+        Raises:
+            ModelError: the base cannot be loaded.
+            UnsupportedArchitectureError: the base's architecture is not in the registry.
+        """
+        lm, loaded_tokenizer, name = load_base(base, dtype)
+        config = config.model_copy(update={"base": name or config.base})
+        return cls(lm, config, tokenizer=tokenizer or loaded_tokenizer)
+
+    @classmethod
+    def from_config(
+        cls, hf_config: PretrainedConfig, config: FusionConfig, dtype: torch.dtype = torch.bfloat16
+    ) -> FusionModel:
+        """Build the model on the meta device from an HF config: shapes only, no memory, for sizing.
+
+        Examples:
+            >>> from fusion_trainer.base import preset_config
+            >>> m = FusionModel.from_config(preset_config("llama-3-8b"), FusionConfig(n_variables=8))
+            >>> m.memory_estimate(world_size=8, zero_stage=2).frozen_bytes  # about 16e9
+        """
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+            return cls(lm, config)
+
+    # ----- parameters -----
+
+    def _is_fusion_name(self, name: str) -> bool:
+        if name.startswith(("encoder.", "fusion.")) or ".fusion_block." in name or "lora_" in name:
+            return True
+        head = f"lm.{self.arch.lm_head}."
+        return self.config.train_lm_head and name.startswith(head)
+
+    def fusion_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The trainable set by name: encoder + fusion (+ LoRA, + LM head when configured)."""
+        return [(n, p) for n, p in self.named_parameters() if self._is_fusion_name(n)]
+
+    def fusion_params(self) -> list[nn.Parameter]:
+        """The trainable parameters (give these to the optimizer)."""
+        return [p for _, p in self.fusion_named_parameters()]
+
+    def fusion_state_dict(self) -> dict[str, Tensor]:
+        """The trainable weights by name (detached, on their device)."""
+        return {n: p.detach() for n, p in self.fusion_named_parameters()}
+
+    def load_fusion_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Copy trainable weights in place; the names must match `fusion_named_parameters()` exactly.
+
+        Raises:
+            ModelError: missing, unexpected or mis-shaped entries (all listed).
+        """
+        own = dict(self.fusion_named_parameters())
+        problems = [f"missing {k}" for k in sorted(own.keys() - state.keys())]
+        problems += [f"unexpected {k}" for k in sorted(state.keys() - own.keys())]
+        problems += [
+            f"{k}: shape {tuple(state[k].shape)} != {tuple(p.shape)}"
+            for k, p in own.items()
+            if k in state and tuple(state[k].shape) != tuple(p.shape)
+        ]
+        if problems:
+            raise ModelError(
+                "adapter weights do not fit this FusionModel (same fusion config?): "
+                + "; ".join(problems[:20])
+            )
+        with torch.no_grad():
+            for name, param in own.items():
+                param.copy_(state[name].to(device=param.device, dtype=param.dtype))
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts: total, frozen, trainable, and the trainable parts (encoder, fusion, lora, lm_head)."""
+        counts = {"total": 0, "frozen": 0, "trainable": 0, "encoder": 0, "fusion": 0, "lora": 0, "lm_head": 0}
+        for name, param in self.named_parameters():
+            n = param.numel()
+            counts["total"] += n
+            if not self._is_fusion_name(name):
+                counts["frozen"] += n
+                continue
+            counts["trainable"] += n
+            part = "encoder" if name.startswith("encoder.") else "lora" if "lora_" in name else "fusion"
+            part = "lm_head" if name.startswith(f"lm.{self.arch.lm_head}.") else part
+            counts[part] += n
+        return counts
+
+    def memory_estimate(self, world_size: int = 1, zero_stage: int = 2) -> MemoryEstimate:
+        """Per-rank bytes for the weights, gradients and AdamW state under DeepSpeed ZeRO (activations excluded).
+
+        Works on a meta-device model (`from_config`): nothing is allocated.
+        """
+        frozen = sum(
+            p.numel() * p.element_size() for n, p in self.named_parameters() if not self._is_fusion_name(n)
+        )
+        trainable = [p for _, p in self.fusion_named_parameters()]
+        return estimate_memory(
+            frozen_bytes=frozen,
+            trainable_params=sum(p.numel() for p in trainable),
+            trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
+            world_size=world_size,
+            zero_stage=zero_stage,
+        )
+
+    # ----- modes -----
+
+    def train(self, mode: bool = True) -> FusionModel:
+        """Set training mode for the trainable modules; the base stays in eval mode (no dropout).
+
+        With gradient checkpointing, the decoder layers' own `training` flag follows `mode` (only the flag, not their
+        submodules) because transformers checkpoints a layer only when it is training.
+        """
+        super().train(mode)
+        self.lm.eval()
+        for name, module in self.lm.named_modules():
+            if name.endswith(".fusion_block") or "lora_" in name.rsplit(".", 1)[-1]:
+                module.train(mode)
+        if self.config.gradient_checkpointing:
+            for layer in unwrapped_layers(self.arch.decoder_layers(self.lm)):
+                layer.training = mode
+        return self
+
+    # ----- forward -----
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the base's input embeddings (where inputs go)."""
+        weight = self.arch.input_embeddings(self.lm).weight
+        assert isinstance(weight, Tensor)
+        return weight.device
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        return self.arch.input_embeddings(self.lm)(input_ids)
+
+    def _fuse(
+        self, input_ids: Tensor, attention_mask: Tensor, climate: ClimateTokens, labels: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        return fuse_inputs(self.fusion, self._embed(input_ids), climate, attention_mask, labels)
+
+    def _climate_scope(self, climate: ClimateTokens) -> contextlib.AbstractContextManager[None]:
+        return climate_scope(self.config.fusion, climate)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        climate: Tensor,
+        labels: Tensor | None = None,
+    ) -> CausalLMOutputWithPast:
+        """Run the fused model.
+
+        Args:
+            input_ids: `(B, L)` token ids.
+            attention_mask: `(B, L)`, 1 for real tokens (None: all real).
+            climate: `(B, T, V, lat, lon)` float, already normalised; any grid size and T.
+            labels: `(B, L)` targets, -100 where ignored (shifted inside, as in transformers).
+
+        Returns:
+            transformers' CausalLMOutputWithPast with `.loss` (when labels are given) and `.logits` `(B, L, vocab)`,
+            aligned with `input_ids` for every variant (the prefix variant's soft-token positions are dropped).
+
+        Raises:
+            DataError: climate and input_ids disagree on the batch size, or climate has the wrong shape.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if climate.shape[0] != input_ids.shape[0]:
+            raise DataError(
+                f"climate has batch size {climate.shape[0]} but input_ids {input_ids.shape[0]}; "
+                "give one climate window per text"
+            )
+        tokens = self.encoder(climate)
+        embeds, mask, fused_labels, text_positions = self._fuse(input_ids, attention_mask, tokens, labels)
+        with self._climate_scope(tokens):
+            out = self.lm(inputs_embeds=embeds, attention_mask=mask, labels=fused_labels, use_cache=False)
+        if text_positions is not None:
+            index = text_positions[..., None].expand(-1, -1, out.logits.shape[-1])  # (B, L, vocab)
+            out.logits = out.logits.gather(1, index)
+        return out
+
+    # ----- generation -----
+
+    @torch.no_grad()
+    def generate(
+        self,
+        climate: Tensor | np.ndarray,
+        prompt: str | Sequence[str],
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Generate text for climate windows, batched with left padding and a KV cache.
+
+        Every new token goes through the same fusion as in training (add / xattn apply to it too; gated-xattn blocks
+        see the climate at every step). Greedy unless `do_sample`; sampling is deterministic for a given `seed`.
+
+        Args:
+            climate: `(B, T, V, lat, lon)` or one window `(T, V, lat, lon)`, normalised like the training data.
+            prompt: one prompt for all windows, or one per window.
+            max_new_tokens: upper bound on generated tokens (generation stops at eos).
+            do_sample: sample instead of greedy decoding.
+            temperature: softmax temperature when sampling.
+            top_p: nucleus sampling threshold (1.0: off).
+            seed: seeds a private generator (the global RNG is untouched).
+
+        Returns:
+            The generated continuations (prompt excluded, special tokens removed).
+
+        Raises:
+            ModelError: no tokenizer (pass `tokenizer=` to from_base).
+            DataError: the number of prompts and climate windows disagree.
+        """
+        if self.tokenizer is None:
+            raise ModelError("this FusionModel has no tokenizer; pass tokenizer=... to FusionModel.from_base")
+        if temperature <= 0 or not 0 < top_p <= 1:
+            raise ConfigError(
+                f"temperature must be > 0 (got {temperature}) and top_p in (0, 1] (got {top_p})"
+            )
+        return _run_generation(self, climate, prompt, max_new_tokens, do_sample, temperature, top_p, seed)
+
+    def step_embeddings(self, input_ids: Tensor, climate: ClimateTokens) -> Tensor:
+        """Embeddings of newly generated tokens `(B, 1)` -> `(B, 1, H)`, fused as in training (add / xattn)."""
+        return fuse_new_tokens(self.fusion, self._embed(input_ids), climate)
+
+    # ----- adapter I/O -----
+
+    def save_adapter(
+        self, directory: str | os.PathLike[str], state_dict: Mapping[str, Tensor] | None = None
+    ) -> Path:
+        """Write the trainable weights (`adapter.safetensors`) and `fusion_config.json` (config, base, fingerprint).
+
+        Args:
+            directory: created if missing; both files are written atomically, the config last.
+            state_dict: the trainable weights to write when they are gathered elsewhere (e.g. under ZeRO-3);
+                default: this model's own.
+
+        Returns:
+            The directory.
+        """
+        from . import __version__
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = dict(state_dict) if state_dict is not None else self.fusion_state_dict()
+        unknown = sorted(set(state) - {n for n, _ in self.fusion_named_parameters()})
+        if unknown:
+            raise ModelError(f"save_adapter: {unknown[:5]} are not trainable parameters of this model")
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        tmp = out / f".{ADAPTER_FILE}.{os.getpid()}.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "pt", "fusion": self.config.fusion})
+        tmp.replace(out / ADAPTER_FILE)
+        record = self.config.model_dump(mode="json")
+        record["base_fingerprint"] = self.base_fingerprint
+        record["fusion_trainer_version"] = __version__
+        tmp = out / f".{CONFIG_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(out / CONFIG_FILE)
+        logger.info("adapter (%d tensors) saved to %s", len(tensors), out)
+        return out
+
+    @classmethod
+    def load_adapter(
+        cls,
+        directory: str | os.PathLike[str],
+        base: str | os.PathLike[str] | PreTrainedModel | None = None,
+        dtype: torch.dtype | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> FusionModel:
+        """Rebuild a FusionModel from `save_adapter` output, on the base it names (or the one given).
+
+        Raises:
+            ModelError: files missing, no base named, or the base's fingerprint differs from the recorded one.
+            ConfigError: fusion_config.json is not a valid FusionConfig.
+        """
+        folder = Path(directory)
+        config_path, weights_path = folder / CONFIG_FILE, folder / ADAPTER_FILE
+        if not config_path.is_file() or not weights_path.is_file():
+            raise ModelError(f"{folder} is not an adapter folder: it needs {CONFIG_FILE} and {ADAPTER_FILE}")
+        record: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
+        expected = record.pop("base_fingerprint", None)
+        record.pop("fusion_trainer_version", None)
+        config = FusionConfig.model_validate(record)
+        chosen = base if base is not None else config.base
+        if chosen is None:
+            raise ModelError(f"{config_path} names no base model; pass base=PATH_OR_ID")
+        model = cls.from_base(chosen, config, dtype=dtype, tokenizer=tokenizer)
+        if expected is not None and model.base_fingerprint != expected:
+            raise ModelError(
+                f"the adapter in {folder} was trained on base {config.base!r} ({expected}), but {model.config.base!r} "
+                f"has fingerprint {model.base_fingerprint}; load it onto the original base weights"
+            )
+        model.load_fusion_state_dict(load_file(str(weights_path)))
+        logger.info("adapter %s loaded onto %s", folder, model.config.base)
+        return model
+
+    def fusion_layers(self) -> Iterator[FusionLayer]:
+        """The gated-xattn wrappers (empty for the other variants)."""
+        return (m for m in self.arch.decoder_layers(self.lm) if isinstance(m, FusionLayer))
+
+
+def _inject_lora(lm: PreTrainedModel, settings: Mapping[str, Any]) -> None:
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as exc:
+        raise ConfigError("FusionConfig.lora needs peft: pip install 'fusion-trainer[lora]'") from exc
+    inject_adapter_in_model(LoraConfig(**settings), lm)
+
+
+def _untie_lm_head(lm: PreTrainedModel, head: nn.Module, embeddings: nn.Module) -> None:
+    weight = head.weight
+    if isinstance(weight, Tensor) and weight is getattr(embeddings, "weight", None):
+        head.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        lm.config.tie_word_embeddings = False
+        logger.info("train_lm_head: the LM head was tied to the input embeddings; it now has its own copy")
+
+
+def _encode_prompts(model: FusionModel, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+    tok = model.tokenizer
+    assert tok is not None
+    fallback = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    rows = [list(tok(p)["input_ids"]) or [int(fallback)] for p in prompts]
+    width = max(len(r) for r in rows)
+    pad = int(tok.pad_token_id if tok.pad_token_id is not None else fallback)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # (B, L), left padded
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)  # (B, L)
+    return ids, mask
+
+
+def _pick_next(
+    logits: Tensor, do_sample: bool, temperature: float, top_p: float, gen: torch.Generator | None
+) -> Tensor:
+    if not do_sample:
+        return logits.argmax(dim=-1)  # (B,)
+    probs = torch.softmax(logits / temperature, dim=-1)  # (B, vocab)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)  # (B,)
+
+
+def _run_generation(
+    model: FusionModel,
+    climate: Tensor | np.ndarray,
+    prompt: str | Sequence[str],
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+) -> list[str]:
+    tok = model.tokenizer
+    assert tok is not None
+    device = model.device
+    x = torch.as_tensor(climate, dtype=torch.float32, device=device)
+    x = x[None] if x.ndim == 4 else x  # (B, T, V, H, W)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if len(prompts) == 1 and x.shape[0] > 1:
+        prompts = prompts * x.shape[0]
+    elif x.shape[0] == 1 and len(prompts) > 1:
+        x = x.expand(len(prompts), *x.shape[1:])
+    if len(prompts) != x.shape[0]:
+        raise DataError(
+            f"{len(prompts)} prompts for {x.shape[0]} climate windows; give one prompt or one per window"
+        )
+    ids, mask = _encode_prompts(model, prompts, device)
+    stops = {tok.eos_token_id, *np.atleast_1d(model.lm.generation_config.eos_token_id or []).tolist()} - {
+        None
+    }
+    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0)
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    tokens = model.encoder(x)
+    embeds, mask, _, _ = model._fuse(ids, mask, tokens, None)  # (B, L', H), (B, L')
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, L'), left padding aware
+    cache: Any = None
+    done = torch.zeros(x.shape[0], dtype=torch.bool, device=device)
+    out_ids: list[Tensor] = []
+    for _ in range(max_new_tokens):
+        with model._climate_scope(tokens):
+            out = model.lm(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                **{model._cache_kwarg: cache},
+            )  # fmt: skip
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        nxt = _pick_next(out.logits[:, -1, :].float(), do_sample, temperature, top_p, gen)  # (B,)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        out_ids.append(nxt)
+        done |= torch.isin(nxt, torch.tensor(sorted(stops), device=device))
+        if bool(done.all()):
+            break
+        embeds = model.step_embeddings(nxt[:, None], tokens)  # (B, 1, H)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, L'+k)
+        positions = positions[:, -1:] + 1  # (B, 1)
+    texts = []
+    for row in torch.stack(out_ids, dim=1).tolist() if out_ids else [[] for _ in prompts]:
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        texts.append(str(tok.decode(row[:cut], skip_special_tokens=True)))
+    return texts
