@@ -136,12 +136,13 @@ def build(
         cfg = BuildConfig.from_yaml(config, overrides=set_ or [], options=options)
     else:
         cfg = BuildConfig.from_options(overrides=set_ or [], **options)
-    if cfg.run.quiet:
+    console = _stderr_console()
+    if cfg.run.quiet or not console.is_terminal:
         ref = run_build(cfg)
     else:
         from rich.progress import Progress
 
-        with Progress(transient=True, console=_stderr_console()) as bar:
+        with Progress(transient=True, console=console) as bar:
             tasks: dict[str, Any] = {}
 
             def hook(stage: str, done: int, total: int) -> None:
