@@ -39,7 +39,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return CACHE[0]
 
 
-def _config(granules: Path, out: Path, **extra: Any) -> BuildConfig:
+def _config(granules: Path, out: Path | str, **extra: Any) -> BuildConfig:
     options: dict[str, Any] = dict(region=BBOX, start=str(START), end=str(END), window="1d", time_step="1h",
                                    source=str(granules), out=str(out), cache_dir=str(CACHE[0]), quiet=True)  # fmt: skip
     options.update(extra)
@@ -201,3 +201,17 @@ def test_quarantine_and_strict(granules: Path, tmp_path: Path, monkeypatch: pyte
     assert verify(ref).ok
     with pytest.raises(SampleValidationError, match=f"{bad_key}.*without --strict"):
         build(_config(granules, tmp_path / "c", strict=True))
+
+
+def test_workers_and_s3_output_give_the_same_version(granules: Path, tmp_path: Path, s3_bucket: str) -> None:
+    """Two local dask workers writing straight to S3 build the same version, byte for byte, as one process on disk."""
+    local = build(_config(granules, tmp_path / "ds", shard_size=2048))
+    remote = build(_config(granules, f"{s3_bucket}/merra2-text", workers=2, shard_size=2048))
+    assert remote == f"{s3_bucket}/merra2-text/bbox-105_35_-95_45@{local.rsplit('@', 1)[1]}"
+    a, b = (
+        open_dataset(local).manifest,
+        open_dataset(f"{s3_bucket}/merra2-text/bbox-105_35_-95_45@latest").manifest,
+    )
+    assert [(s.path, s.sha256) for s in a.shards] == [(s.path, s.sha256) for s in b.shards]
+    assert a.normalization == b.normalization
+    assert verify(remote).ok
