@@ -88,7 +88,7 @@ class Attention(nn.Module):
             )
         self.n_heads = n_heads
         self.q_proj = nn.Linear(d_query, d_query)
-        self.k_proj = nn.Linear(d_context, d_query)
+        self.k_proj = nn.Linear(d_context, d_query, bias=False)  # a key bias cancels in the softmax
         self.v_proj = nn.Linear(d_context, d_query)
         self.o_proj = nn.Linear(d_query, d_query)
 

@@ -1,0 +1,1 @@
+"""Tests of fusion_trainer."""
