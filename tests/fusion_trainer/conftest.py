@@ -189,3 +189,29 @@ def _cpu_deepspeed(monkeypatch: pytest.MonkeyPatch) -> None:
     """DeepSpeed on the CPU accelerator, one thread per process (several ranks share 2 cores)."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+TINY_FUSION: dict[str, Any] = {
+    "fusion": "xattn",
+    "d_encoder": 32,
+    "encoder_heads": 4,
+    "n_heads": 4,
+    "encoder_depth": 1,
+}
+"""A small fusion module for the tiny Llama (hidden 64)."""
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, dataset_ref: str, tiny_model_dir: Path) -> Callable[..., Any]:
+    """A factory of TrainConfig for fast CPU runs on the default dataset: `make_config(out_name, **overrides)`."""
+    from fusion_trainer.config import TrainConfig
+
+    def make(name: str = "run", **kw: Any) -> TrainConfig:
+        values: dict[str, Any] = dict(
+            shards=dataset_ref, model=str(tiny_model_dir), out=str(tmp_path / name), zero=2, steps=20,
+            micro_batch=4, lr=1e-2, bf16=False, log_every=1, fusion=dict(TINY_FUSION), max_length=160,
+        )  # fmt: skip
+        values.update(kw)
+        return TrainConfig(**values)
+
+    return make

@@ -190,19 +190,23 @@ def checkpoint_tensor_names(ckpt: Path) -> dict[str, int]:
     return out
 
 
-def export_adapter(model: Any, run_dir: Path, rank: int) -> Path:
-    """Write RUN_DIR/final/ (the adapter, via `model.save_adapter`) atomically; every rank must call this.
+def export_adapter(model: Any, run_dir: Path, rank: int, shapes: dict[str, torch.Size] | None = None) -> Path:
+    """Write RUN_DIR/final/ (adapter.safetensors + fusion_config.json via `model.save_adapter`) atomically.
 
-    Under ZeRO-3 the parameters are gathered first (`save_adapter` may also read the frozen base for its
-    fingerprint, so all of them are gathered, then released).
+    Every rank must call this: under ZeRO-3 the trainable parameters are gathered first (the frozen base is not
+    needed: its fingerprint was taken when the model was built). `shapes` gives the logical shape of parameters
+    that training viewed differently (0-dim gates held as (1,)).
     """
     final = run_dir / FINAL_DIR
-    params = list(model.parameters())
-    with gathered(params):
+    named = list(model.fusion_named_parameters())
+    with gathered([p for _, p in named]):
         if rank == 0:
+            state = {name: param.detach().to("cpu", copy=True) for name, param in named}
+            for name, shape in (shapes or {}).items():
+                state[name] = state[name].reshape(shape)
             tmp = run_dir / f".{FINAL_DIR}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_adapter(tmp)
+            model.save_adapter(tmp, state_dict=state)
             old = run_dir / f".{FINAL_DIR}.old"
             if final.exists():
                 final.replace(old)

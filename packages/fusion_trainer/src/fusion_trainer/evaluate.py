@@ -162,7 +162,8 @@ def load_run(run_dir: Path) -> tuple[TrainConfig, Any]:
         config = TrainConfig.from_yaml(run_dir / "config.yaml")
     except ConfigError as exc:
         raise CheckpointError(f"--run {run_dir}: config.yaml is not a valid training config ({exc})") from exc
-    model = FusionModel.load_adapter(run_dir / "final", base=config.model)
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    model = FusionModel.load_adapter(run_dir / "final", base=config.model, dtype=dtype)
     model.eval()
     return config, model
 

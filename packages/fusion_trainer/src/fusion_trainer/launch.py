@@ -24,6 +24,7 @@ import torch
 __all__ = [
     "DistEnv",
     "build_launch_command",
+    "clear_self_env",
     "ensure_dist_env",
     "free_port",
     "launch_local",
@@ -42,6 +43,8 @@ class DistEnv:
     rank: int
     world: int
     local_rank: int
+    launched: bool = True
+    """False when this process set its own one-rank layout (no launcher)."""
 
 
 def free_port() -> int:
@@ -62,7 +65,8 @@ def ensure_dist_env() -> DistEnv:
     Raises:
         ValueError: RANK/WORLD_SIZE/LOCAL_RANK are present but not integers.
     """
-    if not under_launcher() or os.environ.get(_SELF_SET) == "1":
+    self_set = not under_launcher() or os.environ.get(_SELF_SET) == "1"
+    if self_set:
         # a fresh port each time: one process may run several trainings one after the other (tests, notebooks)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.update(MASTER_PORT=str(free_port()), **{_SELF_SET: "1"})
@@ -76,7 +80,14 @@ def ensure_dist_env() -> DistEnv:
             f"RANK={os.environ.get('RANK')!r} WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} "
             f"LOCAL_RANK={os.environ.get('LOCAL_RANK')!r} must be integers (set by the launcher)"
         ) from exc
-    return DistEnv(rank=rank, world=world, local_rank=local)
+    return DistEnv(rank=rank, world=world, local_rank=local, launched=not self_set)
+
+
+def clear_self_env() -> None:
+    """Remove the one-rank layout `ensure_dist_env` set (so it does not leak into later code or subprocesses)."""
+    if os.environ.get(_SELF_SET) == "1":
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", _SELF_SET):
+            os.environ.pop(key, None)
 
 
 def build_launch_command(nproc: int, args: Sequence[str], module: str = "fusion_trainer.cli") -> list[str]:

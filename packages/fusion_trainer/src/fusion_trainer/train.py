@@ -8,6 +8,7 @@ periodic evaluation and checkpoints, NaN guard, and the final adapter. It runs t
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from .config import FusionConfig, TrainConfig
 from .data import ClimateTextStream, DataPosition, open_shards, render_prompt
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluate import evaluate_loss
-from .launch import ensure_dist_env
+from .launch import clear_self_env, ensure_dist_env
 from .metrics import (
     MetricsLog,
     Throughput,
@@ -87,6 +88,17 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     if not decay and not no_decay:
         raise ConfigError("the model has no trainable parameters: check the fusion settings")
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _promote_scalar_params(model: torch.nn.Module) -> dict[str, torch.Size]:
+    """View 0-dim parameters (tanh gates) as shape (1,): DeepSpeed's model broadcast views every parameter as bytes,
+    which a 0-dim tensor cannot do. Returns the logical shapes of the trainable parameters, to write the adapter with.
+    """
+    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    for param in model.parameters():
+        if param.dim() == 0:
+            param.data = param.data.view(1)
+    return shapes
 
 
 def _prepare_run_dir(config: TrainConfig, rank: int) -> Path:
@@ -174,20 +186,30 @@ def train(config: TrainConfig) -> RunResult:
 
     env = ensure_dist_env()
     rank, world = env.rank, env.world
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        if not env.launched:
+            # one process without a launcher keeps its one-rank group for later runs (DeepSpeed caches its groups)
+            # and ends it at exit
+            atexit.register(_end_process_group)
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
+    # On failure, never wait on the other ranks: they may be blocked in a collective; the launcher stops them.
     try:
         result = _train(config, rank, world)
-    except BaseException:
-        # Never wait on the other ranks here: they may be blocked in a collective; the launcher stops them.
-        if world == 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        raise
+    finally:
+        if not env.launched:
+            clear_self_env()
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    if env.launched:
+        _end_process_group()
     return result
+
+
+def _end_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
@@ -217,6 +239,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
     log_rank_zero(logger, "model: %d trainable, %d frozen parameters; world %d; ZeRO %d", n_trainable, n_frozen, world,
                   config.zero)  # fmt: skip
 
+    shapes = _promote_scalar_params(model)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=_param_groups(model, config.weight_decay),
@@ -315,7 +338,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         raise TrainingError(
             f"the frozen base changed during training (digest {digest_start} -> {digest_end})"
         )
-    adapter = export_adapter(engine.module, run_dir, rank) if step >= config.steps else None
+    adapter = export_adapter(engine.module, run_dir, rank, shapes) if step >= config.steps else None
     run.metrics.close()
     log_rank_zero(logger, "done at step %d; checkpoint %s; adapter %s", step, run.last_checkpoint, adapter)
     return RunResult(run_dir=run_dir, step=step, final_loss=losses[-1] if losses else None, val_loss=val_loss,

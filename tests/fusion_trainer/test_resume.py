@@ -1,0 +1,69 @@
+"""Resume: 2N steps straight equal N steps, stop, resume, N more (bitwise weights, same sample order, same losses)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fusion_trainer.config import TrainConfig
+from fusion_trainer.errors import CheckpointError, ConfigError
+from fusion_trainer.metrics import read_metrics
+from fusion_trainer.train import train
+
+
+def _keys(run: Path) -> list[tuple[int, list[str]]]:
+    lines = (run / "samples" / "rank0.jsonl").read_text().splitlines()
+    return [(r["step"], r["keys"]) for r in map(json.loads, lines)]
+
+
+def test_stop_and_resume_matches_a_straight_run(make_config: Callable[..., TrainConfig]) -> None:
+    # 20 train samples, micro-batch 2 x accumulation 2: 5 steps per epoch, so the cut (7) is mid-epoch
+    common = dict(steps=14, micro_batch=2, grad_accum=2, warmup_steps=3, save_every=5, eval_every=0)
+    straight = train(make_config("straight", **common))
+
+    first = train(make_config("resumed", stop_at_step=7, **common))
+    assert first.step == 7 and first.adapter_dir is None, "a stopped run has not finished: no final adapter"
+    assert first.checkpoint is not None and first.checkpoint.name == "step7"
+    second = train(make_config("resumed", resume=True, **common))
+    assert second.step == 14 and second.adapter_dir is not None
+
+    a = load_file(str(straight.adapter_dir / "adapter.safetensors"))  # type: ignore[operator]
+    b = load_file(str(second.adapter_dir / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+
+    run_a, run_b = Path(straight.run_dir), Path(second.run_dir)
+    assert _keys(run_a) == _keys(run_b), "the resumed run must see the same samples in the same order"
+    assert [s for s, _ in _keys(run_b)] == list(range(1, 15))
+    losses_a = [r["loss"] for r in read_metrics(run_a) if "split" not in r]
+    losses_b = [r["loss"] for r in read_metrics(run_b) if "split" not in r]
+    assert losses_a == losses_b
+    assert [r["step"] for r in read_metrics(run_b) if "split" not in r] == list(range(1, 15))
+
+
+def test_resume_picks_the_newest_complete_checkpoint(make_config: Callable[..., TrainConfig]) -> None:
+    config = make_config(steps=6, save_every=2, stop_at_step=4)
+    train(config)
+    run = Path(config.out)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step2", "step4"]
+    (run / "checkpoints" / "step4" / "COMPLETE").unlink()  # as if the job died while writing step 4
+    result = train(make_config(steps=6, save_every=2, resume=True))
+    assert result.step == 6
+    steps = [s for s, _ in _keys(run)]
+    assert steps == [1, 2, 3, 4, 3, 4, 5, 6], "steps 3-4 are redone from the step-2 checkpoint"
+
+
+def test_an_existing_run_needs_resume_and_resume_needs_a_checkpoint(
+    make_config: Callable[..., TrainConfig],
+) -> None:
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        train(make_config("empty", steps=2, resume=True))
+    train(make_config("once", steps=2))
+    with pytest.raises(ConfigError, match="--resume"):
+        train(make_config("once", steps=2))
