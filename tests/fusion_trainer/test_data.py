@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
 from fusion_trainer.data import (
     DEFAULT_PROMPT,
     ClimateTextStream,
@@ -25,7 +24,9 @@ from fusion_trainer.errors import ConfigError, DataError
 
 def _stream(ref: str, tokenizer: Any, **kw: Any) -> ClimateTextStream:
     ds = open_shards(ref)
-    opts: dict[str, Any] = dict(prompt=render_prompt(DEFAULT_PROMPT, ds), micro_batch=2, max_length=256, seed=3)
+    opts: dict[str, Any] = dict(
+        prompt=render_prompt(DEFAULT_PROMPT, ds), micro_batch=2, max_length=256, seed=3
+    )
     opts.update(kw)
     return ClimateTextStream(ds, opts.pop("split", "train"), tokenizer, **opts)
 
@@ -70,7 +71,9 @@ def test_ranks_see_disjoint_data_and_equal_counts_with_odd_shards(dataset_ref: s
 
 
 def test_two_ranks_run_the_same_number_of_batches(dataset_ref: str, tokenizer: Any) -> None:
-    counts = [_stream(dataset_ref, tokenizer, rank=r, world=2, micro_batch=3).batches_per_epoch for r in range(2)]
+    counts = [
+        _stream(dataset_ref, tokenizer, rank=r, world=2, micro_batch=3).batches_per_epoch for r in range(2)
+    ]
     assert counts == [3, 3]  # floor(20 / 2) = 10 samples per rank -> 3 full micro-batches
 
 
@@ -135,7 +138,11 @@ def test_eval_split_is_one_pass_in_manifest_order(dataset_ref: str, tokenizer: A
     keys = [k for b in _stream(dataset_ref, tokenizer, split="val", train=False) for k in b["keys"]]
     assert keys == [f"synth-val-{i:05d}" for i in range(20, 28)]
     halves = [
-        [k for b in _stream(dataset_ref, tokenizer, split="val", train=False, rank=r, world=2) for k in b["keys"]]
+        [
+            k
+            for b in _stream(dataset_ref, tokenizer, split="val", train=False, rank=r, world=2)
+            for k in b["keys"]
+        ]
         for r in range(2)
     ]
     assert len(halves[0]) == len(halves[1]) == 4 and not set(halves[0]) & set(halves[1])
@@ -148,7 +155,9 @@ def test_streams_from_s3(make_dataset: Callable[..., str], s3_bucket: str, token
     assert {k for b in keys for k in b} == {f"synth-train-{i:05d}" for i in range(20)}
 
 
-def test_a_pickled_climate_member_is_refused(tmp_path: Any, make_dataset: Callable[..., str], tokenizer: Any) -> None:
+def test_a_pickled_climate_member_is_refused(
+    tmp_path: Any, make_dataset: Callable[..., str], tokenizer: Any
+) -> None:
     ref = make_dataset(shards={"train": [2], "val": [2]})
     ds = open_shards(ref)
     shard = ds.shards("train")[0]
@@ -171,7 +180,8 @@ def test_a_pickled_climate_member_is_refused(tmp_path: Any, make_dataset: Callab
     with open(path, "wb") as fh:
         fh.write(data)
     manifest_path = ds.url_of("manifest.json")
-    manifest = json.loads(open(manifest_path).read())
+    with open(manifest_path) as fh:
+        manifest = json.loads(fh.read())
     manifest["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     with open(manifest_path, "w") as fh:
         fh.write(json.dumps(manifest))

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from fusion_trainer.config import TrainConfig
 from fusion_trainer.errors import CheckpointError, ConfigError
 from fusion_trainer.metrics import read_metrics
 from fusion_trainer.train import train
+from safetensors.torch import load_file
 
 
 def _keys(run: Path) -> list[tuple[int, list[str]]]:

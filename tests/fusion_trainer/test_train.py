@@ -10,14 +10,13 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from fusion_trainer.checkpoint import checkpoint_tensor_names, frozen_digest
 from fusion_trainer.config import FusionConfig, TrainConfig
 from fusion_trainer.data import open_shards
 from fusion_trainer.metrics import read_metrics
 from fusion_trainer.model import FusionModel
 from fusion_trainer.train import lr_lambda, train
+from safetensors.torch import load_file
 
 
 def _fresh_model(config: TrainConfig) -> FusionModel:
@@ -43,7 +42,9 @@ def _assert_no_frozen_weights(ckpt: Path, model: FusionModel) -> None:
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, pytest.param(3, marks=pytest.mark.slow)])
-def test_zero_stage_trains_and_leaves_the_base_alone(make_config: Callable[..., TrainConfig], zero: int) -> None:
+def test_zero_stage_trains_and_leaves_the_base_alone(
+    make_config: Callable[..., TrainConfig], zero: int
+) -> None:
     config = make_config(f"zero{zero}", zero=zero, steps=20)
     result = train(config)
 
@@ -61,12 +62,17 @@ def test_zero_stage_trains_and_leaves_the_base_alone(make_config: Callable[..., 
     weights = load_file(str(result.adapter_dir / "adapter.safetensors"))
     assert set(weights) == {n for n, _ in model.fusion_named_parameters()}
     record = json.loads((result.adapter_dir / "fusion_config.json").read_text())
-    assert record["variables"] == ["T2M", "U10M", "V10M"] and set(record["normalization"]) == set(record["variables"])
+    assert record["variables"] == ["T2M", "U10M", "V10M"] and set(record["normalization"]) == set(
+        record["variables"]
+    )
     assert record["base_fingerprint"] == model.base_fingerprint
     loaded = FusionModel.load_adapter(result.adapter_dir, base=config.model, dtype=torch.float32)
     for name, param in loaded.fusion_named_parameters():
         assert torch.equal(param, weights[name])
-    assert any(not torch.equal(p, dict(model.fusion_named_parameters())[n]) for n, p in loaded.fusion_named_parameters())
+    assert any(
+        not torch.equal(p, dict(model.fusion_named_parameters())[n])
+        for n, p in loaded.fusion_named_parameters()
+    )
 
 
 def test_run_dir_holds_config_metrics_and_val_records(make_config: Callable[..., TrainConfig]) -> None:
@@ -107,7 +113,9 @@ def test_deepspeed_config_is_generated_and_user_file_merged(
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "train_batch_size": "auto"}))
     merged = make_config(deepspeed=str(user), zero=2).deepspeed_config(world=1)
-    assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True} and merged["train_batch_size"] == 4
+    assert (
+        merged["zero_optimization"] == {"stage": 2, "overlap_comm": True} and merged["train_batch_size"] == 4
+    )
 
 
 def test_trainable_parameter_groups(make_config: Callable[..., TrainConfig]) -> Any:
