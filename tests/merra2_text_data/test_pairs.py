@@ -13,10 +13,9 @@ import xarray as xr
 from climate_text_schema.sample import KEY_PATTERN
 from merra2_text_data import pairs
 from merra2_text_data.errors import BuildError, ConfigError, MissingDataError
+from merra2_text_data.normalize import NormAccumulator
 from merra2_text_data.pairs import (
-    NormAccumulator,
     SamplePlan,
-    assign_splits,
     check_time_step,
     extract_sample,
     extract_window,
@@ -25,6 +24,7 @@ from merra2_text_data.pairs import (
     plan_samples,
     tile_ranges,
 )
+from merra2_text_data.splits import assign_splits
 
 MakeCube = Callable[..., xr.Dataset]
 

@@ -12,13 +12,12 @@ import pandas as pd
 import pytest
 import xarray as xr
 from merra2_text_data import text as text_mod
+from merra2_text_data.climatology import AnomalyInfo, DayOfYearClimatology
 from merra2_text_data.errors import BuildError, ConfigError
 from merra2_text_data.events import Event
 from merra2_text_data.pairs import iter_samples, plan_samples
 from merra2_text_data.text import (
     N_TEMPLATES,
-    AnomalyInfo,
-    DayOfYearClimatology,
     compass_direction,
     describe_region,
     format_events,

@@ -31,7 +31,7 @@ from .errors import (
     VerifyError,
 )
 from .pipeline import build, plan_build
-from .publish import (
+from .versions import (
     DiffReport,
     GcReport,
     VerifyReport,

@@ -274,7 +274,7 @@ def versions(
     verbose: Verbose = 0,
 ) -> None:
     """List the versions (oldest first) and tags of a dataset."""
-    from .publish import list_versions
+    from .versions import list_versions
 
     _setup_logging(verbose)
     for v in list_versions(dataset):
@@ -287,7 +287,7 @@ def versions(
 @_errors
 def verify(ref: Annotated[str, typer.Argument(help="A dataset reference.")], verbose: Verbose = 0) -> None:
     """Re-read every shard (sha256, sizes, sample counts, member names) and the index; exit 1 on any mismatch."""
-    from .publish import verify as run_verify
+    from .versions import verify as run_verify
 
     _setup_logging(verbose)
     report = run_verify(ref)
@@ -310,7 +310,7 @@ def tag(
     verbose: Verbose = 0,
 ) -> None:
     """Point a tag at a version; prints the tag's reference."""
-    from .publish import tag as run_tag
+    from .versions import tag as run_tag
 
     _setup_logging(verbose)
     typer.echo(run_tag(ref, name))
@@ -324,7 +324,7 @@ def diff(
     verbose: Verbose = 0,
 ) -> None:
     """Show how two versions differ: config, samples per split, keys added and removed."""
-    from .publish import diff as run_diff
+    from .versions import diff as run_diff
 
     _setup_logging(verbose)
     d = run_diff(ref_a, ref_b)
@@ -344,7 +344,7 @@ def gc(
     verbose: Verbose = 0,
 ) -> None:
     """List objects no manifest references (shards of dead builds, temp files); --delete removes them."""
-    from .publish import gc as run_gc
+    from .versions import gc as run_gc
 
     _setup_logging(verbose)
     report = run_gc(dataset, delete=delete)

@@ -58,7 +58,7 @@ def parse_size(value: int | str) -> int:
     return int(number * factor)
 
 
-def _duration(value: str, key: str) -> pd.Timedelta:
+def _duration(value: str) -> pd.Timedelta:
     from .pairs import parse_duration
 
     return parse_duration(value)
@@ -208,7 +208,7 @@ class SampleConfig(_Section):
     @field_validator("window", "time_step")
     @classmethod
     def _duration_ok(cls, value: str) -> str:
-        _duration(value, "duration")
+        _duration(value)
         return value.strip().lower()
 
     @field_validator("stride")
@@ -216,7 +216,7 @@ class SampleConfig(_Section):
     def _stride_ok(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        _duration(value, "stride")
+        _duration(value)
         return value.strip().lower()
 
     @field_validator("tile")
@@ -232,7 +232,7 @@ class SampleConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> SampleConfig:
         problems = []
-        window, step = _duration(self.window, "window"), _duration(self.time_step, "time_step")
+        window, step = _duration(self.window), _duration(self.time_step)
         if step > window:
             problems.append(f"time_step {self.time_step} is longer than window {self.window}")
         elif window % step != pd.Timedelta(0):
@@ -421,35 +421,12 @@ class BuildConfig(_Section):
         }
 
 
+_SECTIONS: dict[str, type[_Section]] = {
+    "source": SourceConfig, "subset": SubsetConfig, "sample": SampleConfig, "shard": ShardConfig,
+    "publish": PublishConfig, "run": RunConfig,
+}  # fmt: skip
 FLAT_KEYS: dict[str, str] = {
-    "source": "source.source",
-    "cache_dir": "source.cache_dir",
-    "allow_gaps": "source.allow_gaps",
-    "region": "subset.region",
-    "years": "subset.years",
-    "start": "subset.start",
-    "end": "subset.end",
-    "variables": "subset.variables",
-    "window": "sample.window",
-    "stride": "sample.stride",
-    "time_step": "sample.time_step",
-    "tile": "sample.tile",
-    "val_fraction": "sample.val_fraction",
-    "test_fraction": "sample.test_fraction",
-    "val_years": "sample.val_years",
-    "test_years": "sample.test_years",
-    "seed": "sample.seed",
-    "events": "sample.events",
-    "text_table": "sample.text_table",
-    "strict": "sample.strict",
-    "shard_size": "shard.shard_size",
-    "out": "publish.out",
-    "name": "publish.name",
-    "tag": "publish.tag",
-    "parent": "publish.parent",
-    "workers": "run.workers",
-    "scheduler": "run.scheduler",
-    "quiet": "run.quiet",
+    field: f"{section}.{field}" for section, model in _SECTIONS.items() for field in model.model_fields
 }
 """Flat option (CLI flag) name -> nested YAML key."""
 

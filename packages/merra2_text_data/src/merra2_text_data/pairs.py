@@ -17,8 +17,7 @@ Rules (also the dataset card's wording):
 - Statistics are computed on that stored array (the aggregated resolution): `mean` is the cos(latitude)-weighted mean
   over grid points and time steps (identical to the hourly one, as buckets are equal-sized means), `min`/`max` are the
   extremes of the stored array. Captions quote these same numbers.
-- Splits are contiguous blocks of whole days (`assign_splits`); train normalisation is exact and mergeable across
-  workers (`NormAccumulator`).
+- Splits (`splits.assign_splits`) and train normalisation (`normalize.NormAccumulator`) live in their own modules.
 """
 
 from __future__ import annotations
@@ -38,10 +37,8 @@ from .errors import BuildError, ConfigError, MissingDataError
 __all__ = [
     "HOUR",
     "UNASSIGNED",
-    "NormAccumulator",
     "SampleData",
     "SamplePlan",
-    "assign_splits",
     "check_time_step",
     "extract_sample",
     "extract_window",
@@ -421,164 +418,3 @@ def iter_samples(
 def with_split(plan: SamplePlan, split: str) -> SamplePlan:
     """A copy of `plan` with `split` set."""
     return replace(plan, split=split)
-
-
-# ---- splits ---------------------------------------------------------------------------------------------------------
-def _year_map(split_years: dict[str, list[int]] | dict[int, str] | None) -> dict[int, str]:
-    out: dict[int, str] = {}
-    for a, b in (split_years or {}).items():
-        pairs = [(int(y), str(a)) for y in b] if isinstance(b, list | tuple) else [(int(a), str(b))]
-        for year, split in pairs:
-            if split not in ("train", "val", "test"):
-                raise ConfigError(f"split_years names split {split!r}; use train, val or test")
-            if out.get(year, split) != split:
-                raise ConfigError(
-                    f"year {year} is given to both {out[year]} and {split}; give each year one split"
-                )
-            out[year] = split
-    return out
-
-
-def _n_days(n: int, fraction: float) -> int:
-    return 0 if fraction <= 0 else max(1, int(np.floor(n * fraction + 0.5)))
-
-
-def assign_splits(
-    plans: Sequence[SamplePlan],
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    split_years: dict[str, list[int]] | dict[int, str] | None = None,
-) -> list[SamplePlan]:
-    """Assign train/val/test in contiguous blocks of whole days, deterministically.
-
-    A plan belongs to the UTC day of its `time_start` (a window that straddles a boundary goes with its start day).
-    Years pinned in `split_years` go to their split. The other days, in time order, are cut into blocks: the last
-    `test_fraction` of them is test, the `val_fraction` before it val, the rest train (a split with pinned years gets no
-    fraction). A non-zero fraction gets at least one day while train keeps one; a split left empty is logged.
-
-    Args:
-        plans: the plans of `plan_samples`.
-        val_fraction: share of the (unpinned) days for val.
-        test_fraction: share of the (unpinned) days for test.
-        split_years: `{"val": [2019], "test": [2020]}` (or `{2019: "val", 2020: "test"}`); other years are train,
-            unless `train` is listed, in which case an unlisted year is an error.
-
-    Returns:
-        New plans, in the same order, with `split` set.
-
-    Raises:
-        ConfigError: fractions outside [0, 1) or summing to 1 or more, unknown split names, a year in two splits, or
-            plan years missing from an explicit `train` list.
-    """
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ConfigError(
-            f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in [0, 1) and leave train days"
-        )
-    years = _year_map(split_years)
-    days = [p.time_start.normalize() for p in plans]
-    if "train" in years.values():
-        unlisted = sorted({d.year for d in days} - set(years))
-        if unlisted:
-            raise ConfigError(f"year(s) {unlisted} are in no split of split_years; list them or drop 'train'")
-    free = sorted({d for d in days if d.year not in years})
-    fractions = {s: f for s, f in (("test", test_fraction), ("val", val_fraction)) if s not in years.values()}
-    counts = {s: _n_days(len(free), f) for s, f in fractions.items()}
-    for split in ("val", "test"):  # keep one train day: take back from val first
-        while counts.get(split, 0) and sum(counts.values()) >= len(free):
-            counts[split] -= 1
-    n_test, n_val = counts.get("test", 0), counts.get("val", 0)
-    by_day = {d: "test" if i >= len(free) - n_test else "val" if i >= len(free) - n_test - n_val else "train"
-              for i, d in enumerate(free)}  # fmt: skip
-    out = [replace(p, split=years.get(d.year) or by_day[d]) for p, d in zip(plans, days, strict=True)]
-    found = {p.split for p in out}
-    for split in [s for s, f in fractions.items() if f > 0] + list(set(years.values())):
-        if split not in found:
-            logger.warning("split %s is empty (%d day(s) to share); lengthen the period or change the fractions",
-                           split, len(free))  # fmt: skip
-    straddle = sum(1 for p, d in zip(out, days, strict=True)
-                   if by_day.get((p.time_end - pd.Timedelta(microseconds=1)).normalize(), p.split) != p.split)  # fmt: skip
-    if straddle:
-        logger.info(
-            "%d window(s) reach into the next split's first day; assigned by their start day", straddle
-        )
-    return out
-
-
-# ---- normalisation --------------------------------------------------------------------------------------------------
-class NormAccumulator:
-    """Exact per-variable mean and standard deviation over train arrays, mergeable across workers.
-
-    Keeps, per variable, the count, mean and sum of squared deviations (Chan et al.'s parallel update, float64): this
-    is the sum / sum-of-squares scheme without its cancellation on large values such as SLP in Pa. NaN are ignored.
-
-    Examples:
-        >>> acc = NormAccumulator(["T2M"])
-        >>> acc.update(np.full((2, 1, 3, 3), 280.0, dtype=np.float32))
-        >>> acc.result()["T2M"]["mean"]
-        280.0
-    """
-
-    def __init__(self, variables: Sequence[str]):
-        self.variables = tuple(variables)
-        n = len(self.variables)
-        self.count = np.zeros(n, dtype=np.int64)
-        self.mean = np.zeros(n, dtype=np.float64)
-        self.m2 = np.zeros(n, dtype=np.float64)
-
-    def update(self, array: np.ndarray) -> None:
-        """Add one `[time, variable, lat, lon]` array (variables in this accumulator's order)."""
-        if array.ndim != 4 or array.shape[1] != len(self.variables):
-            raise BuildError(f"array of shape {array.shape} does not hold the {len(self.variables)} variables "
-                             f"{', '.join(self.variables)} on axis 1")  # fmt: skip
-        x = np.moveaxis(array, 1, 0).reshape(len(self.variables), -1).astype(np.float64)
-        ok = np.isfinite(x)
-        n = ok.sum(axis=1)
-        mean = np.where(ok, x, 0.0).sum(axis=1) / np.maximum(n, 1)
-        m2 = (np.where(ok, x - mean[:, None], 0.0) ** 2).sum(axis=1)
-        self._combine(n, mean, m2)
-
-    def _combine(self, n: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> None:
-        total = self.count + n
-        safe = np.maximum(total, 1)
-        delta = mean - self.mean
-        self.mean = self.mean + delta * n / safe
-        self.m2 = self.m2 + m2 + delta**2 * self.count * n / safe
-        self.count = total
-
-    def merge(self, other: NormAccumulator) -> NormAccumulator:
-        """Fold another worker's accumulator into this one (same variables); returns self."""
-        if other.variables != self.variables:
-            raise BuildError(f"cannot merge accumulators of {other.variables} into {self.variables}")
-        self._combine(other.count, other.mean, other.m2)
-        return self
-
-    def to_dict(self) -> dict[str, list[Any]]:
-        """The state as JSON-ready lists (a worker's receipt); `from_dict` restores it."""
-        return {"variables": list(self.variables), "count": self.count.tolist(), "mean": self.mean.tolist(),
-                "m2": self.m2.tolist()}  # fmt: skip
-
-    @classmethod
-    def from_dict(cls, data: dict[str, list[Any]]) -> NormAccumulator:
-        """Inverse of `to_dict`."""
-        acc = cls(data["variables"])
-        acc.count = np.asarray(data["count"], dtype=np.int64)
-        acc.mean = np.asarray(data["mean"], dtype=np.float64)
-        acc.m2 = np.asarray(data["m2"], dtype=np.float64)
-        if not acc.count.shape == acc.mean.shape == acc.m2.shape == (len(acc.variables),):
-            raise BuildError(f"normalisation state for {acc.variables} has mismatched lengths")
-        return acc
-
-    def result(self) -> dict[str, dict[str, float]]:
-        """`{V: {"mean", "std"}}` (population std, floored to stay > 0).
-
-        Raises:
-            BuildError: a variable saw no finite value (no train samples).
-        """
-        empty = [v for v, n in zip(self.variables, self.count, strict=True) if n == 0]
-        if empty:
-            raise BuildError(f"no train values for {', '.join(empty)}: the train split is empty or all NaN; "
-                             "lengthen the period or lower val/test fractions")  # fmt: skip
-        std = np.sqrt(self.m2 / self.count)
-        floor = np.maximum(np.abs(self.mean) * 1e-6, 1e-12)
-        return {v: {"mean": float(self.mean[i]), "std": float(max(std[i], floor[i]))}
-                for i, v in enumerate(self.variables)}  # fmt: skip

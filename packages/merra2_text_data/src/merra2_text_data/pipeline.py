@@ -48,7 +48,9 @@ from .config import BuildConfig
 from .errors import BuildError, MissingDataError
 from .events import Event, load_storm_events, load_text_table, match_events
 from .fetch import Granule, collection_for, download_granules, find_granules, missing_days, search_earthaccess
-from .pairs import NormAccumulator, SamplePlan, assign_splits, iter_samples, parse_duration, plan_samples
+from .normalize import NormAccumulator
+from .pairs import SamplePlan, iter_samples, parse_duration, plan_samples
+from .splits import assign_splits
 from .publish import (
     commit_version,
     compute_version,
