@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from fusion_trainer import FusionConfig, FusionModel, ModelError
 from fusion_trainer.base import load_base, make_tiny_model
 from fusion_trainer.errors import DataError
 from fusion_trainer.fusion import FusionLayer, climate_context, insert_prefix
+from safetensors.torch import load_file
 
 ARCHS = ("llama", "gpt2", "gpt_neo")
 SMALL: dict[str, Any] = {
@@ -229,7 +228,7 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_gradients(
         layer = model.lm.model.layers[1]
         inner = layer.layer if isinstance(layer, FusionLayer) else layer
         counter = [0]  # the MLP runs inside the checkpointed forward (hooks on the layer itself stay outside)
-        inner.mlp.register_forward_pre_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+        inner.mlp.register_forward_pre_hook(lambda *_, c=counter: c.__setitem__(0, c[0] + 1))
         model(**batch).loss.backward()
         calls.append(counter[0])
         grads.append({n: p.grad.clone() for n, p in model.fusion_named_parameters() if p.grad is not None})

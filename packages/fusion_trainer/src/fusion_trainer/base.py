@@ -124,8 +124,9 @@ def load_base(
     architecture_for(config)
     dtype = dtype or default_dtype()
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        with _progress_bars(False):
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"cannot load the weights or tokenizer of base model {name!r}: {exc}") from exc
     if tokenizer.pad_token is None:
@@ -156,8 +157,8 @@ def fingerprint_base(model: torch.nn.Module, samples_per_tensor: int = 64) -> st
             raise ModelError(f"cannot fingerprint {name}: the weights are on the meta device (not loaded)")
         flat = tensor.detach().reshape(-1)
         count = min(flat.numel(), samples_per_tensor)
-        index = torch.linspace(0, max(flat.numel() - 1, 0), steps=count).round().long().to(flat.device)
-        sample = flat[index].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
+        index = (torch.arange(count) * (flat.numel() - 1)) // max(count - 1, 1)  # exact integer stride
+        sample = flat[index.to(flat.device)].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
         digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
         digest.update(sample)
     return "sha256:" + digest.hexdigest()
@@ -408,7 +409,7 @@ def make_tiny_model(arch: TinyArch, out_dir: str | os.PathLike[str], seed: int =
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with _staging_dir(out) as tmp:
+    with _progress_bars(False), _staging_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps(spec) + "\n", encoding="utf-8")
