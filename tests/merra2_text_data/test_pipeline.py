@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from climate_text_schema import DEFAULT_VARIABLES, decode_meta, open_dataset
 from merra2_text_data import BuildConfig, build, verify
-from merra2_text_data import pipeline as pipeline_mod
+from merra2_text_data import tasks as tasks_mod
 from merra2_text_data.errors import MissingDataError, SampleValidationError
 from merra2_text_data.regions import parse_region
 from merra2_text_data.synth import write_synthetic_granules
@@ -131,7 +131,7 @@ def test_interrupted_build_resumes_to_the_same_version(
     cfg = _config(granules, tmp_path / "ds", shard_size=2048)  # one sample per shard: five tasks
     reference = build(_config(granules, tmp_path / "clean", shard_size=2048))
     calls = {"n": 0}
-    real_write = pipeline_mod.write_shard
+    real_write = tasks_mod.write_shard
 
     def flaky(*args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
@@ -139,22 +139,22 @@ def test_interrupted_build_resumes_to_the_same_version(
             raise OSError("injected: connection reset while writing a shard")
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline_mod, "write_shard", flaky)
+    monkeypatch.setattr(tasks_mod, "write_shard", flaky)
     with pytest.raises(OSError, match="injected"):
         build(cfg)
     root = tmp_path / "ds" / "bbox-105_35_-95_45"
     assert not list(root.glob("versions/*/manifest.json")) and not (root / "tags").exists()
     assert len(list(root.glob("staging/*/*.json"))) == 2
 
-    monkeypatch.setattr(pipeline_mod, "write_shard", real_write)
+    monkeypatch.setattr(tasks_mod, "write_shard", real_write)
     ran: list[str] = []
-    real_run = pipeline_mod.run_task
+    real_run = tasks_mod.run_task
 
     def counting(task: Any, *args: Any, **kwargs: Any) -> Any:
         ran.append(task.name)
         return real_run(task, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline_mod, "run_task", counting)
+    monkeypatch.setattr(tasks_mod, "run_task", counting)
     ref = build(cfg)
     assert ref.rsplit("@", 1)[1] == reference.rsplit("@", 1)[1]
     assert len(ran) == 3  # the two finished shards were not recomputed
@@ -179,7 +179,7 @@ def test_missing_days_fail_unless_allowed(granules: Path, tmp_path: Path) -> Non
 
 
 def test_quarantine_and_strict(granules: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = pipeline_mod.validate_sample
+    real = tasks_mod.validate_sample
 
     def picky(array: np.ndarray, stats: Any, *args: Any) -> list[str]:
         reasons = real(array, stats, *args)
@@ -192,7 +192,7 @@ def test_quarantine_and_strict(granules: Path, tmp_path: Path, monkeypatch: pyte
     index = open_dataset(ref).read_index()
     stats_max["max"] = float(index["T2M_max"].iloc[1])
     bad_key = str(index["key"].iloc[1])
-    monkeypatch.setattr(pipeline_mod, "validate_sample", picky)
+    monkeypatch.setattr(tasks_mod, "validate_sample", picky)
     ref = build(_config(granules, tmp_path / "b"))
     ds = open_dataset(ref)
     q = pd.read_parquet(Path(ds.version_url) / "quarantine.parquet")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pandas as pd
 from climate_text_schema import Manifest
@@ -18,6 +19,32 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+_MERRA2 = (
+    "Climate-text pairs from NASA MERRA-2 reanalysis (hourly single-level diagnostics, GMAO, doi:10.5067/VJAFPLI1CSIV"
+    " and doi:10.5067/7MCPBJ41Y0K6 for the flux collection), each sample a climate window with a caption that quotes"
+    " its own statistics."
+)
+_SYNTHETIC = (
+    "**The climate fields are SYNTHETIC**: written by `merra2-text synth` in the MERRA-2 file format (plausible,"
+    " coherent weather for tests and demos), *not* NASA MERRA-2 reanalysis. Do not use them to study the real"
+    " atmosphere. Each sample is a climate window with a caption that quotes its own statistics."
+)
+
+
+def _provenance(extra: dict[str, Any], index: pd.DataFrame) -> list[str]:
+    lines = [_SYNTHETIC if extra.get("source_kind") == "synthetic" else _MERRA2]
+    for src in extra.get("text_sources") or []:
+        n = int((index["n_events"] > 0).sum()) if "n_events" in index.columns else 0
+        lines += ["", f"Event text from `{src['file']}`: {src['description']}. {n} of {len(index)} samples carry"
+                  " event text (index columns `n_events`, `event_types`); it is appended after `Reported events:`."]  # fmt: skip
+    clim = extra.get("climatology")
+    if clim:
+        lines += ["", f"Captions state the {', '.join(clim['variables'])} anomaly against a day-of-year climatology of"
+                  f" the samples ({clim['period']}, +-{clim['half_width_days']} days, at least {clim['min_years']}"
+                  " years per date); the index holds it as `T2M_clim` and `T2M_anom`."]  # fmt: skip
+    return lines
+
+
 def make_card(manifest: Manifest, index: pd.DataFrame, region: Region) -> str:
     """Write the dataset card of a version.
 
@@ -30,15 +57,14 @@ def make_card(manifest: Manifest, index: pd.DataFrame, region: Region) -> str:
         Markdown text.
     """
     m = manifest
+    extra = m.model_extra or {}
     west, south, east, north = region.bbox
     first, last = index["time_start"].min(), index["time_end"].max()
     total = sum(m.splits.values())
     lines = [
         f"# {m.name} @ {m.version}",
         "",
-        "Climate-text pairs from NASA MERRA-2 reanalysis (hourly single-level diagnostics, GMAO, doi:10.5067/VJAFPLI1CSIV"
-        " and doi:10.5067/7MCPBJ41Y0K6 for the flux collection), each sample a climate window with a caption that quotes"
-        " its own statistics.",
+        *_provenance(extra, index),
         "",
         "## What",
         f"- Region: {region.describe()} (W {west:g}, S {south:g}, E {east:g}, N {north:g}; bounds inclusive)",

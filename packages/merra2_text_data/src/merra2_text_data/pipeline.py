@@ -5,18 +5,20 @@
    version is already committed, stop: nothing is written.
 3. Open the region (zarr cache), plan samples and splits, and pack each split's samples into shard tasks whose
    numbering follows from the plan alone (`<split>-<NNNNNN>` = position of the task in its split).
-4. Each task reads one window at a time (memory bounded by a window), captions, validates (quarantine or `strict`),
-   writes its shard straight to the store and a receipt under `<name>/staging/<version>/`. Tasks run in this process,
-   on a `LocalCluster` (`workers`) or on an existing dask scheduler (`scheduler`).
-5. A rerun after an interruption skips tasks whose receipt and shard exist, and ends with the same version.
-6. Index (validated), quarantine table, dataset card, manifest last, tag.
+4. Pass 1, only when the windows span several years and T2M is built: each task records its samples' T2M statistics
+   under `<name>/staging/<version>/stats/`; the day-of-year climatology is computed from them (a few floats per
+   sample, so memory stays bounded).
+5. Pass 2: each task reads one window at a time, captions (with the anomaly), validates (quarantine or `strict`),
+   writes its shard straight to the store and a receipt under `<name>/staging/<version>/` (`tasks`). Tasks run in
+   this process, on a `LocalCluster` (`workers`) or on an existing dask scheduler (`scheduler`).
+6. A rerun after an interruption skips tasks whose receipt (and shard) exist, and ends with the same version.
+7. Index (validated), quarantine table, dataset card, manifest last, tag.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,64 +29,44 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 from climate_text_schema import (
+    BASE_COLUMNS,
     KNOWN_VARIABLES,
     SCHEMA_VERSION,
     SPLITS,
     BuilderInfo,
     Manifest,
     NormStats,
-    SampleMeta,
     ShardInfo,
     SourceInfo,
     VariableInfo,
     join_url,
     open_dataset,
-    version_url,
 )
 
 from . import __version__
+from . import tasks as _tasks
 from .card import make_card
+from .climatology import DayOfYearClimatology, spans_several_years
 from .config import BuildConfig
 from .errors import BuildError, MissingDataError
 from .events import Event, load_storm_events, load_text_table, match_events
 from .fetch import Granule, collection_for, download_granules, find_granules, missing_days, search_earthaccess
 from .normalize import NormAccumulator
-from .pairs import SamplePlan, iter_samples, parse_duration, plan_samples
+from .pairs import SamplePlan, parse_duration, plan_samples
+from .provenance import source_kind, text_sources
+from .publish import commit_version, compute_version, manifest_exists, url_to_fs, write_tag
+from .regions import Region, parse_region
+from .shards import estimate_sample_bytes, fs_path, is_local, pack_by_size
 from .splits import assign_splits
-from .publish import (
-    commit_version,
-    compute_version,
-    manifest_exists,
-    read_receipts,
-    url_to_fs,
-    write_receipt,
-    write_tag,
-)
-from .regions import REGIONS, Region, parse_region
-from .shards import SampleRecord, estimate_sample_bytes, fs_path, is_local, pack_by_size, write_shard
-from .text import describe_region, make_caption
-from .validate import quarantine_frame, quarantine_row, raise_if_invalid, validate_sample
+from .tasks import ANOMALY_VARIABLE, STATS_STAGE, ShardTask, units_of
+from .validate import quarantine_frame
 
-__all__ = ["BuildPlan", "ProgressHook", "ShardTask", "build", "plan_build", "run_task"]
+__all__ = ["BuildPlan", "ProgressHook", "ShardTask", "build", "plan_build"]
 
 logger = logging.getLogger(__name__)
 
 ProgressHook = Callable[[str, int, int], None]
 """`(stage, done, total)`: called as work advances (the CLI draws progress bars from it)."""
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    """One unit of work: the samples of one shard. Serialisable (plans as dicts)."""
-
-    split: str
-    number: int
-    plans: tuple[SamplePlan, ...]
-
-    @property
-    def name(self) -> str:
-        """`<split>-<NNNNNN>`: the shard's name and the task's receipt name."""
-        return f"{self.split}-{self.number:06d}"
 
 
 @dataclass
@@ -168,7 +150,7 @@ def _cache_dir(config: BuildConfig) -> Path:
     return Path(fs_path(fs, out)) / ".cache" if is_local(fs) else Path.home() / ".cache" / "merra2-text"
 
 
-def _open_cube(plan: BuildPlan, show_progress: bool) -> xr.Dataset:
+def _open_cube(plan: BuildPlan, show_progress: bool) -> tuple[xr.Dataset, list[Granule]]:
     from .subset import open_region
 
     cfg = plan.config
@@ -177,8 +159,9 @@ def _open_cube(plan: BuildPlan, show_progress: bool) -> xr.Dataset:
     if cfg.source.source == "earthaccess":
         granules = download_granules(granules, cache / "granules", show_progress=show_progress)
     start, end = cfg.subset.period()
-    return open_region(granules, list(cfg.subset.variables), plan.region, start, end, cache_dir=cache / "zarr",
+    cube = open_region(granules, list(cfg.subset.variables), plan.region, start, end, cache_dir=cache / "zarr",
                        show_progress=show_progress)  # fmt: skip
+    return cube, list(granules)
 
 
 def _plan_tasks(plan: BuildPlan, cube: xr.Dataset) -> tuple[list[ShardTask], list[SamplePlan]]:
@@ -206,131 +189,59 @@ def _plan_tasks(plan: BuildPlan, cube: xr.Dataset) -> tuple[list[ShardTask], lis
     return tasks, samples
 
 
-def _units(cube: xr.Dataset, variables: Sequence[str]) -> dict[str, str]:
-    return {v: str(cube[v].attrs.get("units") or KNOWN_VARIABLES[v].units) for v in variables}
-
-
-def run_task(
-    task: ShardTask,
-    cube: xr.Dataset,
-    config: BuildConfig,
-    dataset_url: str,
-    version: str,
-    events: dict[str, list[Event]],
-) -> dict[str, Any]:
-    """Compute, caption, validate and write the samples of one shard, then record its receipt.
-
-    Returns:
-        The receipt: `shard` (ShardInfo dict or None when every sample was quarantined), `rows` (index rows),
-        `quarantine` (rows), `norm` (train moments: count, mean, m2 per variable).
-
-    Raises:
-        SampleValidationError: with `strict`, the first invalid sample.
-    """
-    fs, _ = url_to_fs(config.publish.out)
-    variables = list(config.subset.variables)
-    region = parse_region(config.subset.region)
-    words = REGIONS[region.name].describe() if region.name in REGIONS else region.describe()
-    units = _units(cube, variables)
-    records: list[SampleRecord] = []
-    rows: list[dict[str, Any]] = []
-    quarantined: list[dict[str, Any]] = []
-    acc = NormAccumulator(variables)
-    for sample in iter_samples(cube, list(task.plans), variables, config.sample.time_step):
-        p = sample.plan
-        reasons = validate_sample(sample.array, sample.stats, variables, sample.lat, sample.lon)
-        if config.sample.strict:
-            raise_if_invalid(p.key, reasons)
-        if reasons:
-            logger.warning("quarantined %s: %s", p.key, "; ".join(reasons))
-            quarantined.append(quarantine_row(p.key, p.split, p.time_start, p.time_end, reasons))
-            continue
-        region_words = describe_region(words, p.bbox if p.tile is not None else None)
-        text = make_caption(p.key, region_words, p.time_start, p.time_end, sample.stats, units,
-                            events=events.get(p.key))  # fmt: skip
-        meta = SampleMeta.model_validate(dict(
-            key=p.key, split=p.split, time_start=p.time_start.isoformat(), time_end=p.time_end.isoformat(),
-            region=region.name, bbox=list(p.bbox), variables=variables, units=[units[v] for v in variables],
-            lat=[float(x) for x in sample.lat], lon=[float(x) for x in sample.lon], stats=sample.stats,
-            time_step=config.sample.time_step, tile=None if p.tile is None else list(p.tile),
-        ))  # fmt: skip
-        records.append(SampleRecord(key=p.key, array=sample.array, text=text, meta=meta))
-        row: dict[str, Any] = {
-            "key": p.key, "split": p.split, "shard": "", "time_start": p.time_start.isoformat(),
-            "time_end": p.time_end.isoformat(), "region": region.name, "lat_min": float(sample.lat.min()),
-            "lat_max": float(sample.lat.max()), "lon_min": float(p.bbox[0]), "lon_max": float(p.bbox[2]), "text": text,
-        }  # fmt: skip
-        for v in variables:
-            row.update({f"{v}_{s}": float(sample.stats[v][s]) for s in ("mean", "min", "max")})
-        rows.append(row)
-        if p.split == "train":
-            acc.update(sample.array)
-    info: ShardInfo | None = None
-    if records:
-        info, _ = write_shard(fs, version_url(dataset_url, version), task.split, task.number, records)
-        for row in rows:
-            row["shard"] = info.path
-    receipt = {
-        "task": task.name, "shard": None if info is None else info.model_dump(), "rows": rows,
-        "quarantine": quarantined,
-        "norm": acc.to_dict(),
-    }  # fmt: skip
-    receipt = json.loads(json.dumps(receipt, default=str))
-    write_receipt(fs, dataset_url, version, task.name, receipt)
-    return receipt
-
-
-def _execute(
-    tasks: list[ShardTask], cube: xr.Dataset, plan: BuildPlan, events: dict[str, list[Event]],
+def _climatology(
+    plan: BuildPlan, tasks: list[ShardTask], samples: list[SamplePlan], cube: xr.Dataset,
     progress: ProgressHook | None,
-) -> list[dict[str, Any]]:  # fmt: skip
+) -> DayOfYearClimatology | None:  # fmt: skip
     cfg = plan.config
-    fs, _ = url_to_fs(cfg.publish.out)
-    done = read_receipts(fs, plan.dataset_url, plan.version)
-    if done:
-        logger.info("resuming: %d of %d shard task(s) already finished", len(done), len(tasks))
-    todo = [t for t in tasks if t.name not in done]
-    results: dict[str, dict[str, Any]] = dict(done)
-    total = len(tasks)
-    if progress:
-        progress("samples", len(done), total)
-    if todo and (cfg.run.workers or cfg.run.scheduler):
-        from distributed import Client, LocalCluster, as_completed
+    if ANOMALY_VARIABLE not in cfg.subset.variables or not spans_several_years(p.time_start for p in samples):
+        return None
+    receipts = _tasks.run_tasks(STATS_STAGE, _tasks.run_stats_task, tasks, cube, cfg, plan.dataset_url,
+                                plan.version, progress=progress)  # fmt: skip
+    rows = ((group, pd.Timestamp(start), {ANOMALY_VARIABLE: {"mean": mean}})
+            for rec in receipts for _, group, start, mean in rec["rows"])  # fmt: skip
+    clim = DayOfYearClimatology.from_samples(rows, variables=[ANOMALY_VARIABLE])
+    if clim is not None:
+        logger.info("climatology of %s over %s from %d samples", ANOMALY_VARIABLE, clim.period,
+                    sum(len(r["rows"]) for r in receipts))  # fmt: skip
+    return clim
 
-        cluster = LocalCluster(n_workers=cfg.run.workers, threads_per_worker=1) if cfg.run.workers else None
-        try:
-            with Client(cluster if cluster is not None else cfg.run.scheduler) as client:
-                cube_f = client.scatter(cube, broadcast=True)
-                futures = [client.submit(run_task, t, cube_f, cfg, plan.dataset_url, plan.version,
-                                         {p.key: events.get(p.key, []) for p in t.plans}, key=f"task-{plan.version}-{t.name}",
-                                         pure=False) for t in todo]  # fmt: skip
-                for fut in as_completed(futures):
-                    receipt = fut.result()
-                    results[receipt["task"]] = receipt
-                    if progress:
-                        progress("samples", len(results), total)
-        finally:
-            if cluster is not None:
-                cluster.close()
-    else:
-        for t in todo:
-            results[t.name] = run_task(t, cube, cfg, plan.dataset_url, plan.version, events)
-            if progress:
-                progress("samples", len(results), total)
-    return [results[t.name] for t in tasks]
+
+def _events(config: BuildConfig, cube: xr.Dataset, samples: list[SamplePlan]) -> dict[str, list[Event]]:
+    frames = []
+    if config.sample.events:
+        frames.append(load_storm_events(config.sample.events))
+    if config.sample.text_table:
+        frames.append(load_text_table(config.sample.text_table))
+    if not frames:
+        return {}
+    lat = np.asarray(cube["lat"].values, dtype=float)
+    step = float(np.abs(np.diff(lat)).min()) if lat.size > 1 else 0.5
+    return match_events(pd.concat(frames, ignore_index=True), samples, margin_deg=step / 2)
+
+
+_EXTRA_COLUMNS = {"T2M_clim": "float64", "T2M_anom": "float64", "n_events": "int64", "event_types": "str"}
 
 
 def _index(receipts: list[dict[str, Any]], variables: Sequence[str]) -> pd.DataFrame:
     rows = [r for rec in receipts for r in rec["rows"]]
-    columns = ["key", "split", "shard", "time_start", "time_end", "region", "lat_min", "lat_max", "lon_min",
-               "lon_max", "text"] + [f"{v}_{s}" for v in variables for s in ("mean", "min", "max")]  # fmt: skip
+    stats = [f"{v}_{s}" for v in variables for s in ("mean", "min", "max")]
+    extra = [
+        c
+        for c in _EXTRA_COLUMNS
+        if any(c in r for r in rows) or (c.startswith("T2M_") and "T2M" in variables)
+    ]
+    columns = [*BASE_COLUMNS, *stats, *extra]
     df = pd.DataFrame(rows, columns=columns)
     for col in ("time_start", "time_end"):
         df[col] = pd.to_datetime(df[col], utc=True)
-    for col in columns[6:10] + columns[11:]:
+    for col in ["lat_min", "lat_max", "lon_min", "lon_max", *stats]:
         df[col] = df[col].astype("float64")
     for col in ("key", "split", "shard", "region", "text"):
         df[col] = df[col].astype(str)
+    for col in extra:
+        kind = _EXTRA_COLUMNS[col]
+        df[col] = df[col].fillna("").astype(str) if kind == "str" else df[col].astype(np.dtype(kind))
     return df
 
 
@@ -372,23 +283,15 @@ def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
             if not fs.exists(tag_file) or fs.cat_file(tag_file).decode().strip() != plan.version:
                 write_tag(fs, plan.dataset_url, config.publish.tag, plan.version)
         return ref
-    cube = _open_cube(plan, show)
+    cube, granules = _open_cube(plan, show)
     tasks, samples = _plan_tasks(plan, cube)
     logger.info("plan: %d samples in %d shard task(s), version %s", len(samples), len(tasks), plan.version)
-    events: dict[str, list[Event]] = {}
-    frames = []
-    if config.sample.events:
-        frames.append(load_storm_events(config.sample.events))
-    if config.sample.text_table:
-        frames.append(load_text_table(config.sample.text_table))
-    if frames:
-        step = (
-            float(np.abs(np.diff(np.asarray(cube["lat"].values, dtype=float))).min())
-            if cube.sizes["lat"] > 1
-            else 0.5
-        )
-        events = match_events(pd.concat(frames, ignore_index=True), samples, margin_deg=step / 2)
-    receipts = _execute(tasks, cube, plan, events, progress)
+    events = _events(config, cube, samples)
+    climatology = _climatology(plan, tasks, samples, cube, progress)
+    receipts = _tasks.run_tasks(
+        "samples", _tasks.run_task, tasks, cube, config, plan.dataset_url, plan.version,
+        extra=lambda t: ({p.key: events.get(p.key, []) for p in t.plans}, climatology), progress=progress,
+    )  # fmt: skip
     variables = list(config.subset.variables)
     index = _index(receipts, variables)
     quarantine = quarantine_frame([q for rec in receipts for q in rec["quarantine"]])
@@ -397,8 +300,9 @@ def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
             f"every one of the {len(samples)} samples was quarantined; see the log for the reasons"
         )
     shards = [ShardInfo.model_validate(rec["shard"]) for rec in receipts if rec["shard"] is not None]
-    units = _units(cube, variables)
+    units = units_of(cube, variables)
     parent = open_dataset(config.publish.parent).version if config.publish.parent else None
+    texts = text_sources(config.sample.events, config.sample.text_table)
     manifest = Manifest.model_validate(dict(
         schema_version=SCHEMA_VERSION, name=plan.name, version=plan.version,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -410,6 +314,8 @@ def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
         splits={s: int((index["split"] == s).sum()) for s in SPLITS if (index["split"] == s).any()},
         shards=shards, normalization=_normalization(receipts, variables), sources=plan.sources,
         quarantined=len(quarantine), parent=parent, gaps=plan.gaps, inputs=plan.inputs,
+        source_kind=source_kind(granules), climatology=None if climatology is None else climatology.describe(),
+        text_sources=texts, samples_with_events=int((index["n_events"] > 0).sum()) if "n_events" in index else 0,
     ))  # fmt: skip
     card = make_card(manifest, index, plan.region)
     commit_version(fs, plan.dataset_url, manifest, index, quarantine, card, tag=config.publish.tag)

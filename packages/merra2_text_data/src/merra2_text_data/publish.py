@@ -150,19 +150,39 @@ def staging_url(dataset_url: str, version: str) -> str:
 
 
 def write_receipt(
-    fs: AbstractFileSystem, dataset_url: str, version: str, task: str, payload: dict[str, Any]
+    fs: AbstractFileSystem,
+    dataset_url: str,
+    version: str,
+    task: str,
+    payload: dict[str, Any],
+    stage: str | None = None,
 ) -> None:
-    """Record that a build task finished (its shard info, index rows, ...), so a rerun can skip it."""
+    """Record that a build task finished (its shard info, index rows, ...), so a rerun can skip it.
+
+    Args:
+        fs: the store's filesystem.
+        dataset_url: `<out>/<name>`.
+        version: the version being built.
+        task: the task name (`<split>-<NNNNNN>`).
+        payload: JSON-ready receipt.
+        stage: None for shard receipts (`staging/<v>/<task>.json`), else a sub-folder such as `stats`
+            (`staging/<v>/stats/<task>.json`: the per-sample statistics of the first pass).
+    """
     data = json.dumps(payload, sort_keys=True, default=str).encode("utf-8")
-    write_atomic(fs, join_url(staging_url(dataset_url, version), f"{task}.json"), data)
+    root = staging_url(dataset_url, version)
+    write_atomic(fs, join_url(root, stage, f"{task}.json") if stage else join_url(root, f"{task}.json"), data)
 
 
-def read_receipts(fs: AbstractFileSystem, dataset_url: str, version: str) -> dict[str, dict[str, Any]]:
-    """The receipts of a build's finished tasks whose shard still exists with the recorded size.
+def read_receipts(
+    fs: AbstractFileSystem, dataset_url: str, version: str, stage: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """The receipts of a build's finished tasks (of `stage`, see `write_receipt`), by task name.
 
-    A receipt whose shard is missing or has another size is ignored (that task is redone).
+    A shard receipt whose shard is missing or has another size is ignored (that task is redone).
     """
     root = fs_path(fs, staging_url(dataset_url, version))
+    if stage:
+        root = fs_path(fs, join_url(staging_url(dataset_url, version), stage))
     out: dict[str, dict[str, Any]] = {}
     try:
         names = fs.ls(root, detail=False)
