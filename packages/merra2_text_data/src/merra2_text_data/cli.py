@@ -105,7 +105,10 @@ def build(
     events: Annotated[list[str] | None, typer.Option(help="NOAA Storm Events CSV(.gz); repeatable.")] = None,
     text_table: Annotated[str | None, typer.Option(help="CSV/Parquet with time, lat, lon, text.")] = None,
     shard_size: Annotated[str | None, typer.Option(help="Target shard size, e.g. 256MB.")] = None,
-    cache_dir: Annotated[str | None, typer.Option(help="Download and zarr cache folder.")] = None,
+    cache_dir: Annotated[
+        str | None,
+        typer.Option("--cache", "--cache-dir", help="Folder for downloaded granules and the zarr regional cache."),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Split seed.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="A build YAML (pipelines/*.yaml).")] = None,
     set_: Annotated[
