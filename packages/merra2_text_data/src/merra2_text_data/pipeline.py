@@ -314,7 +314,7 @@ def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
         splits={s: int((index["split"] == s).sum()) for s in SPLITS if (index["split"] == s).any()},
         shards=shards, normalization=_normalization(receipts, variables), sources=plan.sources,
         quarantined=len(quarantine), parent=parent, gaps=plan.gaps, inputs=plan.inputs,
-        source_kind=source_kind(granules), climatology=None if climatology is None else climatology.describe(),
+        source_kind=source_kind(granules, _cache_dir(config)), climatology=None if climatology is None else climatology.describe(),
         text_sources=texts, samples_with_events=int((index["n_events"] > 0).sum()) if "n_events" in index else 0,
     ))  # fmt: skip
     card = make_card(manifest, index, plan.region)

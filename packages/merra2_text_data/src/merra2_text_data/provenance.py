@@ -7,7 +7,11 @@ built from such files must never be presented as NASA MERRA-2 reanalysis.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,8 +53,31 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def source_kind(granules: Sequence[Granule]) -> str:
-    """`synthetic` when any granule (one per collection is read) says it is synthetic, else `merra2`."""
+def source_kind(granules: Sequence[Granule], cache_dir: str | Path | None = None) -> str:
+    """`synthetic` when any granule (one per collection is read) says it is synthetic, else `merra2`.
+
+    Args:
+        granules: the build's granules (url: a local path or an fsspec URL).
+        cache_dir: when given, the answer is kept in `cache_dir/provenance/<digest of the granule ids>.json`, so a
+            rebuild from the cache opens no granule at all.
+    """
+    memo: Path | None = None
+    if cache_dir is not None:
+        ids = sorted(f"{g.granule_id or g.file_name}|{g.size}|{g.checksum}" for g in granules)
+        digest = hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()[:32]
+        memo = Path(cache_dir) / "provenance" / f"{digest}.json"
+        if memo.exists():
+            return str(json.loads(memo.read_text(encoding="utf-8"))["source_kind"])
+    kind = _detect(granules)
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps({"source_kind": kind}), encoding="utf-8")
+        os.replace(tmp, memo)
+    return kind
+
+
+def _detect(granules: Sequence[Granule]) -> str:
     seen: set[str] = set()
     for g in granules:
         if g.collection in seen:
