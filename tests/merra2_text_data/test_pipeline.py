@@ -215,3 +215,22 @@ def test_workers_and_s3_output_give_the_same_version(granules: Path, tmp_path: P
     assert [(s.path, s.sha256) for s in a.shards] == [(s.path, s.sha256) for s in b.shards]
     assert a.normalization == b.normalization
     assert verify(remote).ok
+
+
+def test_scheduler_address_runs_the_tasks_on_that_cluster(granules: Path, tmp_path: Path) -> None:
+    """`--scheduler ADDRESS`: the build connects to an existing dask cluster and ends with the same version."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    local = build(_config(granules, tmp_path / "local", shard_size=2048))
+    with LocalCluster(n_workers=2, processes=False, threads_per_worker=1, dashboard_address=None) as cluster:
+        with Client(cluster) as client, get_task_stream(client) as stream:
+            remote = build(_config(granules, tmp_path / "remote", scheduler=cluster.scheduler_address,
+                                   shard_size=2048))  # fmt: skip
+    version = local.rsplit("@", 1)[1]
+    assert remote.rsplit("@", 1)[1] == version
+    ran = sorted({str(t["key"]) for t in stream.data if str(t["key"]).startswith("samples-")})
+    assert ran == [f"samples-{version}-{s}" for s in ("test-000000", "train-000000", "train-000001", "train-000002",
+                                                        "val-000000")]  # fmt: skip
+    a, b = open_dataset(local).manifest, open_dataset(remote).manifest
+    assert [(s.path, s.sha256) for s in a.shards] == [(s.path, s.sha256) for s in b.shards]
+    assert verify(remote).ok
