@@ -126,7 +126,8 @@ def train_command(
                     "val_loss": result.val_loss,
                     "checkpoint": str(result.checkpoint) if result.checkpoint else None,
                     "adapter": str(result.adapter_dir) if result.adapter_dir else None,
-                }  # fmt: skip
+                    "frozen_base_unchanged": result.frozen_digest_start == result.frozen_digest_end,
+                }
             )
         )
 

@@ -1,0 +1,103 @@
+"""Bad input to training: each a clear error naming the offending value (dataset, model, schema, shard, batch)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fusion_trainer.config import TrainConfig
+from fusion_trainer.data import open_shards
+from fusion_trainer.errors import ConfigError, DataError, ModelError, TrainingError
+from fusion_trainer.train import train
+
+
+def _version_dir(ref: str) -> Path:
+    return Path(open_shards(ref).version_url)
+
+
+def test_a_dataset_that_does_not_exist(make_config: Callable[..., TrainConfig], tmp_path: Path) -> None:
+    missing = f"{tmp_path}/nowhere/conus@latest"
+    with pytest.raises(DataError, match="nowhere/conus@latest"):
+        train(make_config(shards=missing))
+
+
+def test_a_model_path_that_does_not_exist(make_config: Callable[..., TrainConfig], tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="no-such-model"):
+        train(make_config(model=str(tmp_path / "no-such-model")))
+
+
+def test_a_schema_version_from_the_future(
+    make_config: Callable[..., TrainConfig], make_dataset: Callable[..., str]
+) -> None:
+    ref = make_dataset(name="future", schema_version="2.0")
+    with pytest.raises(DataError, match=r"schema_version 2\.0.*upgrade"):
+        train(make_config(shards=ref))
+
+
+def test_a_truncated_shard_is_named(make_config: Callable[..., TrainConfig], dataset_ref: str) -> None:
+    shard = _version_dir(dataset_ref) / "shards" / "train-000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(DataError, match="train-000001.tar"):
+        train(make_config(steps=10))
+
+
+def test_a_shard_that_fails_its_checksum_is_named(
+    make_config: Callable[..., TrainConfig], dataset_ref: str
+) -> None:
+    shard = _version_dir(dataset_ref) / "shards" / "train-000002.tar"
+    data = bytearray(shard.read_bytes())
+    at = data.index(b"Mean 2 m temperature")  # same length, other text: only the checksum can tell
+    data[at : at + 4] = b"MEAN"
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train-000002\.tar.*sha256"):
+        train(make_config(steps=10))
+
+
+def test_checksums_can_be_skipped(make_config: Callable[..., TrainConfig], dataset_ref: str) -> None:
+    shard = _version_dir(dataset_ref) / "shards" / "train-000002.tar"
+    data = bytearray(shard.read_bytes())
+    at = data.index(b"Mean 2 m temperature")
+    data[at : at + 4] = b"MEAN"
+    shard.write_bytes(bytes(data))
+    assert train(make_config(steps=6, verify_shards=False)).step == 6
+
+
+def test_a_micro_batch_that_does_not_fit(make_config: Callable[..., TrainConfig]) -> None:
+    with pytest.raises(ConfigError, match=r"global_batch 16 != micro_batch 4 x grad_accum 1 x world 1 = 4"):
+        train(make_config(global_batch=16))
+    with pytest.raises(ConfigError, match=r"micro_batch 32 does not fit split 'train': 20 sample"):
+        train(make_config(micro_batch=32))
+
+
+def test_config_problems_are_listed_together() -> None:
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.load({"shards": "x", "model": "m", "out": "o", "zero": 5, "lr": -1, "bogus": 1,
+                          "fusion": {"fusion": "nope"}})  # fmt: skip
+    text = str(info.value)
+    for key in ("zero", "lr", "bogus"):
+        assert key in text
+    with pytest.raises(ConfigError, match="fusion"):
+        TrainConfig.load({"shards": "x", "model": "m", "out": "o", "fusion": {"fusion": "nope"}})
+
+
+def test_set_overrides_and_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text("shards: a\nmodel: b\nout: c\nfusion:\n  fusion: add\n")
+    cfg = TrainConfig.from_yaml(path, ["lr=3e-4", "fusion.d_encoder=64"], steps=7)
+    assert cfg.lr == 3e-4 and cfg.fusion == {"fusion": "add", "d_encoder": 64} and cfg.steps == 7
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        TrainConfig.from_yaml(path, ["lr"])
+
+
+def test_nan_loss_stops_with_step_keys_and_checkpoint(
+    make_config: Callable[..., TrainConfig], dataset_ref: str
+) -> None:
+    manifest_path = _version_dir(dataset_ref) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["normalization"]["T2M"]["std"] = 1e-38  # normalised values overflow to inf -> NaN loss
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(TrainingError, match=r"at step 1 .*synth-train-\d+.*last good checkpoint: none"):
+        train(make_config(steps=4))

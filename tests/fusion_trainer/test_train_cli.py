@@ -1,0 +1,139 @@
+"""The command lines: fusion-train (dry run, errors, 2 ranks through the DeepSpeed launcher, resume), fusion-eval and
+fusion-generate on the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fusion_trainer.checkpoint import checkpoint_tensor_names
+
+BIN = Path(sys.executable).parent
+TINY = ["--set", "fusion.d_encoder=32", "--set", "fusion.encoder_heads=4", "--set", "fusion.n_heads=4",
+        "--set", "max_length=160"]  # fmt: skip
+
+
+def _run(tool: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    return subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _last_json(stdout: str) -> Any:
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+def test_dry_run_prints_config_and_sizes(dataset_ref: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = _run("fusion-train", "--shards", dataset_ref, "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"),
+               "--fusion", "add", "--zero", "3", "--dry-run", *TINY)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    config_text, _, sizes = out.stdout.partition("---\n")
+    resolved = yaml.safe_load(config_text)
+    assert resolved["zero"] == 3 and resolved["fusion"]["fusion"] == "add" and resolved["max_length"] == 160
+    assert "trainable parameters:" in sizes and "memory" in sizes
+    assert not (tmp_path / "r").exists(), "a dry run writes nothing"
+
+
+@pytest.mark.parametrize(
+    ("flags", "extra", "message"),
+    [
+        ({"--shards": "/nonexistent/data/x@latest"}, [], "/nonexistent/data/x@latest"),
+        ({"--model": "/nonexistent/model"}, [], "/nonexistent/model"),
+        ({"--micro-batch": "3"}, ["--set", "global_batch=8"], "global_batch 8"),
+        ({"--zero": "7"}, [], "zero"),
+    ],
+)
+def test_errors_exit_non_zero_with_one_message(
+    dataset_ref: str,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    flags: dict[str, str],
+    extra: list[str],
+    message: str,
+) -> None:
+    args = {"--shards": dataset_ref, "--model": str(tiny_model_dir), "--out": str(tmp_path / "r"), **flags}
+    out = _run(
+        "fusion-train",
+        *[a for pair in args.items() for a in pair],
+        *extra,
+        "--no-bf16",
+        "--steps",
+        "2",
+        *TINY,
+    )
+    assert out.returncode == 1
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_eval_and_generate_refuse_an_unfinished_run(dataset_ref: str, tmp_path: Path) -> None:
+    out = _run("fusion-eval", "--run", str(tmp_path), "--shards", dataset_ref)
+    assert out.returncode == 1 and "config.yaml" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_zero2_train_resume_eval_generate(
+    dataset_ref: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Acceptance: --zero 2 --nproc 2 --steps 50 finishes with falling loss; --resume continues it."""
+    run = tmp_path / "run"
+    common = ["--shards", dataset_ref, "--model", str(tiny_model_dir), "--out", str(run), "--zero", "2",
+              "--nproc", "2", "--micro-batch", "2", "--no-bf16", "--lr", "1e-2", "--eval-every", "25", *TINY]  # fmt: skip
+    first = _run("fusion-train", *common, "--steps", "50")
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = _last_json(first.stdout)
+    assert summary["step"] == 50 and summary["frozen_base_unchanged"] is True
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "split" not in r]
+    assert len(losses) == 50 // 10 and losses[-1] < losses[0] - 0.05, losses
+    assert [r["step"] for r in records if r.get("split") == "val"] == [25, 50]
+
+    # both ranks ran the same steps; within every epoch (5 steps: 10 samples per rank) they saw disjoint samples
+    per_rank = [
+        [json.loads(x) for x in (run / "samples" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)
+    ]
+    assert [s["step"] for s in per_rank[0]] == [s["step"] for s in per_rank[1]] == list(range(1, 51))
+    for epoch in range(10):
+        # a rank whose shards hold fewer samples than its share repeats some of its own, never the other's
+        keys = [[k for s in rank[epoch * 5 : epoch * 5 + 5] for k in s["keys"]] for rank in per_rank]
+        assert len(keys[0]) == len(keys[1]) == 10 and not set(keys[0]) & set(keys[1])
+
+    ckpt = run / "checkpoints" / "step50"
+    assert (ckpt / "rng_rank0.pt").exists() and (ckpt / "rng_rank1.pt").exists()
+    names = checkpoint_tensor_names(ckpt)
+    leaked = [n for n in names if ".module.lm." in n and "fusion_block" not in n and "lora_" not in n]
+    assert not leaked and any(".module.encoder." in n for n in names), (
+        "the trainable part only, never the base"
+    )
+
+    resumed = _run("fusion-train", *common, "--steps", "60", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _last_json(resumed.stdout)["step"] == 60
+    steps = [json.loads(x)["step"] for x in (run / "samples" / "rank0.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 61)), "resume continues the step numbering"
+
+    evaluated = _run("fusion-eval", "--run", str(run), "--shards", dataset_ref, "--split", "test")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    result = json.loads(evaluated.stdout)
+    assert result["split"] == "test" and result["fused"]["samples"] == 4
+    assert result["fused"]["loss"] < result["base"]["loss"], (
+        "the trained fusion beats the frozen base on captions"
+    )
+    assert result["loss_delta"] == pytest.approx(result["base"]["loss"] - result["fused"]["loss"])
+
+    out_file = tmp_path / "gen.jsonl"
+    generated = _run("fusion-generate", "--run", str(run), "--shards", dataset_ref, "--limit", "3",
+                     "--max-new-tokens", "8", "--out", str(out_file))  # fmt: skip
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["key"] for r in rows] == ["synth-test-00028", "synth-test-00029", "synth-test-00030"]
+    assert all(
+        r["reference"].startswith("Mean 2 m temperature") and isinstance(r["generated"], str) for r in rows
+    )
