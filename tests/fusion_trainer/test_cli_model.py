@@ -75,6 +75,7 @@ def test_fusion_config_file_feeds_info(tmp_path: Path) -> None:
         (base_app, ["tiny", "bert", "--out", "x"], "unknown tiny architecture 'bert'"),
         (base_app, ["fetch", "llama-70b", "--out", "x"], "unknown base 'llama-70b'"),
         (model_app, ["info"], "exactly one of --model"),
+        (model_app, ["info", "--model", "/nonexistent/base"], "no such file or folder"),
         (model_app, ["info", "--preset", "gpt-9"], "unknown preset 'gpt-9'"),
         (model_app, ["info", "--preset", "llama-3-8b", "--zero", "5"], "zero_stage"),
         (model_app, ["info", "--preset", "llama-3-8b", "--fusion", "concat"], "FusionConfig.fusion"),

@@ -21,9 +21,9 @@ def _encoder(**kw: object) -> ClimateEncoder:
 )
 def test_any_grid_and_time_steps(t: int, h: int, w: int, patches: int) -> None:
     x = torch.randn(2, t, 3, h, w)
-    pooled = _encoder()(x)
+    pooled = _encoder().encode(x)
     assert pooled.tokens.shape == (2, t, 32) and (pooled.n_time, pooled.n_patches) == (t, 1)
-    per_patch = _encoder(per_patch_tokens=True)(x)
+    per_patch = _encoder(per_patch_tokens=True).encode(x)
     assert per_patch.tokens.shape == (2, t * patches, 32) and per_patch.n_patches == patches
     assert per_patch.per_time_step().shape == (2, t, 32)
     assert torch.isfinite(per_patch.tokens).all()
@@ -34,7 +34,7 @@ def test_padding_is_masked_not_mistaken_for_zeros() -> None:
     x = torch.randn(1, 2, 3, 7, 9)
     padded_by_hand = torch.nn.functional.pad(x, (0, 3, 0, 1))  # (1, 2, 3, 8, 12): zeros as if they were data
     with torch.no_grad():
-        masked, zeros = enc(x).tokens, enc(padded_by_hand).tokens
+        masked, zeros = enc(x), enc(padded_by_hand)
     assert masked.shape == zeros.shape
     assert not torch.allclose(masked, zeros)  # the encoder knows which cells are padding
 
@@ -43,9 +43,9 @@ def test_time_order_and_variables_matter() -> None:
     enc = _encoder()
     x = torch.randn(1, 4, 3, 8, 8)
     with torch.no_grad():
-        base = enc(x).tokens
-        swapped_vars = enc(x[:, :, [1, 0, 2]]).tokens
-        reversed_time = enc(x.flip(1)).tokens
+        base = enc(x)
+        swapped_vars = enc(x[:, :, [1, 0, 2]])
+        reversed_time = enc(x.flip(1))
     assert not torch.allclose(base, swapped_vars)
     assert not torch.allclose(base, reversed_time.flip(1))
 
@@ -53,7 +53,7 @@ def test_time_order_and_variables_matter() -> None:
 def test_every_encoder_parameter_gets_a_gradient() -> None:
     for per_patch in (False, True):
         enc = _encoder(per_patch_tokens=per_patch, depth=2)
-        enc(torch.randn(2, 3, 3, 7, 9)).tokens.square().mean().backward()
+        enc(torch.randn(2, 3, 3, 7, 9)).square().mean().backward()
         missing = [n for n, p in enc.named_parameters() if p.grad is None or not p.grad.any()]
         assert not missing, missing
 
@@ -68,7 +68,7 @@ def test_wrong_variable_axis_is_a_data_error() -> None:
 def test_encoder_runs_in_bf16() -> None:
     enc = _encoder().to(torch.bfloat16)
     out = enc(torch.randn(1, 2, 3, 5, 6))  # float32 input is cast to the weights' dtype
-    assert out.tokens.dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16
 
 
 def test_attention_heads_must_divide_the_width() -> None:

@@ -201,7 +201,7 @@ def test_fusion_layer_without_climate_context_is_an_error(tiny_dirs: dict[str, P
     ids = torch.randint(3, 500, (1, 4))
     with pytest.raises(ModelError, match="climate_context"):
         model.lm(input_ids=ids)
-    tokens = model.encoder(torch.randn(1, 2, 3, 5, 5)).tokens
+    tokens = model.encoder(torch.randn(1, 2, 3, 5, 5))
     with climate_context(tokens):
         assert model.lm(input_ids=ids).logits.shape[:2] == (1, 4)
     with pytest.raises(ModelError):  # the context is gone after the block

@@ -116,6 +116,10 @@ def _hf_config(model: str | None, preset: str | None) -> Any:
         return preset_config(preset)
     assert model is not None
     path = Path(model).expanduser()
+    if not path.exists() and model.startswith((".", "/", "~")):
+        raise ConfigError(
+            f"--model {model}: no such file or folder; give a model folder, its config.json or --preset"
+        )
     if path.is_file():
         settings = json.loads(path.read_text(encoding="utf-8"))
         if "model_type" not in settings:

@@ -138,7 +138,7 @@ class ClimateEncoder(nn.Module):
 
     Examples:
         >>> enc = ClimateEncoder(n_variables=3, d_model=32, depth=1, n_heads=4, patch_size=4)
-        >>> enc(torch.zeros(2, 5, 3, 7, 9)).tokens.shape
+        >>> enc(torch.zeros(2, 5, 3, 7, 9)).shape
         torch.Size([2, 5, 32])
     """
 
@@ -171,14 +171,27 @@ class ClimateEncoder(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(d_model, n_heads, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, climate: Tensor) -> ClimateTokens:
+    def tokens_per_step(self, height: int, width: int) -> int:
+        """Climate tokens per time step for a `height` x `width` grid (1 unless `per_patch_tokens`)."""
+        p = self.patch_size
+        return -(-height // p) * -(-width // p) if self.per_patch_tokens else 1
+
+    def encode(self, climate: Tensor) -> ClimateTokens:
+        """`forward` plus the token layout: what the fusion modules consume."""
+        tokens = self(climate)  # through __call__, so module hooks (DeepSpeed ZeRO-3) run
+        return ClimateTokens(
+            tokens, climate.shape[1], self.tokens_per_step(climate.shape[-2], climate.shape[-1])
+        )
+
+    def forward(self, climate: Tensor) -> Tensor:
         """Encode a batch of climate windows (already normalised).
 
         Args:
             climate: `(B, T, V, H, W)` float.
 
         Returns:
-            ClimateTokens with `tokens` `(B, T, D)`, or `(B, T * P, D)` with `per_patch_tokens`.
+            Climate tokens `(B, T, D)`, or `(B, T * P, D)` with `per_patch_tokens` (P patches per step). A plain
+            tensor, so DeepSpeed ZeRO-3 can hook the backward pass; `encode` adds the layout.
 
         Raises:
             DataError: the array is not 5-D or its variable axis is not `n_variables`.
@@ -229,11 +242,8 @@ class ClimateEncoder(nn.Module):
             query = self.space_query.expand(b * t, 1, self.d_model)  # (B*T, 1, D)
             z = self.space_attn(query, z)  # (B*T, 1, D)
             z = z.reshape(b, t, self.d_model) + time.to(z.dtype)[None]  # (B, T, D)
-            per_step = 1
         else:
             z = z.reshape(b, t * n_patch, self.d_model)  # (B, T*P, D)
-            per_step = n_patch
         for block in self.blocks:
             z = block(z)  # (B, N, D)
-        z = self.norm(z)  # (B, N, D)
-        return ClimateTokens(tokens=z, n_time=t, n_patches=per_step)
+        return self.norm(z)  # (B, N, D)

@@ -93,9 +93,14 @@ class AddFusion(nn.Module):
         self.proj = nn.Linear(d_encoder, d_model)
         self.gate = _gate(gate_init)
 
-    def forward(self, text_embeds: Tensor, climate: ClimateTokens) -> Tensor:
-        """Add the gated climate vector to `(B, L, H)` text embeddings; returns `(B, L, H)` in their dtype."""
-        per_step = climate.per_time_step().to(self.proj.weight.dtype)  # (B, T, D)
+    def forward(self, text_embeds: Tensor, per_step: Tensor) -> Tensor:
+        """Add the gated climate vector to `(B, L, H)` text embeddings; returns `(B, L, H)` in their dtype.
+
+        Args:
+            text_embeds: `(B, L, H)`.
+            per_step: climate tokens pooled per time step `(B, T, D)` (`ClimateTokens.per_time_step()`).
+        """
+        per_step = per_step.to(self.proj.weight.dtype)  # (B, T, D)
         vec = self.proj(self.norm(per_step)).mean(dim=1, keepdim=True)  # (B, 1, H)
         return text_embeds + (torch.tanh(self.gate) * vec).to(text_embeds.dtype)  # (B, L, H)
 
@@ -176,9 +181,9 @@ class PrefixFusion(nn.Module):
         self.pool = Attention(d_encoder, d_encoder, n_heads)
         self.proj = nn.Sequential(nn.Linear(d_encoder, d_model), nn.GELU(), nn.Linear(d_model, d_model))
 
-    def forward(self, climate: ClimateTokens) -> Tensor:
+    def forward(self, climate_tokens: Tensor) -> Tensor:
         """Climate tokens `(B, N, D)` -> soft prefix tokens `(B, P, H)` in the module's dtype."""
-        kv = self.norm(climate.tokens.to(self.queries.dtype))  # (B, N, D)
+        kv = self.norm(climate_tokens.to(self.queries.dtype))  # (B, N, D)
         q = self.queries.expand(kv.shape[0], -1, -1)  # (B, P, D)
         pooled = self.pool(q, kv)  # (B, P, D)
         return self.proj(pooled)  # (B, P, H)
@@ -341,18 +346,18 @@ def fuse_inputs(
         (see `insert_prefix`). gated-xattn (fusion None) leaves the embeddings as they are.
     """
     if isinstance(fusion, AddFusion):
-        return fusion(text_embeds, climate), attention_mask, labels, None
+        return fusion(text_embeds, climate.per_time_step()), attention_mask, labels, None
     if isinstance(fusion, GatedCrossAttention):
         return fusion(text_embeds, climate.tokens), attention_mask, labels, None
     if isinstance(fusion, PrefixFusion):
-        return insert_prefix(text_embeds, fusion(climate), attention_mask, labels)
+        return insert_prefix(text_embeds, fusion(climate.tokens), attention_mask, labels)
     return text_embeds, attention_mask, labels, None
 
 
 def fuse_new_tokens(fusion: nn.Module | None, text_embeds: Tensor, climate: ClimateTokens) -> Tensor:
     """Fusion for tokens generated after the prompt `(B, k, H)`: add and xattn apply per position, as in training."""
     if isinstance(fusion, AddFusion):
-        return fusion(text_embeds, climate)
+        return fusion(text_embeds, climate.per_time_step())
     if isinstance(fusion, GatedCrossAttention):
         return fusion(text_embeds, climate.tokens)
     return text_embeds

@@ -322,7 +322,7 @@ class FusionModel(nn.Module):
                 f"climate has batch size {climate.shape[0]} but input_ids {input_ids.shape[0]}; "
                 "give one climate window per text"
             )
-        tokens = self.encoder(climate)
+        tokens = self.encoder.encode(climate)
         embeds, mask, fused_labels, text_positions = self._fuse(input_ids, attention_mask, tokens, labels)
         with self._climate_scope(tokens):
             out = self.lm(inputs_embeds=embeds, attention_mask=mask, labels=fused_labels, use_cache=False)
@@ -526,7 +526,7 @@ def _run_generation(
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
-    tokens = model.encoder(x)
+    tokens = model.encoder.encode(x)
     embeds, mask, _, _ = model._fuse(ids, mask, tokens, None)  # (B, L', H), (B, L')
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, L'), left padding aware
     cache: Any = None
