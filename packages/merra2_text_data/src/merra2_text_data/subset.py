@@ -12,13 +12,17 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
 
+import dask
+import dask.array as da
 import fsspec
+import h5py
 import numpy as np
 import xarray as xr
 from climate_text_schema import KNOWN_VARIABLES
@@ -78,30 +82,88 @@ def _select(axis: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return np.where(np.abs(axis[best] - wanted) <= 1e-6, best, -1)
 
 
-def _open(granule: Granule) -> xr.Dataset:
+@contextmanager
+def _h5(url: str) -> Iterator[h5py.File]:
+    """Open a granule with h5py: a local path directly, any other URL through an fsspec file object."""
+    if "://" in url and not url.startswith("file://"):
+        with fsspec.open(url, "rb") as src, h5py.File(src, "r") as f:
+            yield f
+    else:
+        with h5py.File(url.removeprefix("file://"), "r") as f:
+            yield f
+
+
+def _attr(value: Any) -> Any:
+    """An HDF5 attribute as netCDF readers see it: text as str, one-element arrays as (typed) scalars."""
+    if isinstance(value, bytes | np.bytes_):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray) and value.size == 1:
+        return value.reshape(())[()]
+    return value
+
+
+def _dims(dset: h5py.Dataset) -> tuple[str, ...]:
+    return tuple(d[0].name.rsplit("/", 1)[-1] if len(d) else d.label for d in dset.dims)
+
+
+def _unreadable(granule: Granule, exc: Exception) -> GranuleError:
+    return GranuleError(
+        f"{granule.file_name} ({granule.url}) cannot be read as a MERRA-2 netCDF4/HDF5 file: {exc}; it is probably "
+        "truncated or corrupt: delete it and download it again"
+    )
+
+
+@dataclass
+class _Layout:
+    """What a granule holds, read from its metadata only."""
+
+    times: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+    attrs: dict[str, dict[str, Any]]
+    dtype: np.dtype[Any]
+
+
+def _inspect(granule: Granule, variables: Sequence[str]) -> _Layout:
+    """Check a granule's structure, variables and coordinates without reading any data."""
     try:
-        if "://" in granule.url and not granule.url.startswith("file://"):
-            source: Any = fsspec.open(granule.url, "rb").open()
-        else:
-            source = granule.url.removeprefix("file://")
-        return xr.open_dataset(source, engine="h5netcdf", chunks=None, mask_and_scale=True, decode_times=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise GranuleError(
-            f"{granule.file_name} ({granule.url}) cannot be read as a MERRA-2 netCDF4/HDF5 file: {exc}; it is "
-            "probably truncated or corrupt: delete it and download it again"
-        ) from exc
+        with _h5(granule.url) as f:
+            if any(k not in f or f[k].ndim != 1 for k in ("time", "lat", "lon")):
+                raise GranuleError(
+                    f"{granule.file_name}: no 1-D time, lat and lon coordinates (it has {sorted(f)}); a GrADS Data "
+                    "Server export (lowercase names, 'hours since' time, point subsets) is not supported: use the "
+                    "GES DISC granules MERRA2_<stream>.<product>.<YYYYMMDD>.nc4"
+                )
+            fields = sorted(k for k in f if k not in ("time", "lat", "lon"))
+            missing = [v for v in variables if v not in f]
+            if missing:
+                raise GranuleError(f"{granule.file_name} lacks {missing}; it has {fields}: pick variables of "
+                                   f"{granule.collection} or fetch the full granule")  # fmt: skip
+            for name in variables:
+                if _dims(f[name]) != ("time", "lat", "lon"):
+                    raise GranuleError(f"{granule.file_name}: {name} has dimensions {_dims(f[name])}, not MERRA-2's "
+                                       "(time, lat, lon)")  # fmt: skip
+            time_attrs = {k: _attr(v) for k, v in f["time"].attrs.items()}
+            raw_time = f["time"][:]
+            layout = _Layout(np.empty(0), f["lat"][:], f["lon"][:],
+                             {v: {k: _attr(x) for k, x in f[v].attrs.items()} for v in variables},
+                             f[variables[0]].dtype)  # fmt: skip
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise _unreadable(granule, exc) from exc
+    try:
+        times = xr.coding.times.decode_cf_datetime(raw_time, time_attrs["units"], time_attrs.get("calendar"))
+    except (KeyError, ValueError, TypeError, OverflowError) as exc:
+        raise GranuleError(f"{granule.file_name}: its time coordinate (units {time_attrs.get('units')!r}) cannot be "
+                           f"decoded: {exc}") from exc  # fmt: skip
+    layout.times = np.asarray(times).astype("datetime64[ns]")
+    return layout
 
 
-def _check_time(granule: Granule, ds: xr.Dataset, allow_partial_days: bool) -> None:
-    times = ds["time"].values
-    if not np.issubdtype(times.dtype, np.datetime64):
-        raise GranuleError(f"{granule.file_name}: its time coordinate is not decodable as dates "
-                           f"(units {ds['time'].attrs.get('units')!r})")  # fmt: skip
-    day0 = np.datetime64(granule.day.isoformat(), "ns")
-    expected = day0 + np.timedelta64(30, "m") + np.arange(24) * np.timedelta64(1, "h")
-    times = times.astype("datetime64[ns]")
+def _check_time(granule: Granule, times: np.ndarray, allow_partial_days: bool) -> None:
+    day = np.datetime64(granule.day.isoformat(), "D")
+    expected = day.astype("datetime64[ns]") + np.timedelta64(30, "m") + np.arange(24) * np.timedelta64(1, "h")
     days = np.unique(times.astype("datetime64[D]"))
-    if days.size != 1 or days[0] != np.datetime64(granule.day.isoformat(), "D"):
+    if days.size != 1 or days[0] != day:
         raise GranuleError(
             f"{granule.file_name}: its name says {granule.day} but its time coordinate runs {times[0]} .. {times[-1]};"
             " the file was renamed or mislabelled: fetch the right granule"
@@ -118,43 +180,54 @@ def _check_time(granule: Granule, ds: xr.Dataset, allow_partial_days: bool) -> N
     )
 
 
+def _read_block(granule: Granule, names: Sequence[str], lat_runs: Sequence[slice],
+                lon_runs: Sequence[slice]) -> np.ndarray:  # fmt: skip
+    """Read the region's hyperslabs of several variables of one granule: raw (variable, time, lat, lon)."""
+    try:
+        with _h5(granule.url) as f:
+            return np.stack([
+                np.concatenate([np.concatenate([f[n][:, la, lo] for lo in lon_runs], axis=2) for la in lat_runs],
+                               axis=1)
+                for n in names
+            ])  # fmt: skip
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise _unreadable(granule, exc) from exc
+
+
 def _open_granule(granule: Granule, variables: Sequence[str], lat: np.ndarray, lon: np.ndarray,
                   allow_partial_days: bool) -> xr.Dataset:  # fmt: skip
-    """One granule cut to the region's grid points, lazily, as float32 (time, lat, lon) with one dask chunk."""
-    ds = _open(granule)
-    if "lat" not in ds.dims or "lon" not in ds.dims or "time" not in ds.dims:
-        raise GranuleError(
-            f"{granule.file_name}: dimensions {dict(ds.sizes)} are not MERRA-2's (time, lat, lon); a GrADS Data Server "
-            "export (lowercase names, 'hours since' time) or a point subset is not supported: use GES DISC granules"
-        )
-    missing = [v for v in variables if v not in ds.data_vars]
-    if missing:
-        raise GranuleError(f"{granule.file_name} lacks {missing}; it has {sorted(map(str, ds.data_vars))}: pick "
-                           f"variables of {granule.collection} or fetch the full granule")  # fmt: skip
-    _check_time(granule, ds, allow_partial_days)
-    lat_idx, lon_idx = _select(ds["lat"].values, lat), _select(ds["lon"].values, lon)
+    """One granule cut to the region's grid points: lazy float32 (time, lat, lon), one dask task per granule,
+    fill values masked to NaN by xarray's CF decoding."""
+    layout = _inspect(granule, variables)
+    _check_time(granule, layout.times, allow_partial_days)
+    lat_idx, lon_idx = _select(layout.lat, lat), _select(layout.lon, lon)
     if (lat_idx < 0).any() or (lon_idx < 0).any():
         raise GranuleError(
-            f"{granule.file_name} covers lat {float(ds['lat'].min())}..{float(ds['lat'].max())}, lon "
-            f"{float(ds['lon'].min())}..{float(ds['lon'].max())}, which misses grid points of the region "
-            f"(lat {lat[0]}..{lat[-1]}, lon {lon[0]}..{lon[-1]}): use granules that cover the whole region"
+            f"{granule.file_name} covers lat {layout.lat.min()}..{layout.lat.max()}, lon {layout.lon.min()}.."
+            f"{layout.lon.max()}, which misses grid points of the region (lat {lat[0]}..{lat[-1]}, lon {lon[0]}.."
+            f"{lon[-1]}): use granules that cover the whole region"
         )
-    pieces = []
-    for lat_run in _runs(lat_idx):
-        row = [ds[list(variables)].isel(lat=lat_run, lon=lon_run).chunk(-1) for lon_run in _runs(lon_idx)]
-        pieces.append(xr.concat(row, dim="lon") if len(row) > 1 else row[0])
-    cut = xr.concat(pieces, dim="lat") if len(pieces) > 1 else pieces[0]
-    cut = cut.assign_coords(time=cut["time"].values.astype("datetime64[ns]"))
-    for name in variables:
-        attrs = cut[name].attrs
-        cut[name] = cut[name].astype(np.float32)
-        cut[name].attrs = {"units": attrs.get("units", ""), "long_name": attrs.get("long_name", name),
-                           "collection": granule.collection}  # fmt: skip
-        cut[name].encoding = {}
-    cut["lat"].attrs = {"units": "degrees_north", "long_name": "latitude"}
-    cut["lon"].attrs = {"units": "degrees_east", "long_name": "longitude"}
-    cut.attrs = {}
-    return cut
+    shape = (len(variables), layout.times.size, lat.size, lon.size)
+    block = dask.delayed(_read_block, pure=True)(granule, list(variables), _runs(lat_idx), _runs(lon_idx))
+    raw = da.from_delayed(block, shape=shape, dtype=layout.dtype)
+    data = {}
+    for k, name in enumerate(variables):
+        attrs = layout.attrs[name]
+        cf = {
+            key: attrs[key]
+            for key in ("_FillValue", "missing_value", "scale_factor", "add_offset")
+            if key in attrs
+        }
+        decoded = xr.conventions.decode_cf_variable(name, xr.Variable(("time", "lat", "lon"), raw[k], cf),
+                                                    mask_and_scale=True, decode_times=False).astype(np.float32)  # fmt: skip
+        decoded.attrs = {"units": str(attrs.get("units", "")), "long_name": str(attrs.get("long_name", name)),
+                         "collection": granule.collection}  # fmt: skip
+        decoded.encoding = {}
+        data[name] = decoded
+    coords = {"time": ("time", layout.times), "lat": ("lat", layout.lat[lat_idx], {"units": "degrees_north",
+              "long_name": "latitude"}), "lon": ("lon", layout.lon[lon_idx], {"units": "degrees_east",
+              "long_name": "longitude"})}  # fmt: skip
+    return xr.Dataset(data, coords=coords)
 
 
 def _plan(
