@@ -14,15 +14,19 @@ from fusion_trainer.metrics import read_metrics
 from fusion_trainer.train import train
 from safetensors.torch import load_file
 
+from .conftest import TINY_FUSION
+
 
 def _keys(run: Path) -> list[tuple[int, list[str]]]:
     lines = (run / "samples" / "rank0.jsonl").read_text().splitlines()
     return [(r["step"], r["keys"]) for r in map(json.loads, lines)]
 
 
-def test_stop_and_resume_matches_a_straight_run(make_config: Callable[..., TrainConfig]) -> None:
+@pytest.mark.parametrize("fusion", ["xattn", "gated-xattn"])
+def test_stop_and_resume_matches_a_straight_run(make_config: Callable[..., TrainConfig], fusion: str) -> None:
     # 20 train samples, micro-batch 2 x accumulation 2: 5 steps per epoch, so the cut (7) is mid-epoch
-    common = dict(steps=14, micro_batch=2, grad_accum=2, warmup_steps=3, save_every=5, eval_every=0)
+    common = dict(steps=14, micro_batch=2, grad_accum=2, warmup_steps=3, save_every=5, eval_every=0,
+                  fusion={**TINY_FUSION, "fusion": fusion, "every_n_layers": 1})  # fmt: skip
     straight = train(make_config("straight", **common))
 
     first = train(make_config("resumed", stop_at_step=7, **common))

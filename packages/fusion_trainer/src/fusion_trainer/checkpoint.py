@@ -101,6 +101,33 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def _only_trainable_module_state(engine: Any) -> Iterator[None]:
+    """Make `engine.module_state_dict(exclude_frozen_parameters=True)` drop every frozen entry.
+
+    DeepSpeed drops a frozen parameter only when its `named_parameters()` name is also its state-dict key; modules
+    that keep pretrained keys stable across wrapping (FusionLayer) break that match, and the base would leak into
+    the checkpoint. Here frozen entries are found by identity (`state_dict(keep_vars=True)`), and buffers of the
+    frozen LM (`lm.`) are dropped too.
+    """
+    original = engine.module_state_dict
+
+    def filtered(*args: Any, **kwargs: Any) -> Any:
+        state = original(*args, **kwargs)
+        if kwargs.get("exclude_frozen_parameters"):
+            for key, value in engine.module.state_dict(keep_vars=True).items():
+                is_param = isinstance(value, torch.nn.Parameter)
+                if (is_param and not value.requires_grad) or (not is_param and key.startswith("lm.")):
+                    state.pop(key, None)
+        return state
+
+    engine.module_state_dict = filtered
+    try:
+        yield
+    finally:
+        del engine.module_state_dict  # back to the class method
+
+
 def save_checkpoint(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], rank: int) -> Path:
     """Save the trainable state (never the frozen base), optimizer, scheduler, RNGs and `client_state`.
 
@@ -108,7 +135,8 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, client_state: dict[st
     """
     root = run_dir / CHECKPOINTS_DIR
     tag = f"step{step}"
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, exclude_frozen_parameters=True)
+    with _only_trainable_module_state(engine):
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, exclude_frozen_parameters=True)
     torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
     _barrier()
     if rank == 0:
