@@ -222,10 +222,14 @@ def test_scheduler_address_runs_the_tasks_on_that_cluster(granules: Path, tmp_pa
     from distributed import Client, LocalCluster, get_task_stream
 
     local = build(_config(granules, tmp_path / "local", shard_size=2048))
-    with LocalCluster(n_workers=2, processes=False, threads_per_worker=1, dashboard_address=None) as cluster:
-        with Client(cluster) as client, get_task_stream(client) as stream:
-            remote = build(_config(granules, tmp_path / "remote", scheduler=cluster.scheduler_address,
-                                   shard_size=2048))  # fmt: skip
+    with (
+        LocalCluster(n_workers=2, processes=False, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+        get_task_stream(client) as stream,
+    ):
+        remote = build(
+            _config(granules, tmp_path / "remote", scheduler=cluster.scheduler_address, shard_size=2048)
+        )
     version = local.rsplit("@", 1)[1]
     assert remote.rsplit("@", 1)[1] == version
     ran = sorted({str(t["key"]) for t in stream.data if str(t["key"]).startswith("samples-")})

@@ -31,6 +31,7 @@ from .errors import (
     VerifyError,
 )
 from .pipeline import build, plan_build
+from .regions import REGIONS, Region, parse_region
 from .versions import (
     DiffReport,
     GcReport,
@@ -42,7 +43,6 @@ from .versions import (
     tag,
     verify,
 )
-from .regions import REGIONS, Region, parse_region
 
 __all__ = [
     "REGIONS",

@@ -107,7 +107,9 @@ def build(
     shard_size: Annotated[str | None, typer.Option(help="Target shard size, e.g. 256MB.")] = None,
     cache_dir: Annotated[
         str | None,
-        typer.Option("--cache", "--cache-dir", help="Folder for downloaded granules and the zarr regional cache."),
+        typer.Option(
+            "--cache", "--cache-dir", help="Folder for downloaded granules and the zarr regional cache."
+        ),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Split seed.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="A build YAML (pipelines/*.yaml).")] = None,
