@@ -371,7 +371,7 @@ class _SizeMismatch(Exception):
     pass
 
 
-def _transfer(granule: Granule, part: Path, session: Any, chunk: int = 1 << 20) -> int | None:
+def _transfer(granule: Granule, part: Path, session: Any, chunk: int = 1 << 16) -> int | None:
     """Copy the granule into `part`, resuming from its current size when the server supports ranges.
 
     Returns the total size the server announced (None when unknown).
