@@ -266,7 +266,9 @@ def _build(plan: dict[date, list[Granule]], variables: Sequence[str], region: Re
         parts = [_open_granule(g, [v for v in variables if variable_collection(v) == g.collection], lat, lon,
                                allow_partial_days) for g in day_granules]  # fmt: skip
         try:
-            days.append(xr.merge(parts, join="exact", combine_attrs="override") if len(parts) > 1 else parts[0])
+            days.append(
+                xr.merge(parts, join="exact", combine_attrs="override") if len(parts) > 1 else parts[0]
+            )
         except ValueError as exc:
             names = ", ".join(g.file_name for g in day_granules)
             raise GranuleError(
