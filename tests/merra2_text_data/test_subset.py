@@ -288,3 +288,24 @@ def test_cache_key_tracks_the_inputs(granules: list[Granule]) -> None:
     changed = [*granules[:-1], Granule(granules[-1].collection, granules[-1].day, "401", granules[-1].file_name,
                                        granules[-1].url, 1, None, granules[-1].granule_id)]  # fmt: skip
     assert cache_key(changed, ["T2M"], box, start, end) != key
+
+
+def test_a_failed_cache_write_leaves_nothing_behind(granules: list[Granule], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import merra2_text_data.subset as subset
+
+    def broken(granule: Granule, *args: object) -> np.ndarray:
+        raise GranuleError(f"{granule.file_name}: simulated read failure")
+
+    monkeypatch.setattr(subset, "_read_block", broken)
+    cache = tmp_path / "cache"
+    with pytest.raises(GranuleError, match="simulated read failure"):
+        open_region(granules, ["T2M"], parse_region("-100,40,-99,41"), date(2019, 1, 1), date(2019, 1, 1),
+                    cache_dir=cache)  # fmt: skip
+    assert list((cache / "regional").iterdir()) == []
+
+
+def test_cache_dir_must_be_local(granules: list[Granule]) -> None:
+    with pytest.raises(ConfigError, match="must be a local folder"):
+        open_region(granules, ["T2M"], parse_region("-100,40,-99,41"), date(2019, 1, 1), date(2019, 1, 1),
+                    cache_dir="s3://bucket/cache")  # fmt: skip

@@ -7,6 +7,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+import h5netcdf
 import h5py
 import numpy as np
 import pytest
@@ -101,6 +102,19 @@ def test_real_merra2_format(summer: tuple[list[Path], xr.Dataset], shared_data: 
         assert flx["PRECTOTCORR"].attrs["long_name"] == b"total_precipitation_bias_corrected"
         assert flx["PRECTOTCORR"].attrs["units"] == b"kg m-2 s-1"
         assert flx.attrs["ShortName"] == b"M2T1NXFLX"
+
+
+def test_netcdf4_readers_see_the_real_structure(summer: tuple[list[Path], xr.Dataset]) -> None:
+    """h5netcdf (the netCDF-4 reader) sees named dimensions; xarray decodes times at HH:30 and masks no value."""
+    paths, _ = summer
+    with h5netcdf.File(paths[0], "r") as f:
+        assert {k: v.size for k, v in f.dimensions.items()} == {"lon": 95, "time": 24, "lat": 53}
+        assert f.variables["T2M"].dimensions == ("time", "lat", "lon")
+        assert f.variables["time"].dimensions == ("time",)
+    with xr.open_dataset(paths[0], engine="h5netcdf") as ds:
+        assert ds.T2M.dtype == np.float32 and not ds.T2M.isnull().any()
+        assert ds.time.values[1] == np.datetime64("2019-07-01T01:30")
+        assert ds.T2M.encoding["_FillValue"] == np.float32(FILL_VALUE)
 
 
 def test_xarray_decodes_times_at_half_past(summer: tuple[list[Path], xr.Dataset]) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -343,8 +344,12 @@ def open_region(
     used = [g for gs in plan.values() for g in gs]
     target: str | None = None
     if cache_dir is not None:
+        folder = str(cache_dir).removeprefix("file://")
+        if "://" in folder:
+            raise ConfigError(f"cache_dir {cache_dir} must be a local folder (the regional cache is renamed into "
+                              "place atomically): give a local path")  # fmt: skip
         key = cache_key(used, variables, region, start, end, allow_partial_days)
-        target = os.path.join(str(cache_dir), "regional", f"{key}.zarr")
+        target = os.path.join(folder, "regional", f"{key}.zarr")
         if os.path.isdir(target):
             logger.info("regional cache hit: %s", target)
             return _open_cached(target)
@@ -362,15 +367,17 @@ def open_region(
         bar: Any = ProgressBar()
     else:
         bar = nullcontext()
-    with bar:
-        cube.to_zarr(tmp, zarr_format=3, consolidated=False, mode="w")
+    try:
+        with bar:
+            cube.to_zarr(tmp, zarr_format=3, consolidated=False, mode="w")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.rename(tmp, target)
-    except OSError:  # another process finished the same cube first
-        import shutil
-
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isdir(target):
+        if not os.path.isdir(target):  # else another process finished the same cube first: use it
             raise
     logger.info("regional cache written: %s", target)
     return _open_cached(target)
