@@ -41,7 +41,7 @@ def _assert_no_frozen_weights(ckpt: Path, model: FusionModel) -> None:
     assert sum(stored.values()) < 4 * trainable + frozen_numel
 
 
-@pytest.mark.parametrize("zero", [0, 1, 2, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_zero_stage_trains_and_leaves_the_base_alone(
     make_config: Callable[..., TrainConfig], zero: int
 ) -> None:

@@ -52,8 +52,9 @@ def evaluate_loss(
     device: torch.device,
     max_batches: int | None = None,
     use_climate: bool = True,
+    all_ranks: bool = False,
 ) -> LossResult:
-    """Mean caption loss of `model` over `batches` (summed over ranks when a process group is up).
+    """Mean caption loss of `model` over `batches` (token-weighted; over every rank with `all_ranks`).
 
     Args:
         model: a FusionModel or DeepSpeed engine (`model(input_ids, attention_mask, climate, labels)`), or with
@@ -62,6 +63,7 @@ def evaluate_loss(
         device: where the model lives.
         max_batches: evaluate at most this many batches per rank.
         use_climate: pass the climate tensor to the model.
+        all_ranks: sum over every rank of the process group (training's evaluation); False: this process only.
     """
     total = torch.zeros(3, dtype=torch.float64, device=device)  # (loss x tokens, tokens, samples)
     with torch.no_grad():
@@ -79,7 +81,7 @@ def evaluate_loss(
             total += torch.tensor(
                 [float(out.loss) * n, n, len(batch["keys"])], dtype=torch.float64, device=device
             )
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if all_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
     loss_sum, tokens, samples = (float(x) for x in total.tolist())
     loss = loss_sum / tokens if tokens else float("nan")
@@ -164,6 +166,8 @@ def load_run(run_dir: Path) -> tuple[TrainConfig, Any]:
         raise CheckpointError(f"--run {run_dir}: config.yaml is not a valid training config ({exc})") from exc
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     model = FusionModel.load_adapter(run_dir / "final", base=config.model, dtype=dtype)
+    if torch.cuda.is_available():
+        model.to("cuda")
     model.eval()
     return config, model
 

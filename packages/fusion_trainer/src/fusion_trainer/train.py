@@ -370,7 +370,7 @@ def _evaluate(
         return None
     engine.eval()
     try:
-        result = evaluate_loss(engine, stream, engine.device, max_batches=config.eval_batches)
+        result = evaluate_loss(engine, stream, engine.device, max_batches=config.eval_batches, all_ranks=True)
     finally:
         engine.train()
     run.metrics.write({"step": step, "split": "val", "val_loss": result.loss, "val_perplexity": result.perplexity,
