@@ -309,3 +309,10 @@ def test_cache_dir_must_be_local(granules: list[Granule]) -> None:
     with pytest.raises(ConfigError, match="must be a local folder"):
         open_region(granules, ["T2M"], parse_region("-100,40,-99,41"), date(2019, 1, 1), date(2019, 1, 1),
                     cache_dir="s3://bucket/cache")  # fmt: skip
+
+
+def test_granule_record_and_name_must_agree(granules: list[Granule]) -> None:
+    day1 = next(g for g in granules if g.day == date(2019, 1, 1) and g.collection == "M2T1NXSLV")
+    wrong = Granule(day1.collection, date(2019, 1, 2), day1.stream, day1.file_name, day1.url)
+    with pytest.raises(GranuleError, match="record says 2019-01-02 but the name says 2019-01-01"):
+        open_region([wrong], ["T2M"], parse_region("-100,40,-99,41"), date(2019, 1, 2), date(2019, 1, 2))

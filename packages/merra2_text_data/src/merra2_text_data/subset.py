@@ -29,7 +29,7 @@ import xarray as xr
 from climate_text_schema import KNOWN_VARIABLES
 
 from .errors import ConfigError, GranuleError, MissingDataError
-from .fetch import Granule, collection_for
+from .fetch import Granule, collection_for, parse_granule_name
 from .regions import Region, grid_points
 
 __all__ = ["cache_key", "open_region", "variable_collection"]
@@ -161,6 +161,14 @@ def _inspect(granule: Granule, variables: Sequence[str]) -> _Layout:
 
 
 def _check_time(granule: Granule, times: np.ndarray, allow_partial_days: bool) -> None:
+    try:
+        named = parse_granule_name(granule.file_name)[2]
+    except GranuleError:  # a free-form name: the granule record's day is all there is
+        named = granule.day
+    if named != granule.day:
+        raise GranuleError(
+            f"{granule.file_name}: the granule record says {granule.day} but the name says {named}"
+        )
     day = np.datetime64(granule.day.isoformat(), "D")
     expected = day.astype("datetime64[ns]") + np.timedelta64(30, "m") + np.arange(24) * np.timedelta64(1, "h")
     days = np.unique(times.astype("datetime64[D]"))
