@@ -82,7 +82,6 @@ COLLECTIONS: dict[str, Collection] = {
 }
 """The supported collections by CMR short name (M2T1NXSLV: single-level diagnostics; M2T1NXFLX: surface fluxes)."""
 
-_BY_PRODUCT = {c.product: c.short_name for c in COLLECTIONS.values()}
 _NAME_RE = re.compile(
     r"^MERRA2_(?P<stream>\d{3})\.(?P<product>\w+)\.(?P<ymd>\d{8})(?:\.nc4|\.SUB\.nc4|\.SUB\.nc)$"
 )
