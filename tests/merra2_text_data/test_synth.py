@@ -174,6 +174,19 @@ def test_weather_systems_travel_west_to_east(summer: tuple[list[Path], xr.Datase
     assert best > 0, "the pressure pattern six hours later should match it shifted east"
 
 
+def test_winds_turn_counterclockwise_around_northern_lows(summer: tuple[list[Path], xr.Dataset]) -> None:
+    _, ds = summer
+    anomaly, u, v = (ds.SLP - ds.SLP.mean("time")).values, ds.U10M.values, ds.V10M.values
+    northward_east_of_low, eastward_south_of_low = [], []
+    for t in range(anomaly.shape[0]):
+        j, i = np.unravel_index(np.argmin(anomaly[t]), anomaly[t].shape)
+        if 4 <= i < anomaly.shape[2] - 4 and 4 <= j < anomaly.shape[1] - 4 and anomaly[t, j, i] < -800:
+            northward_east_of_low.append(v[t, j, i + 4] - v[t, j, i - 4])
+            eastward_south_of_low.append(u[t, j - 4, i] - u[t, j + 4, i])
+    assert len(northward_east_of_low) > 10
+    assert np.mean(northward_east_of_low) > 2.0 and np.mean(eastward_south_of_low) > 2.0
+
+
 def test_rain_concentrates_near_lows_and_storms_happen(summer: tuple[list[Path], xr.Dataset]) -> None:
     _, ds = summer
     low = (ds.SLP - ds.SLP.mean("time")) < -800
