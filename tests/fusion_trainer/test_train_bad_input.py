@@ -101,3 +101,20 @@ def test_nan_loss_stops_with_step_keys_and_checkpoint(
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(TrainingError, match=r"at step 1 .*synth-train-\d+.*last good checkpoint: none"):
         train(make_config(steps=4))
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[2] / "pipelines").glob("train-*.yaml"))
+)
+def test_every_train_pipeline_is_a_valid_config(path: Path) -> None:
+    from fusion_trainer.config import FusionConfig
+
+    config = TrainConfig.from_yaml(path)
+    FusionConfig(**config.fusion, n_variables=11)
+    config.deepspeed_config(world=config.nproc)  # the global batch checks out
+    assert config.steps >= config.warmup_steps
+
+
+def test_the_pipelines_folder_has_the_three_train_configs() -> None:
+    names = {p.name for p in (Path(__file__).resolve().parents[2] / "pipelines").glob("train-*.yaml")}
+    assert {"train-tiny.yaml", "train-smollm2.yaml", "train-llama3-8b.yaml"} <= names

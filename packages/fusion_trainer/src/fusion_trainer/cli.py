@@ -133,36 +133,38 @@ def train_command(
 
 
 def _dry_run(cfg: Any) -> str:
-    """The resolved config, the trainable parameter count and a memory estimate, without training."""
+    """The resolved config, the trainable parameter count and the per-rank memory, without loading weights."""
     import torch
+    from transformers import AutoConfig
 
     from .config import FusionConfig
     from .data import open_shards
+    from .errors import ModelError
     from .model import FusionModel
 
     data = open_shards(cfg.shards)
     manifest = data.manifest
     norm = {v: s.model_dump() for v, s in manifest.normalization.items()}
     fusion = FusionConfig(**{**cfg.fusion, "variables": manifest.variable_names, "normalization": norm})
+    try:
+        hf_config = AutoConfig.from_pretrained(cfg.model)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"--model {cfg.model}: cannot read its config ({exc})") from exc
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = FusionModel.from_base(cfg.model, fusion, dtype=dtype)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    lines = [cfg.to_yaml().rstrip(), "---", f"dataset: {data.version_url} ({manifest.splits})"]
-    lines.append(f"trainable parameters: {trainable:,}; frozen: {frozen:,}")
-    estimate = getattr(model, "memory_estimate", None)
-    if callable(estimate):
-        lines.append(f"memory estimate: {estimate()}")
-    else:
-        world = max(cfg.nproc, 1)
-        width = 2 if cfg.bf16 else 4
-        # frozen weights + trainable weights, fp32 master, grads and two Adam moments (ZeRO >= 1 shards the optimizer)
-        opt = trainable * (4 + 4 + 4 + width) / (world if cfg.zero >= 1 else 1)
-        weights = (frozen + trainable) * width / (world if cfg.zero == 3 else 1)
-        lines.append(
-            f"memory estimate per rank (weights + optimizer, no activations): {(opt + weights) / 2**30:.2f} GiB"
-        )
-    return "\n".join(lines)
+    model = FusionModel.from_config(hf_config, fusion, dtype=dtype)  # meta device: shapes only
+    counts = model.num_parameters()
+    estimate = model.memory_estimate(world_size=max(cfg.nproc, 1), zero_stage=cfg.zero)
+    return "\n".join(
+        [
+            cfg.to_yaml().rstrip(),
+            "---",
+            f"dataset: {data.version_url} ({manifest.splits})",
+            f"trainable parameters: {counts['trainable']:,}; frozen: {counts['frozen']:,}",
+            f"global batch: {cfg.check_batch(max(cfg.nproc, 1))}",
+            f"memory estimate per rank ({max(cfg.nproc, 1)} rank(s), ZeRO {cfg.zero}; activations excluded): "
+            f"{estimate.total_bytes / 2**30:.3f} GiB {json.dumps(estimate.as_dict())}",
+        ]
+    )
 
 
 @eval_app.command()
