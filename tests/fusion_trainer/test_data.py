@@ -148,6 +148,20 @@ def test_eval_split_is_one_pass_in_manifest_order(dataset_ref: str, tokenizer: A
     assert len(halves[0]) == len(halves[1]) == 4 and not set(halves[0]) & set(halves[1])
 
 
+@pytest.mark.parametrize(("world", "micro_batch"), [(1, 3), (2, 3), (1, 16)])
+def test_evaluation_keeps_the_last_partial_batch(
+    dataset_ref: str, tokenizer: Any, world: int, micro_batch: int
+) -> None:
+    sizes = [
+        [len(b["keys"]) for b in _stream(dataset_ref, tokenizer, split="val", train=False, rank=r, world=world,
+                                         micro_batch=micro_batch)]
+        for r in range(world)
+    ]  # fmt: skip
+    per_rank = 8 // world
+    assert all(sum(s) == per_rank for s in sizes), sizes
+    assert len({len(s) for s in sizes}) == 1, "every rank runs the same number of evaluation batches"
+
+
 def test_streams_from_s3(make_dataset: Callable[..., str], s3_bucket: str, tokenizer: Any) -> None:
     ref = make_dataset(root=f"{s3_bucket}/merra2-text")
     assert ref.startswith("s3://")

@@ -428,7 +428,8 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
             self.ds, self.split, epoch=epoch, rank=self.rank, world=self.world, seed=self.seed,
             shuffle=self.train, shuffle_buffer=self.shuffle_buffer, verify=self.verify,
         )  # fmt: skip
-        limit = self.batches_per_epoch * self.micro_batch
+        # training drops the last partial batch (every step has micro_batch samples); evaluation keeps it
+        limit = self.batches_per_epoch * self.micro_batch if self.train else self.per_rank
         batch: list[RawSample] = []
         for i, raw in enumerate(samples):
             if i >= limit:

@@ -117,6 +117,13 @@ class EvalContext:
 def fused_loss_section(ctx: EvalContext) -> dict[str, Any]:
     """Caption loss and perplexity of the fused model (climate in)."""
     res = evaluate_loss(ctx.model, ctx.batches(), ctx.device, ctx.max_batches)
+    if res.tokens == 0:
+        from .errors import DataError
+
+        raise DataError(
+            f"split {ctx.split!r} gave no caption tokens to score ({res.samples} samples): the prompt fills "
+            f"max_length {ctx.config.max_length}; train with a larger max_length or a shorter prompt_template"
+        )
     return {
         "fused": {
             "loss": res.loss,
