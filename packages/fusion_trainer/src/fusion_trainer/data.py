@@ -41,21 +41,10 @@ from .config import DEFAULT_PROMPT_TEMPLATE
 from .errors import ConfigError, DataError
 
 __all__ = [
-    "DEFAULT_PROMPT",
-    "ClimateTextStream",
-    "DataPosition",
-    "RawSample",
-    "Sample",
-    "assign_shards",
-    "collate",
-    "decode_sample",
-    "epoch_samples",
-    "iter_shard",
-    "open_shards",
-    "per_rank_samples",
-    "render_prompt",
-    "shuffle_samples",
-]
+    "DEFAULT_PROMPT", "ClimateTextStream", "DataPosition", "RawSample", "Sample", "assign_shards",
+    "collate", "decode_sample", "encode_sample", "epoch_samples", "iter_shard", "open_shards", "per_rank_samples",
+    "render_prompt", "shuffle_samples",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -379,22 +368,10 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(
-        self,
-        ds: OpenedDataset,
-        split: str,
-        tokenizer: Any,
-        *,
-        prompt: str,
-        micro_batch: int,
-        max_length: int,
-        rank: int = 0,
-        world: int = 1,
-        seed: int = 0,
-        start: DataPosition | None = None,
-        train: bool = True,
-        shuffle_buffer: int = 256,
-        verify: bool = True,
-    ) -> None:
+        self, ds: OpenedDataset, split: str, tokenizer: Any, *, prompt: str, micro_batch: int, max_length: int,
+        rank: int = 0, world: int = 1, seed: int = 0, start: DataPosition | None = None, train: bool = True,
+        shuffle_buffer: int = 256, verify: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.ds, self.split, self.tokenizer = ds, split, tokenizer
         self.micro_batch, self.max_length = micro_batch, max_length
