@@ -63,10 +63,15 @@ def test_resume_picks_the_newest_complete_checkpoint(make_config: Callable[..., 
 
 
 def test_an_existing_run_needs_resume_and_resume_needs_a_checkpoint(
-    make_config: Callable[..., TrainConfig],
+    make_config: Callable[..., TrainConfig], make_dataset: Callable[..., str]
 ) -> None:
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         train(make_config("empty", steps=2, resume=True))
     train(make_config("once", steps=2))
     with pytest.raises(ConfigError, match="--resume"):
         train(make_config("once", steps=2))
+    other = make_dataset(name="other", seed=1)
+    with pytest.raises(CheckpointError, match="same --seed and --shards"):
+        train(make_config("once", steps=4, resume=True, shards=other))
+    with pytest.raises(CheckpointError, match="seed 0"):
+        train(make_config("once", steps=4, resume=True, seed=5))

@@ -235,6 +235,10 @@ class TrainConfig(_BaseModel):
     num_workers: int = _Field(default=0, ge=0, description="DataLoader worker processes per rank")
     shuffle_buffer: int = _Field(default=256, ge=0, description="samples in the seeded shuffle buffer")
     verify_shards: bool = _Field(default=True, description="check each shard's sha256 as it streams")
+    verify_frozen: bool = _Field(
+        default=True,
+        description="hash the frozen base before and after training (seconds per GB); false skips it",
+    )
     log_keys: bool = _Field(
         default=True, description="write the sample keys of every step to samples/rank<R>.jsonl"
     )

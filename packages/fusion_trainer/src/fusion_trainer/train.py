@@ -156,6 +156,7 @@ class _Run:
         self.metrics = MetricsLog(run_dir, enabled=rank == 0, tensorboard=config.tensorboard)
         self.keys_file = run_dir / "samples" / f"rank{rank}.jsonl" if config.log_keys else None
         self.last_checkpoint: Path | None = None
+        self.dataset_version = ""
 
     def log_keys(self, step: int, keys: list[str]) -> None:
         if self.keys_file is None:
@@ -228,6 +229,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
     if config.resume and resume_from is None:
         raise CheckpointError(f"--resume: {run_dir} holds no complete checkpoint; start without --resume")
     run = _Run(config, run_dir, rank, world)
+    run.dataset_version = data.version
 
     _seed_all(config.seed)
     norm = {v: s.model_dump() for v, s in manifest.normalization.items()}
@@ -235,7 +237,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
     tokenizer = model.tokenizer
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    digest_start = frozen_digest(model)
+    digest_start = frozen_digest(model) if config.verify_frozen else None
     log_rank_zero(logger, "model: %d trainable, %d frozen parameters; world %d; ZeRO %d", n_trainable, n_frozen, world,
                   config.zero)  # fmt: skip
 
@@ -250,9 +252,11 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
     step, position = 0, DataPosition(seed=config.seed)
     if resume_from is not None:
         client = load_checkpoint(engine, resume_from, rank)
-        if client.get("seed") != config.seed:
+        if client.get("seed") != config.seed or client.get("dataset", data.version) != data.version:
             raise CheckpointError(
-                f"{resume_from} was trained with seed {client.get('seed')}, not {config.seed}"
+                f"{resume_from} was trained with seed {client.get('seed')} on dataset version "
+                f"{client.get('dataset')}, this run has seed {config.seed} and version {data.version}: resume with "
+                "the same --seed and --shards, or start a new --out"
             )
         step, position = int(client["step"]), DataPosition.from_dict(client["position"])
         run.last_checkpoint = resume_from
@@ -333,7 +337,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         run.last_checkpoint = _save(engine, run, step, position)
     if data.shards("val"):
         val_loss = _evaluate(engine, data, tokenizer, prompt, config, rank, world, step, run)
-    digest_end = frozen_digest(engine.module)
+    digest_end = frozen_digest(engine.module) if config.verify_frozen else None
     if digest_end != digest_start:
         raise TrainingError(
             f"the frozen base changed during training (digest {digest_start} -> {digest_end})"
@@ -347,7 +351,13 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
 
 
 def _save(engine: Any, run: _Run, step: int, position: DataPosition) -> Path:
-    client = {"step": step, "position": position.to_dict(), "seed": run.config.seed, "world": run.world}
+    client = {
+        "step": step,
+        "position": position.to_dict(),
+        "seed": run.config.seed,
+        "world": run.world,
+        "dataset": run.dataset_version,
+    }
     return save_checkpoint(engine, run.run_dir, step, client, run.rank)
 
 
