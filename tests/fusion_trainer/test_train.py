@@ -126,3 +126,10 @@ def test_trainable_parameter_groups(make_config: Callable[..., TrainConfig]) -> 
     ids = {id(p) for g in groups for p in g["params"]}
     assert ids == {id(p) for p in model.fusion_params()}
     assert all(p.ndim < 2 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
+
+
+def test_dataloader_workers_keep_the_order_and_the_result(make_config: Callable[..., TrainConfig]) -> None:
+    runs = [train(make_config(f"workers{n}", steps=6, num_workers=n)) for n in (0, 2)]
+    keys = [(Path(r.run_dir) / "samples" / "rank0.jsonl").read_text() for r in runs]
+    assert keys[0] == keys[1]
+    assert runs[0].losses == runs[1].losses
