@@ -3,8 +3,8 @@
 Every measured run is a fresh child process (`os.wait4` gives its own peak RSS), with a fresh output and cache:
 
 - `read`: merely read the same regional subset with plain xarray (open each granule, cut the box, load);
-- `build 1x` / `build 4x`: the full build (zarr cache, samples, captions, validation, shards, index, manifest) over
-  N and 4N days;
+- `build 1x` / `build 2x` / `build 4x`: the full build (zarr cache, samples, captions, validation, shards, index,
+  manifest) over N, 2N and 4N days;
 - `naive`: the per-day script a researcher would write (open each daily file, subset, loop the samples, np.save
   + a caption .txt per sample);
 - `workers 1` / `workers 2`: the 4x build on a LocalCluster of 1 and 2 workers.
@@ -18,6 +18,7 @@ It prints each figure with its target and PASS/MISS:
 Usage:
     python bench/build.py                        # default: 8 and 32 days, region -105,30,-90,45, tile 8x8
     python bench/build.py --days 4 --no-workers  # quicker
+    python bench/build.py --quick --json b.json  # 2 days, no worker runs; figures as JSON too (bench/run_all.py)
 """
 
 from __future__ import annotations
@@ -146,8 +147,12 @@ def main() -> None:
     parser.add_argument("--tile", default="8x8")
     parser.add_argument("--work", default=None, help="work folder (kept; default: a temporary one)")
     parser.add_argument("--no-workers", action="store_true", help="skip the --workers 1/2 runs")
+    parser.add_argument("--quick", action="store_true", help="--days 2 --no-workers")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.quick:
+        opts.days, opts.no_workers = 2, True
     if opts.child:
         {"read": _child_read, "build": _child_build, "naive": _child_naive}[opts.child[0]](
             json.loads(opts.child[1])
@@ -167,6 +172,8 @@ def main() -> None:
     _run("read", {**base, "granules": str(g4)})  # warm the page cache: every run then reads warm files
     runs["read 1x"] = _run("read", {**base, "granules": str(g1)})
     runs["build 1x"] = _run("build", {**base, "granules": str(g1), "days": opts.days, **fresh("b1")})
+    g2 = _granules(work, opts.region, 2 * opts.days)
+    runs["build 2x"] = _run("build", {**base, "granules": str(g2), "days": 2 * opts.days, **fresh("b2")})
     runs["build 4x"] = _run("build", {**base, "granules": str(g4), "days": 4 * opts.days, **fresh("b4")})
     runs["naive 1x"] = _run("naive", {**base, "granules": str(g1), **fresh("n1")})
     if not opts.no_workers:
@@ -181,9 +188,11 @@ def main() -> None:
             f"{name:<34} {seconds:8.2f} s work  {wall:8.2f} s wall (with imports)   peak RSS {rss:8.1f} MiB"
         )
     print(_line("build 1x / read 1x (time)", runs["build 1x"][0] / runs["read 1x"][0], 2.0))
+    print(_line("build 2x / build 1x (time)", runs["build 2x"][0] / runs["build 1x"][0]))
     print(_line("build 4x / build 1x (time)", runs["build 4x"][0] / runs["build 1x"][0], 4.4))
+    print(_line("build 2x / build 1x (peak RSS)", runs["build 2x"][2] / runs["build 1x"][2]))
     print(_line("build 4x / build 1x (peak RSS)", runs["build 4x"][2] / runs["build 1x"][2], 1.3))
-    print(_line("build 1x / naive 1x (time)", runs["build 1x"][0] / runs["naive 1x"][0]))
+    print(_line("build 1x / naive 1x (time)", runs["build 1x"][0] / runs["naive 1x"][0], 1.0))
     if not opts.no_workers:
         print(
             _line(
@@ -191,6 +200,15 @@ def main() -> None:
                 runs["build 4x, workers 1"][0] / runs["build 4x, workers 2"][0],
             )
         )
+    if opts.json is not None:
+        figures = {
+            "build 1x / read 1x (time)": runs["build 1x"][0] / runs["read 1x"][0],
+            "build 1x / naive 1x (time)": runs["build 1x"][0] / runs["naive 1x"][0],
+            "build 4x / build 1x (time)": runs["build 4x"][0] / runs["build 1x"][0],
+            "build 4x / build 1x (peak RSS)": runs["build 4x"][2] / runs["build 1x"][2],
+        }
+        runs_out = {k: {"work_s": v[0], "wall_s": v[1], "peak_rss_mib": v[2]} for k, v in runs.items()}
+        opts.json.write_text(json.dumps({"runs": runs_out, "figures": figures, "days": opts.days}, indent=2))
     if opts.work is None:
         shutil.rmtree(work, ignore_errors=True)
 
