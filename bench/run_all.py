@@ -108,8 +108,8 @@ def main() -> None:
                 rows.append((f"{label} peak GiB", run["peak_allocated_gib"], "", ""))
 
     print(f"{'figure':<62} {'value':>12}  {'target':<12} verdict")
-    for name, value, target, verdict in rows:
-        print(f"{name:<62} {value:12.3f}  {target:<12} {verdict}")
+    for row_name, row_value, row_target, row_verdict in rows:
+        print(f"{row_name:<62} {row_value:12.3f}  {row_target:<12} {row_verdict}")
     # the GPU lines come last; the other benchmarks' verdicts decide the closing note
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}; JSON figures in {tmp}")
     if any(row[3] == "MISS" for row in rows):
