@@ -229,6 +229,18 @@ class TrainConfig(_BaseModel):
         default=None, description="a ds_config.json whose keys override the generated DeepSpeed config"
     )
     prompt_template: str = _Field(default=DEFAULT_PROMPT_TEMPLATE, description="prompt before each caption")
+    number_loss_weight: float = _Field(
+        default=1.0,
+        gt=0,
+        description="weight of the caption's number tokens (tokens holding a digit) in the training loss; 1: plain "
+        "token-mean loss",
+    )
+    caption: _Literal["full", "numbers", "temperature"] = _Field(
+        default="full",
+        description="train on the full caption, on its number sentences only (numbers: temperature, wind, pressure, "
+        "precipitation), or on its temperature sentence only; verbatim, several-fold shorter "
+        "(grounding.caption_target)",
+    )
     max_length: int = _Field(
         default=256, gt=8, description="max tokens of prompt + caption (caption truncated)"
     )
@@ -253,9 +265,11 @@ class TrainConfig(_BaseModel):
         if self.warmup_steps > self.steps:
             problems.append(f"warmup_steps: {self.warmup_steps} exceeds steps {self.steps}")
         try:
-            self.prompt_template.format(example="", variables="")
+            self.prompt_template.format(example="", variables="", caption_example="")
         except (KeyError, IndexError, ValueError) as exc:
-            problems.append(f"prompt_template: {exc!r}; use only {{example}} and {{variables}}")
+            problems.append(
+                f"prompt_template: {exc!r}; use only {{example}}, {{caption_example}} and {{variables}}"
+            )
         if self.fusion:
             try:
                 FusionConfig(**{"n_variables": 1, **self.fusion})

@@ -305,8 +305,15 @@ def decode_sample(raw: RawSample, ds: OpenedDataset) -> Sample:
     )
 
 
-def render_prompt(template: str, ds: OpenedDataset) -> str:
-    """Fill the prompt template from the manifest: a one-shot example caption whose numbers are the train means."""
+def render_prompt(template: str, ds: OpenedDataset, caption: str = "full") -> str:
+    """Fill the prompt template from the manifest: a one-shot example whose numbers are the train means.
+
+    `{example}` lists the train mean of every variable in its units; `{caption_example}` is a compact caption in the
+    dataset's own phrasing (`grounding.example_caption`) with the train means as its numbers, cut to the `caption`
+    form the run trains on (`grounding.caption_target`).
+    """
+    from .grounding import caption_target, example_caption
+
     manifest = ds.manifest
     parts = []
     for v in manifest.variables:
@@ -314,11 +321,17 @@ def render_prompt(template: str, ds: OpenedDataset) -> str:
         if stats is not None:
             parts.append(f"mean {v.name} {stats.mean:.4g} {v.units}")
     example = "; ".join(parts) + "."
+    norm = {v: (s.mean, s.std) for v, s in manifest.normalization.items()}
     try:
-        return template.format(example=example, variables=", ".join(manifest.variable_names))
+        return template.format(
+            example=example, variables=", ".join(manifest.variable_names),
+            caption_example=caption_target(example_caption(norm, manifest.window), "numbers" if caption == "full"
+                                           else caption) if "{caption_example}" in template else "",
+        )  # fmt: skip
     except (KeyError, IndexError, ValueError) as exc:
         raise ConfigError(
-            f"prompt_template {template!r} is invalid ({exc}): use only {{example}} and {{variables}}"
+            f"prompt_template {template!r} is invalid ({exc}): use only {{example}}, {{caption_example}} and "
+            "{variables}"
         ) from exc
 
 
@@ -370,9 +383,12 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
     def __init__(
         self, ds: OpenedDataset, split: str, tokenizer: Any, *, prompt: str, micro_batch: int, max_length: int,
         rank: int = 0, world: int = 1, seed: int = 0, start: DataPosition | None = None, train: bool = True,
-        shuffle_buffer: int = 256, verify: bool = True,
+        shuffle_buffer: int = 256, verify: bool = True, caption: str = "full",
     ) -> None:  # fmt: skip
         super().__init__()
+        if caption not in ("full", "numbers", "temperature"):
+            raise ConfigError(f"caption {caption!r} is unknown; use 'full', 'numbers' or 'temperature'")
+        self.caption = caption
         self.ds, self.split, self.tokenizer = ds, split, tokenizer
         self.micro_batch, self.max_length = micro_batch, max_length
         self.rank, self.world, self.seed, self.train = rank, world, seed, train
@@ -392,6 +408,12 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
             )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
+
+    def target_text(self, text: str) -> str:
+        """The text the model learns to write: the caption, or a compact form of it (`grounding.caption_target`)."""
+        from .grounding import caption_target
+
+        return caption_target(text, self.caption)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -430,7 +452,9 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
                 if j % workers == worker:
                     decoded = [decode_sample(r, self.ds) for r in raws]
                     encoded = [
-                        encode_sample(s.text, self.prompt_ids, self.tokenizer, self.max_length)
+                        encode_sample(
+                            self.target_text(s.text), self.prompt_ids, self.tokenizer, self.max_length
+                        )
                         for s in decoded
                     ]
                     batch = collate(decoded, encoded, self.pad_id)
