@@ -260,11 +260,11 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
             )
         step, position = int(client["step"]), DataPosition.from_dict(client["position"])
         run.last_checkpoint = resume_from
-    prompt = render_prompt(config.prompt_template, data)
+    prompt = render_prompt(config.prompt_template, data, config.caption)
     stream = ClimateTextStream(
         data, "train", tokenizer, prompt=prompt, micro_batch=config.micro_batch, max_length=config.max_length,
         rank=rank, world=world, seed=config.seed, start=position, train=True,
-        shuffle_buffer=config.shuffle_buffer, verify=config.verify_shards,
+        shuffle_buffer=config.shuffle_buffer, verify=config.verify_shards, caption=config.caption,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers)
     batches: Iterator[dict[str, Any]] = iter(loader)
@@ -279,6 +279,14 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         from tqdm import tqdm
 
         progress = tqdm(total=last_step, initial=step, desc="fusion-train", unit="step")
+    digit_weights = None
+    if config.number_loss_weight != 1.0:
+        from .grounding import number_token_mask
+
+        mask = torch.from_numpy(number_token_mask(tokenizer))
+        digit_weights = (1.0 + (config.number_loss_weight - 1.0) * mask.float()).to(device)
+        log_rank_zero(logger, "number tokens (%d in the vocabulary) weigh %.3g in the loss", int(mask.sum()),
+                      config.number_loss_weight)  # fmt: skip
     throughput, losses = Throughput(), []
     window_loss, window_steps, val_loss = 0.0, 0, None
     engine.train()
@@ -289,7 +297,11 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
             inputs = _to_device(batch, device)
             out = engine(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                          climate=inputs["climate_x"], labels=inputs["labels"])  # fmt: skip
-            loss = out.loss
+            loss = (
+                out.loss
+                if digit_weights is None
+                else _weighted_loss(out.logits, inputs["labels"], digit_weights)
+            )
             (bad,) = _all_reduce([0.0 if torch.isfinite(loss.detach()).item() else 1.0], device, op="max")
             if bad:
                 raise TrainingError(
@@ -350,6 +362,21 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
                      frozen_digest_end=digest_end, losses=losses)  # fmt: skip
 
 
+def _weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy with a per-target-token weight (`weights[vocab_id]`), normalised by the weights."""
+    target = labels[:, 1:]
+    valid = target != -100
+    safe = target.clamp(min=0, max=weights.shape[0] - 1)
+    w = weights[safe] * valid
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        target.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(target.shape)
+    return (ce * w).sum() / w.sum().clamp(min=1e-8)
+
+
 def _save(engine: Any, run: _Run, step: int, position: DataPosition) -> Path:
     client = {
         "step": step,
@@ -374,7 +401,7 @@ def _evaluate(
 ) -> float | None:
     stream = ClimateTextStream(
         data, "val", tokenizer, prompt=prompt, micro_batch=config.micro_batch, max_length=config.max_length,
-        rank=rank, world=world, seed=config.seed, train=False, verify=config.verify_shards,
+        rank=rank, world=world, seed=config.seed, train=False, verify=config.verify_shards, caption=config.caption,
     )  # fmt: skip
     if stream.per_rank == 0:
         return None
