@@ -174,14 +174,22 @@ def eval_command(
     split: Annotated[str, typer.Option(help="train | val | test")] = "test",
     batch_size: Annotated[int, typer.Option(help="samples per batch")] = 4,
     max_batches: Annotated[int | None, typer.Option(help="cap on batches")] = None,
+    generations: Annotated[
+        Path | None, typer.Option(help="score this fusion-generate JSONL instead of generating here")
+    ] = None,
+    generate_limit: Annotated[int, typer.Option(help="samples to generate for faithfulness (0: all)")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens per generated caption")] = 96,
     log_level: Annotated[str, typer.Option(help="logging level")] = "WARNING",
 ) -> None:
-    """Print JSON: caption loss and perplexity of the fused model and of the frozen base alone."""
+    """Print JSON: losses of the fused model and the frozen base, grounding gain, numeric faithfulness."""
     _setup_logging(log_level)
     from .evaluate import evaluate_run
 
     try:
-        result = evaluate_run(run, shards, split, batch_size=batch_size, max_batches=max_batches)
+        result = evaluate_run(
+            run, shards, split, batch_size=batch_size, max_batches=max_batches, generations=generations,
+            generate_limit=generate_limit or None, max_new_tokens=max_new_tokens,
+        )  # fmt: skip
     except (FusionError, ContractError) as exc:
         raise _fail(exc) from exc
     typer.echo(json.dumps(result, indent=2))
@@ -194,7 +202,7 @@ def generate_command(
     split: Annotated[str, typer.Option(help="train | val | test")] = "test",
     limit: Annotated[int | None, typer.Option(help="at most N samples")] = None,
     out: Annotated[Path | None, typer.Option(help="write JSONL here (default: stdout)")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per sample")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per sample")] = 96,
     batch_size: Annotated[int, typer.Option(help="samples per generate call")] = 4,
     log_level: Annotated[str, typer.Option(help="logging level")] = "WARNING",
 ) -> None:

@@ -25,8 +25,12 @@ __all__ = [
     "base_loss_section",
     "evaluate_loss",
     "evaluate_run",
+    "faithfulness_section",
     "fused_loss_section",
+    "grounding_gain",
+    "grounding_gain_section",
     "load_run",
+    "read_generations",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,6 +94,101 @@ def evaluate_loss(
     )
 
 
+def _token_losses(
+    model: Any, batch: dict[str, Any], climate: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """Per-token caption loss `(B, L-1)` (0 where the label is ignored) of the fused model with `climate`."""
+    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    out = model(input_ids=ids, attention_mask=mask, climate=climate.to(device))
+    logits = out.logits[:, :-1].float()
+    target = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="none"
+    )
+    return loss.view(target.shape)
+
+
+def _derangement(groups: list[list[int]], seed: int) -> dict[int, int]:
+    """Map every sample index to another one of its group (same climate shape), seeded; singletons map to self."""
+    import random
+
+    rng = random.Random(seed)
+    out: dict[int, int] = {}
+    for members in groups:
+        if len(members) < 2:
+            out.update({m: m for m in members})
+            continue
+        order = list(members)
+        rng.shuffle(order)
+        out.update({order[i]: order[(i + 1) % len(order)] for i in range(len(order))})
+    return out
+
+
+def grounding_gain(
+    model: Any,
+    batches: Iterable[dict[str, Any]],
+    device: torch.device,
+    max_batches: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """How much the model's caption loss depends on the climate it is given.
+
+    Each sample is scored twice: with its own climate and with the climate of another sample of the split (a seeded
+    derangement, so no sample keeps its own). The gain is the shuffled loss minus the own loss, token-weighted, over
+    all caption tokens and over the number tokens only (tokens holding a digit). A model that ignores the climate
+    scores 0; one that reads it scores > 0. `stderr` is the standard error of the per-sample paired differences;
+    `uses_climate` is true when the caption gain exceeds two of them.
+
+    Returns:
+        {"caption": {"own", "shuffled", "gain", "stderr", "tokens"}, "numbers": {...}, "samples", "uses_climate"}
+    """
+    from .grounding import number_token_mask
+
+    held = [b for i, b in enumerate(batches) if max_batches is None or i < max_batches]
+    climates = [x for b in held for x in b["climate_x"]]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(climates):
+        by_shape.setdefault(tuple(x.shape), []).append(i)
+    other = _derangement(list(by_shape.values()), seed)
+    digits = torch.from_numpy(number_token_mask(model.tokenizer))
+    sums = {
+        k: torch.zeros(2, dtype=torch.float64) for k in ("caption", "numbers")
+    }  # (own, shuffled) loss sums
+    counts = {"caption": 0, "numbers": 0}
+    diffs: dict[str, list[float]] = {"caption": [], "numbers": []}
+    start = 0
+    with torch.no_grad():
+        for batch in held:
+            n = len(batch["keys"])
+            swapped = torch.stack([climates[other[start + j]] for j in range(n)])
+            own = _token_losses(model, batch, batch["climate_x"], device).cpu().double()
+            shuf = _token_losses(model, batch, swapped, device).cpu().double()
+            target = batch["labels"][:, 1:]
+            valid = target != -100
+            is_num = valid & digits[target.clamp(min=0, max=len(digits) - 1)]
+            for name, sel in (("caption", valid), ("numbers", is_num)):
+                sums[name] += torch.stack([(own * sel).sum(), (shuf * sel).sum()])
+                counts[name] += int(sel.sum())
+                per = sel.sum(dim=1)
+                for j in range(n):
+                    if per[j] > 0:
+                        diffs[name].append(float(((shuf[j] - own[j]) * sel[j]).sum() / per[j]))
+            start += n
+    result: dict[str, Any] = {"samples": start}
+    for name in ("caption", "numbers"):
+        tokens = counts[name]
+        own_loss = float(sums[name][0]) / tokens if tokens else float("nan")
+        shuf_loss = float(sums[name][1]) / tokens if tokens else float("nan")
+        d = torch.tensor(diffs[name], dtype=torch.float64)
+        stderr = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+        result[name] = {
+            "own": own_loss, "shuffled": shuf_loss, "gain": shuf_loss - own_loss, "stderr": stderr, "tokens": tokens,
+        }  # fmt: skip
+    cap = result["caption"]
+    result["uses_climate"] = bool(math.isfinite(cap["stderr"]) and cap["gain"] > 2 * cap["stderr"])
+    return result
+
+
 @dataclass
 class EvalContext:
     """What every evaluation section may use: the run's config, the loaded fused model, the data and the split."""
@@ -103,6 +202,10 @@ class EvalContext:
     device: torch.device
     batch_size: int
     max_batches: int | None
+    generations: list[dict[str, Any]] | None = None
+    generate_limit: int | None = 64
+    max_new_tokens: int = 96
+    seed: int = 0
 
     def batches(self) -> Any:
         """A fresh pass over the split's batches (one process, manifest order)."""
@@ -111,6 +214,7 @@ class EvalContext:
         return ClimateTextStream(
             self.dataset, self.split, self.model.tokenizer, prompt=self.prompt, micro_batch=self.batch_size,
             max_length=self.config.max_length, train=False, verify=self.config.verify_shards,
+            caption=self.config.caption,
         )  # fmt: skip
 
 
@@ -148,7 +252,44 @@ def base_loss_section(ctx: EvalContext) -> dict[str, Any]:
     }
 
 
-SECTIONS: list[Callable[[EvalContext], dict[str, Any]]] = [fused_loss_section, base_loss_section]
+def grounding_gain_section(ctx: EvalContext) -> dict[str, Any]:
+    """Loss with another sample's climate minus loss with the sample's own climate (see `grounding_gain`)."""
+    return {"grounding_gain": grounding_gain(ctx.model, ctx.batches(), ctx.device, ctx.max_batches, ctx.seed)}
+
+
+def faithfulness_section(ctx: EvalContext) -> dict[str, Any]:
+    """Numbers parsed from generated captions vs the index statistics, and the train-mean baseline's error."""
+    from .generate import iter_generations
+    from .grounding import baseline_values, faithfulness, truth_from_index
+
+    rows = ctx.generations
+    if rows is None:
+        rows = list(
+            iter_generations(
+                ctx.model, ctx.dataset, ctx.prompt, ctx.split, ctx.generate_limit, ctx.batch_size,
+                ctx.max_new_tokens, ctx.config.caption,
+            )
+        )  # fmt: skip
+    truth = truth_from_index(ctx.dataset.read_index())
+    baseline = baseline_values(truth, "train")
+    per_quantity = faithfulness({r["key"]: r["generated"] for r in rows}, truth, baseline)
+    return {
+        "faithfulness": {
+            "samples": len(rows),
+            "baseline": "train-split mean of each quantity",
+            "baseline_values": baseline,
+            "quantities": per_quantity,
+            "grounded": {q: m["beats_baseline"] for q, m in per_quantity.items()},
+        }
+    }
+
+
+SECTIONS: list[Callable[[EvalContext], dict[str, Any]]] = [
+    fused_loss_section,
+    base_loss_section,
+    grounding_gain_section,
+    faithfulness_section,
+]
 """The sections of `fusion-eval`'s JSON, in order."""
 
 
@@ -179,14 +320,62 @@ def load_run(run_dir: Path) -> tuple[TrainConfig, Any]:
     return config, model
 
 
+def read_generations(path: Path) -> list[dict[str, Any]]:
+    """Read a `fusion-generate --out` JSONL file (one {"key", "reference", "generated"} per line).
+
+    Raises:
+        DataError: the file is missing or a line is not such an object.
+    """
+    import json
+
+    from .errors import DataError
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DataError(
+            f"--generations {path}: cannot read it ({exc}); write it with fusion-generate --out"
+        ) from exc
+    rows: list[dict[str, Any]] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise DataError(f"--generations {path}: line {n} is not JSON ({exc})") from exc
+        if not isinstance(row, dict) or not {"key", "generated"} <= row.keys():
+            raise DataError(f"--generations {path}: line {n} lacks 'key' and 'generated'")
+        rows.append(row)
+    return rows
+
+
 def evaluate_run(
-    run_dir: Path, shards: str, split: str = "test", batch_size: int = 4, max_batches: int | None = None
+    run_dir: Path,
+    shards: str,
+    split: str = "test",
+    batch_size: int = 4,
+    max_batches: int | None = None,
+    generations: Path | None = None,
+    generate_limit: int | None = 64,
+    max_new_tokens: int = 96,
 ) -> dict[str, Any]:
     """Evaluate a finished run on one split; the dict `fusion-eval` prints as JSON.
 
+    Args:
+        run_dir: a finished fusion-train RUN_DIR.
+        shards: the dataset REF.
+        split: the split to score.
+        batch_size: samples per forward pass.
+        max_batches: cap on batches for the losses and the grounding gain.
+        generations: a `fusion-generate` JSONL to score for faithfulness; None: generate `generate_limit` here.
+        generate_limit: samples to generate when `generations` is None (None: the whole split).
+        max_new_tokens: tokens per generated caption.
+
     Returns:
-        {"run", "dataset", "version", "split", "fused": {loss, perplexity, ...}, "base": {...}, "loss_delta"}
-        (loss_delta = base loss - fused loss: positive when the climate helps).
+        {"run", "dataset", "version", "split", "caption", "fused": {loss, perplexity, ...}, "base": {...},
+        "loss_delta" (base loss - fused loss: positive when the climate helps), "grounding_gain": {...},
+        "faithfulness": {...}, "grounded": {...}} (see `grounding_gain` and `grounding.faithfulness`).
 
     Raises:
         DataError: the dataset cannot be read, or has no samples in `split`.
@@ -202,16 +391,26 @@ def evaluate_run(
         )
     device = next(model.parameters()).device
     ctx = EvalContext(run_dir=run_dir, config=config, model=model, dataset=data, split=split,
-                      prompt=render_prompt(config.prompt_template, data), device=device, batch_size=batch_size,
-                      max_batches=max_batches)  # fmt: skip
+                      prompt=render_prompt(config.prompt_template, data, config.caption), device=device, batch_size=batch_size,
+                      max_batches=max_batches, generate_limit=generate_limit, max_new_tokens=max_new_tokens,
+                      seed=config.seed,
+                      generations=read_generations(generations) if generations is not None else None)  # fmt: skip
     result: dict[str, Any] = {
         "run": str(run_dir),
         "dataset": data.reference,
         "version": data.version,
         "split": split,
+        "caption": config.caption,
+        "fusion": model.config.fusion,
     }
     for section in SECTIONS:
+        logger.info("fusion-eval: %s", section.__name__.removesuffix("_section"))
         result.update(section(ctx))
     if "fused" in result and "base" in result:
         result["loss_delta"] = result["base"]["loss"] - result["fused"]["loss"]
+    if "grounding_gain" in result and "faithfulness" in result:
+        result["grounded"] = {
+            "uses_climate": result["grounding_gain"]["uses_climate"],
+            "beats_mean_baseline": result["faithfulness"]["grounded"],
+        }
     return result

@@ -25,14 +25,26 @@ def iter_generations(
     split: str = "test",
     limit: int | None = None,
     batch_size: int = 4,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 96,
+    caption: str = "full",
 ) -> Iterator[dict[str, Any]]:
     """Generate greedily for the samples of `split` in manifest order.
+
+    Args:
+        model: a loaded FusionModel.
+        dataset: the opened dataset.
+        prompt: the rendered prompt (the run's template).
+        split: which split.
+        limit: at most this many samples (None: all).
+        batch_size: samples per generate call.
+        max_new_tokens: tokens per caption.
+        caption: the run's caption form; the reference is the caption in that form (`grounding.caption_target`).
 
     Yields:
         {"key", "reference", "generated"} per sample.
     """
     from .data import decode_sample, epoch_samples
+    from .grounding import caption_target
 
     device = next(model.parameters()).device
     raws = epoch_samples(dataset, split, epoch=0, rank=0, world=1, seed=0, shuffle=False)
@@ -44,7 +56,8 @@ def iter_generations(
             climate, prompt=[prompt] * len(items), max_new_tokens=max_new_tokens, do_sample=False
         )
         for sample, text in zip(items, texts, strict=True):
-            yield {"key": sample.key, "reference": sample.text, "generated": text}
+            reference = caption_target(sample.text, caption)
+            yield {"key": sample.key, "reference": reference, "generated": text}
 
     for done, raw in enumerate(raws):
         if limit is not None and done >= limit:
@@ -64,7 +77,7 @@ def generate_run(
     limit: int | None = None,
     out: Path | None = None,
     batch_size: int = 4,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 96,
 ) -> list[dict[str, Any]]:
     """Generate texts for a split with a finished run's adapter; optionally write them as JSONL (atomically).
 
@@ -81,8 +94,10 @@ def generate_run(
         raise DataError(
             f"--split {split}: dataset {data.version_url} has no {split!r} shards ({data.manifest.splits})"
         )
-    prompt = render_prompt(config.prompt_template, data)
-    rows = list(iter_generations(model, data, prompt, split, limit, batch_size, max_new_tokens))
+    prompt = render_prompt(config.prompt_template, data, config.caption)
+    rows = list(
+        iter_generations(model, data, prompt, split, limit, batch_size, max_new_tokens, config.caption)
+    )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")

@@ -1,0 +1,212 @@
+"""Grounding metrics: caption number parsing (the documented formats), compact captions, truth from the index,
+the train-mean baseline, faithfulness verdicts, number tokens, and the shuffled-climate grounding gain."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fusion_trainer.errors import DataError
+from fusion_trainer.evaluate import _derangement, grounding_gain
+from fusion_trainer.grounding import (
+    baseline_values,
+    compact_caption,
+    example_caption,
+    faithfulness,
+    number_token_mask,
+    parse_caption_numbers,
+    truth_from_index,
+)
+
+# one caption per template, written by hand from the documented formats (text.py's module docstring)
+T0 = (
+    "Weather over part of the contiguous United States (the area 24.0°N to 31.5°N, 125.0°W to 113.8°W) from "
+    "1 January 2019 00:00 to 1 January 2019 06:00 UTC. The area-weighted mean 2 m temperature was 17.5 °C, ranging "
+    "from 11.9 °C to 20.3 °C. That is 1.2 °C colder than the 1991-2020 average for the date. The mean dew point was "
+    "11.0 °C. Mean specific humidity was 8.2 g/kg. The mean 10 m wind vector was 1.1 m/s from the southeast. Mean "
+    "sea-level pressure was 1021.8 hPa. Precipitation totalled 0.0 mm on area average."
+)
+T1 = (
+    "From 1 January 2019 00:00 to 1 January 2019 06:00 UTC, part of the contiguous United States (the area 24.0°N "
+    "to 31.5°N, 105.0°W to 95.6°W): 2 m temperatures averaged -10.3 °C (area-weighted), between -14.7 °C and "
+    "-4.9 °C. Dew point averaged -18.1 °C. Specific humidity averaged 0.9 g/kg. Mean wind vector at 10 m: 8.1 m/s "
+    "from the west-southwest. Sea-level pressure averaged 1014.4 hPa. Area-mean precipitation: 2.5 mm. Reported "
+    "events: Hail near X on 1 January 2019: 1.75 inch hail, 60 mph winds."
+)
+T2 = (
+    "Conditions in the Sahel on 2 March 2019: mean 2 m temperature 30.2 °C (area-weighted; minimum 21.0 °C, "
+    "maximum 38.4 °C); dew point 5.0 °C; specific humidity 5.6 g/kg; 10 m mean wind vector 0.0 m/s with no "
+    "prevailing direction; sea-level pressure 1009.9 hPa; area-mean precipitation total 0.3 mm. Notable: extreme "
+    "heat (maximum 2 m temperature 38.4 °C)."
+)
+
+
+def test_parse_every_template() -> None:
+    assert parse_caption_numbers(T0) == {
+        "t2m_mean_c": 17.5, "t2m_min_c": 11.9, "t2m_max_c": 20.3, "dewpoint_c": 11.0, "qv_g_kg": 8.2,
+        "wind_speed_m_s": 1.1, "slp_hpa": 1021.8, "precip_mm": 0.0,
+    }  # fmt: skip
+    p1 = parse_caption_numbers(T1)
+    assert (p1["t2m_mean_c"], p1["t2m_min_c"], p1["t2m_max_c"]) == (-10.3, -14.7, -4.9)
+    assert (p1["wind_speed_m_s"], p1["slp_hpa"], p1["precip_mm"]) == (8.1, 1014.4, 2.5)
+    p2 = parse_caption_numbers(T2)
+    assert (p2["t2m_mean_c"], p2["wind_speed_m_s"], p2["slp_hpa"], p2["precip_mm"]) == (
+        30.2,
+        0.0,
+        1009.9,
+        0.3,
+    )
+
+
+def test_parse_ignores_events_and_free_text() -> None:
+    # numbers in events or in sentences that do not follow a template are never read
+    assert parse_caption_numbers("Reported events: The mean dew point was 3.0 °C.") == {}
+    assert parse_caption_numbers("It was about 12 degrees and windy.") == {}
+    assert parse_caption_numbers("Mean sea-level pressure was 1012.0 hPa.") == {"slp_hpa": 1012.0}
+
+
+def test_compact_caption_keeps_number_sentences_verbatim() -> None:
+    for text in (T0, T1, T2):
+        short = compact_caption(text)
+        assert len(short) < len(text) * 0.7
+        assert (
+            "Reported events" not in short
+            and "United States" not in short
+            and "dew point" not in short.lower()
+        )
+        full, kept = parse_caption_numbers(text), parse_caption_numbers(short)
+        for q in ("t2m_mean_c", "t2m_min_c", "t2m_max_c", "wind_speed_m_s", "slp_hpa", "precip_mm"):
+            assert kept[q] == full[q]
+        assert short.endswith(".")
+    assert compact_caption("  no numbers here ") == "no numbers here"
+    with pytest.raises(DataError, match="facet 'bogus'"):
+        compact_caption(T0, facets=["bogus"])
+
+
+def test_example_caption_parses_back_to_train_means() -> None:
+    norm = {"T2M": (280.15, 5.0), "U10M": (3.0, 1.0), "V10M": (4.0, 1.0), "SLP": (101500.0, 900.0),
+            "PRECTOTCORR": (2e-5, 1e-5)}  # fmt: skip
+    text = example_caption(norm, "6h")
+    got = parse_caption_numbers(text)
+    assert got == {"t2m_mean_c": 7.0, "t2m_min_c": 2.0, "t2m_max_c": 12.0, "wind_speed_m_s": 5.0,
+                   "slp_hpa": 1015.0, "precip_mm": 0.4}  # fmt: skip
+    assert "from the southwest" in text  # u=3 (eastward), v=4 (northward): from 216.9°, nearest SW
+    assert example_caption({}) == ""
+
+
+def _index() -> pd.DataFrame:
+    t0 = pd.Timestamp("2019-01-01", tz="UTC")
+    rows = []
+    for i, split in enumerate(["train", "train", "train", "test", "test"]):
+        rows.append({
+            "key": f"k{i}", "split": split, "time_start": t0, "time_end": t0 + pd.Timedelta(hours=6),
+            "T2M_mean": 273.15 + 10 * i, "T2M_min": 270.0 + 10 * i, "T2M_max": 280.0 + 10 * i,
+            "U10M_mean": 3.0, "V10M_mean": -4.0, "SLP_mean": 101000.0 + 100 * i, "PRECTOTCORR_mean": 1e-5 * i,
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_truth_and_baseline_from_index() -> None:
+    truth = truth_from_index(_index())
+    assert truth.loc["k2", "t2m_mean_c"] == pytest.approx(20.0)
+    assert truth.loc["k1", "wind_speed_m_s"] == pytest.approx(5.0)
+    assert truth.loc["k3", "slp_hpa"] == pytest.approx(1013.0)
+    assert truth.loc["k4", "precip_mm"] == pytest.approx(4e-5 * 6 * 3600)
+    assert "dewpoint_c" not in truth.columns  # T2MDEW absent: its quantity is left out
+    base = baseline_values(truth, "train")
+    assert base["t2m_mean_c"] == pytest.approx(10.0)  # the train keys only (0, 10, 20)
+    with pytest.raises(DataError, match="'val'"):
+        baseline_values(truth, "val")
+
+
+def test_faithfulness_rewards_right_numbers_and_not_the_mean() -> None:
+    truth = truth_from_index(_index())
+    base = baseline_values(truth, "train")
+    right = {k: f"The area-weighted mean 2 m temperature was {truth.loc[k, 't2m_mean_c']:.1f} °C, ranging from "
+                f"0.0 °C to 1.0 °C." for k in ("k3", "k4")}  # fmt: skip
+    good = faithfulness(right, truth, base)["t2m_mean_c"]
+    assert good["mae"] == pytest.approx(0.0, abs=0.051) and good["baseline_mae"] == pytest.approx(25.0)
+    assert good["beats_baseline"] and good["parsed_fraction"] == 1.0
+    mean_only = {k: "The area-weighted mean 2 m temperature was 10.0 °C, ranging from 0.0 °C to 1.0 °C."
+                 for k in ("k3", "k4")}  # fmt: skip
+    assert faithfulness(mean_only, truth, base)["t2m_mean_c"]["beats_baseline"] is False
+    # right numbers in too few outputs do not count
+    sparse = {"k3": right["k3"], "k4": "nonsense", "k0": "nonsense"}
+    m = faithfulness(sparse, truth, base)["t2m_mean_c"]
+    assert m["parsed"] == 1 and m["parsed_fraction"] == pytest.approx(1 / 3) and m["beats_baseline"] is False
+    assert m["mae"] is not None and m["corr"] is None
+    with pytest.raises(DataError, match="not in the dataset index"):
+        faithfulness({"nope": "x"}, truth, base)
+
+
+def test_number_token_mask(tokenizer: Any) -> None:
+    mask = number_token_mask(tokenizer)
+    ids = tokenizer("temperature 17.5 °C", add_special_tokens=False)["input_ids"]
+    flags = [bool(mask[i]) for i in ids]
+    digit_tokens = [tokenizer.convert_ids_to_tokens(i) for i, f in zip(ids, flags, strict=True) if f]
+    assert any(flags) and not all(flags)
+    assert all(any(c.isdigit() for c in t) for t in digit_tokens)
+
+
+def test_derangement_moves_every_sample_within_its_group() -> None:
+    other = _derangement([[0, 1, 2, 3], [4, 5], [6]], seed=3)
+    assert all(other[i] != i for i in range(6)) and other[6] == 6
+    assert {other[i] for i in range(4)} == {0, 1, 2, 3} and {other[4], other[5]} == {4, 5}
+
+
+class _Tok:
+    """Token 0..9 are the digits; 10 and 11 are words."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [str(i) if i < 10 else f"w{i}" for i in ids]
+
+
+class _Model(torch.nn.Module):
+    """Predicts each label token exactly when `reads` (from the climate mean), else uniformly."""
+
+    def __init__(self, reads: bool) -> None:
+        super().__init__()
+        self.reads, self.tokenizer = reads, _Tok()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, climate: torch.Tensor) -> Any:
+        b, n = input_ids.shape
+        logits = torch.zeros(b, n, 12)
+        if self.reads:
+            digit = climate.flatten(1).mean(1).round().long().clamp(0, 9)  # the "number" this climate says
+            logits[torch.arange(b), :, digit] = 10.0
+        return SimpleNamespace(logits=logits)
+
+
+def _batches() -> list[dict[str, Any]]:
+    out = []
+    for start in (0, 4):
+        digits = torch.arange(start, start + 4)
+        climate = digits.float().view(4, 1, 1, 1, 1).expand(4, 1, 1, 2, 2).contiguous()
+        ids = torch.stack([torch.tensor([11, int(d), int(d)]) for d in digits])
+        labels = ids.clone()
+        labels[:, 0] = -100
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+                    "climate_x": climate, "keys": [f"s{int(d)}" for d in digits]})  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("reads", [True, False])
+def test_grounding_gain_separates_reading_from_ignoring(reads: bool) -> None:
+    fn: Callable[..., dict[str, Any]] = grounding_gain
+    result = fn(_Model(reads), _batches(), torch.device("cpu"))
+    assert result["samples"] == 8 and result["caption"]["tokens"] == 16 and result["numbers"]["tokens"] == 16
+    if reads:
+        assert result["caption"]["gain"] > 5.0 and result["numbers"]["gain"] > 5.0
+        assert result["uses_climate"] is True
+    else:
+        assert result["caption"]["gain"] == pytest.approx(0.0, abs=1e-9)
+        assert result["uses_climate"] is False
+    assert np.isfinite(result["caption"]["own"])
