@@ -11,11 +11,13 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
 PYTEST_ARGS ?=
 QUICK ?= 0
+DEMO_ARGS ?=
 
 .PHONY: setup test lint demo compare bench clean help
 
 help:
 	@echo "make demo      set up .venv, then run the main job offline on the embedded default (QUICK=1: smoke run)"
+	@echo "make compare   train and evaluate each fusion variant under the same budget (demo-output/compare/)"
 	@echo "make test      set up .venv, lint, then run the test suite (what CI runs)"
 	@echo "make lint      ruff + mypy"
 	@echo "make bench     benchmarks (prints measured ratios)"
@@ -38,7 +40,10 @@ test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) pipelines/demo.py --quick $(QUICK)
+	$(PY) scripts/demo.py --quick $(QUICK) $(DEMO_ARGS)
+
+compare: setup
+	$(PY) scripts/demo.py --compare $(DEMO_ARGS)
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -1,0 +1,271 @@
+"""The main job on the embedded default (`make demo`): synth -> build -> fetch base -> train -> generate -> eval -> report.
+
+Every stage runs the real command line (`merra2-text`, `fusion-base`, `fusion-train`, `fusion-generate`,
+`fusion-eval`) from this interpreter's environment, prints its output as it goes, and is skipped when its output
+already exists and is complete, so an interrupted demo continues where it stopped. Stage timings are printed and
+kept in OUT/timings.json; the report is OUT/REPORT.md.
+
+    python scripts/demo.py                 # the full demo (about 20 minutes on 2 cores) into demo-output/
+    python scripts/demo.py --quick 1       # a smoke run (under 5 minutes) into demo-output/quick/
+    python scripts/demo.py --compare       # each fusion variant under the same budget -> OUT/compare/results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("demo")
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+EVENTS = ROOT.parent / "shared/data/noaa-storm-events/StormEvents_details-ftp_v1.0_d2019_c20190617.csv.gz"
+VARIANTS = ("add", "xattn", "prefix", "gated-xattn")
+# per-variant settings that must fit SmolLM2-135M (hidden 576, 30 layers)
+VARIANT_SETTINGS = {
+    "xattn": ["fusion.n_heads=9"],
+    "gated-xattn": ["fusion.n_heads=9", "fusion.every_n_layers=6"],
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one demo run does: where, which period, how long to train, how many samples to generate."""
+
+    out: Path
+    start: str
+    end: str
+    steps: int
+    generate: int
+    eval_batches: int | None
+    eval_every: int
+    region: str = "conus"
+    base: str = "smollm2"  # or "tiny" (a tiny random Llama: fusion-base tiny llama)
+    build_set: tuple[str, ...] = ()
+    train_set: tuple[str, ...] = ()
+
+
+FULL = Plan(
+    ROOT / "demo-output", "2019-01-01", "2019-03-31", steps=120, generate=64, eval_batches=8, eval_every=40
+)
+QUICK = Plan(
+    ROOT / "demo-output/quick",
+    "2019-01-01",
+    "2019-01-07",
+    steps=20,
+    generate=8,
+    eval_batches=4,
+    eval_every=10,
+    train_set=("warmup_steps=2",),
+)
+TINY = Plan(ROOT / "demo-output/tiny", "2019-01-01", "2019-01-08", steps=4, generate=3, eval_batches=2, eval_every=2,
+            region="-105,35,-95,45", base="tiny", build_set=("sample.tile=null",),
+            train_set=("fusion.d_encoder=32", "fusion.encoder_heads=4", "fusion.n_prefix_tokens=4", "bf16=false",
+                       "micro_batch=2", "num_workers=0", "warmup_steps=0", "max_length=512"))  # fmt: skip
+"""A few seconds of training on a tiny random Llama (the end-to-end test)."""
+
+
+class Stages:
+    """Runs named stages, times them, and records the times in OUT/timings.json."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "timings.json"
+        self.times: dict[str, float] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def run(self, name: str, done: bool, fn: Any) -> Any:
+        if done:
+            print(
+                f"== {name}: already complete, skipped ({self.times.get(name, 0):.0f} s when it ran)",
+                flush=True,
+            )
+            return None
+        print(f"== {name} ...", flush=True)
+        t0 = time.perf_counter()
+        result = fn()
+        self.times[name] = time.perf_counter() - t0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(".timings.json.tmp")
+        tmp.write_text(json.dumps(self.times, indent=2))
+        tmp.replace(self.path)
+        print(f"== {name}: {self.times[name]:.0f} s", flush=True)
+        return result
+
+
+def sh(args: Sequence[str], stdout: Path | None = None) -> str:
+    """Run a CLI of this environment; its stderr (logs, progress) goes to the terminal; returns its stdout."""
+    cmd = [str(BIN / args[0]), *args[1:]]
+    print("$ " + " ".join(cmd), flush=True)
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        sys.stdout.write(proc.stdout)
+        raise SystemExit(f"demo: {args[0]} failed (exit {proc.returncode}); fix the error above and rerun: "
+                         "finished stages are skipped")  # fmt: skip
+    if stdout is not None:
+        tmp = stdout.with_name(f".{stdout.name}.tmp")
+        tmp.write_text(proc.stdout, encoding="utf-8")
+        tmp.replace(stdout)
+    elif proc.stdout.strip():
+        print(proc.stdout.rstrip()[-2000:], flush=True)
+    return proc.stdout
+
+
+def prepare(plan: Plan, stages: Stages) -> tuple[str, Path]:
+    """Synthesise granules, build the dataset and fetch the base; returns (dataset REF, base folder)."""
+    granules, marker = plan.out / "granules", plan.out / "granules/.complete"
+
+    def synth() -> None:
+        sh(["merra2-text", "synth", "--out", str(granules), f"--region={plan.region}", "--start", plan.start,
+            "--end", plan.end, "--quiet"])  # fmt: skip
+        marker.write_text("ok\n")
+
+    stages.run("synth", marker.exists(), synth)
+    ref_file = plan.out / "dataset.ref"
+
+    def build() -> None:
+        args = ["merra2-text", "build", "--config", "pipelines/demo-build.yaml", "--source", str(granules),
+                "--start", plan.start, "--end", plan.end, f"--region={plan.region}", "--out", str(plan.out / "datasets"),
+                "--quiet"]  # fmt: skip
+        for item in plan.build_set:
+            args += ["--set", item]
+        if EVENTS.exists():
+            args += ["--events", str(EVENTS)]
+        else:
+            print(f"note: {EVENTS} is missing; building without NOAA storm reports", flush=True)
+        ref = sh(args).strip().splitlines()[-1]
+        ref_file.write_text(ref + "\n")
+
+    stages.run("build", ref_file.exists(), build)
+    if plan.base == "tiny":
+        base = plan.out / "bases/tiny-llama"
+        stages.run("tiny base", (base / "config.json").exists(),
+                   lambda: sh(["fusion-base", "tiny", "llama", "--out", str(base)]))  # fmt: skip
+    else:
+        base = plan.out / "bases/smollm2-135m"
+        stages.run("fetch base", (base / "config.json").exists(),
+                   lambda: sh(["fusion-base", "fetch", "smollm2-135m", "--out", str(base), "--no-progress"]))  # fmt: skip
+    return ref_file.read_text().strip(), base
+
+
+def train_eval(plan: Plan, stages: Stages, ref: str, base: Path, run: Path, extra: Sequence[str] = (),
+               label: str = "") -> dict[str, Any]:  # fmt: skip
+    """Train (resuming a partial run), generate and evaluate one run; returns fusion-eval's JSON."""
+    tag = f" {label}" if label else ""
+    args = ["fusion-train", "--config", "pipelines/demo-train.yaml", "--shards", ref, "--model", str(base),
+            "--out", str(run), "--steps", str(plan.steps), "--eval-every", str(plan.eval_every)]  # fmt: skip
+    for item in (*plan.train_set, *extra):
+        args += ["--set", item]
+    if (run / "checkpoints").is_dir() and not (run / "final").is_dir():
+        args.append("--resume")
+    stages.run(f"train{tag}", (run / "final/adapter.safetensors").exists(), lambda: sh(args))
+    gens = run.parent / f"generations{'-' + label if label else ''}.jsonl"
+    stages.run(f"generate{tag}", gens.exists(), lambda: sh([
+        "fusion-generate", "--run", str(run), "--shards", ref, "--split", "test", "--limit", str(plan.generate),
+        "--batch-size", "16", "--max-new-tokens", "48", "--out", str(gens), "--log-level", "INFO"]))  # fmt: skip
+    metrics = run.parent / f"metrics{'-' + label if label else ''}.json"
+    eval_args = ["fusion-eval", "--run", str(run), "--shards", ref, "--split", "test", "--batch-size", "16",
+                 "--generations", str(gens), "--log-level", "INFO"]  # fmt: skip
+    if plan.eval_batches:
+        eval_args += ["--max-batches", str(plan.eval_batches)]
+    stages.run(f"eval{tag}", metrics.exists(), lambda: sh(eval_args, stdout=metrics))
+    return dict(json.loads(metrics.read_text()))
+
+
+def report(
+    plan: Plan, stages: Stages, ref: str, run: Path, metrics: dict[str, Any], notes: list[str]
+) -> None:
+    """Write OUT/REPORT.md and its figures."""
+    from fusion_trainer.data import open_shards
+    from fusion_trainer.report import write_report
+
+    gens = [json.loads(x) for x in (plan.out / "generations.jsonl").read_text().splitlines() if x.strip()]
+    dataset = open_shards(ref)
+    card = f"dataset {ref}: {dataset.manifest.splits} samples"
+    if not EVENTS.exists():
+        notes.append("NOAA storm reports were missing: the dataset was built without events")
+    notes.append(
+        card + "; climate fields are synthetic (merra2-text synth), storm reports are real NOAA records"
+    )
+    stages.run("report", False, lambda: write_report(plan.out, run, metrics, gens, dataset, dict(stages.times),
+                                                     notes))  # fmt: skip
+
+
+def compare(plan: Plan, stages: Stages, ref: str, base: Path, variants: Sequence[str], steps: int) -> Path:
+    """Train every variant for `steps` steps with the demo's settings and tabulate their metrics."""
+    from fusion_trainer.report import metrics_table
+
+    budget = replace(plan, out=plan.out / "compare", steps=steps, eval_every=steps)
+    lines = ["| variant | test loss | base loss | gain (caption) | gain (numbers) | T2M MAE | baseline MAE | "
+             "T2M parsed | beats baseline | train s |", "|" + "---|" * 10]  # fmt: skip
+    for variant in variants:
+        run = budget.out / variant / "run"
+        m = train_eval(budget, stages, ref, base, run, [f"fusion.fusion={variant}", *VARIANT_SETTINGS.get(variant, [])],
+                       label=variant)  # fmt: skip
+        t2m = m["faithfulness"]["quantities"].get("t2m_mean_c", {})
+        g = m["grounding_gain"]
+        lines.append(
+            f"| {variant} | {m['fused']['loss']:.4f} | {m['base']['loss']:.4f} | {g['caption']['gain']:.4f} | "
+            f"{g['numbers']['gain']:.4f} | {t2m.get('mae') or float('nan'):.2f} | "
+            f"{t2m.get('baseline_mae') or float('nan'):.2f} | {100 * t2m.get('parsed_fraction', 0):.0f}% | "
+            f"{t2m.get('beats_baseline')} | {stages.times.get('train ' + variant, 0):.0f} |"
+        )
+        print("\n".join(f"  {r}" for r in map(str, metrics_table(m))), flush=True)
+    out = budget.out / "results.md"
+    out.write_text(f"Each variant: {steps} steps, settings of pipelines/demo-train.yaml, dataset {ref}.\n\n"
+                   + "\n".join(lines) + "\n")  # fmt: skip
+    print(out.read_text(), flush=True)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line of the demo driver."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", type=int, default=0, help="1: the smoke run (a week of data, 20 steps)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random Llama on a tiny dataset (seconds)")
+    parser.add_argument(
+        "--set", dest="train_set", action="append", default=[], help="fusion-train --set KEY=VALUE"
+    )
+    parser.add_argument("--compare", action="store_true", help="train and evaluate every fusion variant")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="--compare: which variants")
+    parser.add_argument("--compare-steps", type=int, default=150, help="--compare: steps per variant")
+    parser.add_argument("--steps", type=int, default=None, help="override the training steps")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default demo-output[/quick])")
+    ns = parser.parse_args(argv)
+    plan = TINY if ns.tiny else QUICK if ns.quick else FULL
+    plan = replace(plan, out=ns.out or plan.out, steps=ns.steps or plan.steps,
+                   train_set=(*plan.train_set, *ns.train_set))  # fmt: skip
+    plan.out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(plan.out)
+    t0 = time.perf_counter()
+    ref, base = prepare(plan, stages)
+    if ns.compare:
+        compare(
+            plan,
+            stages,
+            ref,
+            base,
+            [v.strip() for v in ns.variants.split(",") if v.strip()],
+            ns.compare_steps,
+        )
+    else:
+        metrics = train_eval(plan, stages, ref, base, plan.out / "run")
+        report(plan, stages, ref, plan.out / "run", metrics, [])
+        print(f"\nreport: {plan.out / 'REPORT.md'}", flush=True)
+    print("\nstage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.times.items()), flush=True)
+    print(f"this invocation: {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""End to end through the command lines: `scripts/demo.py --tiny` runs merra2-text synth and build, fusion-base tiny,
+fusion-train, fusion-generate and fusion-eval as subprocesses, then writes the report; a second run skips every
+finished stage. Tiny data (8 days over a 10° box, one sample per 6 h window) and a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts/demo.py"), "--tiny", "--out", str(out), *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_demo_stages_through_the_clis(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = _demo(out)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    # every stage ran through its CLI and was timed
+    for cli in ("merra2-text synth", "merra2-text build", "fusion-base tiny llama", "fusion-train",
+                "fusion-generate", "fusion-eval"):  # fmt: skip
+        assert f"{cli} " in log.replace(str(Path(sys.executable).parent) + "/", ""), cli
+    for stage in ("synth", "build", "tiny base", "train", "generate", "eval", "report"):
+        assert f"== {stage}: " in log, stage
+    assert "training steps 1..4 of 4" in log and "fusion-eval: grounding_gain" in log
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings) >= {"synth", "build", "train", "generate", "eval", "report"}
+
+    metrics = json.loads((out / "run/../metrics.json").read_text())
+    for side in ("fused", "base"):
+        assert isinstance(metrics[side]["loss"], float) and metrics[side]["tokens"] > 0
+    assert isinstance(metrics["loss_delta"], float)
+    gain = metrics["grounding_gain"]
+    for part in ("caption", "numbers"):
+        assert {"own", "shuffled", "gain", "stderr", "tokens"} <= set(gain[part])
+        assert isinstance(gain[part]["tokens"], int)
+    assert isinstance(gain["uses_climate"], bool)
+    faith = metrics["faithfulness"]
+    assert faith["samples"] == 3
+    t2m = faith["quantities"]["t2m_mean_c"]
+    assert 0.0 <= t2m["parsed_fraction"] <= 1.0 and isinstance(t2m["baseline_mae_all"], float)
+    assert isinstance(t2m["beats_baseline"], bool)
+    assert metrics["grounded"]["beats_mean_baseline"] == faith["grounded"]
+
+    rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all({"key", "reference", "generated"} <= set(r) for r in rows)
+    assert all("°C" in r["reference"] for r in rows)  # the reference is the caption's number sentences
+
+    report = (out / "REPORT.md").read_text()
+    assert "## Verdict" in report and "## Stage timings" in report
+    for name in ("loss.png", "metrics.png", "sample_map.png", "scatter_t2m.png"):
+        assert (out / name).read_bytes().startswith(PNG), name
+    assert "climate fields are synthetic" in report
+
+    # a second run finds every stage complete and redoes none of the expensive ones
+    again = _demo(out)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    for stage in ("synth", "build", "train", "generate", "eval"):
+        assert f"== {stage}: already complete, skipped" in again.stdout, stage
