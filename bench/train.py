@@ -43,10 +43,12 @@ MODELS: dict[str, dict[str, Any]] = {
         "fusion": {"fusion": "xattn", "d_encoder": 32, "encoder_heads": 4, "encoder_depth": 1, "n_heads": 4},
         "micro_batch": 8, "bf16": False, "max_length": 512, "steps": 40, "log_every": 5,
     },
+    # pipelines/train-smollm2.yaml's model and fusion; micro-batch 2, fp32 and 6 steps keep a CPU run short (bf16
+    # matmuls are several times slower than fp32 on a CPU without AMX: 42 s a step at micro-batch 4 here)
     "smollm2": {
         "fusion": {"fusion": "gated-xattn", "d_encoder": 256, "encoder_depth": 2, "encoder_heads": 8, "n_heads": 9,
                    "every_n_layers": 6},
-        "micro_batch": 4, "bf16": True, "max_length": 256, "steps": 12, "log_every": 2,
+        "micro_batch": 2, "bf16": False, "max_length": 256, "steps": 6, "log_every": 2,
     },
 }  # fmt: skip
 
