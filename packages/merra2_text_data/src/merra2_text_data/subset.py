@@ -29,7 +29,8 @@ import xarray as xr
 from climate_text_schema import KNOWN_VARIABLES
 
 from .errors import ConfigError, GranuleError, MissingDataError
-from .fetch import Granule, collection_for, parse_granule_name
+from .fetch import Granule, collection_for
+from .granule_checks import check_chunks, check_collection, check_time
 from .regions import Region, grid_points
 
 __all__ = ["cache_key", "open_region", "variable_collection"]
@@ -103,7 +104,30 @@ def _attr(value: Any) -> Any:
     return value
 
 
-def _dims(dset: h5py.Dataset) -> tuple[str, ...]:
+_VARIABLE_ATTRS = ("units", "long_name", "_FillValue", "missing_value", "scale_factor", "add_offset")
+"""The only variable attributes read. Reading every attribute would also read DIMENSION_LIST, whose variable-length
+references live in the file's global heap: a damaged heap makes HDF5 loop forever there (measured)."""
+_TIME_ATTRS = ("units", "calendar")
+# exceptions h5py/HDF5 raise on damaged files (a damaged dimension scale can also surface as AttributeError/TypeError)
+_READ_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError)
+
+
+def _attrs(obj: h5py.HLObject, names: Sequence[str]) -> dict[str, Any]:
+    return {k: _attr(obj.attrs[k]) for k in names if k in obj.attrs}
+
+
+def _dims(f: h5py.File, dset: h5py.Dataset) -> tuple[str, ...]:
+    """A variable's dimension names: from netCDF-4's `_Netcdf4Coordinates` dimension ids (fixed-size attributes, as
+    GES DISC granules carry them), else from the HDF5 dimension scales."""
+    if "_Netcdf4Coordinates" in dset.attrs:
+        ids = {
+            int(f[c].attrs["_Netcdf4Dimid"]): c
+            for c in ("time", "lat", "lon")
+            if "_Netcdf4Dimid" in f[c].attrs
+        }
+        wanted = [int(i) for i in np.atleast_1d(dset.attrs["_Netcdf4Coordinates"])]
+        if all(i in ids for i in wanted):
+            return tuple(ids[i] for i in wanted)
     return tuple(d[0].name.rsplit("/", 1)[-1] if len(d) else d.label for d in dset.dims)
 
 
@@ -135,58 +159,31 @@ def _inspect(granule: Granule, variables: Sequence[str]) -> _Layout:
                     "Server export (lowercase names, 'hours since' time, point subsets) is not supported: use the "
                     "GES DISC granules MERRA2_<stream>.<product>.<YYYYMMDD>.nc4"
                 )
+            check_collection(granule, _attrs(f, ("ShortName",)).get("ShortName"))
             fields = sorted(k for k in f if k not in ("time", "lat", "lon"))
             missing = [v for v in variables if v not in f]
             if missing:
                 raise GranuleError(f"{granule.file_name} lacks {missing}; it has {fields}: pick variables of "
                                    f"{granule.collection} or fetch the full granule")  # fmt: skip
             for name in variables:
-                if _dims(f[name]) != ("time", "lat", "lon"):
-                    raise GranuleError(f"{granule.file_name}: {name} has dimensions {_dims(f[name])}, not MERRA-2's "
+                dims = _dims(f, f[name])
+                if dims != ("time", "lat", "lon"):
+                    raise GranuleError(f"{granule.file_name}: {name} has dimensions {dims}, not MERRA-2's "
                                        "(time, lat, lon)")  # fmt: skip
-            time_attrs = {k: _attr(v) for k, v in f["time"].attrs.items()}
+            time_attrs = _attrs(f["time"], _TIME_ATTRS)
             raw_time = f["time"][:]
             layout = _Layout(np.empty(0), f["lat"][:], f["lon"][:],
-                             {v: {k: _attr(x) for k, x in f[v].attrs.items()} for v in variables},
+                             {v: _attrs(f[v], _VARIABLE_ATTRS) for v in variables},
                              f[variables[0]].dtype)  # fmt: skip
-    except (OSError, KeyError, RuntimeError) as exc:
+    except _READ_ERRORS as exc:
         raise _unreadable(granule, exc) from exc
     try:
         times = xr.coding.times.decode_cf_datetime(raw_time, time_attrs["units"], time_attrs.get("calendar"))
-    except (KeyError, ValueError, TypeError, OverflowError) as exc:
+    except (KeyError, ValueError, TypeError, OverflowError, ImportError) as exc:
         raise GranuleError(f"{granule.file_name}: its time coordinate (units {time_attrs.get('units')!r}) cannot be "
                            f"decoded: {exc}") from exc  # fmt: skip
     layout.times = np.asarray(times).astype("datetime64[ns]")
     return layout
-
-
-def _check_time(granule: Granule, times: np.ndarray, allow_partial_days: bool) -> None:
-    try:
-        named = parse_granule_name(granule.file_name)[2]
-    except GranuleError:  # a free-form name: the granule record's day is all there is
-        named = granule.day
-    if named != granule.day:
-        raise GranuleError(
-            f"{granule.file_name}: the granule record says {granule.day} but the name says {named}"
-        )
-    day = np.datetime64(granule.day.isoformat(), "D")
-    expected = day.astype("datetime64[ns]") + np.timedelta64(30, "m") + np.arange(24) * np.timedelta64(1, "h")
-    days = np.unique(times.astype("datetime64[D]"))
-    if days.size != 1 or days[0] != day:
-        raise GranuleError(
-            f"{granule.file_name}: its name says {granule.day} but its time coordinate runs {times[0]} .. {times[-1]};"
-            " the file was renamed or mislabelled: fetch the right granule"
-        )
-    if times.size == 24 and np.array_equal(times, expected):
-        return
-    on_grid = np.isin(times, expected).all() and np.all(np.diff(times) > np.timedelta64(0, "ns"))
-    if allow_partial_days and on_grid:
-        return
-    raise GranuleError(
-        f"{granule.file_name}: the time axis holds {times.size} step(s) ({times[0]} .. {times[-1]}) instead of the "
-        f"24 hourly means at HH:30 of {granule.day}; the file is incomplete or a temporal subset: download the full "
-        "granule (or pass allow_partial_days=True for subsets)"
-    )
 
 
 def _read_block(granule: Granule, names: Sequence[str], lat_runs: Sequence[slice],
@@ -194,12 +191,14 @@ def _read_block(granule: Granule, names: Sequence[str], lat_runs: Sequence[slice
     """Read the region's hyperslabs of several variables of one granule: raw (variable, time, lat, lon)."""
     try:
         with _h5(granule.url) as f:
+            for n in names:
+                check_chunks(granule, n, f[n], lat_runs, lon_runs)
             return np.stack([
                 np.concatenate([np.concatenate([f[n][:, la, lo] for lo in lon_runs], axis=2) for la in lat_runs],
                                axis=1)
                 for n in names
             ])  # fmt: skip
-    except (OSError, KeyError, RuntimeError) as exc:
+    except _READ_ERRORS as exc:
         raise _unreadable(granule, exc) from exc
 
 
@@ -208,7 +207,7 @@ def _open_granule(granule: Granule, variables: Sequence[str], lat: np.ndarray, l
     """One granule cut to the region's grid points: lazy float32 (time, lat, lon), one dask task per granule,
     fill values masked to NaN by xarray's CF decoding."""
     layout = _inspect(granule, variables)
-    _check_time(granule, layout.times, allow_partial_days)
+    check_time(granule, layout.times, allow_partial_days)
     lat_idx, lon_idx = _select(layout.lat, lat), _select(layout.lon, lon)
     if (lat_idx < 0).any() or (lon_idx < 0).any():
         raise GranuleError(

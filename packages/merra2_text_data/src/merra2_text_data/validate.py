@@ -94,6 +94,15 @@ def _check_coords(lat: np.ndarray, lon: np.ndarray, array: np.ndarray) -> list[s
     return reasons
 
 
+def _where_nan(array: np.ndarray, variables: Sequence[str]) -> str:
+    """Which variables hold the NaN (missing) values, and what they mean."""
+    if array.ndim != 4 or array.shape[1] != len(variables):
+        return ""
+    counts = np.isnan(array).sum(axis=(0, 2, 3))
+    where = ", ".join(f"{v} {int(n)}" for v, n in zip(variables, counts, strict=True) if n)
+    return f" ({where}): missing data, i.e. the source's _FillValue 1e15 (masked) or NaN"
+
+
 def validate_sample(
     array: np.ndarray,
     stats: Mapping[str, Mapping[str, float]],
@@ -118,7 +127,11 @@ def validate_sample(
     Returns:
         Human-readable reasons, each naming the variable or coordinate and the offending value.
     """
-    reasons = [f"climate array: {p}" for p in check_climate_array(np.asarray(array), len(variables))]
+    values = np.asarray(array)
+    reasons = [
+        f"climate array: {p}{_where_nan(values, variables) if p.endswith('NaN values') else ''}"
+        for p in check_climate_array(values, len(variables))
+    ]
     reasons += _check_stats(stats, variables)
     reasons += _check_against_array(np.asarray(array), stats, variables)
     reasons += _check_coords(np.asarray(lat, dtype=float), np.asarray(lon, dtype=float), np.asarray(array))
