@@ -24,6 +24,7 @@ __all__ = [
     "TEXT_MEMBER",
     "SampleMeta",
     "check_climate_array",
+    "check_sample_key",
     "decode_climate",
     "decode_meta",
     "decode_text",
@@ -74,6 +75,33 @@ class SampleMeta(BaseModel):
         if value not in SPLITS:
             raise ValueError(f"split {value!r} is not one of {', '.join(SPLITS)}")
         return value
+
+
+def check_sample_key(key: str, where: str = "shard") -> str:
+    """Return `key` if it is a flat sample key (`KEY_PATTERN`); raise otherwise.
+
+    A reader calls this on the key of every sample it reads from a tar (the part of a member name before the first
+    dot), so a member named like a path (`../../x.txt`, `/etc/x.txt`, `dir/x.txt`) is refused by name, never opened
+    or written anywhere.
+
+    Args:
+        key: the sample key (or the whole member name, for a message about a name without a dot).
+        where: the shard, for the message.
+
+    Raises:
+        SampleError: the key is a path (absolute, `..`, a folder, a backslash) or has characters outside
+            `[A-Za-z0-9_-]`.
+    """
+    if key.startswith(("/", ".")) or "/" in key or "\\" in key or ".." in key:
+        raise SampleError(
+            f"{where}: member {key!r}.* is a path (absolute, '..' or a folder); shards hold flat names "
+            "<key>.<suffix>: the shard was not written by this contract's writer, rebuild it"
+        )
+    if not KEY_PATTERN.match(key):
+        raise SampleError(
+            f"{where}: sample key {key!r} must match {KEY_PATTERN.pattern} (no dots, no slashes)"
+        )
+    return key
 
 
 def check_climate_array(array: np.ndarray, n_variables: int | None = None) -> list[str]:
