@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -55,8 +56,18 @@ def build_config(source: Path | str, out: Path | str, **options: Any) -> BuildCo
 
 
 def cli(*args: str) -> Result:
-    """Run `merra2-text ARGS` in this process (stdout and stderr captured apart)."""
-    return runner.invoke(app, list(args))
+    """Run `merra2-text ARGS` in this process (stdout and stderr captured apart).
+
+    The CLI points the root logger at the stderr it was given; that stream is closed after the call, so the root
+    logger's handlers and level are put back.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        return runner.invoke(app, list(args))
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def tool_env(**extra: str) -> dict[str, str]:

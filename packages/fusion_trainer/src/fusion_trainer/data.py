@@ -8,6 +8,11 @@ epoch's stream and skips the samples already consumed, so the order from that ba
 
 Each stage is an `Iterator -> Iterator` generator; `ClimateTextStream` wires them into an `IterableDataset` that
 yields collated batches (so DataLoader workers each build whole batches, round-robin, in the same order as 0 workers).
+
+Bad input: a shard that is truncated or fails its checksum always stops the run (`DataError` naming the shard). A bad
+sample (a member named like a path, an array that is not a plain numeric .npy, a .json that is not the contract's
+metadata, a missing member) stops it too, naming the shard and the sample, unless `skip_bad_samples`: then it is
+logged, counted (`batch["skipped"]`) and left out before the epoch is cut, so every rank still sees its full epoch.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import logging
 import random
 import tarfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,9 +34,12 @@ from climate_text_schema import (
     TEXT_MEMBER,
     ContractError,
     OpenedDataset,
+    SampleError,
     ShardInfo,
     check_climate_array,
+    check_sample_key,
     decode_climate,
+    decode_meta,
     decode_text,
     open_dataset,
 )
@@ -71,15 +79,6 @@ class DataPosition:
 
 
 @dataclass(frozen=True)
-class RawSample:
-    """One undecoded sample as read from a shard."""
-
-    key: str
-    shard: str
-    members: dict[str, bytes]
-
-
-@dataclass(frozen=True)
 class Sample:
     """One decoded sample: normalised climate `(T, V, H, W)` and its text."""
 
@@ -87,6 +86,22 @@ class Sample:
     shard: str
     climate_x: np.ndarray
     text: str
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """One sample as read from a shard: its members' bytes, or (once checked by `skip_bad_samples`) decoded."""
+
+    key: str
+    shard: str
+    members: dict[str, bytes]
+    decoded: Sample | None = None
+
+
+BadSampleHook = Callable[[str, str, str], None]
+"""`(shard, key, reason)`: called for each bad sample that is skipped instead of raised."""
+
+_MEMBERS = (CLIMATE_MEMBER, TEXT_MEMBER, META_MEMBER)
 
 
 def open_shards(ref: str, storage_options: dict[str, Any] | None = None) -> OpenedDataset:
@@ -136,11 +151,35 @@ class _CheckedReader(io.RawIOBase):
             pass
 
 
-def iter_shard(ds: OpenedDataset, shard: ShardInfo, verify: bool = True) -> Iterator[RawSample]:
+def _group_problem(group: dict[str, Any], key: str, url: str) -> str | None:
+    """Why a group of tar members is not a sample (a key that is a path, a missing member), or None."""
+    try:
+        check_sample_key(key, f"shard {url}")
+    except SampleError as exc:
+        return str(exc)
+    missing = [m for m in _MEMBERS if m not in group]
+    if missing:
+        return f"shard {url}: sample {key!r} lacks member(s) {', '.join(missing)}"
+    return None
+
+
+def iter_shard(
+    ds: OpenedDataset, shard: ShardInfo, verify: bool = True, on_bad: BadSampleHook | None = None
+) -> Iterator[RawSample]:
     """Stream the samples of one shard, checking its sample count, size and (if `verify`) sha256 at its end.
 
+    Members are only read into memory, never extracted: a member named like a path (`../../x.txt`) is refused by
+    name.
+
+    Args:
+        ds: the opened dataset.
+        shard: one of its shards.
+        verify: check the sha256 (size and sample count are always checked).
+        on_bad: called for a sample whose key is a path or that lacks a member, which is then left out; None:
+            raise.
+
     Raises:
-        DataError: the shard is missing, unreadable, truncated, has a missing member, or fails its checksum.
+        DataError: the shard is missing, unreadable, truncated or fails its checks; a bad sample without `on_bad`.
     """
     url = ds.url_of(shard.path)
     n = 0
@@ -150,13 +189,14 @@ def iter_shard(ds: OpenedDataset, shard: ShardInfo, verify: bool = True) -> Iter
             files = ({**f, "__url__": url} for f in tar_file_iterator(reader))
             for group in group_by_keys(files):
                 key = str(group["__key__"])
-                missing = [m for m in (CLIMATE_MEMBER, TEXT_MEMBER, META_MEMBER) if m not in group]
-                if missing:
-                    raise DataError(f"shard {url}: sample {key!r} lacks member(s) {', '.join(missing)}")
                 n += 1
-                yield RawSample(
-                    key=key, shard=shard.path, members={m: group[m] for m in (CLIMATE_MEMBER, TEXT_MEMBER)}
-                )
+                problem = _group_problem(group, key, url)
+                if problem is not None:
+                    if on_bad is None:
+                        raise DataError(problem)
+                    on_bad(shard.path, key, problem)
+                    continue
+                yield RawSample(key=key, shard=shard.path, members={m: group[m] for m in _MEMBERS})
             reader.drain()
     except DataError:
         raise
@@ -241,12 +281,16 @@ def epoch_samples(
     shuffle: bool,
     shuffle_buffer: int = 256,
     verify: bool = True,
+    on_bad: BadSampleHook | None = None,
 ) -> Iterator[RawSample]:
     """The raw samples one rank sees in one epoch: exactly `per_rank_samples` of them, disjoint across ranks.
 
     Training (`shuffle`): shards are shuffled with `seed + epoch` and dealt to ranks, balanced by sample count; a
     rank short of samples cycles its own shards, one with extra is cut. Evaluation, or fewer shards than ranks: every
     rank reads every shard in manifest order and keeps every `world`-th sample.
+
+    With `on_bad`, every sample is decoded here (`decode_sample`) and a bad one is reported to `on_bad` and left out
+    before the count is cut, so the epoch stays full; the samples come back decoded.
     """
     shards = ds.shards(split)
     n = per_rank_samples(ds, split, world)
@@ -261,7 +305,7 @@ def epoch_samples(
     if assigned is None:  # evaluation, or fewer shards than ranks: strided over every shard
 
         def make() -> Iterator[RawSample]:
-            for i, sample in enumerate(s for shard in shards for s in iter_shard(ds, shard, verify)):
+            for i, sample in enumerate(s for shard in shards for s in _read(ds, shard, verify, on_bad)):
                 if i % world == rank:
                     yield sample
 
@@ -269,7 +313,7 @@ def epoch_samples(
         mine = assigned[rank]
 
         def make() -> Iterator[RawSample]:
-            return (s for shard in mine for s in iter_shard(ds, shard, verify))
+            return (s for shard in mine for s in _read(ds, shard, verify, on_bad))
 
     def shuffled() -> Iterator[RawSample]:
         if not shuffle:
@@ -279,19 +323,43 @@ def epoch_samples(
     yield from _take_cycled(shuffled, n)
 
 
+def _read(
+    ds: OpenedDataset, shard: ShardInfo, verify: bool, on_bad: BadSampleHook | None
+) -> Iterator[RawSample]:
+    """One shard's samples; with `on_bad`, decoded, the bad ones reported and left out."""
+    samples = iter_shard(ds, shard, verify, on_bad)
+    if on_bad is None:
+        yield from samples
+        return
+    for raw in samples:
+        try:
+            decoded = decode_sample(raw, ds)
+        except DataError as exc:
+            on_bad(raw.shard, raw.key, str(exc))
+            continue
+        yield replace(raw, members={}, decoded=decoded)
+
+
 def decode_sample(raw: RawSample, ds: OpenedDataset) -> Sample:
     """Decode (allow_pickle=False), check against the contract and normalise `(x - mean) / std` per variable.
+
+    The `.json` member, when present, must be the contract's metadata of this very key.
 
     Raises:
         DataError: the sample breaks the contract or the manifest lacks normalisation for a variable.
     """
+    if raw.decoded is not None:
+        return raw.decoded
     manifest = ds.manifest
     names = manifest.variable_names
     try:
         array = decode_climate(raw.members[CLIMATE_MEMBER], raw.key)
         text = decode_text(raw.members[TEXT_MEMBER], raw.key).strip()
+        meta = decode_meta(raw.members[META_MEMBER], raw.key) if META_MEMBER in raw.members else None
     except ContractError as exc:
         raise DataError(f"shard {raw.shard}: {exc}") from exc
+    if meta is not None and meta.key != raw.key:
+        raise DataError(f"shard {raw.shard}: sample {raw.key!r} carries the metadata of {meta.key!r}")
     problems = check_climate_array(array, len(names))
     if problems:
         raise DataError(f"shard {raw.shard}: sample {raw.key!r} breaks the contract: {'; '.join(problems)}")
@@ -383,7 +451,7 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
     def __init__(
         self, ds: OpenedDataset, split: str, tokenizer: Any, *, prompt: str, micro_batch: int, max_length: int,
         rank: int = 0, world: int = 1, seed: int = 0, start: DataPosition | None = None, train: bool = True,
-        shuffle_buffer: int = 256, verify: bool = True, caption: str = "full",
+        shuffle_buffer: int = 256, verify: bool = True, caption: str = "full", skip_bad_samples: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         if caption not in ("full", "numbers", "temperature"):
@@ -392,7 +460,7 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
         self.ds, self.split, self.tokenizer = ds, split, tokenizer
         self.micro_batch, self.max_length = micro_batch, max_length
         self.rank, self.world, self.seed, self.train = rank, world, seed, train
-        self.shuffle_buffer, self.verify = shuffle_buffer, verify
+        self.shuffle_buffer, self.verify, self.skip_bad_samples = shuffle_buffer, verify, skip_bad_samples
         self.start = start or DataPosition(seed=seed)
         self.per_rank = per_rank_samples(ds, split, world)
         self.prompt_ids = list(tokenizer(prompt)["input_ids"])
@@ -422,10 +490,12 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
             return self.per_rank // self.micro_batch
         return -(-self.per_rank // self.micro_batch)
 
-    def _batches(self, epoch: int, skip: int) -> Iterator[tuple[int, list[RawSample]]]:
+    def _batches(
+        self, epoch: int, skip: int, on_bad: BadSampleHook | None = None
+    ) -> Iterator[tuple[int, list[RawSample]]]:
         samples = epoch_samples(
             self.ds, self.split, epoch=epoch, rank=self.rank, world=self.world, seed=self.seed,
-            shuffle=self.train, shuffle_buffer=self.shuffle_buffer, verify=self.verify,
+            shuffle=self.train, shuffle_buffer=self.shuffle_buffer, verify=self.verify, on_bad=on_bad,
         )  # fmt: skip
         # training drops the last partial batch (every step has micro_batch samples); evaluation keeps it
         limit = self.batches_per_epoch * self.micro_batch if self.train else self.per_rank
@@ -446,9 +516,19 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
         epoch, skip = self.start.epoch, self.start.consumed
         if self.train and skip >= self.batches_per_epoch * self.micro_batch:
             epoch, skip = epoch + 1, 0
+        bad: set[tuple[str, str]] = (
+            set()
+        )  # (shard, key) of each bad sample left out (an epoch may meet one twice)
+
+        def on_bad(shard: str, key: str, reason: str) -> None:
+            if (shard, key) not in bad:
+                bad.add((shard, key))
+                logger.warning("skipped bad sample %r of %s (%d so far, rank %d): %s", key, shard, len(bad),
+                               self.rank, reason)  # fmt: skip
+
         j = 0
         while True:
-            for consumed, raws in self._batches(epoch, skip):
+            for consumed, raws in self._batches(epoch, skip, on_bad if self.skip_bad_samples else None):
                 if j % workers == worker:
                     decoded = [decode_sample(r, self.ds) for r in raws]
                     encoded = [
@@ -459,6 +539,7 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
                     ]
                     batch = collate(decoded, encoded, self.pad_id)
                     batch["position"] = DataPosition(epoch=epoch, consumed=consumed, seed=self.seed).to_dict()
+                    batch["skipped"] = len(bad)  # distinct bad samples this rank's stream has left out so far
                     yield batch
                 j += 1
             if not self.train:
