@@ -58,6 +58,13 @@ def parse_size(value: int | str) -> int:
     return int(number * factor)
 
 
+def _not_empty(value: str | None, what: str) -> str | None:
+    """None stays None; an empty or blank text is an error that says what to give instead."""
+    if value is not None and not value.strip():
+        raise ValueError(f"is empty; give {what}, or leave the key out")
+    return value
+
+
 def _duration(value: str) -> pd.Timedelta:
     from .pairs import parse_duration
 
@@ -77,6 +84,16 @@ class SourceConfig(_Section):
     """Local cache for downloads and the zarr regional cache (default: `<out>/.cache` for local outputs)."""
     allow_gaps: bool = False
     """Build around missing days (recorded in the manifest) instead of failing with MissingDataError."""
+
+    @field_validator("source")
+    @classmethod
+    def _source_ok(cls, value: str) -> str:
+        return str(_not_empty(value, "'earthaccess' or a folder/URL of MERRA-2 granules"))
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_ok(cls, value: str | None) -> str | None:
+        return _not_empty(value, "a local folder")
 
 
 class SubsetConfig(_Section):
@@ -219,6 +236,27 @@ class SampleConfig(_Section):
         _duration(value)
         return value.strip().lower()
 
+    @field_validator("val_years", "test_years")
+    @classmethod
+    def _years_in_record(cls, value: list[int]) -> list[int]:
+        now = dt.date.today().year
+        outside = [y for y in value if not FIRST_YEAR <= y <= now]
+        if outside:
+            raise ValueError(f"year(s) {outside} are outside {FIRST_YEAR}..{now} (MERRA-2's record)")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _events_ok(cls, value: list[str]) -> list[str]:
+        for path in value:
+            _not_empty(path, "the path of a NOAA Storm Events CSV(.gz)")
+        return value
+
+    @field_validator("text_table")
+    @classmethod
+    def _text_table_ok(cls, value: str | None) -> str | None:
+        return _not_empty(value, "the path of a CSV or Parquet table")
+
     @field_validator("tile")
     @classmethod
     def _tile_ok(cls, value: str | None) -> str | None:
@@ -291,6 +329,16 @@ class PublishConfig(_Section):
     parent: str | None = None
     """Reference of the version this build extends (recorded in the manifest lineage)."""
 
+    @field_validator("out")
+    @classmethod
+    def _out_ok(cls, value: str) -> str:
+        return str(_not_empty(value, "a folder or URL such as ./datasets or s3://bucket/prefix"))
+
+    @field_validator("parent")
+    @classmethod
+    def _parent_ok(cls, value: str | None) -> str | None:
+        return _not_empty(value, "a dataset reference such as ./datasets/conus@latest")
+
     @field_validator("name", "tag")
     @classmethod
     def _name_ok(cls, value: str | None) -> str | None:
@@ -308,6 +356,11 @@ class RunConfig(_Section):
     """Address of an existing dask scheduler (tcp://host:8786); exclusive with workers."""
     quiet: bool = False
     """No progress bars."""
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler_ok(cls, value: str | None) -> str | None:
+        return _not_empty(value, "a dask scheduler address such as tcp://host:8786")
 
 
 class BuildConfig(_Section):
