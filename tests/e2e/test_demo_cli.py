@@ -71,3 +71,19 @@ def test_demo_stages_through_the_clis(tmp_path: Path) -> None:
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     for stage in ("synth", "build", "train", "generate", "eval"):
         assert f"== {stage}: already complete, skipped" in again.stdout, stage
+
+
+@pytest.mark.slow
+def test_compare_tabulates_each_variant(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = _demo(out, "--compare", "--variants", "add,gated-xattn", "--compare-steps", "2")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    table = (out / "compare/results.md").read_text()
+    rows = [
+        line for line in table.splitlines() if line.startswith("| add ") or line.startswith("| gated-xattn ")
+    ]
+    assert len(rows) == 2 and all(len(r.split("|")) == 12 for r in rows)
+    for variant in ("add", "gated-xattn"):
+        metrics = json.loads((out / f"compare/{variant}/metrics-{variant}.json").read_text())
+        assert metrics["fusion"] == variant and "grounding_gain" in metrics
+        assert (out / f"compare/{variant}/run/final/adapter.safetensors").exists()
