@@ -158,6 +158,7 @@ from pydantic import BaseModel as _BaseModel  # noqa: E402
 from pydantic import ConfigDict as _ConfigDict  # noqa: E402
 from pydantic import Field as _Field  # noqa: E402
 from pydantic import ValidationError as _ValidationError  # noqa: E402
+from pydantic import field_validator as _field_validator  # noqa: E402
 from pydantic import model_validator as _model_validator  # noqa: E402
 
 from .errors import ConfigError as _ConfigError  # noqa: E402
@@ -256,6 +257,47 @@ class TrainConfig(_BaseModel):
     )
     tensorboard: bool = _Field(default=False, description="also write TensorBoard events to out/tensorboard")
     show_progress: bool = _Field(default=False, description="progress bar on rank 0 (the CLI turns it on)")
+    skip_bad_samples: bool = _Field(
+        default=False,
+        description="leave out (log and count) samples that break the contract instead of stopping; a shard that is "
+        "truncated or fails its checksum still stops the run",
+    )
+
+    # Field checks run together (one error lists them all); relations between fields run once every field is valid.
+    @_field_validator("shards", "model", "out")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty")
+        return value
+
+    @_field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty: give a ds_config.json path or leave it out")
+        return value
+
+    @_field_validator("prompt_template")
+    @classmethod
+    def _template_ok(cls, value: str) -> str:
+        try:
+            value.format(example="", variables="", caption_example="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"{exc!r}; use only {{example}}, {{caption_example}} and {{variables}}"
+            ) from None
+        return value
+
+    @_field_validator("fusion")
+    @classmethod
+    def _fusion_ok(cls, value: dict[str, _Any]) -> dict[str, _Any]:
+        if value:
+            try:
+                FusionConfig(**{"n_variables": 1, **value})
+            except (ValueError, TypeError) as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @_model_validator(mode="after")
     def _check_relations(self) -> TrainConfig:
@@ -264,19 +306,8 @@ class TrainConfig(_BaseModel):
             problems.append(f"stop_at_step: {self.stop_at_step} is beyond steps {self.steps}")
         if self.warmup_steps > self.steps:
             problems.append(f"warmup_steps: {self.warmup_steps} exceeds steps {self.steps}")
-        try:
-            self.prompt_template.format(example="", variables="", caption_example="")
-        except (KeyError, IndexError, ValueError) as exc:
-            problems.append(
-                f"prompt_template: {exc!r}; use only {{example}}, {{caption_example}} and {{variables}}"
-            )
-        if self.fusion:
-            try:
-                FusionConfig(**{"n_variables": 1, **self.fusion})
-            except (ValueError, TypeError) as exc:
-                problems.append(f"fusion: {exc}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))
         return self
 
     @classmethod
@@ -285,9 +316,15 @@ class TrainConfig(_BaseModel):
         try:
             return cls.model_validate(raw)
         except _ValidationError as exc:
-            lines = [
-                f"  - {'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in exc.errors()
-            ]
+            lines: list[str] = []
+            for e in exc.errors():
+                msg = str(e["msg"]).removeprefix("Value error, ")
+                if not e["loc"]:  # relations: one line per problem, each naming its key
+                    lines.extend(f"  - {line}" for line in msg.splitlines())
+                    continue
+                given = f" (got {e['input']!r})" if e["type"] != "missing" else ""
+                msg = "\n    ".join(line.strip() for line in msg.splitlines())  # a nested config's problems
+                lines.append(f"  - {'.'.join(str(p) for p in e['loc'])}: {msg}{given}")
             raise _ConfigError(
                 f"invalid training config ({len(lines)} problem(s)):\n" + "\n".join(lines)
             ) from exc
