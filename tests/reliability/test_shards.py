@@ -26,8 +26,9 @@ import numpy as np
 import pytest
 from fusion_trainer.data import DEFAULT_PROMPT, ClimateTextStream, open_shards, render_prompt
 from fusion_trainer.errors import DataError
+from fusion_trainer.metrics import read_metrics
 
-from .conftest import cli, read_members, republish_shard
+from .conftest import TINY_TRAIN, cli, last_json, read_members, republish_shard, run_tool
 
 SHARD = "shards/train-000000.tar"
 Members = list[tuple[str, bytes]]
@@ -194,3 +195,31 @@ def test_a_bad_sample_is_named_or_skipped_and_counted(
 
     assert not marker.exists(), "a pickle was unpickled"
     assert not list(vdir.parent.glob("x.*")) and not list(vdir.glob("x.*")), "a member was extracted"
+
+
+def test_fusion_train_names_the_bad_sample_or_skips_it_with_the_flag(
+    dataset: tuple[Path, str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """What the user sees: `fusion-train` stops naming the shard and the sample (exit 1, one message); with
+    `--skip-bad-samples` it trains, and the summary and metrics.jsonl count the skipped sample."""
+    vdir, ref = dataset
+    marker = tmp_path / "UNPICKLED"
+    bad_key = _first_key(read_members(vdir / SHARD))
+    republish_shard(vdir, SHARD, _replace("climate.npy", _pickled_npy(marker)))
+    # 5 steps x 2 samples: the whole train epoch (10 samples), so the bad one is met whatever the order
+    args = ["--shards", ref, "--model", str(tiny_model_dir), "--steps", "5", "--no-progress", *TINY_TRAIN]
+    failed = run_tool("fusion-train", *args, "--out", str(tmp_path / "stops"))
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "train-000000.tar" in errors[0] and bad_key in errors[0], failed.stderr[
+        -2000:
+    ]
+    assert "Traceback" not in failed.stderr
+
+    ok = run_tool("fusion-train", *args, "--out", str(tmp_path / "skips"), "--skip-bad-samples")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert last_json(ok.stdout)["skipped_samples"] == 1 and last_json(ok.stdout)["step"] == 5
+    records = [r for r in read_metrics(tmp_path / "skips") if "split" not in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and records[-1]["skipped_samples"] == 1
+    assert f"skipped bad sample {bad_key!r}" in ok.stderr
+    assert not marker.exists()

@@ -82,6 +82,13 @@ def train_command(
         bool, typer.Option("--dry-run", help="print the resolved config and sizes, train nothing")
     ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bar on rank 0")] = True,
+    skip_bad_samples: Annotated[
+        bool,
+        typer.Option(
+            "--skip-bad-samples",
+            help="leave out (log and count) samples that break the contract instead of stopping",
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Train the fusion part of a frozen LM on a climate-text dataset with DeepSpeed ZeRO."""
@@ -94,6 +101,7 @@ def train_command(
         shards=shards, model=model, out=out, zero=zero, steps=steps, micro_batch=micro_batch, grad_accum=grad_accum,
         lr=lr, nproc=nproc, bf16=bf16, eval_every=eval_every, save_every=save_every, seed=seed, deepspeed=deepspeed,
         resume=True if resume else None, show_progress=progress and sys.stderr.isatty() or None,
+        skip_bad_samples=True if skip_bad_samples else None,
     )  # fmt: skip
     try:
         cfg = TrainConfig.from_yaml(config, overrides, **flags)
@@ -127,6 +135,7 @@ def train_command(
                     "checkpoint": str(result.checkpoint) if result.checkpoint else None,
                     "adapter": str(result.adapter_dir) if result.adapter_dir else None,
                     "frozen_base_unchanged": result.frozen_digest_start == result.frozen_digest_end,
+                    "skipped_samples": result.skipped_samples,
                 }
             )
         )

@@ -61,6 +61,8 @@ class RunResult:
     frozen_digest_start: str | None = None
     frozen_digest_end: str | None = None
     losses: list[float] = field(default_factory=list)
+    skipped_samples: int = 0
+    """Bad samples left out (`skip_bad_samples`), over every rank."""
 
 
 def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
@@ -265,6 +267,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         data, "train", tokenizer, prompt=prompt, micro_batch=config.micro_batch, max_length=config.max_length,
         rank=rank, world=world, seed=config.seed, start=position, train=True,
         shuffle_buffer=config.shuffle_buffer, verify=config.verify_shards, caption=config.caption,
+        skip_bad_samples=config.skip_bad_samples,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers)
     batches: Iterator[dict[str, Any]] = iter(loader)
@@ -289,6 +292,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
                       config.number_loss_weight)  # fmt: skip
     throughput, losses = Throughput(), []
     window_loss, window_steps, val_loss = 0.0, 0, None
+    rank_skipped, skipped = 0, 0  # bad samples left out: by this rank's stream, over every rank
     engine.train()
     while step < last_step:
         step_loss, step_tokens, step_samples, step_keys = 0.0, 0, 0, []
@@ -315,9 +319,13 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
             step_samples += len(batch["keys"])
             step_keys += batch["keys"]
             position = DataPosition.from_dict(batch["position"])
+            rank_skipped = int(batch.get("skipped", 0))
         step += 1
         run.log_keys(step, step_keys)
-        mean_loss, tokens, samples = _all_reduce([step_loss, step_tokens, step_samples], device)
+        mean_loss, tokens, samples, total_skipped = _all_reduce(
+            [step_loss, step_tokens, step_samples, rank_skipped], device
+        )
+        skipped = int(total_skipped)
         mean_loss /= world
         losses.append(mean_loss)
         throughput.add(int(samples), int(tokens))
@@ -334,6 +342,8 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
                 "peak_memory_mb": mem / 2**20, "mfu": (tps * fpt / (peak * world)) if peak else None,
                 "epoch": position.epoch, "time": time.time(),
             }  # fmt: skip
+            if config.skip_bad_samples:
+                record["skipped_samples"] = skipped
             run.metrics.write(record)
             log_rank_zero(logger, "step %d/%d loss %.4f lr %.3g %.1f tok/s mem %.0f MiB", step, config.steps,
                           record["loss"], lr, tps, record["peak_memory_mb"])  # fmt: skip
@@ -357,9 +367,12 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
     adapter = export_adapter(engine.module, run_dir, rank, shapes) if step >= config.steps else None
     run.metrics.close()
     log_rank_zero(logger, "done at step %d; checkpoint %s; adapter %s", step, run.last_checkpoint, adapter)
+    if skipped:
+        log_rank_zero(logger, "%d bad sample(s) were left out (skip_bad_samples); each is named in the log above",
+                      skipped, level=logging.WARNING)  # fmt: skip
     return RunResult(run_dir=run_dir, step=step, final_loss=losses[-1] if losses else None, val_loss=val_loss,
                      adapter_dir=adapter, checkpoint=run.last_checkpoint, frozen_digest_start=digest_start,
-                     frozen_digest_end=digest_end, losses=losses)  # fmt: skip
+                     frozen_digest_end=digest_end, losses=losses, skipped_samples=skipped)  # fmt: skip
 
 
 def _weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -402,6 +415,7 @@ def _evaluate(
     stream = ClimateTextStream(
         data, "val", tokenizer, prompt=prompt, micro_batch=config.micro_batch, max_length=config.max_length,
         rank=rank, world=world, seed=config.seed, train=False, verify=config.verify_shards, caption=config.caption,
+        skip_bad_samples=config.skip_bad_samples,
     )  # fmt: skip
     if stream.per_rank == 0:
         return None
