@@ -210,3 +210,36 @@ def test_grounding_gain_separates_reading_from_ignoring(reads: bool) -> None:
         assert result["caption"]["gain"] == pytest.approx(0.0, abs=1e-9)
         assert result["uses_climate"] is False
     assert np.isfinite(result["caption"]["own"])
+
+
+def test_weighted_loss_is_plain_loss_at_weight_one_and_favours_digits_above() -> None:
+    from fusion_trainer.train import _weighted_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 12)
+    labels = torch.tensor([[-100, 3, 10, 4, 11], [-100, -100, 5, 11, -100]])
+    plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 12), labels[:, 1:].reshape(-1))
+    ones = torch.ones(12)
+    assert _weighted_loss(logits, labels, ones).item() == pytest.approx(plain.item(), rel=1e-6)
+    heavy = ones.clone()
+    heavy[:10] = 1000.0  # digits dominate: the loss tends to the mean over digit targets (3, 4, 5)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 12), labels[:, 1:].reshape(-1),
+                                           ignore_index=-100, reduction="none").view(2, 4)  # fmt: skip
+    digits_only = (ce[0, 0] + ce[0, 2] + ce[1, 1]) / 3
+    assert _weighted_loss(logits, labels, heavy).item() == pytest.approx(digits_only.item(), rel=1e-2)
+
+
+def test_stream_trains_on_the_chosen_caption_form(make_dataset: Callable[..., str], tokenizer: Any) -> None:
+    from fusion_trainer.data import ClimateTextStream, open_shards
+    from fusion_trainer.errors import ConfigError
+
+    ds = open_shards(make_dataset())
+    full = ClimateTextStream(ds, "val", tokenizer, prompt="P:", micro_batch=2, max_length=512, train=False)
+    assert full.target_text(T0) == T0
+    short = ClimateTextStream(ds, "val", tokenizer, prompt="P:", micro_batch=2, max_length=512, train=False,
+                              caption="temperature")  # fmt: skip
+    assert short.target_text(T0) == (
+        "The area-weighted mean 2 m temperature was 17.5 °C, ranging from 11.9 °C to 20.3 °C."
+    )
+    with pytest.raises(ConfigError, match="caption 'bogus'"):
+        ClimateTextStream(ds, "val", tokenizer, prompt="P:", micro_batch=2, max_length=512, caption="bogus")
