@@ -127,7 +127,7 @@ def test_truth_and_baseline_from_index() -> None:
 def test_faithfulness_rewards_right_numbers_and_not_the_mean() -> None:
     truth = truth_from_index(_index())
     base = baseline_values(truth, "train")
-    right = {k: f"The area-weighted mean 2 m temperature was {float(truth.loc[k, 't2m_mean_c']):.1f} °C, ranging from "
+    right = {k: f"The area-weighted mean 2 m temperature was {truth['t2m_mean_c'].to_dict()[k]:.1f} °C, ranging from "
                 f"0.0 °C to 1.0 °C." for k in ("k3", "k4")}  # fmt: skip
     good = faithfulness(right, truth, base)["t2m_mean_c"]
     assert good["mae"] == pytest.approx(0.0, abs=0.051) and good["baseline_mae"] == pytest.approx(25.0)
