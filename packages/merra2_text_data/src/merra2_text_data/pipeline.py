@@ -54,7 +54,7 @@ from .fetch import Granule, collection_for, download_granules, find_granules, mi
 from .normalize import NormAccumulator
 from .pairs import SamplePlan, parse_duration, plan_samples
 from .provenance import source_kind, text_sources
-from .publish import commit_version, compute_version, manifest_exists, url_to_fs, write_tag
+from .publish import clean_up, commit_version, compute_version, manifest_exists, url_to_fs, write_tag
 from .regions import Region, parse_region
 from .shards import estimate_sample_bytes, fs_path, is_local, pack_by_size
 from .splits import assign_splits
@@ -282,6 +282,7 @@ def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
             tag_file = fs_path(fs, join_url(plan.dataset_url, "tags", config.publish.tag))
             if not fs.exists(tag_file) or fs.cat_file(tag_file).decode().strip() != plan.version:
                 write_tag(fs, plan.dataset_url, config.publish.tag, plan.version)
+        clean_up(fs, plan.dataset_url, plan.version)  # a build killed between its commit and its clean-up
         return ref
     cube, granules = _open_cube(plan, show)
     tasks, samples = _plan_tasks(plan, cube)

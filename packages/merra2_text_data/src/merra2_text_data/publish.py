@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from typing import Any
 
 import fsspec
@@ -44,9 +43,11 @@ from fsspec import AbstractFileSystem
 
 from .errors import PublishError
 from .shards import fs_path, is_local, write_atomic
+from .tempfiles import remove_stale_temps, temp_sibling
 
 __all__ = [
     "VERSION_LENGTH",
+    "clean_up",
     "commit_version",
     "compute_version",
     "manifest_exists",
@@ -112,7 +113,7 @@ def write_create_only(fs: AbstractFileSystem, url: str, data: bytes) -> bool:
     if is_local(fs):
         parent = path.rsplit("/", 1)[0]
         fs.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        tmp = temp_sibling(path)
         fs.pipe_file(tmp, data)
         try:
             os.link(tmp, path)
@@ -261,10 +262,19 @@ def commit_version(
         )
     if tag:
         write_tag(fs, dataset_url, tag, manifest.version)
-    staging = fs_path(fs, staging_url(dataset_url, manifest.version))
+    clean_up(fs, dataset_url, manifest.version)
+    return vurl
+
+
+def clean_up(fs: AbstractFileSystem, dataset_url: str, version: str) -> None:
+    """After a commit: remove the version's staging receipts and, on a local disk, the temporary files that killed
+    writers left in the version folder and among the tags (never those of a live build)."""
+    staging = fs_path(fs, staging_url(dataset_url, version))
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
         parent = staging.rsplit("/", 1)[0]
         if is_local(fs) and fs.exists(parent) and not fs.ls(parent):
             fs.rmdir(parent)
-    return vurl
+    if is_local(fs):
+        remove_stale_temps(fs_path(fs, version_url(dataset_url, version)))
+        remove_stale_temps(fs_path(fs, join_url(dataset_url, "tags")), recursive=False)

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import tarfile
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -43,6 +42,8 @@ from climate_text_schema import (
     shard_name,
 )
 from fsspec import AbstractFileSystem
+
+from .tempfiles import temp_sibling
 
 __all__ = [
     "SampleRecord",
@@ -107,7 +108,7 @@ def write_atomic(fs: AbstractFileSystem, url: str, data: bytes) -> None:
     if is_local(fs):
         parent = path.rsplit("/", 1)[0]
         fs.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        tmp = temp_sibling(path)
         try:
             fs.pipe_file(tmp, data)
             fs.mv(tmp, path)

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from .errors import ConfigError, GranuleError, MissingDataError
 from .fetch import Granule, collection_for
 from .granule_checks import check_chunks, check_collection, check_time
 from .regions import Region, grid_points
+from .tempfiles import remove_stale_temps, temp_sibling
 
 __all__ = ["cache_key", "open_region", "variable_collection"]
 
@@ -367,7 +367,8 @@ def open_region(
     if target is None:
         return cube
     Path(target).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_temps(Path(target).parent, recursive=False)  # cubes of builds killed while writing them
+    tmp = temp_sibling(target)
     if show_progress:
         from dask.diagnostics import ProgressBar
 
