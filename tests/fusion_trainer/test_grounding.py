@@ -243,3 +243,21 @@ def test_stream_trains_on_the_chosen_caption_form(make_dataset: Callable[..., st
     )
     with pytest.raises(ConfigError, match="caption 'bogus'"):
         ClimateTextStream(ds, "val", tokenizer, prompt="P:", micro_batch=2, max_length=512, caption="bogus")
+
+
+def test_caption_target_rewrites_every_template_into_one_phrasing() -> None:
+    from fusion_trainer.grounding import caption_target
+
+    t1 = caption_target(T1, "temperature")
+    assert t1 == "The area-weighted mean 2 m temperature was -10.3 °C, ranging from -14.7 °C to -4.9 °C."
+    for text in (T0, T1, T2):
+        numbers = caption_target(text, "numbers")
+        assert numbers.startswith("The area-weighted mean 2 m temperature was ")
+        assert "Mean sea-level pressure was " in numbers and "Precipitation totalled " in numbers
+        full, kept = parse_caption_numbers(text), parse_caption_numbers(numbers)
+        assert all(kept[q] == full[q] for q in kept) and len(kept) == 6
+    assert "m/s with no prevailing direction." in caption_target(T2, "numbers")
+    assert "m/s from the west-southwest." in caption_target(T1, "numbers")
+    assert caption_target(T0, "full") == T0
+    with pytest.raises(DataError, match="caption form 'x'"):
+        caption_target(T0, "x")

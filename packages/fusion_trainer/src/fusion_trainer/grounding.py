@@ -34,6 +34,7 @@ __all__ = [
     "CAPTION_FORMS",
     "QUANTITIES",
     "baseline_values",
+    "canonical_caption",
     "caption_target",
     "compact_caption",
     "example_caption",
@@ -175,8 +176,42 @@ CAPTION_FORMS: dict[str, tuple[str, ...] | None] = {
 """Caption forms a model can be trained on: the facets kept (None: the whole caption)."""
 
 
+_CANONICAL = {
+    "temp": "The area-weighted mean 2 m temperature was {0} °C, ranging from {1} °C to {2} °C.",
+    "wind": "The mean 10 m wind vector was {0} m/s {dirp}.",
+    "slp": "Mean sea-level pressure was {0} hPa.",
+    "precip": "Precipitation totalled {0} mm on area average.",
+}
+_DIR_PHRASE = re.compile(r"m/s (from the [a-z\-]+|with no prevailing direction)")
+
+
+def canonical_caption(text: str, facets: Iterable[str] = _COMPACT_FACETS) -> str:
+    """The caption's number sentences rewritten in ONE phrasing (template 0's), numbers copied verbatim.
+
+    The builder picks one of three phrasings per sample from a hash of its key, which nothing in the climate can
+    predict; a model trained on the raw sentences learns a blend that no template parses. The canonical form keeps
+    the same numbers (as written) in a fixed phrasing. A caption without any of the sentences is returned unchanged.
+    """
+    body = _body(text)
+    out: list[str] = []
+    for facet in facets:
+        if facet not in _CANONICAL:
+            raise DataError(f"canonical caption facet {facet!r} is unknown; use some of {sorted(_CANONICAL)}")
+        for pattern in _PATTERNS[facet][1]:
+            match = pattern.search(body)
+            if match is None:
+                continue
+            dirp = ""
+            if facet == "wind":
+                found = _DIR_PHRASE.search(match.group(0))
+                dirp = found.group(1) if found else "with no prevailing direction"
+            out.append(_CANONICAL[facet].format(*match.groups(), dirp=dirp))
+            break
+    return " ".join(out) if out else text.strip()
+
+
 def caption_target(text: str, form: str = "full") -> str:
-    """The caption in one of `CAPTION_FORMS`: whole, its number sentences, or its temperature sentence.
+    """The caption in one of `CAPTION_FORMS`: whole, or its number (or temperature) sentences in one phrasing.
 
     Raises:
         DataError: an unknown form.
@@ -184,7 +219,7 @@ def caption_target(text: str, form: str = "full") -> str:
     if form not in CAPTION_FORMS:
         raise DataError(f"caption form {form!r} is unknown; use one of {sorted(CAPTION_FORMS)}")
     facets = CAPTION_FORMS[form]
-    return text if facets is None else compact_caption(text, facets)
+    return text if facets is None else canonical_caption(text, facets)
 
 
 def truth_from_index(index: pd.DataFrame) -> pd.DataFrame:
