@@ -14,6 +14,7 @@ __all__ = [
     "MissingDataError",
     "PublishError",
     "SampleValidationError",
+    "StoreError",
     "VerifyError",
 ]
 
@@ -51,6 +52,11 @@ class BuildError(Merra2TextError):
 
 class PublishError(Merra2TextError):
     """Writing, committing or tagging a version on the store failed; no manifest was written."""
+
+
+class StoreError(PublishError, OSError):
+    """A write to the dataset store failed after the client's retries (unreachable, throttling, timing out, refusing):
+    the message names the object and says to rerun, which resumes. Also an OSError, as the store's own errors are."""
 
 
 class VerifyError(Merra2TextError):

@@ -42,7 +42,7 @@ from climate_text_schema import (
 from fsspec import AbstractFileSystem
 
 from .errors import PublishError
-from .shards import fs_path, is_local, write_atomic
+from .shards import fs_path, is_local, store_error, write_atomic
 from .tempfiles import remove_stale_temps, temp_sibling
 
 __all__ = [
@@ -128,6 +128,8 @@ def write_create_only(fs: AbstractFileSystem, url: str, data: bytes) -> bool:
             fs.pipe_file(path, data, mode="create")
         except FileExistsError:
             return False
+        except Exception as exc:
+            raise store_error(url, exc) from exc
         return True
     if fs.exists(path):  # no conditional write on this store: check, then write
         return False

@@ -43,6 +43,7 @@ from climate_text_schema import (
 )
 from fsspec import AbstractFileSystem
 
+from .errors import StoreError
 from .tempfiles import temp_sibling
 
 __all__ = [
@@ -99,11 +100,31 @@ def is_local(fs: AbstractFileSystem) -> bool:
     return "file" in protocols or "local" in protocols
 
 
+def store_error(url: str, exc: Exception) -> StoreError:
+    """The error of a failed write to the store: names the object and the way out."""
+    return StoreError(
+        f"writing {url} failed ({type(exc).__name__}: {exc}); the store is unreachable, throttling or refusing the "
+        "write: check it and your credentials, then rerun the same command (what is already stored is kept)"
+    )
+
+
 def write_atomic(fs: AbstractFileSystem, url: str, data: bytes) -> None:
     """Write `data` at `url` so that a reader sees either nothing (or the old object) or all of it.
 
     Local disk: a temp sibling, then rename. Object stores: one PUT to the final key.
+
+    Raises:
+        StoreError: the write failed (after the store client's own retries); nothing partial is visible.
     """
+    try:
+        _write_atomic(fs, url, data)
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise store_error(url, exc) from exc
+
+
+def _write_atomic(fs: AbstractFileSystem, url: str, data: bytes) -> None:
     path = fs_path(fs, url)
     if is_local(fs):
         parent = path.rsplit("/", 1)[0]
