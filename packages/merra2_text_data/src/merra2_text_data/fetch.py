@@ -284,6 +284,11 @@ def login_earthaccess() -> Any:
                 "EARTHDATA_USERNAME/EARTHDATA_PASSWORD or EARTHDATA_TOKEN, or the urs.earthdata.nasa.gov entry of "
                 "~/.netrc"
             ) from None
+        except OSError as exc:  # urs.earthdata.nasa.gov unreachable (requests' errors are OSErrors)
+            raise CredentialsError(
+                f"NASA Earthdata Login (urs.earthdata.nasa.gov) cannot be reached to check the {strategy} credentials "
+                f"({type(exc).__name__}); check the network, or build from a local copy with --source"
+            ) from None
         if auth is not None and auth.authenticated:
             logger.info("logged in to NASA Earthdata (strategy %s)", strategy)
             return auth
@@ -355,9 +360,10 @@ def search_earthaccess(
             kwargs["bounding_box"] = region.bbox
         try:
             records = earthaccess.search_data(**kwargs)
-        except RuntimeError as exc:
-            raise MissingDataError(f"the NASA CMR search for {collection} {start}..{end} failed: {exc}; "
-                                   "retry later or use --source with a local copy") from exc  # fmt: skip
+        except (RuntimeError, OSError) as exc:  # requests' connection errors are OSErrors
+            raise MissingDataError(f"the NASA CMR search for {collection} {start}..{end} failed "
+                                   f"({type(exc).__name__}: {exc}); check the network, retry later or use --source "
+                                   "with a local copy") from exc  # fmt: skip
         for record in records:
             granule = _granule_from_umm(record, collection)
             if start <= granule.day <= end:
