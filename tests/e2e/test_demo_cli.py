@@ -53,8 +53,9 @@ def test_demo_stages_through_the_clis(tmp_path: Path) -> None:
     assert faith["samples"] == 3
     t2m = faith["quantities"]["t2m_mean_c"]
     assert 0.0 <= t2m["parsed_fraction"] <= 1.0 and isinstance(t2m["baseline_mae_all"], float)
-    assert isinstance(t2m["beats_baseline"], bool)
-    assert metrics["grounded"]["beats_mean_baseline"] == faith["grounded"]
+    assert isinstance(t2m["beats_baseline"], bool) and isinstance(t2m["grounded"], bool)
+    assert metrics["grounded"]["numbers"] == faith["grounded"]
+    assert metrics["grounded"]["beats_mean_baseline"]["t2m_mean_c"] == t2m["beats_baseline"]
 
     rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all({"key", "reference", "generated"} <= set(r) for r in rows)

@@ -135,6 +135,13 @@ def test_faithfulness_rewards_right_numbers_and_not_the_mean() -> None:
     mean_only = {k: "The area-weighted mean 2 m temperature was 10.0 °C, ranging from 0.0 °C to 1.0 °C."
                  for k in ("k3", "k4")}  # fmt: skip
     assert faithfulness(mean_only, truth, base)["t2m_mean_c"]["beats_baseline"] is False
+    assert good["grounded"] and good["best_constant_mae"] == pytest.approx(5.0)  # median 35 of (30, 40)
+    # a constant at the test split's level beats the train mean but never the best constant: not grounded
+    level = {k: "The area-weighted mean 2 m temperature was 35.0 °C, ranging from 0.0 °C to 1.0 °C."
+             for k in ("k3", "k4")}  # fmt: skip
+    shifted = faithfulness(level, truth, base)["t2m_mean_c"]
+    assert shifted["beats_baseline"] and not shifted["beats_best_constant"] and not shifted["grounded"]
+    assert shifted["distinct_outputs"] == 1
     # right numbers in too few outputs do not count
     sparse = {"k3": right["k3"], "k4": "nonsense", "k0": "nonsense"}
     m = faithfulness(sparse, truth, base)["t2m_mean_c"]

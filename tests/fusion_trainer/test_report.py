@@ -15,8 +15,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def _metrics(beats: bool, uses: bool) -> dict[str, Any]:
     q = {"n": 4, "parsed": 3, "parsed_fraction": 0.75, "mae": 1.25 if beats else 9.5, "baseline_mae": 4.0,
-         "baseline_mae_all": 4.1, "corr": 0.9, "beats_baseline": beats}  # fmt: skip
-    wind = {**q, "mae": 3.0, "baseline_mae": 2.0, "beats_baseline": False}
+         "baseline_mae_all": 4.1, "best_constant_mae": 3.0, "corr": 0.9, "distinct_outputs": 3,
+         "beats_baseline": beats, "beats_best_constant": beats, "grounded": beats}  # fmt: skip
+    wind = {**q, "mae": 3.0, "baseline_mae": 2.0, "beats_baseline": False, "grounded": False}
     return {
         "run": "r", "dataset": "d@v", "split": "test", "caption": "numbers", "fusion": "prefix",
         "fused": {"loss": 1.5, "perplexity": 4.48, "tokens": 100, "samples": 4},
@@ -56,7 +57,7 @@ def test_report_with_dataset_has_every_figure(tmp_path: Path, make_dataset: Call
     for name in ("loss.png", "metrics.png", "scatter_t2m.png", "sample_map.png"):
         assert (out / name).read_bytes().startswith(PNG), name
         assert f"]({name})" in text
-    assert "**the model uses the climate**" in text and "**beats the baseline**" in text
+    assert "**the model uses the climate**" in text and "**grounded** (beats both)" in text
     assert "| train | 12 |" in text and "| total | 15 |" in text and "- a note" in text
     assert gens[0]["key"] in text
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporaries
@@ -70,7 +71,14 @@ def test_report_says_plainly_when_not_grounded(tmp_path: Path) -> None:
     assert (out / "loss.png").exists() and not (out / "sample_map.png").exists()
 
 
+def test_a_constant_that_beats_the_train_mean_is_not_grounded(tmp_path: Path) -> None:
+    metrics = _metrics(True, True)
+    metrics["faithfulness"]["quantities"]["t2m_mean_c"].update(beats_best_constant=False, grounded=False)
+    text = write_report(tmp_path / "r", _run_dir(tmp_path), metrics, []).read_text()
+    assert "**beats the train mean but not the best constant: NOT grounded**" in text
+
+
 def test_metrics_table_rows() -> None:
     rows = metrics_table(_metrics(True, True))
-    assert rows[0] == ["mean 2 m temperature (°C)", "75%", "1.25", "4.00", "0.90", "yes"]
+    assert rows[0] == ["mean 2 m temperature (°C)", "75%", "1.25", "4.00", "3.00", "0.90", "yes", "yes"]
     assert rows[1][-1] == "no"

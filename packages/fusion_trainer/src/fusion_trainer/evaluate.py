@@ -279,7 +279,7 @@ def faithfulness_section(ctx: EvalContext) -> dict[str, Any]:
             "baseline": "train-split mean of each quantity",
             "baseline_values": baseline,
             "quantities": per_quantity,
-            "grounded": {q: m["beats_baseline"] for q, m in per_quantity.items()},
+            "grounded": {q: m["grounded"] for q, m in per_quantity.items()},
         }
     }
 
@@ -411,6 +411,9 @@ def evaluate_run(
     if "grounding_gain" in result and "faithfulness" in result:
         result["grounded"] = {
             "uses_climate": result["grounding_gain"]["uses_climate"],
-            "beats_mean_baseline": result["faithfulness"]["grounded"],
+            "beats_mean_baseline": {
+                q: m["beats_baseline"] for q, m in result["faithfulness"]["quantities"].items()
+            },
+            "numbers": result["faithfulness"]["grounded"],
         }
     return result

@@ -294,10 +294,13 @@ def faithfulness(
         min_parsed: the fraction of outputs a quantity must be parsed from to count as grounded.
 
     Returns:
-        {quantity: {"n", "parsed", "parsed_fraction", "mae", "baseline_mae", "baseline_mae_all", "corr",
-        "beats_baseline"}}: `mae` over the parsed outputs, `baseline_mae` of the train mean over the SAME samples,
-        `baseline_mae_all` over every sample; `beats_baseline` is true when at least `min_parsed` of the outputs
-        parse and `mae < baseline_mae`.
+        {quantity: {"n", "parsed", "parsed_fraction", "mae", "baseline_mae", "baseline_mae_all",
+        "best_constant_mae", "corr", "distinct_outputs", "beats_baseline", "beats_best_constant", "grounded"}}:
+        `mae` over the parsed outputs, `baseline_mae` of the train mean over the SAME samples, `baseline_mae_all`
+        over every sample; `best_constant_mae` is the error of the best single value in hindsight (the median of the
+        true values), which no output that ignores the climate can beat, however well it guessed the split's level.
+        `beats_baseline`: at least `min_parsed` of the outputs parse and `mae < baseline_mae`; `grounded`: that and
+        `mae < best_constant_mae` too.
 
     Raises:
         DataError: a generated key is not in the index.
@@ -317,7 +320,12 @@ def faithfulness(
         true = truth.loc[keys, q].to_numpy(dtype=np.float64) if keys else np.zeros(0)
         mae = float(np.abs(pred - true).mean()) if keys else None
         base_mae = float(np.abs(baseline[q] - true).mean()) if keys else None
+        const_mae = float(np.abs(np.median(true) - true).mean()) if keys else None
         fraction = len(keys) / n if n else 0.0
+        beats = bool(mae is not None and base_mae is not None and fraction >= min_parsed and mae < base_mae)
+        beats_const = bool(
+            mae is not None and const_mae is not None and fraction >= min_parsed and mae < const_mae
+        )
         out[q] = {
             "n": n,
             "parsed": len(keys),
@@ -325,10 +333,12 @@ def faithfulness(
             "mae": mae,
             "baseline_mae": base_mae,
             "baseline_mae_all": float(np.abs(baseline[q] - all_true).mean()) if n else None,
+            "best_constant_mae": const_mae,
             "corr": _corr(pred, true),
-            "beats_baseline": bool(
-                mae is not None and base_mae is not None and fraction >= min_parsed and mae < base_mae
-            ),
+            "distinct_outputs": int(len(np.unique(pred))),
+            "beats_baseline": beats,
+            "beats_best_constant": beats_const,
+            "grounded": beats and beats_const,
         }
     return out
 

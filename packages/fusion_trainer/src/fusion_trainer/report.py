@@ -77,18 +77,21 @@ def plot_losses(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
 
 
 def metrics_table(metrics: Mapping[str, Any]) -> list[list[str]]:
-    """Rows `[quantity, parsed %, model MAE, baseline MAE, corr, beats baseline]` from `fusion-eval`'s JSON."""
+    """Rows `[quantity, parsed %, model MAE, train-mean MAE, best-constant MAE, corr, beats train mean, grounded]`."""
     rows = []
     quantities = metrics.get("faithfulness", {}).get("quantities", {})
     for q, m in quantities.items():
         rows.append([
             QUANTITIES.get(q, q), f"{100 * m['parsed_fraction']:.0f}%", _fmt(m["mae"]), _fmt(m["baseline_mae"]),
-            _fmt(m["corr"]), _fmt(m["beats_baseline"]),
+            _fmt(m.get("best_constant_mae")), _fmt(m["corr"]), _fmt(m["beats_baseline"]),
+            _fmt(m.get("grounded", m["beats_baseline"])),
         ])  # fmt: skip
     return rows
 
 
-_TABLE_HEAD = ["quantity", "parsed", "model MAE", "train-mean MAE", "corr", "beats baseline"]
+_TABLE_HEAD = [
+    "quantity", "parsed", "model MAE", "train-mean MAE", "best-constant MAE", "corr", "beats train mean", "grounded",
+]  # fmt: skip
 
 
 def plot_metrics_table(metrics: Mapping[str, Any], path: Path) -> Path:
@@ -248,6 +251,7 @@ def _verdict(metrics: Mapping[str, Any]) -> list[str]:
     t2m = quantities.get("t2m_mean_c", {})
     uses = bool(gain.get("uses_climate"))
     beats = bool(t2m.get("beats_baseline"))
+    grounded = bool(t2m.get("grounded", beats))
     lines = [
         f"- Grounding gain (loss with another sample's climate minus with its own): caption tokens "
         f"{_fmt(gain.get('caption', {}).get('gain'), 4)} ± {_fmt(gain.get('caption', {}).get('stderr'), 4)}, "
@@ -255,11 +259,20 @@ def _verdict(metrics: Mapping[str, Any]) -> list[str]:
         f"{_fmt(gain.get('numbers', {}).get('stderr'), 4)} nats/token: "
         + ("**the model uses the climate**." if uses else "**no evidence that the model uses the climate**."),
         f"- Mean 2 m temperature: MAE {_fmt(t2m.get('mae'))} °C vs {_fmt(t2m.get('baseline_mae'))} °C for the "
-        f"train-mean baseline, parsed from {100 * float(t2m.get('parsed_fraction', 0)):.0f}% of the outputs: "
-        + ("**beats the baseline**." if beats else "**does NOT beat the baseline: not grounded**."),
+        f"train-mean baseline and {_fmt(t2m.get('best_constant_mae'))} °C for the best constant, correlation "
+        f"{_fmt(t2m.get('corr'))}, {t2m.get('distinct_outputs', 'n/a')} distinct values, parsed from "
+        f"{100 * float(t2m.get('parsed_fraction', 0)):.0f}% of the outputs: "
+        + (
+            "**grounded** (beats both)."
+            if grounded
+            else "**beats the train mean but not the best constant: NOT grounded** (the level shifted between train "
+            "and test; the outputs do not follow the climate)."
+            if beats
+            else "**does NOT beat the baseline: not grounded**."
+        ),
     ]
-    others = [QUANTITIES[q] for q, m in quantities.items() if q != "t2m_mean_c" and m.get("beats_baseline")]
-    lines.append(f"- Other quantities beating the baseline: {', '.join(others) if others else 'none'}.")
+    others = [QUANTITIES[q] for q, m in quantities.items() if q != "t2m_mean_c" and m.get("grounded")]
+    lines.append(f"- Other quantities grounded: {', '.join(others) if others else 'none'}.")
     return lines
 
 
@@ -306,8 +319,9 @@ def _report_text(
         "",
         _markdown_table(_TABLE_HEAD, metrics_table(metrics)),
         "",
-        "MAE against the index statistics of each sample; the baseline always says the train-split mean (its MAE is "
-        "over the same parsed samples).",
+        "MAE against the index statistics of each sample, over the parsed outputs. Baselines on the same samples: "
+        "the train-split mean (what a climate-blind model says), and the best constant in hindsight (the median of "
+        "the true values). Grounded = at least half the outputs parse and the MAE beats both.",
         "",
     ]
     if timings:
