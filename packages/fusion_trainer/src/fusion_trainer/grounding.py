@@ -355,11 +355,6 @@ def number_token_mask(tokenizer: Any) -> np.ndarray:
     return mask
 
 
-def finite_or_none(x: float | None) -> float | None:
-    """`x` if finite, else None (JSON has no NaN)."""
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
 def _f1(x: float) -> str:
     text = f"{x:.1f}"
     return "0.0" if text == "-0.0" else text
