@@ -199,8 +199,8 @@ def report(
                                                      notes))  # fmt: skip
 
 
-def _num(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
+def _num(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def compare(plan: Plan, stages: Stages, ref: str, base: Path, variants: Sequence[str], steps: int) -> Path:
@@ -217,8 +217,8 @@ def compare(plan: Plan, stages: Stages, ref: str, base: Path, variants: Sequence
         t2m = m["faithfulness"]["quantities"].get("t2m_mean_c", {})
         g = m["grounding_gain"]
         lines.append(
-            f"| {variant} | {m['fused']['loss']:.4f} | {m['base']['loss']:.4f} | {g['caption']['gain']:.4f} | "
-            f"{g['numbers']['gain']:.4f} | {_num(t2m.get('mae'))} | "
+            f"| {variant} | {m['fused']['loss']:.4f} | {m['base']['loss']:.4f} | {_num(g['caption']['gain'], 4)} | "
+            f"{_num(g['numbers']['gain'], 4)} | {_num(t2m.get('mae'))} | "
             f"{_num(t2m.get('baseline_mae'))} | {100 * t2m.get('parsed_fraction', 0):.0f}% | "
             f"{t2m.get('beats_baseline')} | {stages.times.get('train ' + variant, 0):.0f} |"
         )

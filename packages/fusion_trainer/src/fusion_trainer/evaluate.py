@@ -177,15 +177,22 @@ def grounding_gain(
     result: dict[str, Any] = {"samples": start}
     for name in ("caption", "numbers"):
         tokens = counts[name]
-        own_loss = float(sums[name][0]) / tokens if tokens else float("nan")
-        shuf_loss = float(sums[name][1]) / tokens if tokens else float("nan")
+        own_loss = float(sums[name][0]) / tokens if tokens else None  # None, not NaN: the JSON stays valid
+        shuf_loss = float(sums[name][1]) / tokens if tokens else None
         d = torch.tensor(diffs[name], dtype=torch.float64)
-        stderr = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+        stderr = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else None
+        gain = shuf_loss - own_loss if own_loss is not None and shuf_loss is not None else None
         result[name] = {
-            "own": own_loss, "shuffled": shuf_loss, "gain": shuf_loss - own_loss, "stderr": stderr, "tokens": tokens,
-        }  # fmt: skip
+            "own": own_loss,
+            "shuffled": shuf_loss,
+            "gain": gain,
+            "stderr": stderr,
+            "tokens": tokens,
+        }
     cap = result["caption"]
-    result["uses_climate"] = bool(math.isfinite(cap["stderr"]) and cap["gain"] > 2 * cap["stderr"])
+    result["uses_climate"] = bool(
+        cap["stderr"] is not None and cap["gain"] is not None and cap["gain"] > 2 * cap["stderr"]
+    )
     return result
 
 
