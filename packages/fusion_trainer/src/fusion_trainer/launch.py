@@ -28,6 +28,7 @@ __all__ = [
     "ensure_dist_env",
     "free_port",
     "launch_local",
+    "stale_build_locks",
     "under_launcher",
 ]
 
@@ -88,6 +89,37 @@ def clear_self_env() -> None:
     if os.environ.get(_SELF_SET) == "1":
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", _SELF_SET):
             os.environ.pop(key, None)
+
+
+def stale_build_locks(max_age_s: float = 600.0) -> list[str]:
+    """Lock files of torch C++ extension builds (DeepSpeed compiles its CPU ops on first use) older than `max_age_s`.
+
+    A process killed while building (kill -9, OOM) leaves its `lock` behind and every later process that needs the
+    op waits for it forever, silently. The lock records no owner, so age is the only hint; each one found is logged
+    as a warning naming the file and the way out.
+    """
+    import time
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time()
+    stale = []
+    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+        try:
+            age = now - lock.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age > max_age_s:
+            stale.append(str(lock))
+            logger.warning(
+                "%s is %.0f minutes old: a process killed while compiling a DeepSpeed/torch extension left it, and "
+                "this run will wait for it forever; if no compiler is running, delete it",
+                lock,
+                age / 60,
+            )
+    return stale
 
 
 def build_launch_command(nproc: int, args: Sequence[str], module: str = "fusion_trainer.cli") -> list[str]:

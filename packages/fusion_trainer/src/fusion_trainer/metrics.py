@@ -27,6 +27,7 @@ __all__ = [
     "peak_memory_bytes",
     "process_rank",
     "read_metrics",
+    "repair_jsonl_tail",
 ]
 
 logger = logging.getLogger(__name__)
@@ -135,15 +136,47 @@ class MetricsLog:
                 if isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
                     self._tb.add_scalar(f"{prefix}/{key}", value, step)
 
+    def truncate_after(self, step: int) -> None:
+        """On resume from the checkpoint of `step`: keep the records of steps up to it only (the later ones are
+        redone and logged again) and drop a line a killed run left half written. Atomic (temp file, rename)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in _complete_records(self.path) if int(r.get("step", 0)) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=False) + "\n" for r in kept), encoding="utf-8")
+        tmp.replace(self.path)
+
     def close(self) -> None:
         """Flush TensorBoard."""
         if self._tb is not None:
             self._tb.close()
 
 
+def _complete_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file; a last line without its newline (a write cut by a kill) is left out."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    complete, torn = lines[:-1], lines[-1]
+    if torn.strip():
+        logger.warning(
+            "%s: ignoring a last line cut short (%d characters), left by a killed run", path, len(torn)
+        )
+    return [json.loads(line) for line in complete if line.strip()]
+
+
+def repair_jsonl_tail(path: Path) -> None:
+    """Cut a last line left half written by a killed process, so appending starts on a fresh line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Read RUN_DIR/metrics.jsonl (empty list when absent)."""
+    """Read RUN_DIR/metrics.jsonl (empty list when absent; a last line cut short by a kill is left out)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return _complete_records(path)

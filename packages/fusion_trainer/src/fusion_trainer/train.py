@@ -33,7 +33,7 @@ from .config import FusionConfig, TrainConfig
 from .data import ClimateTextStream, DataPosition, open_shards, render_prompt
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluate import evaluate_loss
-from .launch import clear_self_env, ensure_dist_env
+from .launch import clear_self_env, ensure_dist_env, stale_build_locks
 from .metrics import (
     MetricsLog,
     Throughput,
@@ -41,6 +41,7 @@ from .metrics import (
     flops_per_token,
     log_rank_zero,
     peak_memory_bytes,
+    repair_jsonl_tail,
 )
 
 __all__ = ["RunResult", "lr_lambda", "train"]
@@ -188,6 +189,7 @@ def train(config: TrainConfig) -> RunResult:
     import deepspeed
 
     env = ensure_dist_env()
+    stale_build_locks()  # a killed earlier run can leave one, and init_distributed would then wait forever
     rank, world = env.rank, env.world
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -262,6 +264,11 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
             )
         step, position = int(client["step"]), DataPosition.from_dict(client["position"])
         run.last_checkpoint = resume_from
+        run.metrics.truncate_after(
+            step
+        )  # a killed run may have logged later steps (redone now) or a torn line
+        if run.keys_file is not None:
+            repair_jsonl_tail(run.keys_file)
     prompt = render_prompt(config.prompt_template, data, config.caption)
     stream = ClimateTextStream(
         data, "train", tokenizer, prompt=prompt, micro_batch=config.micro_batch, max_length=config.max_length,
