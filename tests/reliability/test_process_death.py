@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -17,12 +18,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from climate_text_schema import open_dataset
 from merra2_text_data.versions import gc
 
-from .conftest import DATASET, build_args, cli, tool_env
+from .conftest import BIN, DATASET, TINY_TRAIN, build_args, cli, last_json, run_tool, tool_env
 
 
 def _temps(*roots: Path) -> list[Path]:
@@ -138,3 +140,128 @@ def test_kill_9_the_build_at_a_random_moment_then_rerun(
     assert not (root / "staging").exists(), "staging receipts left behind"
     assert _temps(out, cache) == [], f"temp files left behind ({killed})"
     assert gc(str(root)).orphans == []
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    """The complete JSON lines of a JSONL file (a line torn by the kill is left out)."""
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _runs(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split a samples log appended by a killed run and its resumed run at the first step that goes back."""
+    for i in range(1, len(records)):
+        if records[i]["step"] <= records[i - 1]["step"]:
+            return records[:i], records[i:]
+    return records, []
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    import psutil
+
+    for child in psutil.Process(launcher).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "fusion_trainer.cli" in " ".join(child.cmdline()):
+                return int(child.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_kill_9_one_rank_of_a_2_rank_training_then_resume(
+    reference_build: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Rank 1 is SIGKILLed after the step-4 checkpoint, mid-run: the launcher stops rank 0 and exits non-zero within a
+    minute (no hang on a collective). `--resume` restarts from the newest complete checkpoint: every redone step sees
+    the same samples on each rank as before the kill, and has the same loss (same weights, optimizer and data
+    position); the run then finishes."""
+    run = tmp_path / "run"
+    args = ["--shards", reference_build, "--model", str(tiny_model_dir), "--out", str(run), "--nproc", "2",
+            "--steps", "30", "--save-every", "4", "--no-progress", "--set", "eval_every=0", *TINY_TRAIN]  # fmt: skip
+    log = tmp_path / "killed-run.log"  # a file, not a pipe: a full pipe would stall the ranks
+    with log.open("w") as sink:
+        proc = subprocess.Popen([str(BIN / "fusion-train"), *args], env=tool_env(), stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            steps = [r["step"] for r in _records(run / "samples" / "rank1.jsonl")]
+            if (run / "checkpoints" / "step4" / "COMPLETE").exists() and steps and max(steps) >= 5:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, (
+            f"no step 5 after the step-4 checkpoint in 5 minutes: {_records(run / 'samples' / 'rank1.jsonl')}"
+        )
+        time.sleep(random.Random(0).uniform(0.0, 0.3))
+        victim = _rank_pid(proc.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("the launcher hung after a rank died")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = log.read_text()
+    assert proc.returncode != 0 and "error: 2 ranks failed" in err, err[-3000:]
+    before = {r: _records(run / "samples" / f"rank{r}.jsonl") for r in (0, 1)}
+    losses_before = {m["step"]: m["loss"] for m in _records(run / "metrics.jsonl") if "split" not in m}
+
+    resumed = run_tool("fusion-train", *args, "--resume", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert last_json(resumed.stdout)["step"] == 30 and (run / "final").is_dir()
+    redone: set[int] = set()
+    for rank in (0, 1):
+        first, second = _runs(_records(run / "samples" / f"rank{rank}.jsonl"))
+        assert first == before[rank][: len(first)]
+        start = second[0]["step"] - 1
+        assert start >= 4 and start % 4 == 0 and (run / "checkpoints" / f"step{start}" / "COMPLETE").exists()
+        assert [r["step"] for r in second] == list(range(start + 1, 31)), (
+            "steps are numbered on from the checkpoint"
+        )
+        old = {r["step"]: r["keys"] for r in first}
+        for record in second:
+            if record["step"] in old:
+                assert record["keys"] == old[record["step"]], (
+                    f"rank {rank} step {record['step']}: other samples"
+                )
+                redone.add(record["step"])
+    assert redone, "the kill left no step to redo"
+    metrics = [m for m in _records(run / "metrics.jsonl") if "split" not in m]
+    assert [m["step"] for m in metrics] == list(range(1, 31)), (
+        "each step logged once, torn or redone lines dropped"
+    )
+    for m in metrics:
+        if m["step"] in losses_before and m["step"] in redone:
+            assert m["loss"] == pytest.approx(losses_before[m["step"]], rel=1e-5), (
+                f"step {m['step']}: other loss"
+            )
+
+
+def test_a_build_lock_left_by_a_killed_compile_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process killed while DeepSpeed compiles its CPU op leaves torch's extension `lock`; every later run would
+    wait on it forever without a word. fusion-train names such a lock (older than 10 minutes) and the way out."""
+    from fusion_trainer.launch import stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    fresh = tmp_path / "py311_cpu" / "other_op" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    with caplog.at_level("WARNING", logger="fusion_trainer.launch"):
+        assert stale_build_locks() == [str(old)]
+    assert str(old) in caplog.text and "delete it" in caplog.text and str(fresh) not in caplog.text
