@@ -8,6 +8,9 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 # The pin must also reach pip's isolated build environments (DeepSpeed builds from source against torch).
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+# DeepSpeed compiles its CPU shared-memory comm op on first use. Keep the build inside this checkout's venv (a build
+# for another venv is stale here and would be rebuilt, racing between ranks) and build it once during set-up.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
 PYTEST_ARGS ?=
 QUICK ?= 0
@@ -28,6 +31,7 @@ $(STAMP): constraints.txt pyproject.toml schemas/pyproject.toml packages/merra2_
 	$(PIP) install --quiet -c constraints.txt "torch==2.13.0"
 	$(PIP) install --quiet -c constraints.txt \
 		-e schemas -e packages/merra2_text_data -e "packages/fusion_trainer[lora]" --group dev
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
 	@touch $(STAMP)
 
 setup: $(STAMP)
