@@ -416,12 +416,18 @@ def encode_sample(
 
 
 def collate(samples: list[Sample], encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
-    """Stack climate `(B, T, V, H, W)`, right-pad ids (mask 0, labels -100), keep keys and texts."""
+    """Stack climate `(B, T, V, H, W)`, right-pad ids (mask 0, labels -100), keep keys and texts.
+
+    Tiles of one dataset may differ in grid size (the builder keeps partial edge tiles of at least half a tile): the
+    climate of a batch is padded to its largest H and W with 0, which in normalised units is the train mean. Samples
+    whose time steps or variables differ cannot share a batch.
+    """
     shapes = {s.climate_x.shape for s in samples}
-    if len(shapes) > 1:
+    if len({shape[:2] for shape in shapes}) > 1:
         keys = ", ".join(s.key for s in samples)
         raise DataError(
-            f"samples {keys} have different climate shapes {sorted(shapes)}; one batch needs one shape"
+            f"samples {keys} have different (time, variable) shapes {sorted(shapes)}; one batch needs one "
+            "window, time step and variable list"
         )
     width = max(len(ids) for ids, _ in encoded)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
@@ -431,7 +437,12 @@ def collate(samples: list[Sample], encoded: list[tuple[list[int], list[int]]], p
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
-    climate = torch.from_numpy(np.stack([s.climate_x for s in samples]))  # (B, T, V, H, W)
+    height = max(shape[2] for shape in shapes)
+    width_ll = max(shape[3] for shape in shapes)
+    stacked = np.zeros((len(samples), *samples[0].climate_x.shape[:2], height, width_ll), dtype=np.float32)
+    for i, s in enumerate(samples):
+        stacked[i, :, :, : s.climate_x.shape[2], : s.climate_x.shape[3]] = s.climate_x
+    climate = torch.from_numpy(stacked)  # (B, T, V, H, W)
     return {
         "climate_x": climate,
         "input_ids": input_ids,
