@@ -129,6 +129,7 @@ def proxy(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Proxy]:
     monkeypatch.setenv("AWS_ENDPOINT_URL", state.url)
     monkeypatch.setitem(fsspec.config.conf, "s3", {"config_kwargs": {
         "connect_timeout": 2, "read_timeout": 2, "retries": {"max_attempts": 2, "mode": "standard"}}})  # fmt: skip
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 2)  # s3fs's own retry loop (5 by default, with backoff)
     s3fs.S3FileSystem.clear_instance_cache()
     try:
         yield state
