@@ -181,6 +181,10 @@ def test_a_bad_sample_is_named_or_skipped_and_counted(
     assert res.exit_code == 1 and res.stderr.startswith("error: ") and "Traceback" not in res.output
     assert SHARD in res.stderr and verify_says in res.stderr, res.stderr
 
+    if case.endswith("pickle"):  # inspect reads the first sample of the first shard: this one
+        shown = cli("inspect", ref)
+        assert shown.exit_code == 1 and "not a plain numeric" in shown.stderr, shown.output
+
     shown_key = "../../x" if case == "path" else bad_key
     with pytest.raises(DataError, match=trainer_says) as info:
         _epoch(_stream(ref, tokenizer))
