@@ -2,7 +2,7 @@
 
 A FusionModel never guesses where a model's decoder layers live (no `'llama' in name` sniffing): the HF config's
 `model_type` is looked up here, and an unknown one raises UnsupportedArchitectureError listing the supported ones.
-Adding an architecture is one `ArchitectureSpec` entry (and a tiny-config case in tests/fusion_trainer/test_registry.py).
+Adding an architecture is one `_LAYOUTS` entry (and a tiny-config case in tests/fusion_trainer/test_registry.py).
 """
 
 from __future__ import annotations
@@ -101,29 +101,18 @@ _LLAMA_LAYOUT = {
     "hidden_size_attr": "hidden_size",
     "n_layers_attr": "num_hidden_layers",
 }
+_GPT_LAYOUT = {"layers": "transformer.h", "embeddings": "transformer.wte", "final_norm": "transformer.ln_f",
+               "lm_head": "lm_head"}  # fmt: skip
+_LAYOUTS: dict[str, dict[str, str]] = {
+    "llama": _LLAMA_LAYOUT,
+    "mistral": _LLAMA_LAYOUT,
+    "qwen2": _LLAMA_LAYOUT,
+    "gpt2": {**_GPT_LAYOUT, "hidden_size_attr": "n_embd", "n_layers_attr": "n_layer"},
+    "gpt_neo": {**_GPT_LAYOUT, "hidden_size_attr": "hidden_size", "n_layers_attr": "num_layers"},
+}
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
-    "llama": ArchitectureSpec(model_type="llama", **_LLAMA_LAYOUT),
-    "mistral": ArchitectureSpec(model_type="mistral", **_LLAMA_LAYOUT),
-    "qwen2": ArchitectureSpec(model_type="qwen2", **_LLAMA_LAYOUT),
-    "gpt2": ArchitectureSpec(
-        model_type="gpt2",
-        layers="transformer.h",
-        embeddings="transformer.wte",
-        final_norm="transformer.ln_f",
-        lm_head="lm_head",
-        hidden_size_attr="n_embd",
-        n_layers_attr="n_layer",
-    ),
-    "gpt_neo": ArchitectureSpec(
-        model_type="gpt_neo",
-        layers="transformer.h",
-        embeddings="transformer.wte",
-        final_norm="transformer.ln_f",
-        lm_head="lm_head",
-        hidden_size_attr="hidden_size",
-        n_layers_attr="num_layers",
-    ),
+    model_type: ArchitectureSpec(model_type=model_type, **layout) for model_type, layout in _LAYOUTS.items()
 }
 """model_type -> layout. Llama, Mistral and Qwen2 share the same `*ForCausalLM` layout in transformers."""
 
@@ -156,13 +145,27 @@ def architecture_for(model_or_config: Any) -> ArchitectureSpec:
     if spec is None:
         raise UnsupportedArchitectureError(
             f"unsupported base architecture model_type={model_type!r} ({type(model_or_config).__name__}); "
-            f"supported: {', '.join(supported_architectures())}. Use one of those bases, or add an ArchitectureSpec "
-            "to fusion_trainer.registry.ARCHITECTURES"
+            f"supported: {', '.join(supported_architectures())}. Use one of those bases, or add a layout "
+            "to fusion_trainer.registry._LAYOUTS"
         )
     return spec
 
 
-PRESETS: tuple[str, ...] = ("llama-3-8b", "smollm2-135m")
+_PRESET_FIELDS: dict[str, dict[str, Any]] = {
+    "llama-3-8b": {
+        "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0, "tie_word_embeddings": False,
+        "bos_token_id": 128000, "eos_token_id": 128001,
+    },
+    "smollm2-135m": {
+        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000.0, "tie_word_embeddings": True,
+        "bos_token_id": 1, "eos_token_id": 2,
+    },
+}  # fmt: skip
+"""preset name -> the fields in which it differs; every preset is a `LlamaConfig` (see `preset_config`)."""
+
+PRESETS: tuple[str, ...] = tuple(_PRESET_FIELDS)
 
 
 def preset_config(name: str) -> PretrainedConfig:
@@ -173,38 +176,22 @@ def preset_config(name: str) -> PretrainedConfig:
 
     Raises:
         ConfigError: unknown preset.
+
+    Examples:
+        >>> preset_config("smollm2-135m").num_hidden_layers
+        30
     """
-    if name == "llama-3-8b":
-        return LlamaConfig(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=8192,
-            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            bos_token_id=128000,
-            eos_token_id=128001,
-        )
-    if name == "smollm2-135m":
-        return LlamaConfig(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            max_position_embeddings=8192,
-            rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=True,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-    raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    fields = _PRESET_FIELDS.get(name)
+    if fields is None:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    rope_theta = fields["rope_theta"]
+    settings = {key: value for key, value in fields.items() if key != "rope_theta"}
+    return LlamaConfig(
+        **settings,
+        max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        rms_norm_eps=1e-5,
+    )
 
 
 @dataclass(frozen=True)
