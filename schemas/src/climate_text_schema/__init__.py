@@ -13,6 +13,7 @@ from .errors import (
     SampleError,
     SchemaVersionError,
 )
+from .hashing import READ_SIZE, HashingReader
 from .index import BASE_COLUMNS, index_schema, stat_columns, validate_index, variables_in_index
 from .layout import (
     INDEX_FILE,
@@ -69,6 +70,7 @@ __all__ = [
     "MANIFEST_FILE",
     "META_MEMBER",
     "QUARANTINE_FILE",
+    "READ_SIZE",
     "README_FILE",
     "SAMPLE_MEMBERS",
     "SCHEMA_VERSION",
@@ -77,6 +79,7 @@ __all__ = [
     "BuilderInfo",
     "ContractError",
     "DatasetNotFoundError",
+    "HashingReader",
     "IndexValidationError",
     "Manifest",
     "ManifestError",

@@ -31,6 +31,7 @@ from climate_text_schema import (
     META_MEMBER,
     SAMPLE_MEMBERS,
     TEXT_MEMBER,
+    HashingReader,
     SampleError,
     SampleMeta,
     ShardInfo,
@@ -271,30 +272,6 @@ def write_shards(
     return out
 
 
-class _HashingReader(io.RawIOBase):
-    """A read-only stream that hashes and counts every byte read through it."""
-
-    def __init__(self, raw: IO[bytes]):
-        self._raw = raw
-        self.sha = hashlib.sha256()
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._raw.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        self.sha.update(data)
-        self.count += n
-        return n
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
 def _check_name(name: str, shard: str) -> tuple[str, str]:
     if name.startswith("/") or "\\" in name or ".." in name.split("/") or "/" in name:
         raise SampleError(
@@ -374,12 +351,10 @@ def read_shard(fs: AbstractFileSystem, url: str, n_variables: int | None = None)
     content = ShardContent()
     name = url.rsplit("/", 1)[-1]
     with fs.open(fs_path(fs, url), "rb") as raw:
-        reader = _HashingReader(raw)
-        buffered = io.BufferedReader(reader, buffer_size=1 << 20)
+        reader = HashingReader(raw)
+        buffered = reader.buffered()
         for sample in iter_shard(buffered, name, n_variables):
             content.keys.append(sample["key"])
-        while buffered.read(1 << 20):
-            pass
         reader.drain()
-    content.sha256, content.bytes = reader.sha.hexdigest(), reader.count
+    content.sha256, content.bytes = reader.hexdigest(), reader.nbytes
     return content
