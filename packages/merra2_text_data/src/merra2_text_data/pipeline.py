@@ -1,8 +1,8 @@
 """The build: wiring only. Plan first (granules x region x windows x tiles x shards), then execute, then commit.
 
 1. Resolve the granules (earthaccess search or a folder/URL); missing days fail unless `allow_gaps`.
-2. Version id = digest of the resolved config, the granule identities, event files and the schema version. If that
-   version is already committed, stop: nothing is written.
+2. Version id = digest of the resolved config (with the caption format `text.TEXT_FORMAT`), the granule identities,
+   event files and the schema version. If that version is already committed, stop: nothing is written.
 3. Open the region (zarr cache), plan samples and splits, and pack each split's samples into shard tasks whose
    numbering follows from the plan alone (`<split>-<NNNNNN>` = position of the task in its split).
 4. Pass 1, only when the windows span several years and T2M is built: each task records its samples' T2M statistics
@@ -45,6 +45,7 @@ from climate_text_schema import (
 
 from . import __version__
 from . import tasks as _tasks
+from . import text as _text
 from .card import make_card
 from .climatology import DayOfYearClimatology, spans_several_years
 from .config import BuildConfig
@@ -138,9 +139,16 @@ def plan_build(config: BuildConfig) -> BuildPlan:
         inputs[f"text_table:{Path(config.sample.text_table).name}"] = _file_digest(config.sample.text_table)
     _, out = url_to_fs(config.publish.out)
     name = config.dataset_name()
-    version = compute_version({**config.resolved(), "gaps": [str(d) for d in missing]}, sources, inputs)
-    return BuildPlan(config, region, name, join_url(out, name), version, granules, sources,
-                     [str(d) for d in missing], inputs)  # fmt: skip
+    gaps = [str(d) for d in missing]
+    version = compute_version(_data_config(config, gaps), sources, inputs)
+    return BuildPlan(config, region, name, join_url(out, name), version, granules, sources, gaps,
+                     inputs)  # fmt: skip
+
+
+def _data_config(config: BuildConfig, gaps: list[str]) -> dict[str, Any]:
+    """What the version id hashes and the manifest records as `config`: the resolved build config, the missing days
+    built around, and the caption format of this builder (`text.TEXT_FORMAT`, read at call time)."""
+    return {**config.resolved(), "gaps": gaps, "text_format": _text.TEXT_FORMAT}
 
 
 def _cache_dir(config: BuildConfig) -> Path:
@@ -308,7 +316,7 @@ def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
         schema_version=SCHEMA_VERSION, name=plan.name, version=plan.version,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         builder=BuilderInfo(package="merra2-text-data", version=__version__),
-        config={**config.resolved(), "gaps": plan.gaps},
+        config=_data_config(config, plan.gaps),
         variables=[VariableInfo(name=v, units=units[v], long_name=KNOWN_VARIABLES[v].long_name,
                                 collection=collection_for(v)) for v in variables],
         window=config.sample.window, time_step=config.sample.time_step,

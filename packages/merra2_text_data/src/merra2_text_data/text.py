@@ -39,6 +39,7 @@ from .events import Event
 __all__ = [
     "COMPASS",
     "N_TEMPLATES",
+    "TEXT_FORMAT",
     "compass_direction",
     "describe_bbox",
     "describe_region",
@@ -48,6 +49,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+TEXT_FORMAT = "1"
+"""The version of the caption and event-text format written by this module. It is part of every dataset version id
+(the manifest's `config.text_format`), so bump it with any change to this module that changes a text for the same
+inputs (wording, templates, number formatting, template choice, thresholds, event formatting)."""
 
 COMPASS = (
     "north", "north-northeast", "northeast", "east-northeast", "east", "east-southeast", "southeast",

@@ -1,0 +1,57 @@
+"""The version id covers the caption format: the same inputs give the same id, a new `text.TEXT_FORMAT` a new one,
+and the manifest records the format in the very `config` that was hashed."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from climate_text_schema import open_dataset
+from merra2_text_data import BuildConfig, build, plan_build
+from merra2_text_data import text as text_mod
+from merra2_text_data.publish import compute_version
+from merra2_text_data.regions import parse_region
+from merra2_text_data.synth import write_synthetic_granules
+
+BBOX = "-100,38,-96,42"
+START, END = dt.date(2019, 3, 1), dt.date(2019, 3, 2)
+
+
+@pytest.fixture(scope="module")
+def granules(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("granules")
+    write_synthetic_granules(out, parse_region(BBOX), START, END, seed=5)
+    return out
+
+
+def _config(granules: Path, out: Path) -> BuildConfig:
+    return BuildConfig.from_options(region=BBOX, start=str(START), end=str(END), variables="T2M,U10M,V10M",
+                                    source=str(granules), out=str(out), cache_dir=str(out / "cache"),
+                                    val_fraction=0.0, test_fraction=0.0, quiet=True)  # fmt: skip
+
+
+def test_same_inputs_same_id_and_the_text_format_changes_it(
+    granules: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = plan_build(_config(granules, tmp_path)).version
+    assert plan_build(_config(granules, tmp_path)).version == first
+    assert plan_build(_config(granules, tmp_path / "elsewhere")).version == first, "out is not part of the id"
+
+    monkeypatch.setattr(text_mod, "TEXT_FORMAT", f"{text_mod.TEXT_FORMAT}-next")
+    changed = plan_build(_config(granules, tmp_path)).version
+    assert changed != first
+    assert plan_build(_config(granules, tmp_path)).version == changed
+
+    monkeypatch.undo()
+    assert plan_build(_config(granules, tmp_path)).version == first
+
+
+def test_manifest_records_the_text_format_in_the_hashed_config(granules: Path, tmp_path: Path) -> None:
+    ref = build(_config(granules, tmp_path / "datasets"))
+    manifest = open_dataset(ref).manifest
+    assert manifest.config["text_format"] == text_mod.TEXT_FORMAT
+    inputs = (manifest.model_extra or {}).get("inputs") or {}
+    assert compute_version(manifest.config, manifest.sources, inputs) == manifest.version
+    card = (tmp_path / "datasets").glob("*/versions/*/README.md")
+    assert f'"text_format": "{text_mod.TEXT_FORMAT}"' in next(card).read_text(encoding="utf-8")
