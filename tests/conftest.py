@@ -1,4 +1,5 @@
-"""Fixtures shared by every test folder: the real reference data in ../shared/data and a real S3 protocol server."""
+"""Fixtures shared by every test folder: the real reference data in ../shared/data, a real S3 protocol server, and
+the tiny random LM of the trainer and reliability suites (built once per session, see `tests/tiny_model.py`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from .tiny_model import build_tiny_model, use_cpu_deepspeed
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -68,3 +71,16 @@ def s3_bucket(s3_endpoint: str) -> str:
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     s3fs.S3FileSystem.clear_instance_cache()
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with a small tokenizer (`fusion_trainer.base.make_tiny_model`), one per session."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), seed=0)
+
+
+@pytest.fixture
+def cpu_deepspeed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed on the CPU accelerator, one thread per process (the trainer and reliability suites use it for
+    every test)."""
+    use_cpu_deepspeed(monkeypatch)

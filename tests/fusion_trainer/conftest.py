@@ -1,5 +1,6 @@
 """Fixtures of the trainer tests: a contract-shaped synthetic dataset (written here, independently of the builder)
-and a tiny random causal LM with its tokenizer.
+and the tokenizer of the tiny random causal LM (`tiny_model_dir`, shared with the reliability suite through
+tests/conftest.py).
 
 The captions state numbers computed from each climate array (mean 2 m temperature, mean wind speed), so a fusion
 model can learn them and its loss falls.
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from climate_text_schema import SCHEMA_VERSION, validate_index
+
+from tests.tiny_model import TINY_FUSION as TINY_FUSION  # the trainer tests import it from here
 
 VARIABLES = (("T2M", "K", 283.0, 8.0), ("U10M", "m s-1", 2.0, 4.0), ("V10M", "m s-1", -1.0, 4.0))
 SHAPE = (2, 3, 4, 5)  # (time, variable, lat, lon)
@@ -169,14 +171,6 @@ def dataset_ref(make_dataset: Callable[..., str]) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama with a small tokenizer (fusion_trainer.base.make_tiny_model)."""
-    from fusion_trainer.base import make_tiny_model
-
-    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"), seed=0)
-
-
-@pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir: Path) -> Any:
     """The tiny model's tokenizer."""
     from transformers import AutoTokenizer
@@ -185,20 +179,8 @@ def tokenizer(tiny_model_dir: Path) -> Any:
 
 
 @pytest.fixture(autouse=True)
-def _cpu_deepspeed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """DeepSpeed on the CPU accelerator, one thread per process (several ranks share 2 cores)."""
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-
-
-TINY_FUSION: dict[str, Any] = {
-    "fusion": "xattn",
-    "d_encoder": 32,
-    "encoder_heads": 4,
-    "n_heads": 4,
-    "encoder_depth": 1,
-}
-"""A small fusion module for the tiny Llama (hidden 64)."""
+def _cpu_deepspeed(cpu_deepspeed: None) -> None:
+    """Every trainer test runs DeepSpeed on the CPU, one thread per process (`cpu_deepspeed`, tests/conftest.py)."""
 
 
 @pytest.fixture

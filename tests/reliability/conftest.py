@@ -1,5 +1,6 @@
-"""Fixtures of the reliability suite: pristine synthetic granules, a real built version, a tiny LM, and helpers that
-break things (granules, shards, the store, processes) the way the real world does.
+"""Fixtures of the reliability suite: pristine synthetic granules, a real built version, flags of a tiny training run
+(on `tiny_model_dir`, tests/conftest.py), and helpers that break things (granules, shards, the store, processes) the
+way the real world does.
 
 Every test states the fault, what the user sees and what is preserved (see docs/reliability.md).
 """
@@ -27,6 +28,8 @@ from merra2_text_data.cli import app
 from merra2_text_data.regions import parse_region
 from merra2_text_data.synth import write_synthetic_granules
 from typer.testing import CliRunner
+
+from tests.tiny_model import TINY_FUSION_FLAGS
 
 BBOX = "-100,40,-98,42"
 """A small box (5 x 4 MERRA-2 grid points): builds take about a second."""
@@ -181,22 +184,11 @@ def files_under(*roots: Path) -> list[Path]:
     return sorted(p for root in roots if root.exists() for p in root.rglob("*") if p.is_file())
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama with a small tokenizer (`fusion_trainer.base.make_tiny_model`)."""
-    from fusion_trainer.base import make_tiny_model
-
-    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"), seed=0)
-
-
-TINY_TRAIN = ["--set", "fusion.d_encoder=32", "--set", "fusion.encoder_heads=4", "--set", "fusion.n_heads=4",
-              "--set", "fusion.encoder_depth=1", "--set", "max_length=192", "--set", "log_every=1",
+TINY_TRAIN = [*TINY_FUSION_FLAGS, "--set", "max_length=192", "--set", "log_every=1",
               "--no-bf16", "--zero", "2", "--micro-batch", "2", "--lr", "1e-3"]  # fmt: skip
-"""`fusion-train` flags of a tiny CPU run (hidden size 64)."""
+"""`fusion-train` flags of a tiny CPU run on `tiny_model_dir` (tests/conftest.py; hidden size 64)."""
 
 
 @pytest.fixture(autouse=True)
-def _cpu_deepspeed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """DeepSpeed on the CPU accelerator, one thread per process (several processes share 2 cores)."""
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+def _cpu_deepspeed(cpu_deepspeed: None) -> None:
+    """Every reliability test runs DeepSpeed on the CPU, one thread per process (`cpu_deepspeed`, tests/conftest.py)."""
