@@ -17,12 +17,13 @@ logged, counted (`batch["skipped"]`) and left out before the epoch is cut, so ev
 
 from __future__ import annotations
 
-import hashlib
-import io
+import itertools
 import logging
+import math
 import random
+import re
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -30,9 +31,11 @@ import numpy as np
 import torch
 from climate_text_schema import (
     CLIMATE_MEMBER,
+    FILL_VALUE,
     META_MEMBER,
     TEXT_MEMBER,
     ContractError,
+    HashingReader,
     OpenedDataset,
     SampleError,
     ShardInfo,
@@ -43,15 +46,15 @@ from climate_text_schema import (
     decode_text,
     open_dataset,
 )
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from .config import DEFAULT_PROMPT_TEMPLATE
 from .errors import ConfigError, DataError
 
 __all__ = [
     "DEFAULT_PROMPT", "ClimateTextStream", "DataPosition", "RawSample", "Sample", "assign_shards",
-    "collate", "decode_sample", "encode_sample", "epoch_samples", "iter_shard", "open_shards", "per_rank_samples",
-    "render_prompt", "shuffle_samples",
+    "collate", "decode_sample", "encode_sample", "encode_texts", "epoch_samples", "iter_shard", "lane_samples",
+    "open_shards", "per_rank_samples", "render_prompt", "shuffle_samples",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -62,11 +65,14 @@ DEFAULT_PROMPT = DEFAULT_PROMPT_TEMPLATE
 
 @dataclass(frozen=True)
 class DataPosition:
-    """Where a rank stands in the data: samples consumed in `epoch` (the same on every rank), and the data seed."""
+    """Where a rank stands in the data: samples consumed in `epoch` (the same on every rank), the data seed, and the
+    number of lanes the epoch's order was cut into (`ClimateTextStream(lanes=...)`; 1 in checkpoints written before
+    lanes existed)."""
 
     epoch: int = 0
     consumed: int = 0
     seed: int = 0
+    lanes: int = 1
 
     def to_dict(self) -> dict[str, int]:
         """Plain dict for checkpoints."""
@@ -75,7 +81,10 @@ class DataPosition:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DataPosition:
         """Inverse of `to_dict`."""
-        return cls(epoch=int(raw["epoch"]), consumed=int(raw["consumed"]), seed=int(raw["seed"]))
+        return cls(
+            epoch=int(raw["epoch"]), consumed=int(raw["consumed"]), seed=int(raw["seed"]),
+            lanes=int(raw.get("lanes", 1)),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -126,29 +135,88 @@ def open_shards(ref: str, storage_options: dict[str, Any] | None = None) -> Open
         raise DataError(f"--shards {ref}: cannot read the dataset ({type(exc).__name__}: {exc})") from exc
 
 
-class _CheckedReader(io.RawIOBase):
-    """A read-only stream that counts the bytes read and hashes them."""
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
+_SKIP_META = re.compile(
+    r"__[^/]*__($|/)"
+)  # webdataset's metadata members, skipped as its tar_file_iterator does
 
-    def __init__(self, raw: Any) -> None:
-        super().__init__()
-        self._raw = raw
-        self.nbytes = 0
-        self.sha256 = hashlib.sha256()
 
-    def readable(self) -> bool:
-        return True
+def _tar_number(field: bytes) -> int:
+    """A numeric tar header field: octal text, or GNU base-256 when the first bit is set."""
+    if field[:1] and field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    text = field.replace(b"\0", b" ").strip()
+    return int(text, 8) if text else 0
 
-    def readinto(self, buffer: Any) -> int:
-        data = self._raw.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        self.nbytes += n
-        self.sha256.update(data)
-        return n
 
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
+def _tar_text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """The `length key=value\\n` records of a pax extended header."""
+    out, pos = {}, 0
+    while pos < len(data) and data[pos : pos + 1] != b"\0":
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def _tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
+    """The regular files of an uncompressed tar stream (ustar, GNU or pax) as webdataset's `{fname, data}` dicts.
+
+    A lean replacement for `tarfile` in streaming mode (which costs about as much as the rest of the sample): each
+    header is checked (checksum) and its data read in one call; long names (GNU `L`, pax `path`) and pax sizes are
+    honoured, other member types are skipped like webdataset's `tar_file_iterator` skips them. Stops at the first
+    zero block (end of archive); the caller reads what follows.
+
+    Raises:
+        tarfile.HeaderError: a header whose checksum does not match (not a tar, or damaged).
+        EOFError: the stream ends inside a member.
+    """
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while True:
+        header = stream.read(_BLOCK)
+        if len(header) < _BLOCK:
+            raise EOFError(
+                f"the tar ends inside a header ({len(header)} of {_BLOCK} bytes) and has no end blocks"
+            )
+        if header == _ZERO_BLOCK:
+            return
+        if sum(header) - sum(header[148:156]) + 256 != _tar_number(header[148:156]):
+            raise tarfile.HeaderError(f"bad checksum in the tar header after member {long_name or '(start)'}")
+        kind = header[156:157]
+        size = int(pax["size"]) if "size" in pax else _tar_number(header[124:136])
+        data = stream.read(size)
+        if len(data) < size:
+            raise EOFError(
+                f"the tar ends inside member {_tar_text(header[:100])!r} ({len(data)} of {size} bytes)"
+            )
+        stream.read(-size % _BLOCK)
+        if kind == b"L":
+            long_name = _tar_text(data)
+            continue
+        if kind == b"x":
+            pax = _pax_records(data)
+            continue
+        if kind in (b"g", b"K"):
+            continue
+        name = pax.get("path") or long_name
+        if name is None:
+            name, prefix = _tar_text(header[:100]), _tar_text(header[345:500])
+            name = f"{prefix}/{name}" if prefix else name
+        long_name, pax = None, {}
+        if kind not in _REGULAR or name.endswith("/") or _SKIP_META.match(name):
+            continue
+        if "/" not in name and name.startswith("__") and name.endswith("__"):
+            continue
+        yield {"fname": name, "data": data, "__url__": url}
 
 
 def _group_problem(group: dict[str, Any], key: str, url: str) -> str | None:
@@ -165,7 +233,7 @@ def _group_problem(group: dict[str, Any], key: str, url: str) -> str | None:
 
 def iter_shard(
     ds: OpenedDataset, shard: ShardInfo, verify: bool = True, on_bad: BadSampleHook | None = None
-) -> Iterator[RawSample]:
+) -> Generator[RawSample, None, None]:
     """Stream the samples of one shard, checking its sample count, size and (if `verify`) sha256 at its end.
 
     Members are only read into memory, never extracted: a member named like a path (`../../x.txt`) is refused by
@@ -185,8 +253,8 @@ def iter_shard(
     n = 0
     try:
         with ds.fs.open(ds.fs._strip_protocol(url), "rb") as fh:
-            reader = _CheckedReader(fh)
-            files = ({**f, "__url__": url} for f in tar_file_iterator(reader))
+            reader = HashingReader(fh)  # hashes in 1 MiB reads under tarfile's 10 KiB ones
+            files = _tar_members(reader.buffered(), url)
             for group in group_by_keys(files):
                 key = str(group["__key__"])
                 n += 1
@@ -211,8 +279,8 @@ def iter_shard(
         problems.append(f"{n} samples where the manifest lists {shard.samples}")
     if reader.nbytes != shard.bytes:
         problems.append(f"{reader.nbytes} bytes where the manifest lists {shard.bytes}")
-    if verify and reader.sha256.hexdigest() != shard.sha256:
-        problems.append(f"sha256 {reader.sha256.hexdigest()} where the manifest lists {shard.sha256}")
+    if verify and reader.hexdigest() != shard.sha256:
+        problems.append(f"sha256 {reader.hexdigest()} where the manifest lists {shard.sha256}")
     if problems:
         raise DataError(
             f"shard {url} fails its checks ({'; '.join(problems)}): it is truncated or was altered"
@@ -270,6 +338,19 @@ def _take_cycled(make: Callable[[], Iterator[RawSample]], n: int) -> Iterator[Ra
             raise DataError("a rank's shards hold no samples; the dataset is empty")
 
 
+def _rank_shards(
+    shards: list[ShardInfo], *, epoch: int, rank: int, world: int, seed: int, shuffle: bool
+) -> list[ShardInfo] | None:
+    """The shards one rank reads in one epoch, in reading order; None: strided (every rank reads every shard)."""
+    rng = random.Random(seed + epoch)
+    if world == 1:
+        return rng.sample(shards, len(shards)) if shuffle else list(shards)
+    if shuffle:
+        assigned = assign_shards(shards, world, rng)
+        return None if assigned is None else assigned[rank]
+    return None
+
+
 def epoch_samples(
     ds: OpenedDataset,
     split: str,
@@ -296,13 +377,8 @@ def epoch_samples(
     n = per_rank_samples(ds, split, world)
     if n == 0:
         return
-    rng = random.Random(seed + epoch)
-    assigned: list[list[ShardInfo]] | None = None
-    if world == 1:
-        assigned = [rng.sample(shards, len(shards)) if shuffle else list(shards)]
-    elif shuffle:
-        assigned = assign_shards(shards, world, rng)
-    if assigned is None:  # evaluation, or fewer shards than ranks: strided over every shard
+    mine = _rank_shards(shards, epoch=epoch, rank=rank, world=world, seed=seed, shuffle=shuffle)
+    if mine is None:  # evaluation, or fewer shards than ranks: strided over every shard
 
         def make() -> Iterator[RawSample]:
             for i, sample in enumerate(s for shard in shards for s in _read(ds, shard, verify, on_bad)):
@@ -310,7 +386,6 @@ def epoch_samples(
                     yield sample
 
     else:
-        mine = assigned[rank]
 
         def make() -> Iterator[RawSample]:
             return (s for shard in mine for s in _read(ds, shard, verify, on_bad))
@@ -340,6 +415,118 @@ def _read(
         yield replace(raw, members={}, decoded=decoded)
 
 
+def lane_samples(
+    ds: OpenedDataset,
+    split: str,
+    *,
+    epoch: int,
+    rank: int,
+    world: int,
+    seed: int,
+    lane: int,
+    lanes: int,
+    micro_batch: int,
+    shuffle_buffer: int = 256,
+    verify: bool = True,
+) -> Iterator[RawSample]:
+    """The training samples of one lane of one rank's epoch, shuffled; batch `k` of the epoch is lane `k % lanes`'s.
+
+    The rank's epoch is its shards as `epoch_samples` reads them (shuffled with `seed + epoch`, dealt to ranks,
+    cycled when short), cut to whole micro-batches, then into `lanes` consecutive runs: lane `l` gets `micro_batch`
+    samples for each batch `k < batches_per_epoch` with `k % lanes == l`, and shuffles them in its own seeded buffer.
+    So the lanes are disjoint, their union is the epoch, and a lane reads only the shards its run touches: DataLoader
+    workers that each serve their own lanes split the shards between them. A shard split between two lanes is read
+    by both; the lane holding its last sample reads it to the end and checks its sample count, size and sha256, the
+    other stops after its part.
+
+    Raises:
+        DataError: a shard is missing, damaged or fails its checks, a bad sample, or the rank's shards are empty.
+    """
+    shards = ds.shards(split)
+    batches = per_rank_samples(ds, split, world) // micro_batch
+    mine = _rank_shards(shards, epoch=epoch, rank=rank, world=world, seed=seed, shuffle=True)
+    sizes = [len(range(lane_, batches, lanes)) * micro_batch for lane_ in range(lanes)]
+    pieces = _lane_pieces(_segments(shards, mine, rank, world), sizes)[lane]
+    rng = random.Random(f"{seed}/{epoch}/{rank}/lane{lane}of{lanes}")
+    yield from shuffle_samples(_read_pieces(ds, pieces, verify), shuffle_buffer, rng)
+
+
+_Piece = tuple[ShardInfo, range, bool]
+"""(shard, indices of its samples to keep, read it to the end and check it)."""
+
+
+def _segments(
+    shards: list[ShardInfo], mine: list[ShardInfo] | None, rank: int, world: int
+) -> list[tuple[ShardInfo, range]]:
+    """One pass over a rank's samples as (shard, sample indices): its own shards, or every `world`-th sample."""
+    if mine is not None:
+        return [(s, range(s.samples)) for s in mine if s.samples]
+    out, first = [], 0
+    for s in shards:
+        indices = range(
+            (rank - first) % world, s.samples, world
+        )  # global index first + i == rank (mod world)
+        if len(indices):
+            out.append((s, indices))
+        first += s.samples
+    return out
+
+
+def _lane_pieces(cycle: list[tuple[ShardInfo, range]], sizes: list[int]) -> list[list[_Piece]]:
+    """Cut `cycle`, repeated as often as needed, into consecutive runs of `sizes` samples, one list per lane."""
+    total = sum(sizes)
+    if total and not cycle:
+        raise DataError("a rank's shards hold no samples; the dataset is empty")
+    flat: list[
+        tuple[int, ShardInfo, range]
+    ] = []  # (occurrence, shard, indices): the cycled pass, cut at total
+    taken = 0
+    while taken < total:
+        for shard, indices in cycle:
+            part = indices[: total - taken]
+            flat.append((len(flat), shard, part))
+            taken += len(part)
+            if taken >= total:
+                break
+    cut: list[list[tuple[int, ShardInfo, range]]] = []
+    i, offset = 0, 0
+    for size in sizes:
+        pieces: list[tuple[int, ShardInfo, range]] = []
+        while size:
+            occurrence, shard, indices = flat[i]
+            part = indices[offset : offset + size]
+            pieces.append((occurrence, shard, part))
+            size -= len(part)
+            offset += len(part)
+            if offset == len(indices):
+                i, offset = i + 1, 0
+        cut.append(pieces)
+    ends = [p for pieces in cut for p in pieces]
+    last = {occurrence: n for n, (occurrence, _, _) in enumerate(ends)}  # last piece of each occurrence
+    out, n = [], 0
+    for pieces in cut:
+        lane: list[_Piece] = []
+        for occurrence, shard, part in pieces:
+            lane.append((shard, part, last[occurrence] == n))
+            n += 1
+        out.append(lane)
+    return out
+
+
+def _read_pieces(ds: OpenedDataset, pieces: list[_Piece], verify: bool) -> Iterator[RawSample]:
+    """The samples of each piece, in order; a piece that is not its shard's end stops reading after its part."""
+    for shard, indices, to_end in pieces:
+        samples = iter_shard(ds, shard, verify)
+        try:
+            for i, raw in enumerate(samples):
+                if i in indices:
+                    yield raw
+                if not to_end and i >= indices[-1]:
+                    break
+        finally:
+            samples.close()
+
+
 def decode_sample(raw: RawSample, ds: OpenedDataset) -> Sample:
     """Decode (allow_pickle=False), check against the contract and normalise `(x - mean) / std` per variable.
 
@@ -348,29 +535,69 @@ def decode_sample(raw: RawSample, ds: OpenedDataset) -> Sample:
     Raises:
         DataError: the sample breaks the contract or the manifest lacks normalisation for a variable.
     """
-    if raw.decoded is not None:
-        return raw.decoded
+    return _decode(raw, ds, _norm_arrays(ds))
+
+
+def _norm_arrays(ds: OpenedDataset) -> tuple[np.ndarray, np.ndarray]:
+    """The manifest's per-variable (mean, std), each shaped `(1, V, 1, 1)` float32."""
     manifest = ds.manifest
     names = manifest.variable_names
+    missing = [v for v in names if v not in manifest.normalization]
+    if missing:
+        raise DataError(f"dataset {ds.version_url}: manifest has no normalization for {', '.join(missing)}")
+    mean = np.array([manifest.normalization[v].mean for v in names], dtype=np.float32)[None, :, None, None]
+    std = np.array([manifest.normalization[v].std for v in names], dtype=np.float32)[None, :, None, None]
+    return mean, std
+
+
+_NPY_HEADER = re.compile(
+    rb"\{'descr': '<f4', 'fortran_order': False, 'shape': \((\d+), (\d+), (\d+), (\d+)\), \} *\n"
+)
+"""The header `np.save` writes for a C-order little-endian float32 4-D array (.npy format 1.0)."""
+
+
+def _load_climate(data: bytes, key: str) -> np.ndarray:
+    """`decode_climate`, with a fast path for exactly what `np.save` writes for the contract's arrays.
+
+    The fast path reads the raw float32 values after a header that matches `_NPY_HEADER` and a size that matches its
+    shape (never unpickling anything); every other payload goes through the contract's `decode_climate`.
+    """
+    if data[:8] == b"\x93NUMPY\x01\x00":
+        end = 10 + int.from_bytes(data[8:10], "little")
+        match = _NPY_HEADER.fullmatch(data, 10, end)
+        if match is not None:
+            shape = tuple(int(g) for g in match.groups())
+            count = math.prod(shape)
+            if len(data) == end + 4 * count:
+                return np.frombuffer(data, dtype="<f4", count=count, offset=end).reshape(shape)
+    return decode_climate(data, key)
+
+
+def _decode(raw: RawSample, ds: OpenedDataset, norm: tuple[np.ndarray, np.ndarray]) -> Sample:
+    if raw.decoded is not None:
+        return raw.decoded
+    n_variables = len(ds.manifest.variables)
     try:
-        array = decode_climate(raw.members[CLIMATE_MEMBER], raw.key)
+        array = _load_climate(raw.members[CLIMATE_MEMBER], raw.key)
         text = decode_text(raw.members[TEXT_MEMBER], raw.key).strip()
         meta = decode_meta(raw.members[META_MEMBER], raw.key) if META_MEMBER in raw.members else None
     except ContractError as exc:
         raise DataError(f"shard {raw.shard}: {exc}") from exc
     if meta is not None and meta.key != raw.key:
         raise DataError(f"shard {raw.shard}: sample {raw.key!r} carries the metadata of {meta.key!r}")
-    problems = check_climate_array(array, len(names))
-    if problems:
-        raise DataError(f"shard {raw.shard}: sample {raw.key!r} breaks the contract: {'; '.join(problems)}")
-    missing = [v for v in names if v not in manifest.normalization]
-    if missing:
-        raise DataError(f"dataset {ds.version_url}: manifest has no normalization for {', '.join(missing)}")
-    mean = np.array([manifest.normalization[v].mean for v in names], dtype=np.float32)[None, :, None, None]
-    std = np.array([manifest.normalization[v].std for v in names], dtype=np.float32)[None, :, None, None]
-    return Sample(
-        key=raw.key, shard=raw.shard, climate_x=((array - mean) / std).astype(np.float32), text=text
-    )
+    limit = FILL_VALUE * 0.5
+    plain = array.dtype == np.float32 and array.ndim == 4 and array.size and array.shape[1] == n_variables
+    # min/max propagate NaN, so one pair of reductions clears the usual case; anything else gets the full check
+    if not (plain and -limit < array.min() and array.max() < limit):
+        problems = check_climate_array(array, n_variables)
+        if problems:
+            raise DataError(
+                f"shard {raw.shard}: sample {raw.key!r} breaks the contract: {'; '.join(problems)}"
+            )
+    mean, std = norm
+    climate = np.subtract(array, mean, dtype=np.float32)
+    climate /= std
+    return Sample(key=raw.key, shard=raw.shard, climate_x=climate, text=text)
 
 
 def render_prompt(template: str, ds: OpenedDataset, caption: str = "full") -> str:
@@ -407,12 +634,33 @@ def encode_sample(
     text: str, prompt_ids: list[int], tokenizer: Any, max_length: int
 ) -> tuple[list[int], list[int]]:
     """Token ids of prompt + caption + EOS and labels with the prompt masked (-100), truncated to `max_length`."""
-    caption = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
-        caption.append(int(tokenizer.eos_token_id))
-    ids = (prompt_ids + caption)[:max_length]
-    labels = ([-100] * len(prompt_ids) + caption)[:max_length]
-    return ids, labels
+    return encode_texts([text], prompt_ids, tokenizer, max_length)[0]
+
+
+def encode_texts(
+    texts: Sequence[str], prompt_ids: list[int], tokenizer: Any, max_length: int
+) -> list[tuple[list[int], list[int]]]:
+    """`encode_sample` for several captions with one tokenizer call (a fast tokenizer encodes them as one batch)."""
+    if not texts:
+        return []
+    captions = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    eos = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
+    masked = [-100] * len(prompt_ids)
+    out = []
+    for caption in captions:
+        tail = [*caption, *eos]
+        out.append(((prompt_ids + tail)[:max_length], (masked + tail)[:max_length]))
+    return out
+
+
+def _rows(rows: list[list[int]], fill: int) -> np.ndarray:
+    """Right-pad int rows with `fill` into one `(B, L)` int64 array (filled through one boolean mask)."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    out = np.full((len(rows), int(lengths.max(initial=0))), fill, dtype=np.int64)
+    out[np.arange(out.shape[1]) < lengths[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum())
+    )
+    return out
 
 
 def collate(samples: list[Sample], encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
@@ -422,6 +670,19 @@ def collate(samples: list[Sample], encoded: list[tuple[list[int], list[int]]], p
     climate of a batch is padded to its largest H and W with 0, which in normalised units is the train mean. Samples
     whose time steps or variables differ cannot share a batch.
     """
+    id_rows = [ids for ids, _ in encoded]
+    input_ids = _rows(id_rows, pad_id)  # (B, L)
+    lengths = np.fromiter(map(len, id_rows), dtype=np.int64, count=len(id_rows))
+    mask = (np.arange(input_ids.shape[1]) < lengths[:, None]).astype(np.int64)  # (B, L)
+    labels = np.full_like(input_ids, -100)  # (B, L)
+    label_rows = _rows([lab for _, lab in encoded], -100)
+    n_labels = min(label_rows.shape[1], input_ids.shape[1])
+    labels[:, :n_labels] = label_rows[:, :n_labels]
+    return _batch(samples, _stack_climate(samples), input_ids, labels, mask)
+
+
+def _stack_climate(samples: list[Sample]) -> np.ndarray:
+    """`(B, T, V, H, W)`, smaller grids padded with 0; refuses samples whose (time, variable) shapes differ."""
     shapes = {s.climate_x.shape for s in samples}
     if len({shape[:2] for shape in shapes}) > 1:
         keys = ", ".join(s.key for s in samples)
@@ -429,25 +690,23 @@ def collate(samples: list[Sample], encoded: list[tuple[list[int], list[int]]], p
             f"samples {keys} have different (time, variable) shapes {sorted(shapes)}; one batch needs one "
             "window, time step and variable list"
         )
-    width = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(encoded):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(ids)] = 1
-    height = max(shape[2] for shape in shapes)
-    width_ll = max(shape[3] for shape in shapes)
-    stacked = np.zeros((len(samples), *samples[0].climate_x.shape[:2], height, width_ll), dtype=np.float32)
+    if len(shapes) == 1:
+        return np.stack([s.climate_x for s in samples])
+    height, width = max(shape[2] for shape in shapes), max(shape[3] for shape in shapes)
+    stacked = np.zeros((len(samples), *samples[0].climate_x.shape[:2], height, width), dtype=np.float32)
     for i, s in enumerate(samples):
         stacked[i, :, :, : s.climate_x.shape[2], : s.climate_x.shape[3]] = s.climate_x
-    climate = torch.from_numpy(stacked)  # (B, T, V, H, W)
+    return stacked
+
+
+def _batch(
+    samples: list[Sample], climate: np.ndarray, input_ids: np.ndarray, labels: np.ndarray, mask: np.ndarray
+) -> dict[str, Any]:
     return {
-        "climate_x": climate,
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "labels": labels,
+        "climate_x": torch.from_numpy(climate),  # (B, T, V, H, W)
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(mask),
+        "labels": torch.from_numpy(labels),
         "keys": [s.key for s in samples],
         "texts": [s.text for s in samples],
     }
@@ -457,22 +716,45 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
     """Collated batches of one split for one rank; infinite over epochs (training) or one pass (evaluation).
 
     Each batch carries `position`: the `DataPosition` right after it, for checkpoints.
+
+    DataLoader workers: batch `i` of the iterator is built by worker `i % num_workers` (the order DataLoader hands
+    batches back in). With `lanes=1` (the default) every worker reads every shard of the rank's epoch and builds only
+    its own batches, so the batches are those of 0 workers. With `lanes=L` (training only) the epoch's order is cut
+    into L lanes (`lane_samples`: batch k comes from lane k % L, each lane a disjoint run of the rank's shards with its
+    own shuffle buffer); a worker reads only the lanes its batches come from, so with `num_workers == lanes` each
+    worker reads about 1/L of the shards. The order then depends on `lanes` but not on `num_workers` (0 workers read
+    all lanes themselves and give the same batches), it is as deterministic, and resuming at a position continues it
+    exactly, provided the resumed stream has the same `lanes` and `micro_batch` (checked).
     """
 
     def __init__(
         self, ds: OpenedDataset, split: str, tokenizer: Any, *, prompt: str, micro_batch: int, max_length: int,
         rank: int = 0, world: int = 1, seed: int = 0, start: DataPosition | None = None, train: bool = True,
         shuffle_buffer: int = 256, verify: bool = True, caption: str = "full", skip_bad_samples: bool = False,
+        lanes: int = 1, token_cache_mb: float = 64.0,
     ) -> None:  # fmt: skip
         super().__init__()
         if caption not in ("full", "numbers", "temperature"):
             raise ConfigError(f"caption {caption!r} is unknown; use 'full', 'numbers' or 'temperature'")
+        if lanes < 1:
+            raise ConfigError(f"lanes {lanes} must be at least 1 (1: one shuffled stream per rank)")
+        if lanes > 1 and train and skip_bad_samples:
+            raise ConfigError(
+                f"lanes {lanes} cannot be combined with skip_bad_samples (each worker would count only the bad "
+                "samples of its own lanes): use lanes 1 or drop skip_bad_samples"
+            )
         self.caption = caption
         self.ds, self.split, self.tokenizer = ds, split, tokenizer
         self.micro_batch, self.max_length = micro_batch, max_length
         self.rank, self.world, self.seed, self.train = rank, world, seed, train
         self.shuffle_buffer, self.verify, self.skip_bad_samples = shuffle_buffer, verify, skip_bad_samples
-        self.start = start or DataPosition(seed=seed)
+        self.lanes = lanes if train else 1
+        self.start = start or DataPosition(seed=seed, lanes=self.lanes)
+        if (self.start.epoch, self.start.consumed) != (0, 0) and self.start.lanes != self.lanes:
+            raise ConfigError(
+                f"the data position {self.start.to_dict()} was taken with lanes {self.start.lanes}, this stream has "
+                f"lanes {self.lanes}: resume with the same lanes"
+            )
         self.per_rank = per_rank_samples(ds, split, world)
         self.prompt_ids = list(tokenizer(prompt)["input_ids"])
         if len(self.prompt_ids) >= max_length:
@@ -487,6 +769,9 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
             )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
+        self._norm: tuple[np.ndarray, np.ndarray] | None = None
+        self._tokens: dict[str, np.ndarray] = {}  # target text -> caption ids + EOS, int64 (`_caption_ids`)
+        self._token_room = int(token_cache_mb * (1 << 20))
 
     def target_text(self, text: str) -> str:
         """The text the model learns to write: the caption, or a compact form of it (`grounding.caption_target`)."""
@@ -521,6 +806,83 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
                 yield i + 1, batch
                 batch = []
 
+    def _lane_batches(
+        self, epoch: int, skip: int, mine: Callable[[int], bool]
+    ) -> Iterator[tuple[int, list[RawSample] | None]]:
+        """(consumed, raw samples) of each training batch k >= skip / micro_batch; None for a batch `mine(k)` rejects
+        (a lane is only read when one of its batches is wanted)."""
+        mb, lanes = self.micro_batch, self.lanes
+        if skip % mb:
+            raise ConfigError(
+                f"the data position consumed {skip} samples, not a multiple of micro_batch {mb}: resume with the "
+                "micro_batch the checkpoint was trained with"
+            )
+        streams: dict[int, Iterator[RawSample]] = {}
+        read: dict[int, int] = {}  # samples taken from each lane so far
+        for k in range(skip // mb, self.batches_per_epoch):
+            if not mine(k):
+                yield (k + 1) * mb, None
+                continue
+            lane, q = k % lanes, k // lanes
+            if lane not in streams:
+                streams[lane] = lane_samples(
+                    self.ds, self.split, epoch=epoch, rank=self.rank, world=self.world, seed=self.seed, lane=lane,
+                    lanes=lanes, micro_batch=mb, shuffle_buffer=self.shuffle_buffer, verify=self.verify,
+                )  # fmt: skip
+                read[lane] = 0
+            stream = streams[lane]
+            for _ in itertools.islice(
+                stream, q * mb - read[lane]
+            ):  # batches of this lane other workers build
+                pass
+            batch = list(itertools.islice(stream, mb))
+            read[lane] = (q + 1) * mb
+            if len(batch) != mb:  # an internal invariant: lane_samples yields exactly its share
+                raise DataError(
+                    f"lane {lane} of rank {self.rank} ran out of samples at batch {k} of epoch {epoch}"
+                )
+            yield (k + 1) * mb, batch
+
+    def _collate_raw(self, raws: list[RawSample]) -> dict[str, Any]:
+        """Decode, check and normalise each sample, tokenise the captions (one call for the batch) and collate:
+        the same batch as `collate(decoded, encode_texts(...), pad_id)`, built from numpy arrays."""
+        if self._norm is None:
+            self._norm = _norm_arrays(self.ds)
+        decoded = [_decode(r, self.ds, self._norm) for r in raws]
+        texts = (
+            [s.text for s in decoded]
+            if self.caption == "full"
+            else [self.target_text(s.text) for s in decoded]
+        )
+        captions = self._caption_ids(texts)
+        n_prompt = len(self.prompt_ids)
+        lengths = [min(n_prompt + len(c), self.max_length) for c in captions]
+        input_ids = np.full((len(captions), max(lengths)), self.pad_id, dtype=np.int64)  # (B, L)
+        labels = np.full_like(input_ids, -100)  # (B, L)
+        input_ids[:, :n_prompt] = self.prompt_ids
+        for i, (caption, length) in enumerate(zip(captions, lengths, strict=True)):
+            input_ids[i, n_prompt:length] = labels[i, n_prompt:length] = caption[: length - n_prompt]
+        mask = (np.arange(input_ids.shape[1]) < np.array(lengths)[:, None]).astype(np.int64)  # (B, L)
+        return _batch(decoded, _stack_climate(decoded), input_ids, labels, mask)
+
+    def _caption_ids(self, texts: list[str]) -> list[np.ndarray]:
+        """Caption ids + EOS of each text: tokenised in one call, and kept (up to `token_cache_mb`) for later epochs,
+        so an epoch whose captions were all seen before costs no tokenisation."""
+        cache = self._tokens
+        todo = list(dict.fromkeys(t for t in texts if t not in cache))
+        fresh: dict[str, np.ndarray] = {}
+        if todo:
+            eos = [] if self.tokenizer.eos_token_id is None else [int(self.tokenizer.eos_token_id)]
+            for text, ids in zip(
+                todo, self.tokenizer(todo, add_special_tokens=False)["input_ids"], strict=True
+            ):
+                fresh[text] = array = np.array([*ids, *eos], dtype=np.int64)
+                cost = array.nbytes + len(text) + 200  # ids, key and the dict's own overhead, roughly
+                if cost <= self._token_room:
+                    cache[text] = array
+                    self._token_room -= cost
+        return [cache[t] if t in cache else fresh[t] for t in texts]
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -537,19 +899,24 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
                 logger.warning("skipped bad sample %r of %s (%d so far, rank %d): %s", key, shard, len(bad),
                                self.rank, reason)  # fmt: skip
 
-        j = 0
+        j = 0  # index of the next batch of this iterator, over all workers
         while True:
-            for consumed, raws in self._batches(epoch, skip, on_bad if self.skip_bad_samples else None):
-                if j % workers == worker:
-                    decoded = [decode_sample(r, self.ds) for r in raws]
-                    encoded = [
-                        encode_sample(
-                            self.target_text(s.text), self.prompt_ids, self.tokenizer, self.max_length
-                        )
-                        for s in decoded
-                    ]
-                    batch = collate(decoded, encoded, self.pad_id)
-                    batch["position"] = DataPosition(epoch=epoch, consumed=consumed, seed=self.seed).to_dict()
+            batches: Iterator[tuple[int, list[RawSample] | None]]
+            if self.lanes > 1:
+                offset = j - skip // self.micro_batch  # iterator index of the epoch's batch k: offset + k
+
+                def mine(k: int, offset: int = offset) -> bool:
+                    return (offset + k) % workers == worker
+
+                batches = self._lane_batches(epoch, skip, mine)
+            else:
+                batches = self._batches(epoch, skip, on_bad if self.skip_bad_samples else None)
+            for consumed, raws in batches:
+                if raws is not None and j % workers == worker:
+                    batch = self._collate_raw(raws)
+                    batch["position"] = DataPosition(
+                        epoch=epoch, consumed=consumed, seed=self.seed, lanes=self.lanes
+                    ).to_dict()
                     batch["skipped"] = len(bad)  # distinct bad samples this rank's stream has left out so far
                     yield batch
                 j += 1
