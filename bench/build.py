@@ -1,7 +1,7 @@
 """Benchmark of `merra2-text build` on synthetic MERRA-2 granules (a script, not a timed test).
 
-Every measured run is a fresh child process (its own peak RSS: VmHWM from /proc, else `os.wait4`), with a fresh
-output and cache:
+Every measured run is a fresh child process (`bench/_child.py`: its own peak RSS, VmHWM from /proc, else
+`os.wait4`), with a fresh output and cache:
 
 - `read`: merely read the same regional subset with plain xarray (open each granule, cut the box, load);
 - `build 1x` / `build 2x` / `build 4x`: the full build (zarr cache, samples, captions, validation, shards, index,
@@ -29,27 +29,16 @@ import datetime as dt
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from _child import dispatch_child, own_peak_rss_mib, run_child
+
 VARIABLES = "T2M,T2MDEW,QV2M,U10M,V10M,SLP,PS,TQV,TS,T850,PRECTOTCORR"
 START = dt.date(2019, 6, 1)
-
-
-def _vmhwm_mib() -> float | None:
-    """This process's own peak RSS (VmHWM). `os.wait4`'s ru_maxrss is not enough on Linux: a child inherits its
-    parent's peak across fork + exec, so it can never report less than the parent had."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
 
 
 def _child_read(args: dict[str, Any]) -> None:
@@ -65,7 +54,9 @@ def _child_read(args: dict[str, Any]) -> None:
             names = [v for v in slv if v in ds.data_vars]
             cut = ds[names].sel(lat=slice(s, n), lon=slice(w, e)).load()
             total += sum(int(np.isfinite(cut[v].values).sum()) for v in names)
-    print(json.dumps({"values": total, "seconds": time.perf_counter() - t0, "vmhwm_mib": _vmhwm_mib()}))
+    print(
+        json.dumps({"values": total, "seconds": time.perf_counter() - t0, "peak_rss_mib": own_peak_rss_mib()})
+    )
 
 
 def _child_naive(args: dict[str, Any]) -> None:
@@ -96,7 +87,11 @@ def _child_naive(args: dict[str, Any]) -> None:
                 t2m = float(tile[:, 0].mean()) - 273.15
                 (out / f"{key}.txt").write_text(f"On {day} the mean 2 m temperature was {t2m:.1f} °C.\n")
                 count += 1
-    print(json.dumps({"samples": count, "seconds": time.perf_counter() - t0, "vmhwm_mib": _vmhwm_mib()}))
+    print(
+        json.dumps(
+            {"samples": count, "seconds": time.perf_counter() - t0, "peak_rss_mib": own_peak_rss_mib()}
+        )
+    )
 
 
 def _child_build(args: dict[str, Any]) -> None:
@@ -111,25 +106,13 @@ def _child_build(args: dict[str, Any]) -> None:
                                    out=args["out"], cache_dir=args["cache"], workers=args.get("workers") or None,
                                    quiet=True)  # fmt: skip
     ref = build(cfg)
-    print(json.dumps({"ref": ref, "seconds": time.perf_counter() - t0, "vmhwm_mib": _vmhwm_mib()}))
+    print(json.dumps({"ref": ref, "seconds": time.perf_counter() - t0, "peak_rss_mib": own_peak_rss_mib()}))
 
 
 def _run(kind: str, args: dict[str, Any]) -> tuple[float, float, float]:
     """Run one measured child; returns (work seconds after imports, wall seconds, peak RSS in MiB) of that child."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", kind, json.dumps(args)], stdout=subprocess.PIPE
-    )
-    assert proc.stdout is not None
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(f"{kind} child failed with exit code {proc.returncode}: {out.decode()[-2000:]}")
-    result = json.loads(out.decode().strip().splitlines()[-1])
-    rss = result.get("vmhwm_mib") or usage.ru_maxrss / 1024.0  # Linux: KiB
-    return float(result["seconds"]), wall, float(rss)
+    run = run_child(__file__, kind, args)
+    return float(run.result["seconds"]), run.wall_s, run.peak_rss_mib
 
 
 def _granules(folder: Path, region: str, days: int) -> Path:
@@ -168,9 +151,7 @@ def main() -> None:
     if opts.quick:
         opts.days, opts.no_workers = 2, True
     if opts.child:
-        {"read": _child_read, "build": _child_build, "naive": _child_naive}[opts.child[0]](
-            json.loads(opts.child[1])
-        )
+        dispatch_child({"read": _child_read, "build": _child_build, "naive": _child_naive}, opts.child)
         return
     work = Path(opts.work or tempfile.mkdtemp(prefix="merra2-bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 Both sides train the same `FusionModel` (same base, fusion config, dtype and seed) on the same dataset (built as in
 `bench/stream.py`: synthetic MERRA-2, 24 x 11 x 8 x 8 windows with captions) with the same micro-batch and the same
 DeepSpeed config (`TrainConfig.deepspeed_config`: ZeRO-2, AdamW with torch_adam, clipping 1.0, bf16 as configured), on
-one rank. Each run is a fresh child process (its own peak RSS from `os.wait4`):
+one rank. Each run is a fresh child process (`bench/_child.py`: its own peak RSS, VmHWM from /proc, else `os.wait4`):
 
 - `ours`: `fusion_trainer.train.train(TrainConfig(...))`; steady-state samples/s from the wall-clock times of its
   `metrics.jsonl` records (the first interval, with warm-up, dropped);
@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _child import dispatch_child, own_peak_rss_mib, run_child
 
 MODELS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -58,15 +58,6 @@ def _env() -> None:
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     os.environ.update(MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
-
-
-def _rss_mib() -> float:
-    """This process's own peak RSS (VmHWM, MiB). Not getrusage's ru_maxrss: on Linux a child inherits its parent's
-    peak across fork + exec, so a child of a large parent would report the parent's figure."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _steady_rate(times: list[tuple[int, float]], micro_batch: int) -> float:
@@ -99,7 +90,7 @@ def _child_ours(args: dict[str, Any]) -> None:
     from fusion_trainer.train import train
 
     spec = MODELS[args["kind"]]
-    base_rss = _rss_mib()
+    base_rss = own_peak_rss_mib()
     cfg = TrainConfig(
         shards=args["ref"], model=args["model"], out=args["out"], fusion=spec["fusion"], zero=2,
         steps=spec["steps"], micro_batch=spec["micro_batch"], lr=1e-3, bf16=spec["bf16"], max_length=spec["max_length"],
@@ -142,7 +133,7 @@ def _child_ours(args: dict[str, Any]) -> None:
     seq = round(sum(seq_lens) / len(seq_lens))
     mem = _memory_model(meta_model, spec["micro_batch"], seq, spec["bf16"])
     print(json.dumps({"samples_per_s": rate, "step_s": spec["micro_batch"] / rate, "data_s_per_batch": data_s,
-                      "base_rss_mib": base_rss, "seq": seq, "memory_model": mem, "peak_rss_mib": _rss_mib(),
+                      "base_rss_mib": base_rss, "seq": seq, "memory_model": mem, "peak_rss_mib": own_peak_rss_mib(),
                       "metrics_peak_mb": max(float(r["peak_memory_mb"]) for r in records)}))  # fmt: skip
 
 
@@ -164,7 +155,7 @@ def _child_hf(args: dict[str, Any]) -> None:
 
     spec = MODELS[args["kind"]]
     _env()
-    base_rss = _rss_mib()
+    base_rss = own_peak_rss_mib()
     cfg = TrainConfig(shards=args["ref"], model=args["model"], out=args["out"], fusion=spec["fusion"], zero=2,
                       steps=spec["steps"], micro_batch=spec["micro_batch"], lr=1e-3, bf16=spec["bf16"],
                       max_length=spec["max_length"])  # fmt: skip
@@ -226,26 +217,7 @@ def _child_hf(args: dict[str, Any]) -> None:
     )
     trainer.train()
     print(json.dumps({"samples_per_s": _steady_rate(marks, spec["micro_batch"]), "base_rss_mib": base_rss,
-                      "peak_rss_mib": _rss_mib()}))  # fmt: skip
-
-
-def _run_measured(kind: str, args: dict[str, Any]) -> tuple[dict[str, Any], float, float]:
-    """Like `_run` but reaps the child with `os.wait4` for its own peak RSS."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    t0 = time.perf_counter()
-    log = Path(args["out"] + ".log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, __file__, "--child", kind, json.dumps(args)],
-                                stdout=subprocess.PIPE, stderr=err, env=env)  # fmt: skip
-        assert proc.stdout is not None
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(f"{kind} child failed ({proc.returncode}); log {log}:\n{log.read_text()[-3000:]}")
-    return json.loads(out.decode().strip().splitlines()[-1]), wall, usage.ru_maxrss / 1024.0
+                      "peak_rss_mib": own_peak_rss_mib()}))  # fmt: skip
 
 
 def main() -> None:
@@ -260,7 +232,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.child:
-        {"ours": _child_ours, "hf": _child_hf}[opts.child[0]](json.loads(opts.child[1]))
+        dispatch_child({"ours": _child_ours, "hf": _child_hf}, opts.child)
         return
     from fusion_trainer.base import fetch_smollm2, make_tiny_model
     from stream import build_dataset
@@ -278,10 +250,11 @@ def main() -> None:
         for side in ("ours", "hf"):
             out = work / f"run-{kind}-{side}"
             shutil.rmtree(out, ignore_errors=True)
-            result, wall, rss = _run_measured(
-                side, {"kind": kind, "model": path, "ref": ref, "out": str(out)}
-            )
-            rows[f"{kind} {side}"] = {"peak_rss_mib": rss, **result, "wall_s": wall}  # the child's VmHWM wins
+            env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+            run = run_child(__file__, side, {"kind": kind, "model": path, "ref": ref, "out": str(out)}, env=env,
+                            stderr_log=Path(f"{out}.log"))  # fmt: skip
+            result, wall = run.result, run.wall_s
+            rows[f"{kind} {side}"] = {"peak_rss_mib": run.peak_rss_mib, **result, "wall_s": wall}
             print(f"{kind:<8} {side:<5} {result['samples_per_s']:8.2f} samples/s   peak RSS {result['peak_rss_mib']:8.1f} MiB   "
                   f"wall {wall:6.1f} s", flush=True)  # fmt: skip
     figures: list[tuple[str, float, str, bool]] = []
