@@ -148,7 +148,12 @@ def _tar_number(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:
         return int.from_bytes(field[1:], "big")
     text = field.replace(b"\0", b" ").strip()
-    return int(text, 8) if text else 0
+    try:
+        return int(text, 8) if text else 0
+    except ValueError as exc:
+        raise tarfile.HeaderError(
+            f"tar header field {field!r} is not a number: not a tar, or a damaged one"
+        ) from exc
 
 
 def _tar_text(field: bytes) -> str:

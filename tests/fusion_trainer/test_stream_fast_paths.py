@@ -1,0 +1,179 @@
+"""The stream's fast paths give exactly what the plain ones give: the tar member reader (against tarfile), the .npy
+fast path (against np.load), and the batch builder with its token cache (against decode_sample + encode_texts +
+collate)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from climate_text_schema import SampleError
+from fusion_trainer.data import (
+    DEFAULT_PROMPT,
+    ClimateTextStream,
+    _load_climate,
+    _tar_members,
+    collate,
+    decode_sample,
+    encode_sample,
+    encode_texts,
+    epoch_samples,
+    open_shards,
+    render_prompt,
+)
+
+
+def _archive(fmt: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        entries: list[tuple[str, bytes | None]] = [
+            ("a.climate.npy", b"x" * 700),
+            ("a.txt", b""),
+            ("dir/", None),
+            ("__meta__", b"skip me"),
+            ("k" * 120 + ".txt", b"long name " * 60),
+            ("t\u00e9st-\u00fc.json", b"{}"),
+            ("x" * 90 + "/" + "y" * 60 + ".txt", b"prefix"),
+        ]
+        for name, payload in entries:
+            info = tarfile.TarInfo(name.rstrip("/"))
+            if payload is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+                continue
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        link = tarfile.TarInfo("a.link")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.txt"
+        tar.addfile(link)
+    return buf.getvalue()
+
+
+def _tarfile_members(data: bytes) -> list[tuple[str, bytes]]:
+    out = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+        for info in tar:
+            if info.isreg() and info.name != "__meta__":
+                out.append((info.name, tar.extractfile(info).read()))  # type: ignore[union-attr]
+    return out
+
+
+def _ustar_archive() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in (
+            ("a.txt", b"one"),
+            ("p" * 90 + "/" + "q" * 60 + ".txt", b"prefix field"),
+            ("e.bin", b""),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_members_match_tarfile(fmt: int) -> None:
+    """Regular files only (directories, links and webdataset's __meta__ skipped), long and non-ASCII names (GNU L,
+    pax path), ustar's prefix field, empty members."""
+    data = _ustar_archive() if fmt == tarfile.USTAR_FORMAT else _archive(fmt)
+    got = list(_tar_members(io.BytesIO(data), "mem://x.tar"))
+    assert [(m["fname"], m["data"]) for m in got] == _tarfile_members(data)
+    assert len(got) >= 3 and all(m["__url__"] == "mem://x.tar" for m in got)
+
+
+def test_tar_members_refuse_damage() -> None:
+    data = bytearray(_ustar_archive())
+    with pytest.raises(EOFError):
+        list(_tar_members(io.BytesIO(bytes(data[:700])), "x"))  # cut inside the second member
+    with pytest.raises(EOFError):
+        list(_tar_members(io.BytesIO(bytes(data[: 512 * 2])), "x"))  # no end-of-archive blocks
+    data[3] ^= 0x20  # a name byte: the header checksum no longer matches
+    with pytest.raises(tarfile.HeaderError, match="checksum"):
+        list(_tar_members(io.BytesIO(bytes(data)), "x"))
+    with pytest.raises(tarfile.HeaderError):
+        list(_tar_members(io.BytesIO(b"not a tar at all" * 64), "x"))
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5),
+        np.ones((24, 11, 16, 16), dtype=np.float32),
+        np.zeros((1, 1, 1, 1), dtype=np.float32),
+    ],
+)
+def test_npy_fast_path_equals_np_load(array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    got = _load_climate(buf.getvalue(), "k")
+    assert got.dtype == np.float32 and got.shape == array.shape and np.array_equal(got, array)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.ones((2, 3, 4), dtype=np.float32),  # 3-D
+        np.ones((2, 3, 4, 5), dtype=np.float64),
+        np.asfortranarray(np.arange(120, dtype=np.float32).reshape(2, 3, 4, 5)),
+        np.ones((2, 3, 4, 5), dtype=">f4"),
+    ],
+)
+def test_other_arrays_take_the_contract_path(array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    got = _load_climate(buf.getvalue(), "k")
+    assert np.array_equal(got, np.load(io.BytesIO(buf.getvalue())))
+    assert got.dtype == array.dtype and got.shape == array.shape
+
+
+def test_npy_fast_path_refuses_truncation_and_pickles() -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.ones((2, 3, 4, 5), dtype=np.float32))
+    with pytest.raises(SampleError):
+        _load_climate(
+            buf.getvalue()[:-4], "k"
+        )  # the header's shape no longer fits: the contract path refuses it
+    evil = io.BytesIO()
+    np.save(evil, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(SampleError, match="not a plain numeric"):
+        _load_climate(evil.getvalue(), "k")
+
+
+@pytest.mark.parametrize("cache_mb", [64.0, 0.0])
+def test_stream_batches_equal_the_plain_functions(dataset_ref: str, tokenizer: Any, cache_mb: float) -> None:
+    ds = open_shards(dataset_ref)
+    stream = ClimateTextStream(
+        ds, "train", tokenizer, prompt=render_prompt(DEFAULT_PROMPT, ds), micro_batch=3, max_length=256, seed=2,
+        token_cache_mb=cache_mb,
+    )  # fmt: skip
+    loader = iter(stream)
+    raws = {
+        r.key: r
+        for epoch in range(2)
+        for r in epoch_samples(ds, "train", epoch=epoch, rank=0, world=1, seed=2, shuffle=True)
+    }
+    for _ in range(2 * stream.batches_per_epoch):  # two epochs: the second one from the cache, if on
+        batch = next(loader)
+        samples = [decode_sample(raws[k], ds) for k in batch["keys"]]
+        want = collate(
+            samples, encode_texts([s.text for s in samples], stream.prompt_ids, tokenizer, 256), stream.pad_id
+        )
+        for name in ("climate_x", "input_ids", "labels", "attention_mask"):
+            assert batch[name].dtype == want[name].dtype and torch.equal(batch[name], want[name]), name
+    assert bool(stream._tokens) == (cache_mb > 0)
+
+
+def test_encode_texts_equals_encode_sample_and_truncates(tokenizer: Any) -> None:
+    texts = ["Mean 2 m temperature 12.5 °C.", "Calm.", "A much longer caption " * 20]
+    prompt = [1, 2, 3]
+    assert encode_texts(texts, prompt, tokenizer, 40) == [
+        encode_sample(t, prompt, tokenizer, 40) for t in texts
+    ]
+    ids, labels = encode_texts(texts, prompt, tokenizer, 40)[2]
+    assert len(ids) == len(labels) == 40 and labels[:3] == [-100] * 3 and ids[:3] == prompt
+    assert encode_texts([], prompt, tokenizer, 40) == []
