@@ -9,7 +9,11 @@ caption), with the regional zarr v3 cache kept. Then, each in the same process, 
   with the base's tokenizer, padding and label masking, collation) through a torch DataLoader (0 workers, as the
   trainer's default), micro-batch 8;
 - `raw tar`: the floor: read the same shards with `tarfile` and touch every member's bytes, nothing else;
-- `ours, 2 DataLoader workers` (not with --quick): the same with `num_workers=2`;
+- `ours, token cache off` (not with --quick): the same with `token_cache_mb=0`, so every epoch tokenises every
+  caption (what the first epoch of a run, or a dataset too large for the cache, costs);
+- `ours, 2 DataLoader workers` (not with --quick): the same with `num_workers=2` (`lanes=1`, the trainer's default:
+  both workers read every shard and each builds every other batch);
+- `ours, 2 workers, 2 lanes` (not with --quick): `num_workers=2, lanes=2`: each worker reads its own lane's shards;
 - `xbatcher`: the common alternative: `xbatcher.BatchGenerator` over the regional zarr cube (the same variables,
   24 x 8 x 8 patches) wrapped in `xbatcher.loaders.torch.MapDataset`, normalised in the DataLoader's transform,
   batch 8. It yields the climate only (no text, no tokens), so it does less than `ours`. The ratio uses the cube
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -95,7 +100,9 @@ def rate(run_epoch: Callable[[], int], epochs: int, repeats: int) -> dict[str, f
     return {"samples_per_s": statistics.median(rates), "min": min(rates), "max": max(rates)}
 
 
-def ours_epoch(ref: str, tokenizer: Any, workers: int = 0) -> Callable[[], int]:
+def ours_epoch(
+    ref: str, tokenizer: Any, workers: int = 0, lanes: int = 1, token_cache_mb: float = 64.0
+) -> Callable[[], int]:
     import torch
     from fusion_trainer.config import DEFAULT_PROMPT_TEMPLATE
     from fusion_trainer.data import ClimateTextStream, open_shards, render_prompt
@@ -103,7 +110,7 @@ def ours_epoch(ref: str, tokenizer: Any, workers: int = 0) -> Callable[[], int]:
     ds = open_shards(ref)
     stream = ClimateTextStream(
         ds, "train", tokenizer, prompt=render_prompt(DEFAULT_PROMPT_TEMPLATE, ds), micro_batch=MICRO_BATCH,
-        max_length=512, train=True,
+        max_length=512, train=True, lanes=lanes, token_cache_mb=token_cache_mb,
     )  # fmt: skip
     per_epoch = stream.batches_per_epoch
     loader = torch.utils.data.DataLoader(
@@ -198,7 +205,13 @@ def main() -> None:
         "xbatcher, cube in memory": rate(xbatcher_epoch(ref, cube, True), opts.epochs, opts.repeats),
     }
     if not opts.quick:
+        results["ours, token cache off"] = rate(
+            ours_epoch(ref, tokenizer, token_cache_mb=0), opts.epochs, opts.repeats
+        )
         results["ours, 2 DataLoader workers"] = rate(ours_epoch(ref, tokenizer, 2), opts.epochs, opts.repeats)
+        results["ours, 2 workers, 2 lanes"] = rate(
+            ours_epoch(ref, tokenizer, 2, 2), opts.epochs, opts.repeats
+        )
     ratios = {
         "ours / raw tar": results["ours"]["samples_per_s"] / results["raw tar"]["samples_per_s"],
         "ours / xbatcher": results["ours"]["samples_per_s"] / results["xbatcher"]["samples_per_s"],
@@ -209,8 +222,11 @@ def main() -> None:
         print(f"{name:<28} {r['samples_per_s']:10.1f} samples/s  (min {r['min']:.1f}, max {r['max']:.1f})")
     for (name, value), target in zip(ratios.items(), (0.5, 2.0), strict=True):
         print(f"{name:<28} {value:10.2f}  target >= {target:g}  {'PASS' if value >= target else 'MISS'}")
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min) at the end")
     if opts.json is not None:
-        opts.json.write_text(json.dumps({"rates": results, "ratios": ratios, "days": opts.days}, indent=2))
+        record = {"rates": results, "ratios": ratios, "days": opts.days, "loadavg_at_end": list(load)}
+        opts.json.write_text(json.dumps(record, indent=2))
     if opts.work is None:
         shutil.rmtree(work, ignore_errors=True)
     sys.stdout.flush()
