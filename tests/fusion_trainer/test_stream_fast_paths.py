@@ -97,6 +97,13 @@ def test_tar_members_refuse_damage() -> None:
         list(_tar_members(io.BytesIO(bytes(data)), "x"))
     with pytest.raises(tarfile.HeaderError):
         list(_tar_members(io.BytesIO(b"not a tar at all" * 64), "x"))
+    huge = bytearray(_ustar_archive())
+    huge[124:136] = b"77777777777\0"  # a size of 8 GiB in the first header, checksum fixed up
+    huge[148:156] = b"        "
+    huge[148:156] = b"%06o\0 " % sum(huge[:512])
+    with pytest.raises(tarfile.HeaderError, match="out of bounds"):
+        list(_tar_members(io.BytesIO(bytes(huge)), "x", limit=len(huge)))
+    assert [m["fname"] for m in _tar_members(io.BytesIO(_ustar_archive()), "x", limit=10_240)][0] == "a.txt"
 
 
 @pytest.mark.parametrize(

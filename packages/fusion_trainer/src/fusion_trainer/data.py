@@ -146,9 +146,8 @@ def open_shards(ref: str, storage_options: dict[str, Any] | None = None) -> Open
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
-_SKIP_META = re.compile(
-    r"__[^/]*__($|/)"
-)  # webdataset's metadata members, skipped as its tar_file_iterator does
+# webdataset's metadata members, skipped as its tar_file_iterator skips them
+_SKIP_META = re.compile(r"__[^/]*__($|/)")
 
 
 def _tar_number(field: bytes) -> int:
@@ -174,22 +173,25 @@ def _pax_records(data: bytes) -> dict[str, str]:
     while pos < len(data) and data[pos : pos + 1] != b"\0":
         space = data.index(b" ", pos)
         length = int(data[pos:space])
+        if length <= space - pos:
+            raise tarfile.HeaderError(f"pax record of length {length} at byte {pos}: a damaged pax header")
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return out
 
 
-def _tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
+def _tar_members(stream: Any, url: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
     """The regular files of an uncompressed tar stream (ustar, GNU or pax) as webdataset's `{fname, data}` dicts.
 
     A lean replacement for `tarfile` in streaming mode (which costs about as much as the rest of the sample): each
     header is checked (checksum) and its data read in one call; long names (GNU `L`, pax `path`) and pax sizes are
     honoured, other member types are skipped like webdataset's `tar_file_iterator` skips them. Stops at the first
-    zero block (end of archive); the caller reads what follows.
+    zero block (end of archive); the caller reads what follows. `limit` (the shard's size in bytes, if known) bounds
+    a member's size, so a damaged size field is an error, not an attempt to read gigabytes.
 
     Raises:
-        tarfile.HeaderError: a header whose checksum does not match (not a tar, or damaged).
+        tarfile.HeaderError: a header whose checksum does not match (not a tar, or damaged), or a size out of bounds.
         EOFError: the stream ends inside a member.
     """
     long_name: str | None = None
@@ -206,6 +208,10 @@ def _tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
             raise tarfile.HeaderError(f"bad checksum in the tar header after member {long_name or '(start)'}")
         kind = header[156:157]
         size = int(pax["size"]) if "size" in pax else _tar_number(header[124:136])
+        if size < 0 or (limit is not None and size > limit):
+            raise tarfile.HeaderError(
+                f"tar member size {size} is out of bounds (the shard has {limit} bytes)"
+            )
         data = stream.read(size)
         if len(data) < size:
             raise EOFError(
@@ -267,7 +273,7 @@ def iter_shard(
     try:
         with ds.fs.open(ds.fs._strip_protocol(url), "rb") as fh:
             reader = HashingReader(fh)  # hashes in 1 MiB reads under tarfile's 10 KiB ones
-            files = _tar_members(reader.buffered(), url)
+            files = _tar_members(reader.buffered(), url, limit=shard.bytes)
             for group in group_by_keys(files):
                 key = str(group["__key__"])
                 n += 1
