@@ -13,7 +13,7 @@ import torch
 from fusion_trainer import FusionConfig, FusionModel, ModelError
 from fusion_trainer.base import load_base, make_tiny_model
 from fusion_trainer.errors import DataError
-from fusion_trainer.fusion import FusionLayer, climate_context, insert_prefix
+from fusion_trainer.fusion import FusionLayer, climate_context, insert_prefix, prefix_at
 from safetensors.torch import load_file
 
 ARCHS = ("llama", "gpt2", "gpt_neo")
@@ -107,6 +107,40 @@ def test_insert_prefix_follows_left_and_right_padding() -> None:
     assert new_labels is not None
     assert new_labels.tolist() == [[-100, -100, 1, 2, 3, -100], [-100, -100, -100, -100, 7, 8]]
     assert pos.tolist() == [[2, 3, 4, 5], [0, 1, 4, 5]]
+
+
+def test_prefix_after_prompt_goes_before_the_first_labelled_token() -> None:
+    text = torch.arange(1, 9, dtype=torch.float32).view(2, 4, 1)  # (B=2, L=4, H=1)
+    prefix = torch.full((2, 2, 1), -1.0)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1]])
+    labels = torch.tensor([[-100, 2, 3, -100], [-100, -100, -100, 8]])
+    at = prefix_at(mask, labels, "after_prompt")
+    embeds, new_mask, new_labels, pos = insert_prefix(text, prefix, mask, labels, at)
+    assert embeds[..., 0].tolist() == [[1, -1, -1, 2, 3, 4], [5, 6, 7, -1, -1, 8]]
+    assert new_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert new_labels is not None
+    assert new_labels.tolist() == [[-100, -100, -100, 2, 3, -100], [-100, -100, -100, -100, -100, 8]]
+    assert pos.tolist() == [[0, 3, 4, 5], [0, 1, 2, 5]]
+    # generation (no labels): after the last real token; a row without labels too
+    assert prefix_at(mask, None, "after_prompt").tolist() == [[3], [4]]
+    assert prefix_at(mask, torch.full_like(mask, -100), "after_prompt").tolist() == [[3], [4]]
+    assert prefix_at(mask, labels, "start") is None
+
+
+def test_prefix_position_changes_where_the_climate_enters(tiny_dirs: dict[str, Path]) -> None:
+    batch = _batch()
+    batch["labels"][:, :3] = -100  # a 3-token prompt
+    after = _fresh(tiny_dirs, "llama", torch.float32, fusion="prefix")
+    start = _fresh(tiny_dirs, "llama", torch.float32, fusion="prefix", prefix_position="start")
+    with torch.no_grad():
+        a, s = after(**batch).logits, start(**batch).logits
+        base = _BASES[("llama", torch.float32)][0]
+        plain = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # after the prompt, the predictions inside the prompt are the base's and the first caption token is predicted
+    # from the last soft token (it sees the climate); at the start, every position sees it
+    assert torch.allclose(a[:, :2], plain[:, :2], atol=1e-5)
+    assert not torch.allclose(a[:, 2], plain[:, 2], atol=1e-3)
+    assert not torch.allclose(s[:, :2], plain[:, :2], atol=1e-3)
 
 
 def _base_snapshot(model: FusionModel) -> dict[str, torch.Tensor]:
@@ -323,10 +357,14 @@ def test_cached_generation_matches_full_recomputation(tiny_dirs: dict[str, Path]
     climate = torch.randn(1, 3, 3, 7, 9)
     text = model.generate(climate, "The mean temperature", max_new_tokens=6)[0]
     ids = torch.tensor([tok("The mean temperature")["input_ids"]])
+    n_prompt = ids.shape[1]
     expected = []
     with torch.no_grad():
         for _ in range(6):
-            nxt = int(model(ids, torch.ones_like(ids), climate).logits[0, -1].argmax())
+            # the generated tokens are labelled, as in training, so a prefix goes after the prompt
+            labels = ids.clone()
+            labels[:, :n_prompt] = -100
+            nxt = int(model(ids, torch.ones_like(ids), climate, labels=labels).logits[0, -1].argmax())
             if nxt == tok.eos_token_id:
                 break
             expected.append(nxt)

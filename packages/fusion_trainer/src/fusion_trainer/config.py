@@ -65,7 +65,11 @@ class FusionConfig(BaseModel):
     per_patch_tokens: bool = False
     """False: one climate token per time step (spatial attention pooling); True: one per time step and patch."""
     n_prefix_tokens: int = Field(default=32, ge=1)
-    """prefix: soft tokens produced by the attention pooler and prepended to the text."""
+    """prefix: soft tokens produced by the attention pooler and inserted into the text."""
+    prefix_position: Literal["after_prompt", "start"] = "after_prompt"
+    """prefix: where the soft tokens go: after the prompt, right before the caption (the first labelled token; in
+    generation, after the prompt), or before the first token. "start" puts them where the LM's first position
+    collects attention regardless of content; docs/results.md measures the difference."""
     n_heads: int = Field(default=8, ge=1)
     """xattn / gated-xattn: cross-attention heads; divides the LM hidden size."""
     every_n_layers: int = Field(default=4, ge=1)
@@ -78,6 +82,9 @@ class FusionConfig(BaseModel):
     """Also train the LM head (untied from the input embeddings first when the base ties them)."""
     lora: dict[str, Any] | None = None
     """peft LoraConfig keyword arguments (e.g. {"r": 8, "target_modules": ["q_proj", "v_proj"]}); None: no LoRA."""
+    stats_head: bool = False
+    """Add `encoder.stats_head`, a linear probe predicting every variable's window mean/min/max from the climate
+    tokens; `fusion-train` turns it on when `stats_loss_weight` > 0. Not used in generation."""
     gradient_checkpointing: bool = False
     """Recompute the frozen decoder layers in the backward pass (less activation memory, ~30% more compute)."""
     variables: list[str] | None = None
@@ -235,6 +242,13 @@ class TrainConfig(_BaseModel):
         gt=0,
         description="weight of the caption's number tokens (tokens holding a digit) in the training loss; 1: plain "
         "token-mean loss",
+    )
+    stats_loss_weight: float = _Field(
+        default=0.0,
+        ge=0,
+        description="weight of an auxiliary loss: a linear probe on the climate tokens predicts every variable's "
+        "window mean/min/max (the samples' stats, normalised; MSE); it teaches the encoder the numbers captions "
+        "state. 0: off. Adds fusion.stats_head",
     )
     caption: _Literal["full", "numbers", "temperature"] = _Field(
         default="full",

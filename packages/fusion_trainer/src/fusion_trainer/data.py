@@ -57,6 +57,7 @@ from climate_text_schema import (
 from webdataset.tariterators import group_by_keys
 
 from .config import DEFAULT_PROMPT_TEMPLATE
+from .encoder import STATS
 from .errors import ConfigError, DataError
 
 __all__ = [
@@ -97,12 +98,14 @@ class DataPosition:
 
 @dataclass(frozen=True)
 class Sample:
-    """One decoded sample: normalised climate `(T, V, H, W)` and its text."""
+    """One decoded sample: normalised climate `(T, V, H, W)`, its text and (from its `.json`) its window statistics
+    `(V, 3)` (mean, min, max per variable, normalised like the climate; None when the sample has no `.json`)."""
 
     key: str
     shard: str
     climate_x: np.ndarray
     text: str
+    stats: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -616,7 +619,23 @@ def _decode(raw: RawSample, ds: OpenedDataset, norm: tuple[np.ndarray, np.ndarra
     mean, std = norm
     climate = np.subtract(array, mean, dtype=np.float32)
     climate /= std
-    return Sample(key=raw.key, shard=raw.shard, climate_x=climate, text=text)
+    stats = _normalised_stats(meta.stats, ds, raw, norm) if meta is not None else None
+    return Sample(key=raw.key, shard=raw.shard, climate_x=climate, text=text, stats=stats)
+
+
+def _normalised_stats(
+    stats: dict[str, dict[str, float]], ds: OpenedDataset, raw: RawSample, norm: tuple[np.ndarray, np.ndarray]
+) -> np.ndarray:
+    """The `.json` stats as `(V, 3)` float32 (mean, min, max per variable in manifest order), normalised."""
+    try:
+        values = [[stats[v][k] for k in STATS] for v in ds.manifest.variable_names]
+    except KeyError as exc:
+        raise DataError(
+            f"shard {raw.shard}: sample {raw.key!r} has no {exc.args[0]!r} in its .json stats; the contract gives "
+            f"{{variable: {{mean, min, max}}}} for every variable {ds.manifest.variable_names}"
+        ) from exc
+    mean, std = norm
+    return (np.array(values, dtype=np.float32) - mean.reshape(-1, 1)) / std.reshape(-1, 1)
 
 
 def render_prompt(template: str, ds: OpenedDataset, caption: str = "full") -> str:
@@ -721,7 +740,7 @@ def _stack_climate(samples: list[Sample]) -> np.ndarray:
 def _batch(
     samples: list[Sample], climate: np.ndarray, input_ids: np.ndarray, labels: np.ndarray, mask: np.ndarray
 ) -> dict[str, Any]:
-    return {
+    batch: dict[str, Any] = {
         "climate_x": torch.from_numpy(climate),  # (B, T, V, H, W)
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(mask),
@@ -729,6 +748,9 @@ def _batch(
         "keys": [s.key for s in samples],
         "texts": [s.text for s in samples],
     }
+    if all(s.stats is not None for s in samples):
+        batch["stats"] = torch.from_numpy(np.stack([s.stats for s in samples]))  # type: ignore[misc]  # (B, V, 3)
+    return batch
 
 
 class ClimateTextStream(torch.utils.data.IterableDataset):

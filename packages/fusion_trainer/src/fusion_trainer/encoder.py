@@ -22,7 +22,18 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, DataError
 
-__all__ = ["Attention", "ClimateEncoder", "ClimateTokens", "TransformerBlock", "sincos_embedding"]
+__all__ = [
+    "STATS",
+    "Attention",
+    "ClimateEncoder",
+    "ClimateTokens",
+    "StatsHead",
+    "TransformerBlock",
+    "sincos_embedding",
+]
+
+STATS = ("mean", "min", "max")
+"""The per-variable window statistics `StatsHead` predicts, in this order (the `stats` of every sample's `.json`)."""
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +146,7 @@ class ClimateEncoder(nn.Module):
         patch_size: spatial patch edge in grid cells.
         per_patch_tokens: one token per (time step, patch) instead of one per time step.
         dropout: dropout in the transformer.
+        stats_head: add `stats_head` (a `StatsHead`): predicted window statistics for an auxiliary loss.
 
     Examples:
         >>> enc = ClimateEncoder(n_variables=3, d_model=32, depth=1, n_heads=4, patch_size=4)
@@ -151,6 +163,7 @@ class ClimateEncoder(nn.Module):
         patch_size: int = 4,
         per_patch_tokens: bool = False,
         dropout: float = 0.0,
+        stats_head: bool = False,
     ) -> None:
         super().__init__()
         self.n_variables = n_variables
@@ -170,6 +183,7 @@ class ClimateEncoder(nn.Module):
             self.space_attn = Attention(d_model, d_model, n_heads)
         self.blocks = nn.ModuleList(TransformerBlock(d_model, n_heads, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(d_model)
+        self.stats_head = StatsHead(d_model, n_variables) if stats_head else None
 
     def tokens_per_step(self, height: int, width: int) -> int:
         """Climate tokens per time step for a `height` x `width` grid (1 unless `per_patch_tokens`)."""
@@ -247,3 +261,26 @@ class ClimateEncoder(nn.Module):
         for block in self.blocks:
             z = block(z)  # (B, N, D)
         return self.norm(z)  # (B, N, D)
+
+
+class StatsHead(nn.Module):
+    """A linear probe: the mean of the climate tokens -> every variable's window mean, min and max (normalised).
+
+    Trained as an auxiliary loss (`TrainConfig.stats_loss_weight`), it makes the encoder carry the statistics that
+    captions state from the first steps, instead of waiting for the frozen LM's caption loss to teach it. Generation
+    does not use it.
+
+    Examples:
+        >>> StatsHead(d_model=32, n_variables=3)(torch.zeros(2, 5, 32)).shape
+        torch.Size([2, 3, 3])
+    """
+
+    def __init__(self, d_model: int, n_variables: int) -> None:
+        super().__init__()
+        self.n_variables = n_variables
+        self.proj = nn.Linear(d_model, n_variables * len(STATS))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Climate tokens `(B, N, D)` -> predicted statistics `(B, V, 3)` (mean, min, max in normalised units)."""
+        pooled = tokens.to(self.proj.weight.dtype).mean(dim=1)  # (B, D)
+        return self.proj(pooled).view(tokens.shape[0], self.n_variables, len(STATS))  # (B, V, 3)

@@ -48,6 +48,7 @@ __all__ = [
     "PrefixFusion",
     "climate_context",
     "insert_prefix",
+    "prefix_at",
     "unwrapped_layers",
     "wrap_decoder_layers",
 ]
@@ -172,10 +173,14 @@ class PrefixFusion(nn.Module):
         d_model: LM hidden size H.
         n_prefix_tokens: number of soft tokens.
         n_heads: pooler heads (divides d_encoder).
+        position: where the soft tokens go: "after_prompt" or "start" (see `prefix_at`).
     """
 
-    def __init__(self, d_encoder: int, d_model: int, n_prefix_tokens: int, n_heads: int) -> None:
+    def __init__(
+        self, d_encoder: int, d_model: int, n_prefix_tokens: int, n_heads: int, position: str = "after_prompt"
+    ) -> None:
         super().__init__()
+        self.position = position
         self.queries = nn.Parameter(torch.randn(1, n_prefix_tokens, d_encoder) * 0.02)
         self.norm = nn.LayerNorm(d_encoder)
         self.pool = Attention(d_encoder, d_encoder, n_heads)
@@ -190,17 +195,24 @@ class PrefixFusion(nn.Module):
 
 
 def insert_prefix(
-    text_embeds: Tensor, prefix: Tensor, attention_mask: Tensor, labels: Tensor | None = None
+    text_embeds: Tensor,
+    prefix: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor | None = None,
+    at: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """Insert soft tokens before the first real text token of every row (after any left padding).
+    """Insert soft tokens into every row at text index `at` (default: before the first real token).
 
-    Right-padded rows (training) become `[prefix, text, pad]`, left-padded rows (generation) `[pad, prefix, text]`.
+    With the default, right-padded rows (training) become `[prefix, text, pad]`, left-padded rows (generation)
+    `[pad, prefix, text]`; `prefix_at(..., "after_prompt")` gives `[prompt, prefix, caption, pad]` and
+    `[pad, prompt, prefix]`.
 
     Args:
         text_embeds: `(B, L, H)`.
         prefix: `(B, P, H)`.
         attention_mask: `(B, L)`, 1 for real tokens.
         labels: `(B, L)` or None; prefix positions get -100.
+        at: `(B, 1)` text index before which the prefix goes (0..L); None: after any left padding.
 
     Returns:
         `(embeds (B, L+P, H), attention_mask (B, L+P), labels (B, L+P) | None, text_positions (B, L))`, where
@@ -209,11 +221,12 @@ def insert_prefix(
     b, length, h = text_embeds.shape
     n_prefix = prefix.shape[1]
     device = text_embeds.device
-    leading_pad = (attention_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)  # (B, 1)
+    if at is None:
+        at = (attention_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)  # (B, 1): leading padding
     j = torch.arange(length + n_prefix, device=device)[None, :]  # (1, L+P)
-    is_prefix = (j >= leading_pad) & (j < leading_pad + n_prefix)  # (B, L+P)
-    text_src = torch.where(j < leading_pad, j, j - n_prefix).clamp(0, max(length - 1, 0))  # (B, L+P)
-    prefix_src = (j - leading_pad).clamp(0, n_prefix - 1)  # (B, L+P)
+    is_prefix = (j >= at) & (j < at + n_prefix)  # (B, L+P)
+    text_src = torch.where(j < at, j, j - n_prefix).clamp(0, max(length - 1, 0))  # (B, L+P)
+    prefix_src = (j - at).clamp(0, n_prefix - 1)  # (B, L+P)
     from_text = text_embeds.gather(1, text_src[..., None].expand(b, -1, h))  # (B, L+P, H)
     from_prefix = prefix.to(text_embeds.dtype).gather(
         1, prefix_src[..., None].expand(b, -1, h)
@@ -224,8 +237,26 @@ def insert_prefix(
     if labels is not None:
         new_labels = torch.where(is_prefix, torch.full_like(text_src, -100), labels.gather(1, text_src))
     i = torch.arange(length, device=device)[None, :]  # (1, L)
-    text_positions = i + n_prefix * (i >= leading_pad)  # (B, L)
+    text_positions = i + n_prefix * (i >= at)  # (B, L)
     return embeds, mask.to(attention_mask.dtype), new_labels, text_positions
+
+
+def prefix_at(attention_mask: Tensor, labels: Tensor | None, position: str) -> Tensor | None:
+    """Where the soft tokens go (`insert_prefix`'s `at`) for `FusionConfig.prefix_position`.
+
+    "start": None (before the first real token). "after_prompt": before the first labelled token (training and
+    evaluation: prompt, prefix, caption); without labels, or in a row with none, after the last real token
+    (generation: the input is the prompt).
+    """
+    if position == "start":
+        return None
+    positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)[None, :]  # (1, L)
+    end = (attention_mask * positions).amax(dim=1, keepdim=True)  # (B, 1): after the last real token
+    if labels is None:
+        return end
+    labelled = labels != -100  # (B, L)
+    first = labelled.int().argmax(dim=1, keepdim=True)  # (B, 1)
+    return torch.where(labelled.any(dim=1, keepdim=True), first, end)
 
 
 class FusionLayer(nn.Module):
@@ -321,7 +352,9 @@ def build_fusion(config: FusionConfig, hidden: int, layers: nn.ModuleList) -> nn
     if config.fusion == "xattn":
         return GatedCrossAttention(config.d_encoder, hidden, config.n_heads, config.gate_init)
     if config.fusion == "prefix":
-        return PrefixFusion(config.d_encoder, hidden, config.n_prefix_tokens, config.encoder_heads)
+        return PrefixFusion(
+            config.d_encoder, hidden, config.n_prefix_tokens, config.encoder_heads, config.prefix_position
+        )
     wrap_decoder_layers(
         layers,
         lambda: GatedCrossAttentionBlock(
@@ -350,7 +383,8 @@ def fuse_inputs(
     if isinstance(fusion, GatedCrossAttention):
         return fusion(text_embeds, climate.tokens), attention_mask, labels, None
     if isinstance(fusion, PrefixFusion):
-        return insert_prefix(text_embeds, fusion(climate.tokens), attention_mask, labels)
+        at = prefix_at(attention_mask, labels, fusion.position)
+        return insert_prefix(text_embeds, fusion(climate.tokens), attention_mask, labels, at)
     return text_embeds, attention_mask, labels, None
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,19 @@ from .fusion import (
 )
 from .registry import MemoryEstimate, architecture_for, estimate_memory
 
-__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "FusionModel"]
+__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "FusionModel", "FusionOutput"]
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "fusion_config.json"
+
+
+@dataclass
+class FusionOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `climate_stats`: the stats head's predicted window mean/min/max `(B, V, 3)`."""
+
+    climate_stats: Tensor | None = None
 
 
 class FusionModel(nn.Module):
@@ -110,6 +118,7 @@ class FusionModel(nn.Module):
             patch_size=config.patch_size,
             per_patch_tokens=config.per_patch_tokens,
             dropout=config.encoder_dropout,
+            stats_head=config.stats_head,
         )
         self.fusion = build_fusion(config, hidden, self.arch.decoder_layers(lm))
         self._cache_kwarg = (
@@ -299,7 +308,7 @@ class FusionModel(nn.Module):
         attention_mask: Tensor | None,
         climate: Tensor,
         labels: Tensor | None = None,
-    ) -> CausalLMOutputWithPast:
+    ) -> FusionOutput:
         """Run the fused model.
 
         Args:
@@ -309,8 +318,10 @@ class FusionModel(nn.Module):
             labels: `(B, L)` targets, -100 where ignored (shifted inside, as in transformers).
 
         Returns:
-            transformers' CausalLMOutputWithPast with `.loss` (when labels are given) and `.logits` `(B, L, vocab)`,
-            aligned with `input_ids` for every variant (the prefix variant's soft-token positions are dropped).
+            A `FusionOutput` (transformers' CausalLMOutputWithPast) with `.loss` (when labels are given) and `.logits`
+            `(B, L, vocab)`, aligned with `input_ids` for every variant (`logits[:, i]` predicts token i + 1; for the
+            prefix variant it is read where the LM predicts that token, so the soft tokens' own outputs are dropped
+            except the last one's, which predicts the first token after them), plus `.climate_stats` `(B, V, 3)` when the config has `stats_head` (else None).
 
         Raises:
             DataError: climate and input_ids disagree on the batch size, or climate has the wrong shape.
@@ -326,10 +337,21 @@ class FusionModel(nn.Module):
         embeds, mask, fused_labels, text_positions = self._fuse(input_ids, attention_mask, tokens, labels)
         with self._climate_scope(tokens):
             out = self.lm(inputs_embeds=embeds, attention_mask=mask, labels=fused_labels, use_cache=False)
+        logits = out.logits
         if text_positions is not None:
-            index = text_positions[..., None].expand(-1, -1, out.logits.shape[-1])  # (B, L, vocab)
-            out.logits = out.logits.gather(1, index)
-        return out
+            # logits[:, i] predicts text token i + 1 (as transformers aligns them): it is read where the LM predicts
+            # that token, which is the last soft token when the prefix sits between tokens i and i + 1
+            last = torch.full_like(text_positions[:, :1], logits.shape[1] - 1)  # (B, 1)
+            source = torch.cat([text_positions[:, 1:] - 1, last], dim=1)  # (B, L)
+            logits = logits.gather(1, source[..., None].expand(-1, -1, logits.shape[-1]))  # (B, L, vocab)
+        head = self.encoder.stats_head
+        return FusionOutput(
+            loss=out.loss,
+            logits=logits,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            climate_stats=head(tokens.tokens) if head is not None else None,
+        )
 
     # ----- generation -----
 

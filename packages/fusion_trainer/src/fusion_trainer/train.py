@@ -31,7 +31,7 @@ from .checkpoint import (
 )
 from .config import FusionConfig, TrainConfig
 from .data import ClimateTextStream, DataPosition, open_shards, render_prompt
-from .errors import CheckpointError, ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .evaluate import evaluate_loss
 from .launch import clear_self_env, ensure_dist_env, stale_build_locks
 from .metrics import (
@@ -133,13 +133,17 @@ def _seed_all(seed: int) -> None:
 def _load_model(config: TrainConfig, variables: list[str], normalization: dict[str, Any]) -> Any:
     from .model import FusionModel
 
-    fusion = FusionConfig(**{**config.fusion, "variables": variables, "normalization": normalization})
+    stats = {"stats_head": True} if config.stats_loss_weight > 0 else {}
+    fusion = FusionConfig(
+        **{**config.fusion, **stats, "variables": variables, "normalization": normalization}
+    )
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     return FusionModel.from_base(config.model, fusion, dtype=dtype)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels", "climate_x")}
+    keys = ("input_ids", "attention_mask", "labels", "climate_x", "stats")
+    return {k: batch[k].to(device) for k in keys if k in batch}
 
 
 def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
@@ -298,11 +302,11 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         log_rank_zero(logger, "number tokens (%d in the vocabulary) weigh %.3g in the loss", int(mask.sum()),
                       config.number_loss_weight)  # fmt: skip
     throughput, losses = Throughput(), []
-    window_loss, window_steps, val_loss = 0.0, 0, None
+    window_loss, window_stats, window_steps, val_loss = 0.0, 0.0, 0, None
     rank_skipped, skipped = 0, 0  # bad samples left out: by this rank's stream, over every rank
     engine.train()
     while step < last_step:
-        step_loss, step_tokens, step_samples, step_keys = 0.0, 0, 0, []
+        step_loss, step_stats, step_tokens, step_samples, step_keys = 0.0, 0.0, 0, 0, []
         for _ in range(config.grad_accum):
             batch = next(batches)
             inputs = _to_device(batch, device)
@@ -313,6 +317,17 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
                 if digit_weights is None
                 else _weighted_loss(out.logits, inputs["labels"], digit_weights)
             )
+            caption_loss = loss.detach()
+            if config.stats_loss_weight > 0:
+                if "stats" not in inputs:
+                    raise DataError(
+                        f"stats_loss_weight={config.stats_loss_weight} needs every sample's .json stats, but a batch "
+                        f"on rank {rank} has samples without a .json ({', '.join(batch['keys'])}); set "
+                        "stats_loss_weight: 0"
+                    )
+                stats_loss = torch.nn.functional.mse_loss(out.climate_stats.float(), inputs["stats"])
+                step_stats += float(stats_loss.detach()) / config.grad_accum
+                loss = loss + config.stats_loss_weight * stats_loss
             (bad,) = _all_reduce([0.0 if torch.isfinite(loss.detach()).item() else 1.0], device, op="max")
             if bad:
                 raise TrainingError(
@@ -321,7 +336,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
                 )
             engine.backward(loss)
             engine.step()
-            step_loss += float(loss.detach()) / config.grad_accum
+            step_loss += float(caption_loss) / config.grad_accum
             step_tokens += int(batch["attention_mask"].sum())
             step_samples += len(batch["keys"])
             step_keys += batch["keys"]
@@ -329,14 +344,18 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
             rank_skipped = int(batch.get("skipped", 0))
         step += 1
         run.log_keys(step, step_keys)
-        mean_loss, tokens, samples, total_skipped = _all_reduce(
-            [step_loss, step_tokens, step_samples, rank_skipped], device
+        mean_loss, mean_stats, tokens, samples, total_skipped = _all_reduce(
+            [step_loss, step_stats, step_tokens, step_samples, rank_skipped], device
         )
         skipped = int(total_skipped)
-        mean_loss /= world
+        mean_loss, mean_stats = mean_loss / world, mean_stats / world
         losses.append(mean_loss)
         throughput.add(int(samples), int(tokens))
-        window_loss, window_steps = window_loss + mean_loss, window_steps + 1
+        window_loss, window_stats, window_steps = (
+            window_loss + mean_loss,
+            window_stats + mean_stats,
+            window_steps + 1,
+        )
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.4f}")
@@ -351,10 +370,12 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
             }  # fmt: skip
             if config.skip_bad_samples:
                 record["skipped_samples"] = skipped
+            if config.stats_loss_weight > 0:
+                record["stats_loss"] = window_stats / window_steps
             run.metrics.write(record)
             log_rank_zero(logger, "step %d/%d loss %.4f lr %.3g %.1f tok/s mem %.0f MiB", step, config.steps,
                           record["loss"], lr, tps, record["peak_memory_mb"])  # fmt: skip
-            window_loss, window_steps = 0.0, 0
+            window_loss, window_stats, window_steps = 0.0, 0.0, 0
         if config.eval_every and step % config.eval_every == 0 and step != last_step:
             val_loss = _evaluate(engine, data, tokenizer, prompt, config, rank, world, step, run)
         if config.save_every and step % config.save_every == 0 and step != last_step:
