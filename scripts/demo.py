@@ -55,7 +55,7 @@ class Plan:
 
 
 FULL = Plan(
-    ROOT / "demo-output", "2019-01-01", "2019-03-31", steps=120, generate=64, eval_batches=4, eval_every=40
+    ROOT / "demo-output", "2019-01-01", "2019-03-31", steps=240, generate=64, eval_batches=4, eval_every=80
 )
 QUICK = Plan(
     ROOT / "demo-output/quick",
