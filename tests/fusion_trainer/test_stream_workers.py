@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from fusion_trainer import data as data_module
+from fusion_trainer import lanes as lanes_module
 from fusion_trainer.data import (
     DEFAULT_PROMPT,
     ClimateTextStream,
@@ -76,14 +77,14 @@ def test_two_lanes_read_disjoint_shards(
     make_dataset: Callable[..., str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ref = make_dataset(shards=FOUR_SHARDS)
-    real = data_module.iter_shard
+    real = lanes_module.iter_shard
     reads: list[str] = []
 
     def spy(ds: Any, shard: Any, *args: Any, **kw: Any) -> Any:
         reads.append(shard.path)
         return real(ds, shard, *args, **kw)
 
-    monkeypatch.setattr(data_module, "iter_shard", spy)
+    monkeypatch.setattr(lanes_module, "iter_shard", spy)  # lanes read their shards through it
     per_lane = []
     for lane in range(2):
         reads.clear()
@@ -99,7 +100,7 @@ def test_a_shard_split_between_lanes_is_checked_once(
 ) -> None:
     """Shards 8, 6, 6 and two lanes of 10: one shard is split; the lane with its first part stops reading there,
     the lane with its end reads it to the end (and checks its count, size and sha256)."""
-    real = data_module.iter_shard
+    real = lanes_module.iter_shard
     pulled: dict[str, list[int]] = {}
 
     def spy(ds: Any, shard: Any, verify: bool = True, *args: Any) -> Any:
@@ -109,7 +110,7 @@ def test_a_shard_split_between_lanes_is_checked_once(
             count[-1] += 1
             yield raw
 
-    monkeypatch.setattr(data_module, "iter_shard", spy)
+    monkeypatch.setattr(lanes_module, "iter_shard", spy)  # lanes read their shards through it
     keys = [_lane_keys(dataset_ref, lane=lane, lanes=2) for lane in range(2)]
     assert len(keys[0]) == len(keys[1]) == 10 and not set(keys[0]) & set(keys[1])
     split = [path for path, reads in pulled.items() if len(reads) == 2]
