@@ -4,6 +4,7 @@ the train-mean baseline, faithfulness verdicts, number tokens, and the shuffled-
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,6 +23,8 @@ from fusion_trainer.grounding import (
     parse_caption_numbers,
     truth_from_index,
 )
+
+from tests.tiny_model import TINY_FUSION
 
 # one caption per template, written by hand from the documented formats (text.py's module docstring)
 T0 = (
@@ -183,7 +186,9 @@ class _Model(torch.nn.Module):
         super().__init__()
         self.reads, self.tokenizer = reads, _Tok()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, climate: torch.Tensor) -> Any:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, climate: torch.Tensor, labels: Any = None
+    ) -> Any:
         b, n = input_ids.shape
         logits = torch.zeros(b, n, 12)
         if self.reads:
@@ -217,6 +222,27 @@ def test_grounding_gain_separates_reading_from_ignoring(reads: bool) -> None:
         assert result["caption"]["gain"] == pytest.approx(0.0, abs=1e-9)
         assert result["uses_climate"] is False
     assert np.isfinite(result["caption"]["own"])
+
+
+@pytest.mark.parametrize("position", ["after_prompt", "start"])
+def test_grounding_gain_sees_the_climate_of_a_prefix_model(
+    dataset_ref: str, tiny_model_dir: Path, tokenizer: Any, position: str
+) -> None:
+    # a fresh prefix model's soft tokens depend on the climate, so the caption's loss must change with it; scoring
+    # without labels once put an after-prompt prefix behind the caption, where it changed nothing (gain exactly 0)
+    from fusion_trainer import FusionConfig, FusionModel
+    from fusion_trainer.data import ClimateTextStream, open_shards
+
+    ds = open_shards(dataset_ref)
+    torch.manual_seed(0)
+    config = FusionConfig(**{**TINY_FUSION, "fusion": "prefix", "prefix_position": position,
+                             "variables": ds.manifest.variable_names})  # fmt: skip
+    model = FusionModel.from_base(tiny_model_dir, config, dtype=torch.float32).eval()
+    stream = ClimateTextStream(
+        ds, "val", tokenizer, prompt="Describe:", micro_batch=4, max_length=160, train=False
+    )
+    result = grounding_gain(model, stream, torch.device("cpu"))
+    assert result["caption"]["own"] != pytest.approx(result["caption"]["shuffled"], abs=1e-6)
 
 
 def test_weighted_loss_is_plain_loss_at_weight_one_and_favours_digits_above() -> None:

@@ -99,7 +99,8 @@ def _token_losses(
 ) -> torch.Tensor:
     """Per-token caption loss `(B, L-1)` (0 where the label is ignored) of the fused model with `climate`."""
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    out = model(input_ids=ids, attention_mask=mask, climate=climate.to(device))
+    # labels place a prefix after the prompt, exactly as in training (without them it would go after the caption)
+    out = model(input_ids=ids, attention_mask=mask, climate=climate.to(device), labels=labels)
     logits = out.logits[:, :-1].float()
     target = labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(
