@@ -4,13 +4,14 @@ The base is frozen by construction ("freeze all, assert zero trainable, then unf
 (no dropout) even when the model trains, and its state-dict keys are untouched. Only `fusion_params()` train: the
 encoder, the fusion modules, and LoRA / the LM head when the config asks. `save_adapter` writes just those weights plus
 `fusion_config.json` naming the base and its fingerprint; `load_adapter` puts them back onto that same base.
+
+Generation (`generate`) lives in `generation.py` and the adapter files in `adapter.py`; the methods here delegate.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,11 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .adapter import ADAPTER_FILE, CONFIG_FILE, _load_adapter, _save_adapter
 from .base import fingerprint_base, load_base
 from .config import FusionConfig
 from .encoder import ClimateEncoder, ClimateTokens
@@ -37,14 +38,12 @@ from .fusion import (
     fuse_new_tokens,
     unwrapped_layers,
 )
+from .generation import _run_generation
 from .registry import MemoryEstimate, architecture_for, estimate_memory
 
 __all__ = ["ADAPTER_FILE", "CONFIG_FILE", "FusionModel", "FusionOutput"]
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_FILE = "adapter.safetensors"
-CONFIG_FILE = "fusion_config.json"
 
 
 @dataclass
@@ -414,26 +413,7 @@ class FusionModel(nn.Module):
         Returns:
             The directory.
         """
-        from . import __version__
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        state = dict(state_dict) if state_dict is not None else self.fusion_state_dict()
-        unknown = sorted(set(state) - {n for n, _ in self.fusion_named_parameters()})
-        if unknown:
-            raise ModelError(f"save_adapter: {unknown[:5]} are not trainable parameters of this model")
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        tmp = out / f".{ADAPTER_FILE}.{os.getpid()}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt", "fusion": self.config.fusion})
-        tmp.replace(out / ADAPTER_FILE)
-        record = self.config.model_dump(mode="json")
-        record["base_fingerprint"] = self.base_fingerprint
-        record["fusion_trainer_version"] = __version__
-        tmp = out / f".{CONFIG_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(out / CONFIG_FILE)
-        logger.info("adapter (%d tensors) saved to %s", len(tensors), out)
-        return out
+        return _save_adapter(self, directory, state_dict)
 
     @classmethod
     def load_adapter(
@@ -449,26 +429,7 @@ class FusionModel(nn.Module):
             ModelError: files missing, no base named, or the base's fingerprint differs from the recorded one.
             ConfigError: fusion_config.json is not a valid FusionConfig.
         """
-        folder = Path(directory)
-        config_path, weights_path = folder / CONFIG_FILE, folder / ADAPTER_FILE
-        if not config_path.is_file() or not weights_path.is_file():
-            raise ModelError(f"{folder} is not an adapter folder: it needs {CONFIG_FILE} and {ADAPTER_FILE}")
-        record: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
-        expected = record.pop("base_fingerprint", None)
-        record.pop("fusion_trainer_version", None)
-        config = FusionConfig.model_validate(record)
-        chosen = base if base is not None else config.base
-        if chosen is None:
-            raise ModelError(f"{config_path} names no base model; pass base=PATH_OR_ID")
-        model = cls.from_base(chosen, config, dtype=dtype, tokenizer=tokenizer)
-        if expected is not None and model.base_fingerprint != expected:
-            raise ModelError(
-                f"the adapter in {folder} was trained on base {config.base!r} ({expected}), but {model.config.base!r} "
-                f"has fingerprint {model.base_fingerprint}; load it onto the original base weights"
-            )
-        model.load_fusion_state_dict(load_file(str(weights_path)))
-        logger.info("adapter %s loaded onto %s", folder, model.config.base)
-        return model
+        return _load_adapter(cls, directory, base, dtype, tokenizer)
 
     def fusion_layers(self) -> Iterator[FusionLayer]:
         """The gated-xattn wrappers (empty for the other variants)."""
@@ -489,89 +450,3 @@ def _untie_lm_head(lm: PreTrainedModel, head: nn.Module, embeddings: nn.Module) 
         head.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         lm.config.tie_word_embeddings = False
         logger.info("train_lm_head: the LM head was tied to the input embeddings; it now has its own copy")
-
-
-def _encode_prompts(model: FusionModel, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
-    tok = model.tokenizer
-    assert tok is not None
-    fallback = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    rows = [list(tok(p)["input_ids"]) or [int(fallback)] for p in prompts]
-    width = max(len(r) for r in rows)
-    pad = int(tok.pad_token_id if tok.pad_token_id is not None else fallback)
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # (B, L), left padded
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)  # (B, L)
-    return ids, mask
-
-
-def _pick_next(
-    logits: Tensor, do_sample: bool, temperature: float, top_p: float, gen: torch.Generator | None
-) -> Tensor:
-    if not do_sample:
-        return logits.argmax(dim=-1)  # (B,)
-    probs = torch.softmax(logits / temperature, dim=-1)  # (B, vocab)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)  # (B,)
-
-
-def _run_generation(
-    model: FusionModel,
-    climate: Tensor | np.ndarray,
-    prompt: str | Sequence[str],
-    max_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
-) -> list[str]:
-    tok = model.tokenizer
-    assert tok is not None
-    device = model.device
-    x = torch.as_tensor(climate, dtype=torch.float32, device=device)
-    x = x[None] if x.ndim == 4 else x  # (B, T, V, H, W)
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if len(prompts) == 1 and x.shape[0] > 1:
-        prompts = prompts * x.shape[0]
-    elif x.shape[0] == 1 and len(prompts) > 1:
-        x = x.expand(len(prompts), *x.shape[1:])
-    if len(prompts) != x.shape[0]:
-        raise DataError(
-            f"{len(prompts)} prompts for {x.shape[0]} climate windows; give one prompt or one per window"
-        )
-    ids, mask = _encode_prompts(model, prompts, device)
-    stops = {tok.eos_token_id, *np.atleast_1d(model.lm.generation_config.eos_token_id or []).tolist()} - {
-        None
-    }
-    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0)
-    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-
-    tokens = model.encoder.encode(x)
-    embeds, mask, _, _ = model._fuse(ids, mask, tokens, None)  # (B, L', H), (B, L')
-    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, L'), left padding aware
-    cache: Any = None
-    done = torch.zeros(x.shape[0], dtype=torch.bool, device=device)
-    out_ids: list[Tensor] = []
-    for _ in range(max_new_tokens):
-        with model._climate_scope(tokens):
-            out = model.lm(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-                **{model._cache_kwarg: cache},
-            )  # fmt: skip
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        nxt = _pick_next(out.logits[:, -1, :].float(), do_sample, temperature, top_p, gen)  # (B,)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        out_ids.append(nxt)
-        done |= torch.isin(nxt, torch.tensor(sorted(stops), device=device))
-        if bool(done.all()):
-            break
-        embeds = model.step_embeddings(nxt[:, None], tokens)  # (B, 1, H)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, L'+k)
-        positions = positions[:, -1:] + 1  # (B, 1)
-    texts = []
-    for row in torch.stack(out_ids, dim=1).tolist() if out_ids else [[] for _ in prompts]:
-        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-        texts.append(str(tok.decode(row[:cut], skip_special_tokens=True)))
-    return texts
