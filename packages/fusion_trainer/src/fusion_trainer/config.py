@@ -247,7 +247,8 @@ class TrainConfig(_BaseModel):
         default=0.0,
         ge=0,
         description="weight of an auxiliary loss: a linear probe on the climate tokens predicts every variable's "
-        "window mean/min/max (the samples' stats, normalised; MSE); it teaches the encoder the numbers captions "
+        "window mean/min/max (the samples' stats, normalised; Huber loss, so heavy-tailed maxima such as precipitation "
+        "cannot dominate); it teaches the encoder the numbers captions "
         "state. 0: off. Adds fusion.stats_head",
     )
     caption: _Literal["full", "numbers", "temperature"] = _Field(
@@ -260,6 +261,12 @@ class TrainConfig(_BaseModel):
         default=256, gt=8, description="max tokens of prompt + caption (caption truncated)"
     )
     num_workers: int = _Field(default=0, ge=0, description="DataLoader worker processes per rank")
+    data_lanes: int = _Field(
+        default=1,
+        ge=1,
+        description="DataLoader workers read disjoint parts of the rank's shards; changes the sample order vs 1, so "
+        "a run must resume with the same value; set it to num_workers for the fastest loading",
+    )
     shuffle_buffer: int = _Field(default=256, ge=0, description="samples in the seeded shuffle buffer")
     verify_shards: bool = _Field(default=True, description="check each shard's sha256 as it streams")
     verify_frozen: bool = _Field(
@@ -320,6 +327,12 @@ class TrainConfig(_BaseModel):
             problems.append(f"stop_at_step: {self.stop_at_step} is beyond steps {self.steps}")
         if self.warmup_steps > self.steps:
             problems.append(f"warmup_steps: {self.warmup_steps} exceeds steps {self.steps}")
+        if self.data_lanes > 1 and self.skip_bad_samples:
+            problems.append(
+                f"data_lanes: {self.data_lanes} cannot be combined with skip_bad_samples: true (each DataLoader "
+                "worker would count only the bad samples of its own lanes); set data_lanes: 1 or skip_bad_samples: "
+                "false"
+            )
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -184,7 +184,7 @@ def train(config: TrainConfig) -> RunResult:
 
     Raises:
         ConfigError: inconsistent batch layout, a micro-batch that does not fit the data, an existing run without
-            `resume`.
+            `resume`, a resume with another `data_lanes` than the checkpoint's.
         DataError: the dataset cannot be read (unknown reference, schema version, corrupt shard).
         ModelError: the base model cannot be loaded.
         CheckpointError: `resume` without a usable checkpoint.
@@ -257,7 +257,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config)),
     )
     device = engine.device
-    step, position = 0, DataPosition(seed=config.seed)
+    step, position = 0, DataPosition(seed=config.seed, lanes=config.data_lanes)
     if resume_from is not None:
         client = load_checkpoint(engine, resume_from, rank)
         if client.get("seed") != config.seed or client.get("dataset", data.version) != data.version:
@@ -267,6 +267,12 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
                 "the same --seed and --shards, or start a new --out"
             )
         step, position = int(client["step"]), DataPosition.from_dict(client["position"])
+        if position.lanes != config.data_lanes:
+            raise ConfigError(
+                f"{resume_from} was trained with data_lanes {position.lanes}, this run has data_lanes "
+                f"{config.data_lanes}; the sample order depends on it: resume with --set data_lanes={position.lanes}, "
+                "or start a new --out"
+            )
         run.last_checkpoint = resume_from
         run.metrics.truncate_after(
             step
@@ -278,7 +284,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         data, "train", tokenizer, prompt=prompt, micro_batch=config.micro_batch, max_length=config.max_length,
         rank=rank, world=world, seed=config.seed, start=position, train=True,
         shuffle_buffer=config.shuffle_buffer, verify=config.verify_shards, caption=config.caption,
-        skip_bad_samples=config.skip_bad_samples,
+        skip_bad_samples=config.skip_bad_samples, lanes=config.data_lanes,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers)
     batches: Iterator[dict[str, Any]] = iter(loader)
@@ -325,7 +331,9 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
                         f"on rank {rank} has samples without a .json ({', '.join(batch['keys'])}); set "
                         "stats_loss_weight: 0"
                     )
-                stats_loss = torch.nn.functional.mse_loss(out.climate_stats.float(), inputs["stats"])
+                stats_loss = torch.nn.functional.huber_loss(
+                    out.climate_stats.float(), inputs["stats"], delta=1.0
+                )
                 step_stats += float(stats_loss.detach()) / config.grad_accum
                 loss = loss + config.stats_loss_weight * stats_loss
             (bad,) = _all_reduce([0.0 if torch.isfinite(loss.detach()).item() else 1.0], device, op="max")
