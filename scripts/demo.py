@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--compare", action="store_true", help="train and evaluate every fusion variant")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="--compare: which variants")
-    parser.add_argument("--compare-steps", type=int, default=150, help="--compare: steps per variant")
+    parser.add_argument("--compare-steps", type=int, default=100, help="--compare: steps per variant")
     parser.add_argument("--steps", type=int, default=None, help="override the training steps")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default demo-output[/quick])")
     ns = parser.parse_args(argv)
