@@ -171,6 +171,7 @@ def main() -> None:
     runs["build 2x"] = _run("build", {**base, "granules": str(g2), "days": 2 * opts.days, **fresh("b2")})
     runs["build 4x"] = _run("build", {**base, "granules": str(g4), "days": 4 * opts.days, **fresh("b4")})
     runs["naive 1x"] = _run("naive", {**base, "granules": str(g1), **fresh("n1")})
+    runs["naive 4x"] = _run("naive", {**base, "granules": str(g4), **fresh("n4")})
     if not opts.no_workers:
         for n in (1, 2):
             runs[f"build 4x, workers {n}"] = _run(
@@ -188,6 +189,7 @@ def main() -> None:
     print(_line("build 2x / build 1x (peak RSS)", runs["build 2x"][2] / runs["build 1x"][2]))
     print(_line("build 4x / build 1x (peak RSS)", runs["build 4x"][2] / runs["build 1x"][2], 1.3))
     print(_line("build 1x / naive 1x (time)", runs["build 1x"][0] / runs["naive 1x"][0], 1.0))
+    print(_line("build 4x / naive 4x (time)", runs["build 4x"][0] / runs["naive 4x"][0], 1.0))
     if not opts.no_workers:
         print(
             _line(
@@ -199,6 +201,7 @@ def main() -> None:
         figures = {
             "build 1x / read 1x (time)": runs["build 1x"][0] / runs["read 1x"][0],
             "build 1x / naive 1x (time)": runs["build 1x"][0] / runs["naive 1x"][0],
+            "build 4x / naive 4x (time)": runs["build 4x"][0] / runs["naive 4x"][0],
             "build 4x / build 1x (time)": runs["build 4x"][0] / runs["build 1x"][0],
             "build 4x / build 1x (peak RSS)": runs["build 4x"][2] / runs["build 1x"][2],
         }
