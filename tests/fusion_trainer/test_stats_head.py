@@ -65,7 +65,11 @@ def test_without_stats_head_there_is_no_prediction(tiny_llama: Path) -> None:
 
 def test_batches_carry_each_samples_normalised_stats(dataset_ref: str, tokenizer: Any) -> None:
     ds = open_shards(dataset_ref)
-    stream = ClimateTextStream(ds, "train", tokenizer, prompt="Climate:", micro_batch=4, max_length=160)
+    plain = ClimateTextStream(ds, "train", tokenizer, prompt="Climate:", micro_batch=4, max_length=160)
+    assert "stats" not in next(iter(plain))  # computed only when asked for
+    stream = ClimateTextStream(
+        ds, "train", tokenizer, prompt="Climate:", micro_batch=4, max_length=160, stats=True
+    )
     batch = next(iter(stream))
     names = ds.manifest.variable_names
     assert batch["stats"].shape == (4, len(names), 3)

@@ -131,6 +131,9 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
     all lanes themselves and give the same batches), it is as deterministic, and resuming at a position continues it
     exactly, provided the resumed stream has the same `lanes` and `micro_batch` (checked).
 
+    `stats`: batches also carry `stats` `(B, V, 3)`, each sample's window mean/min/max from its `.json`, normalised
+    like the climate (for `TrainConfig.stats_loss_weight`); off, they are not computed.
+
     `token_cache_mb`: the token ids of captions already tokenised are kept (int32, up to this many MiB per stream,
     about 35,000 captions of 300 tokens at the default; 0 turns it off), so epochs after the first skip tokenisation.
     The batches are the same either way.
@@ -140,7 +143,7 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
         self, ds: OpenedDataset, split: str, tokenizer: Any, *, prompt: str, micro_batch: int, max_length: int,
         rank: int = 0, world: int = 1, seed: int = 0, start: DataPosition | None = None, train: bool = True,
         shuffle_buffer: int = 256, verify: bool = True, caption: str = "full", skip_bad_samples: bool = False,
-        lanes: int = 1, token_cache_mb: float = 64.0,
+        lanes: int = 1, token_cache_mb: float = 64.0, stats: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         if caption not in ("full", "numbers", "temperature"):
@@ -158,6 +161,7 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
         self.rank, self.world, self.seed, self.train = rank, world, seed, train
         self.shuffle_buffer, self.verify, self.skip_bad_samples = shuffle_buffer, verify, skip_bad_samples
         self.lanes = lanes if train else 1
+        self.stats = stats
         self.start = start or DataPosition(seed=seed, lanes=self.lanes)
         if (self.start.epoch, self.start.consumed) != (0, 0) and self.start.lanes != self.lanes:
             raise ConfigError(
@@ -257,7 +261,7 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
         the same batch as `collate(decoded, encode_texts(...), pad_id)`, built from numpy arrays."""
         if self._norm is None:
             self._norm = _norm_arrays(self.ds)
-        decoded = [_decode(r, self.ds, self._norm) for r in raws]
+        decoded = [_decode(r, self.ds, self._norm, self.stats) for r in raws]
         texts = (
             [s.text for s in decoded]
             if self.caption == "full"

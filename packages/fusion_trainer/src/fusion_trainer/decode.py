@@ -80,7 +80,11 @@ def _load_climate(data: bytes, key: str) -> np.ndarray:
     return decode_climate(data, key)
 
 
-def _decode(raw: RawSample, ds: OpenedDataset, norm: tuple[np.ndarray, np.ndarray]) -> Sample:
+def _decode(
+    raw: RawSample, ds: OpenedDataset, norm: tuple[np.ndarray, np.ndarray], stats: bool = True
+) -> Sample:
+    """`decode_sample` with the normalisation arrays given; `stats=False` leaves `Sample.stats` None (it costs about
+    a tenth of a sample's decoding, and only the stats loss reads it)."""
     if raw.decoded is not None:
         return raw.decoded
     n_variables = len(ds.manifest.variables)
@@ -104,8 +108,8 @@ def _decode(raw: RawSample, ds: OpenedDataset, norm: tuple[np.ndarray, np.ndarra
     mean, std = norm
     climate = np.subtract(array, mean, dtype=np.float32)
     climate /= std
-    stats = _normalised_stats(meta.stats, ds, raw, norm) if meta is not None else None
-    return Sample(key=raw.key, shard=raw.shard, climate_x=climate, text=text, stats=stats)
+    window_stats = _normalised_stats(meta.stats, ds, raw, norm) if stats and meta is not None else None
+    return Sample(key=raw.key, shard=raw.shard, climate_x=climate, text=text, stats=window_stats)
 
 
 def _normalised_stats(

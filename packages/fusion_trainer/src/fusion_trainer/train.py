@@ -284,7 +284,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         data, "train", tokenizer, prompt=prompt, micro_batch=config.micro_batch, max_length=config.max_length,
         rank=rank, world=world, seed=config.seed, start=position, train=True,
         shuffle_buffer=config.shuffle_buffer, verify=config.verify_shards, caption=config.caption,
-        skip_bad_samples=config.skip_bad_samples, lanes=config.data_lanes,
+        skip_bad_samples=config.skip_bad_samples, lanes=config.data_lanes, stats=config.stats_loss_weight > 0,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers)
     batches: Iterator[dict[str, Any]] = iter(loader)
