@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 from climate_text_schema import SCHEMA_VERSION, validate_index
 
+from tests.tar_helpers import tar_bytes
 from tests.tiny_model import TINY_FUSION as TINY_FUSION  # the trainer tests import it from here
 
 VARIABLES = (("T2M", "K", 283.0, 8.0), ("U10M", "m s-1", 2.0, 4.0), ("V10M", "m s-1", -1.0, 4.0))
@@ -34,16 +35,6 @@ def _caption(array: np.ndarray) -> str:
     t2m = float(array[:, 0].mean()) - 273.15
     wind = float(np.hypot(array[:, 1], array[:, 2]).mean())
     return f"Mean 2 m temperature {t2m:.1f} °C, mean wind speed {wind:.1f} m/s."
-
-
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def write_dataset(
@@ -122,7 +113,7 @@ def write_dataset(
                     row.update({f"{v}_mean": s["mean"], f"{v}_min": s["min"], f"{v}_max": s["max"]})
                 rows.append(row)
                 day += 1
-            data = _tar(members)
+            data = tar_bytes(members, tarfile.USTAR_FORMAT)
             put(f"{vurl}/{rel}", data)
             shard_infos.append(
                 {

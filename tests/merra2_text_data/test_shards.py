@@ -24,6 +24,8 @@ from merra2_text_data.shards import (
     write_shards,
 )
 
+from tests.tar_helpers import tar_bytes
+
 
 def _record(i: int, shape: tuple[int, int, int, int] = (2, 2, 3, 4)) -> SampleRecord:
     rng = np.random.default_rng(i)
@@ -111,14 +113,7 @@ def test_write_atomic_leaves_old_file_when_write_fails(
 
 
 def _tar(members: dict[str, bytes]) -> io.BytesIO:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    buf.seek(0)
-    return buf
+    return io.BytesIO(tar_bytes(members.items(), tarfile.PAX_FORMAT))
 
 
 @pytest.mark.parametrize(

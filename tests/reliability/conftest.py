@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import json
 import logging
 import os
@@ -17,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from merra2_text_data.regions import parse_region
 from merra2_text_data.synth import write_synthetic_granules
 from typer.testing import CliRunner
 
+from tests.tar_helpers import tar_bytes
 from tests.tiny_model import TINY_FUSION_FLAGS
 
 BBOX = "-100,40,-98,42"
@@ -150,17 +150,6 @@ def read_members(path: Path) -> list[tuple[str, bytes]]:
             assert handle is not None
             out.append((info.name, handle.read()))
         return out
-
-
-def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
-    """A tar (GNU format, as the builder writes) holding `members` in order."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def republish_shard(

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from climate_text_schema import SCHEMA_VERSION
 
+from tests.tar_helpers import tar_bytes
+
 
 def make_index(n: int = 4, variables: tuple[str, ...] = ("T2M", "U10M")) -> pd.DataFrame:
     start = pd.Timestamp("2019-01-01", tz="UTC") + pd.to_timedelta(np.arange(n), unit="D")
@@ -38,16 +40,6 @@ def make_index(n: int = 4, variables: tuple[str, ...] = ("T2M", "U10M")) -> pd.D
     return df
 
 
-def _tar_bytes(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def _put(fs: Any, url: str, data: bytes) -> None:
     fs.makedirs(url.rsplit("/", 1)[0], exist_ok=True)
     fs.pipe_file(url, data)
@@ -61,7 +53,9 @@ def write_version(
     arr = np.zeros((2, 1, 3, 4), dtype=np.float32) + 280.0
     npy = io.BytesIO()
     np.save(npy, arr)
-    shard = _tar_bytes({"k0.climate.npy": npy.getvalue(), "k0.txt": b"hello", "k0.json": b"{}"})
+    shard = tar_bytes(
+        [("k0.climate.npy", npy.getvalue()), ("k0.txt", b"hello"), ("k0.json", b"{}")], tarfile.PAX_FORMAT
+    )
     _put(fs, f"{vurl}/shards/train-000000.tar", shard)
     manifest: dict[str, Any] = {
         "schema_version": schema_version,
