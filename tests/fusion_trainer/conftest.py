@@ -145,6 +145,19 @@ def write_dataset(
     return f"{root.rstrip('/')}/{name}@latest"
 
 
+def open_stream(ref: str, tokenizer: Any, *, seed: int, **kw: Any) -> Any:
+    """A `ClimateTextStream` of `ref` (split `train` unless `split=`) with the default prompt, micro-batch 2 and
+    max_length 256; any other keyword goes to the stream."""
+    from fusion_trainer.data import DEFAULT_PROMPT, ClimateTextStream, open_shards, render_prompt
+
+    ds = open_shards(ref)
+    opts: dict[str, Any] = dict(
+        prompt=render_prompt(DEFAULT_PROMPT, ds), micro_batch=2, max_length=256, seed=seed
+    )
+    opts.update(kw)
+    return ClimateTextStream(ds, opts.pop("split", "train"), tokenizer, **opts)
+
+
 @pytest.fixture
 def make_dataset(tmp_path: Path) -> Callable[..., str]:
     """A factory: `make_dataset(root=None, **kw)` writes a version (default under tmp_path) and returns its REF."""

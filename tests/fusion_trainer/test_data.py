@@ -21,14 +21,12 @@ from fusion_trainer.data import (
 )
 from fusion_trainer.errors import ConfigError, DataError
 
+from .conftest import open_stream
+
 
 def _stream(ref: str, tokenizer: Any, **kw: Any) -> ClimateTextStream:
-    ds = open_shards(ref)
-    opts: dict[str, Any] = dict(
-        prompt=render_prompt(DEFAULT_PROMPT, ds), micro_batch=2, max_length=256, seed=3
-    )
-    opts.update(kw)
-    return ClimateTextStream(ds, opts.pop("split", "train"), tokenizer, **opts)
+    stream: ClimateTextStream = open_stream(ref, tokenizer, **{"seed": 3, **kw})
+    return stream
 
 
 def _keys(stream: ClimateTextStream, n_batches: int) -> list[list[str]]:

@@ -13,27 +13,23 @@ import torch
 from fusion_trainer import data as data_module
 from fusion_trainer import lanes as lanes_module
 from fusion_trainer.data import (
-    DEFAULT_PROMPT,
     ClimateTextStream,
     DataPosition,
     epoch_samples,
     lane_samples,
     open_shards,
     per_rank_samples,
-    render_prompt,
 )
 from fusion_trainer.errors import ConfigError
+
+from .conftest import open_stream
 
 FOUR_SHARDS = {"train": [4, 4, 4, 4], "val": [2], "test": [2]}
 
 
 def _stream(ref: str, tokenizer: Any, **kw: Any) -> ClimateTextStream:
-    ds = open_shards(ref)
-    opts: dict[str, Any] = dict(
-        prompt=render_prompt(DEFAULT_PROMPT, ds), micro_batch=2, max_length=256, seed=5
-    )
-    opts.update(kw)
-    return ClimateTextStream(ds, opts.pop("split", "train"), tokenizer, **opts)
+    stream: ClimateTextStream = open_stream(ref, tokenizer, **{"seed": 5, **kw})
+    return stream
 
 
 def _loader(stream: ClimateTextStream, workers: int) -> Iterator[dict[str, Any]]:
