@@ -70,12 +70,17 @@ def test_zero_gates_give_exactly_the_base_logits(
     batch = _batch()
     base = _BASES[(arch, dtype)][0]
     with torch.no_grad():
-        fused = model(**batch).logits
-        ref = base(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits
+        out = model(**batch)
+        fused = out.logits
+        ref_out = base(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+            use_cache=False,
+        )  # fmt: skip
+        ref = ref_out.logits
     assert fused.dtype == dtype
     assert torch.equal(fused, ref)
+    # the model computes its loss itself (caption_loss): the same as transformers' for the same logits
+    assert torch.allclose(out.loss.float(), ref_out.loss.float(), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

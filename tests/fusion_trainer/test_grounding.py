@@ -246,20 +246,21 @@ def test_grounding_gain_sees_the_climate_of_a_prefix_model(
 
 
 def test_weighted_loss_is_plain_loss_at_weight_one_and_favours_digits_above() -> None:
-    from fusion_trainer.train import _weighted_loss
+    from fusion_trainer.model import caption_loss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 12)
     labels = torch.tensor([[-100, 3, 10, 4, 11], [-100, -100, 5, 11, -100]])
     plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 12), labels[:, 1:].reshape(-1))
     ones = torch.ones(12)
-    assert _weighted_loss(logits, labels, ones).item() == pytest.approx(plain.item(), rel=1e-6)
+    assert caption_loss(logits, labels, ones).item() == pytest.approx(plain.item(), rel=1e-6)
+    assert caption_loss(logits, labels).item() == pytest.approx(plain.item(), rel=1e-6)
     heavy = ones.clone()
     heavy[:10] = 1000.0  # digits dominate: the loss tends to the mean over digit targets (3, 4, 5)
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 12), labels[:, 1:].reshape(-1),
                                            ignore_index=-100, reduction="none").view(2, 4)  # fmt: skip
     digits_only = (ce[0, 0] + ce[0, 2] + ce[1, 1]) / 3
-    assert _weighted_loss(logits, labels, heavy).item() == pytest.approx(digits_only.item(), rel=1e-2)
+    assert caption_loss(logits, labels, heavy).item() == pytest.approx(digits_only.item(), rel=1e-2)
 
 
 def test_stream_trains_on_the_chosen_caption_form(make_dataset: Callable[..., str], tokenizer: Any) -> None:

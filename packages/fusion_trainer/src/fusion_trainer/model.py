@@ -41,9 +41,26 @@ from .fusion import (
 from .generation import _run_generation
 from .registry import MemoryEstimate, architecture_for, estimate_memory
 
-__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "FusionModel", "FusionOutput"]
+__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "FusionModel", "FusionOutput", "caption_loss"]
 
 logger = logging.getLogger(__name__)
+
+
+def caption_loss(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Next-token cross-entropy of `logits` `(B, L, vocab)` against `labels` `(B, L)` (-100 ignored, shifted here).
+
+    With `weights` `(vocab,)`, each target token counts `weights[token id]` times and the sum is normalised by the
+    weights; without, it is the plain mean over the labelled tokens. Computed in fp32.
+    """
+    target = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+        reduction="none" if weights is not None else "mean",
+    )  # fmt: skip
+    if weights is None:
+        return ce
+    w = weights[target.clamp(min=0, max=weights.shape[0] - 1)] * (target != -100)
+    return (ce.view(target.shape) * w).sum() / w.sum().clamp(min=1e-8)
 
 
 @dataclass
@@ -307,6 +324,7 @@ class FusionModel(nn.Module):
         attention_mask: Tensor | None,
         climate: Tensor,
         labels: Tensor | None = None,
+        token_weights: Tensor | None = None,
     ) -> FusionOutput:
         """Run the fused model.
 
@@ -315,6 +333,8 @@ class FusionModel(nn.Module):
             attention_mask: `(B, L)`, 1 for real tokens (None: all real).
             climate: `(B, T, V, lat, lon)` float, already normalised; any grid size and T.
             labels: `(B, L)` targets, -100 where ignored (shifted inside, as in transformers).
+            token_weights: `(vocab,)` weight of each target token id in the loss (`caption_loss`); None: the plain
+                mean over the labelled tokens, as transformers computes it.
 
         Returns:
             A `FusionOutput` (transformers' CausalLMOutputWithPast) with `.loss` (when labels are given) and `.logits`
@@ -333,9 +353,9 @@ class FusionModel(nn.Module):
                 "give one climate window per text"
             )
         tokens = self.encoder.encode(climate)
-        embeds, mask, fused_labels, text_positions = self._fuse(input_ids, attention_mask, tokens, labels)
+        embeds, mask, _, text_positions = self._fuse(input_ids, attention_mask, tokens, labels)
         with self._climate_scope(tokens):
-            out = self.lm(inputs_embeds=embeds, attention_mask=mask, labels=fused_labels, use_cache=False)
+            out = self.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
         logits = out.logits
         if text_positions is not None:
             # logits[:, i] predicts text token i + 1 (as transformers aligns them): it is read where the LM predicts
@@ -345,7 +365,7 @@ class FusionModel(nn.Module):
             logits = logits.gather(1, source[..., None].expand(-1, -1, logits.shape[-1]))  # (B, L, vocab)
         head = self.encoder.stats_head
         return FusionOutput(
-            loss=out.loss,
+            loss=caption_loss(logits, labels, token_weights) if labels is not None else None,
             logits=logits,
             hidden_states=out.hidden_states,
             attentions=out.attentions,

@@ -317,12 +317,8 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
             batch = next(batches)
             inputs = _to_device(batch, device)
             out = engine(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                         climate=inputs["climate_x"], labels=inputs["labels"])  # fmt: skip
-            loss = (
-                out.loss
-                if digit_weights is None
-                else _weighted_loss(out.logits, inputs["labels"], digit_weights)
-            )
+                         climate=inputs["climate_x"], labels=inputs["labels"], token_weights=digit_weights)  # fmt: skip
+            loss = out.loss
             caption_loss = loss.detach()
             if config.stats_loss_weight > 0:
                 if "stats" not in inputs:
@@ -409,21 +405,6 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
     return RunResult(run_dir=run_dir, step=step, final_loss=losses[-1] if losses else None, val_loss=val_loss,
                      adapter_dir=adapter, checkpoint=run.last_checkpoint, frozen_digest_start=digest_start,
                      frozen_digest_end=digest_end, losses=losses, skipped_samples=skipped)  # fmt: skip
-
-
-def _weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy with a per-target-token weight (`weights[vocab_id]`), normalised by the weights."""
-    target = labels[:, 1:]
-    valid = target != -100
-    safe = target.clamp(min=0, max=weights.shape[0] - 1)
-    w = weights[safe] * valid
-    ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        target.reshape(-1),
-        ignore_index=-100,
-        reduction="none",
-    ).view(target.shape)
-    return (ce * w).sum() / w.sum().clamp(min=1e-8)
 
 
 def _save(engine: Any, run: _Run, step: int, position: DataPosition) -> Path:
