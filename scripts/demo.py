@@ -18,6 +18,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -52,6 +53,9 @@ class Plan:
     base: str = "smollm2"  # or "tiny" (a tiny random Llama: fusion-base tiny llama)
     build_set: tuple[str, ...] = ()
     train_set: tuple[str, ...] = ()
+    train_budget_s: float = 1200.0
+    """The training stage's share of the demo's time; a run estimated far past it gets a warning that says what to
+    change (`watch_eta`)."""
 
 
 FULL = Plan(
@@ -66,6 +70,7 @@ QUICK = Plan(
     eval_batches=2,
     eval_every=5,
     train_set=("warmup_steps=2",),
+    train_budget_s=180.0,
 )
 TINY = Plan(ROOT / "demo-output/tiny", "2019-01-01", "2019-01-08", steps=4, generate=3, eval_batches=2, eval_every=2,
             region="-105,35,-95,45", base="tiny", build_set=("sample.tile=null",),
@@ -119,6 +124,29 @@ def sh(args: Sequence[str], stdout: Path | None = None) -> str:
     return proc.stdout
 
 
+def watch_eta(run: Path, budget_s: float, done: threading.Event, factor: float = 1.5, poll_s: float = 5.0) -> None:
+    """Read RUN/metrics.jsonl as training goes; once the trainer's first time estimate says the run will take more
+    than `factor` x `budget_s`, print one warning naming the precision and what to change."""
+    metrics, start = run / "metrics.jsonl", time.time()
+    while not done.wait(poll_s):
+        lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []
+        records = [json.loads(x) for x in lines[:-1] if x.strip()]  # the last line may be half written
+        first = next((r for r in records if r.get("time", 0) >= start and r.get("eta_s") is not None), None)
+        if first is None:
+            continue
+        total = first["time"] - start + first["eta_s"]
+        if total > factor * budget_s:
+            print(
+                f"demo: WARNING training is estimated at {total / 60:.0f} min in {first.get('precision', '?')} "
+                f"(the demo budgets {budget_s / 60:.0f} min for it). fusion-train's log says why it chose this "
+                "precision (line 'precision: ...'). To finish sooner: `make demo QUICK=1` (a smoke run), fewer "
+                'steps (`make demo DEMO_ARGS="--steps 80"`), or a machine with bf16 instructions (AVX512-BF16/AMX) '
+                "or a GPU.",
+                flush=True,
+            )
+        return
+
+
 def prepare(plan: Plan, stages: Stages) -> tuple[str, Path]:
     """Synthesise granules, build the dataset and fetch the base; returns (dataset REF, base folder)."""
     granules, marker = plan.out / "granules", plan.out / "granules/.complete"
@@ -166,7 +194,17 @@ def train_eval(plan: Plan, stages: Stages, ref: str, base: Path, run: Path, extr
         args += ["--set", item]
     if (run / "checkpoints").is_dir() and not (run / "final").is_dir():
         args.append("--resume")
-    stages.run(f"train{tag}", (run / "final/adapter.safetensors").exists(), lambda: sh(args))
+    def train() -> None:
+        done = threading.Event()
+        watcher = threading.Thread(target=watch_eta, args=(run, plan.train_budget_s, done), daemon=True)
+        watcher.start()
+        try:
+            sh(args)
+        finally:
+            done.set()
+            watcher.join()
+
+    stages.run(f"train{tag}", (run / "final/adapter.safetensors").exists(), train)
     gens = run.parent / f"generations{'-' + label if label else ''}.jsonl"
     stages.run(f"generate{tag}", gens.exists(), lambda: sh([
         "fusion-generate", "--run", str(run), "--shards", ref, "--split", "test", "--limit", str(plan.generate),

@@ -60,9 +60,20 @@ def test_fingerprint_ignores_dtype_but_sees_changed_weights(tmp_path: Path) -> N
     assert fingerprint_base(fp32) != fingerprint_base(bf16)
 
 
-def test_default_dtype_is_bf16_on_this_cpu(tmp_path: Path) -> None:
-    model = load_base(make_tiny_model("llama", tmp_path / "m"))[0]
-    assert model.dtype == (torch.bfloat16 if not torch.cuda.is_available() else model.dtype)
+@pytest.mark.parametrize(("cpu_bf16", "dtype"), [("yes", torch.bfloat16), ("no", torch.float32)])
+def test_default_dtype_follows_the_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_bf16: str, dtype: torch.dtype
+) -> None:
+    from fusion_trainer.precision import probe_cpu
+
+    monkeypatch.setenv("FUSION_CPU_BF16", cpu_bf16)
+    probe_cpu.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        model = load_base(make_tiny_model("llama", tmp_path / "m"))[0]
+    finally:
+        probe_cpu.cache_clear()
+    assert model.dtype == dtype
 
 
 def test_loading_errors_name_the_folder(tmp_path: Path) -> None:

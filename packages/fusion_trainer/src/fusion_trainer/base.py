@@ -69,10 +69,11 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 def default_dtype() -> torch.dtype:
-    """bf16 where the device supports it (CUDA with bf16, or the CPU), else fp32."""
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16
+    """bf16 where the device runs it fast (CUDA with bf16, a CPU with bf16 instructions), else fp32
+    (`precision.resolve_precision("auto")`)."""
+    from .precision import resolve_precision
+
+    return resolve_precision("auto").dtype
 
 
 def default_cache_dir() -> Path:

@@ -64,7 +64,7 @@ def train_command(
     grad_accum: Annotated[int | None, typer.Option(help="micro-batches per optimizer step")] = None,
     lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
     nproc: Annotated[int | None, typer.Option(help="local ranks (DeepSpeed launcher)")] = None,
-    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 mixed precision")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 mixed precision (default: the config's bf16, auto: bf16 where the hardware runs it fast, else fp32)")] = None,
     eval_every: Annotated[int | None, typer.Option(help="evaluate val every N steps")] = None,
     save_every: Annotated[int | None, typer.Option(help="checkpoint every N steps")] = None,
     resume: Annotated[
@@ -143,7 +143,6 @@ def train_command(
 
 def _dry_run(cfg: Any) -> str:
     """The resolved config, the trainable parameter count and the per-rank memory, without loading weights."""
-    import torch
     from transformers import AutoConfig
 
     from .config import FusionConfig
@@ -159,8 +158,9 @@ def _dry_run(cfg: Any) -> str:
         hf_config = AutoConfig.from_pretrained(cfg.model)
     except (OSError, ValueError) as exc:
         raise ModelError(f"--model {cfg.model}: cannot read its config ({exc})") from exc
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = FusionModel.from_config(hf_config, fusion, dtype=dtype)  # meta device: shapes only
+    from .precision import resolve_precision
+
+    model = FusionModel.from_config(hf_config, fusion, dtype=resolve_precision(cfg.bf16).dtype)  # meta device: shapes only
     counts = model.num_parameters()
     estimate = model.memory_estimate(world_size=max(cfg.nproc, 1), zero_stage=cfg.zero)
     return "\n".join(

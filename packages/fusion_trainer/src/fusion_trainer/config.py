@@ -219,7 +219,11 @@ class TrainConfig(_BaseModel):
         default="cosine", description="lr schedule after warm-up"
     )
     grad_clip: float = _Field(default=1.0, ge=0, description="gradient clipping norm (0: off)")
-    bf16: bool = _Field(default=True, description="bf16 mixed precision (DeepSpeed `bf16.enabled`)")
+    bf16: bool | _Literal["auto"] = _Field(
+        default="auto",
+        description="bf16 mixed precision (DeepSpeed `bf16.enabled`): true, false, or auto (bf16 on a GPU that "
+        "supports it and on a CPU that runs it fast, else fp32; fusion_trainer.precision)",
+    )
     seed: int = _Field(default=0, ge=0, description="seed of the model init, data order and RNGs")
     eval_every: int = _Field(
         default=0, ge=0, description="evaluate the val split every N steps (0: only at the end)"
@@ -291,6 +295,16 @@ class TrainConfig(_BaseModel):
         if not value.strip():
             raise ValueError("is empty")
         return value
+
+    @_field_validator("bf16", mode="before")
+    @classmethod
+    def _bf16_setting(cls, value: _Any) -> _Any:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower() if isinstance(value, str) else None
+        if text in ("auto", "true", "false"):
+            return {"auto": "auto", "true": True, "false": False}[text]
+        raise ValueError("must be true, false or auto (auto: bf16 where the hardware runs it fast, else fp32)")
 
     @_field_validator("deepspeed")
     @classmethod
@@ -418,23 +432,31 @@ class TrainConfig(_BaseModel):
             )
         return total
 
-    def deepspeed_config(self, world: int) -> dict[str, _Any]:
+    def deepspeed_config(self, world: int, bf16: bool | None = None) -> dict[str, _Any]:
         """The DeepSpeed config dict, with the user's `deepspeed` JSON file merged over it.
 
         The optimizer is AdamW over the trainable parameters with `torch_adam` (no compiled CPU Adam); batch keys are
         checked once here. Keys the user file sets to "auto" keep the generated value.
 
+        Args:
+            world: the number of ranks.
+            bf16: the precision the run resolved (`precision.resolve_precision`); None: resolve `self.bf16` here.
+
         Raises:
             ConfigError: the file is unreadable, or sets batch sizes that contradict this config.
         """
         total = self.check_batch(world)
+        if bf16 is None:
+            from .precision import resolve_precision
+
+            bf16 = resolve_precision(self.bf16).bf16
         generated: dict[str, _Any] = {
             "train_micro_batch_size_per_gpu": self.micro_batch,
             "gradient_accumulation_steps": self.grad_accum,
             "train_batch_size": total,
             "gradient_clipping": self.grad_clip,
             "zero_optimization": {"stage": self.zero},
-            "bf16": {"enabled": self.bf16},
+            "bf16": {"enabled": bf16},
             "optimizer": {
                 "type": "AdamW",
                 "params": {

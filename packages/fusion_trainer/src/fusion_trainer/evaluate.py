@@ -320,8 +320,11 @@ def load_run(run_dir: Path) -> tuple[TrainConfig, Any]:
         config = TrainConfig.from_yaml(run_dir / "config.yaml")
     except ConfigError as exc:
         raise CheckpointError(f"--run {run_dir}: config.yaml is not a valid training config ({exc})") from exc
-    dtype = torch.bfloat16 if config.bf16 else torch.float32
-    model = FusionModel.load_adapter(run_dir / "final", base=config.model, dtype=dtype)
+    from .precision import resolve_precision
+
+    precision = resolve_precision(config.bf16)  # "auto" is decided on this machine, which may not be the training one
+    logger.info("precision: %s (%s)", precision.name, precision.reason)
+    model = FusionModel.load_adapter(run_dir / "final", base=config.model, dtype=precision.dtype)
     if torch.cuda.is_available():
         model.to("cuda")
     model.eval()

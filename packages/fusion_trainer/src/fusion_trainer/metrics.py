@@ -20,6 +20,7 @@ import torch
 __all__ = [
     "PEAK_BF16_FLOPS",
     "MetricsLog",
+    "RunClock",
     "Throughput",
     "device_peak_flops",
     "flops_per_token",
@@ -97,6 +98,37 @@ class Throughput:
         out = (self.samples / dt, self.tokens / dt)
         self._t0, self.samples, self.tokens = now, 0, 0
         return out
+
+
+class RunClock:
+    """Wall time per step of this run (from its first step, evaluations and checkpoints included) and the time left.
+
+    Args:
+        start_step: the step the run starts after (0, or the checkpoint's step on resume).
+        last_step: the step it stops at.
+    """
+
+    def __init__(self, start_step: int, last_step: int) -> None:
+        self._t0 = time.perf_counter()
+        self.start_step, self.last_step = start_step, last_step
+        self._reported = False
+
+    def seconds_per_step(self, step: int) -> float | None:
+        """Mean seconds per step so far (None before the first step)."""
+        done = step - self.start_step
+        return (time.perf_counter() - self._t0) / done if done > 0 else None
+
+    def eta(self, step: int) -> float | None:
+        """Estimated seconds from `step` to the last step at the rate so far."""
+        per_step = self.seconds_per_step(step)
+        return None if per_step is None else per_step * (self.last_step - step)
+
+    def first_report(self, step: int) -> bool:
+        """True once: at the first logged step after the start (when the estimate is first printed)."""
+        if self._reported or step <= self.start_step:
+            return False
+        self._reported = True
+        return True
 
 
 class MetricsLog:

@@ -36,6 +36,7 @@ from .evaluate import evaluate_loss
 from .launch import clear_self_env, ensure_dist_env, stale_build_locks
 from .metrics import (
     MetricsLog,
+    RunClock,
     Throughput,
     device_peak_flops,
     flops_per_token,
@@ -43,6 +44,7 @@ from .metrics import (
     peak_memory_bytes,
     repair_jsonl_tail,
 )
+from .precision import Precision, resolve_precision
 
 __all__ = ["RunResult", "lr_lambda", "train"]
 
@@ -130,15 +132,27 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _load_model(config: TrainConfig, variables: list[str], normalization: dict[str, Any]) -> Any:
+def _load_model(
+    config: TrainConfig, variables: list[str], normalization: dict[str, Any], dtype: torch.dtype
+) -> Any:
     from .model import FusionModel
 
     stats = {"stats_head": True} if config.stats_loss_weight > 0 else {}
     fusion = FusionConfig(
         **{**config.fusion, **stats, "variables": variables, "normalization": normalization}
     )
-    dtype = torch.bfloat16 if config.bf16 else torch.float32
     return FusionModel.from_base(config.model, fusion, dtype=dtype)
+
+
+def _run_precision(config: TrainConfig) -> Precision:
+    """Resolve `bf16` on this rank's device; every rank then takes fp32 if any rank chose it (one precision per job)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    choice = resolve_precision(config.bf16, device)
+    (any_fp32,) = _all_reduce([0.0 if choice.bf16 else 1.0], device, op="max")
+    if choice.bf16 and any_fp32:
+        return Precision(False, f"{choice.reason}; another rank chose fp32, so every rank runs fp32")
+    return choice
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
@@ -224,7 +238,9 @@ def _end_process_group() -> None:
 def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
     import deepspeed
 
-    ds_config = config.deepspeed_config(world)  # checks micro x accum x world once
+    precision = _run_precision(config)
+    log_rank_zero(logger, "precision: %s (%s)", precision.name, precision.reason)
+    ds_config = config.deepspeed_config(world, bf16=precision.bf16)  # checks micro x accum x world once
     if config.nproc != world and world > 1:
         log_rank_zero(
             logger, "nproc=%d but the launcher started %d ranks; using %d", config.nproc, world, world
@@ -241,7 +257,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
 
     _seed_all(config.seed)
     norm = {v: s.model_dump() for v, s in manifest.normalization.items()}
-    model = _load_model(config, manifest.variable_names, norm)
+    model = _load_model(config, manifest.variable_names, norm, precision.dtype)
     tokenizer = model.tokenizer
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -307,7 +323,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         digit_weights = (1.0 + (config.number_loss_weight - 1.0) * mask.float()).to(device)
         log_rank_zero(logger, "number tokens (%d in the vocabulary) weigh %.3g in the loss", int(mask.sum()),
                       config.number_loss_weight)  # fmt: skip
-    throughput, losses = Throughput(), []
+    throughput, losses, clock = Throughput(), [], RunClock(step, last_step)
     window_loss, window_stats, window_steps, val_loss = 0.0, 0.0, 0, None
     rank_skipped, skipped = 0, 0  # bad samples left out: by this rank's stream, over every rank
     engine.train()
@@ -367,7 +383,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
             sps, tps = throughput.rate()
             lr = float(scheduler.get_last_lr()[0]) if scheduler is not None else config.lr
             mem = peak_memory_bytes(device)
-            record = {
+            record: dict[str, Any] = {
                 "step": step, "loss": window_loss / window_steps, "lr": lr, "samples_per_s": sps, "tokens_per_s": tps,
                 "peak_memory_mb": mem / 2**20, "mfu": (tps * fpt / (peak * world)) if peak else None,
                 "epoch": position.epoch, "time": time.time(),
@@ -376,9 +392,13 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
                 record["skipped_samples"] = skipped
             if config.stats_loss_weight > 0:
                 record["stats_loss"] = window_stats / window_steps
+            record["eta_s"], record["precision"] = clock.eta(step), precision.name
             run.metrics.write(record)
             log_rank_zero(logger, "step %d/%d loss %.4f lr %.3g %.1f tok/s mem %.0f MiB", step, config.steps,
                           record["loss"], lr, tps, record["peak_memory_mb"])  # fmt: skip
+            if clock.first_report(step):
+                log_rank_zero(logger, "%.2f s/step (%s): about %s to step %d", clock.seconds_per_step(step),
+                              precision.name, _minutes(record["eta_s"]), last_step)  # fmt: skip
             window_loss, window_stats, window_steps = 0.0, 0.0, 0
         if config.eval_every and step % config.eval_every == 0 and step != last_step:
             val_loss = _evaluate(engine, data, tokenizer, prompt, config, rank, world, step, run)
@@ -405,6 +425,12 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
     return RunResult(run_dir=run_dir, step=step, final_loss=losses[-1] if losses else None, val_loss=val_loss,
                      adapter_dir=adapter, checkpoint=run.last_checkpoint, frozen_digest_start=digest_start,
                      frozen_digest_end=digest_end, losses=losses, skipped_samples=skipped)  # fmt: skip
+
+
+def _minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown time"
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def _save(engine: Any, run: _Run, step: int, position: DataPosition) -> Path:

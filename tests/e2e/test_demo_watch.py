@@ -1,0 +1,60 @@
+"""The demo warns, once and with what to change, when the trainer's first estimate is far past its budget."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _demo_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts/demo.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(run: Path, *records: dict[str, object]) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.mark.parametrize(("eta_s", "warned"), [(5000.0, True), (30.0, False)])
+def test_watch_eta(tmp_path: Path, capsys: pytest.CaptureFixture[str], eta_s: float, warned: bool) -> None:
+    demo = _demo_module()
+    run = tmp_path / "run"
+    done = threading.Event()
+    later = time.time() + 1
+    _write(run, {"step": 5, "loss": 1.0, "eta_s": eta_s, "precision": "fp32", "time": later}, {"step": 10})
+    watcher = threading.Thread(target=demo.watch_eta, args=(run, 600.0, done), kwargs={"poll_s": 0.01})
+    watcher.start()
+    watcher.join(timeout=10)
+    assert not watcher.is_alive()  # it stops after the first estimate, warning or not
+    out = capsys.readouterr().out
+    assert ("WARNING training is estimated at" in out) is warned
+    if warned:
+        assert "in fp32" in out and "QUICK=1" in out and "--steps" in out
+
+
+def test_watch_eta_ignores_an_earlier_run_and_stops_with_training(tmp_path: Path) -> None:
+    demo = _demo_module()
+    run = tmp_path / "run"
+    _write(run, {"step": 5, "eta_s": 1e9, "precision": "fp32", "time": time.time() - 3600}, {"step": 6})
+    done = threading.Event()
+    watcher = threading.Thread(target=demo.watch_eta, args=(run, 1.0, done), kwargs={"poll_s": 0.01})
+    watcher.start()
+    time.sleep(0.1)
+    assert watcher.is_alive()  # a record from before this training started is not its estimate
+    done.set()
+    watcher.join(timeout=10)
+    assert not watcher.is_alive()
