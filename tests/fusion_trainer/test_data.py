@@ -201,18 +201,15 @@ def test_a_pickled_climate_member_is_refused(
         next(iter(_stream(ref, tokenizer, micro_batch=1)))
 
 
-def test_collate_pads_partial_edge_tiles_and_refuses_other_windows() -> None:
-    """Builders keep partial edge tiles (e.g. 16x15 beside 16x16): a batch pads them to its largest grid with 0."""
+def test_collate_refuses_samples_of_different_shapes() -> None:
+    """One batch, one climate shape: a dataset that mixes shapes (edge tiles kept) is refused with the way out."""
     from fusion_trainer.data import Sample, collate
 
     full = Sample("a", "s", np.ones((2, 3, 4, 5), dtype=np.float32), "x")
-    edge = Sample("b", "s", np.full((2, 3, 4, 3), 2.0, dtype=np.float32), "y")
-    batch = collate([full, edge], [([1, 2], [1, 2]), ([3], [3])], pad_id=0)
-    climate = batch["climate_x"]
-    assert climate.shape == (2, 2, 3, 4, 5)  # (B, T, V, H, W)
-    assert torch.equal(climate[1, :, :, :, :3], torch.full((2, 3, 4, 3), 2.0))
-    assert torch.count_nonzero(climate[1, :, :, :, 3:]) == 0
-    assert torch.equal(climate[0], torch.ones((2, 3, 4, 5)))
-    other_window = Sample("c", "s", np.ones((4, 3, 4, 5), dtype=np.float32), "z")
-    with pytest.raises(DataError, match="window, time step and variable list"):
-        collate([full, other_window], [([1], [1]), ([2], [2])], pad_id=0)
+    same = Sample("b", "s", np.full((2, 3, 4, 5), 2.0, dtype=np.float32), "y")
+    batch = collate([full, same], [([1, 2], [1, 2]), ([3], [3])], pad_id=0)
+    assert batch["climate_x"].shape == (2, 2, 3, 4, 5)  # (B, T, V, H, W)
+    assert torch.equal(batch["climate_x"][1], torch.full((2, 3, 4, 5), 2.0))
+    edge = Sample("c", "s", np.ones((2, 3, 4, 3), dtype=np.float32), "z")
+    with pytest.raises(DataError, match=r"one climate shape.*c \(2, 3, 4, 3\).*edge_tiles: drop"):
+        collate([full, edge], [([1], [1]), ([2], [2])], pad_id=0)

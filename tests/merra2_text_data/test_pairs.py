@@ -104,12 +104,26 @@ def test_plan_stride_and_multi_day_windows(make_cube: MakeCube) -> None:
     assert _plan(cube, window="6h")[-1].time_end == pd.Timestamp("2019-01-04", tz="UTC")
 
 
-def test_tile_ranges_keep_edge_tiles_of_at_least_half_a_tile() -> None:
-    assert tile_ranges(9, 4) == [(0, 4), (4, 8)]  # rest 1 < 2: dropped
-    assert tile_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]  # rest 2 >= 2: kept
-    assert tile_ranges(5, 8) == [(0, 5)]
-    assert tile_ranges(3, 8) == []
+def test_tile_ranges_drop_partial_edge_tiles_by_default() -> None:
+    assert tile_ranges(9, 4) == tile_ranges(10, 4) == [(0, 4), (4, 8)]
+    assert tile_ranges(8, 4) == [(0, 4), (4, 8)]
+    assert tile_ranges(5, 8) == []
     assert tile_ranges(7, None) == [(0, 7)]
+
+
+def test_tile_ranges_keep_edge_tiles_of_at_least_half_a_tile() -> None:
+    assert tile_ranges(9, 4, "keep") == [(0, 4), (4, 8)]  # rest 1 < 2: dropped
+    assert tile_ranges(10, 4, "keep") == [(0, 4), (4, 8), (8, 10)]  # rest 2 >= 2: kept
+    assert tile_ranges(5, 8, "keep") == [(0, 5)]
+    assert tile_ranges(3, 8, "keep") == []
+    with pytest.raises(ConfigError, match="'pad' is not one of drop, keep"):
+        tile_ranges(9, 4, "pad")
+
+
+def test_dividing_tiles_are_suggested_nearest_first() -> None:
+    assert pairs.dividing_tiles(21, 8) == [7, 21, 3]  # by ratio: 8/7, 21/8, 8/3
+    assert pairs.dividing_tiles(17, 8) == [17]  # prime: the whole axis, never 1-point tiles
+    assert pairs.dividing_tiles(95, 16)[0] == 19
 
 
 def test_plan_tiles_keys_and_bboxes(make_cube: MakeCube) -> None:

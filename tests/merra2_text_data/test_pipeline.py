@@ -238,3 +238,42 @@ def test_scheduler_address_runs_the_tasks_on_that_cluster(granules: Path, tmp_pa
     a, b = open_dataset(local).manifest, open_dataset(remote).manifest
     assert [(s.path, s.sha256) for s in a.shards] == [(s.path, s.sha256) for s in b.shards]
     assert verify(remote).ok
+
+
+def test_a_tile_that_does_not_divide_the_region_gives_one_array_shape(
+    granules: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The box is 21 x 17 grid points: 8x8 tiles leave 5 rows and 1 column over. By default those partial edge tiles
+    are dropped, so every sample (and plain webdataset batching) sees one shape, recorded in the manifest."""
+    import webdataset as wds
+
+    with caplog.at_level("WARNING", logger="merra2_text_data"):
+        ref = build(_config(granules, tmp_path / "datasets", tile="8x8"))
+    assert "tile 8x8 does not divide the region grid 21x17" in caplog.text
+    assert "A tile that divides the grid: 7x17" in caplog.text
+    ds = open_dataset(ref)
+    variables = len(ds.manifest.variables)
+    assert ds.manifest.array_shape == [24, variables, 8, 8]
+    assert ds.manifest.config["edge_tiles"] == "drop"
+    assert sum(ds.manifest.splits.values()) + ds.manifest.quarantined == 5 * 4  # 5 days x 2 x 2 tiles
+    shapes = {arr.shape for arr, _, _ in _samples(Path(ds.version_url)).values()}
+    assert shapes == {(24, variables, 8, 8)}
+    batches = wds.WebDataset(ds.shard_urls("train"), shardshuffle=False, empty_check=False).decode()
+    batches = batches.to_tuple("climate.npy", "txt").batched(3, partial=True)
+    seen = 0
+    for arrays, texts in batches:
+        assert arrays.shape[1:] == (24, variables, 8, 8) and len(texts) == arrays.shape[0]
+        seen += arrays.shape[0]
+    assert seen == ds.manifest.splits["train"]
+
+
+def test_edge_tiles_keep_is_explicit_and_recorded(granules: Path, tmp_path: Path) -> None:
+    ref = build(BuildConfig.from_options(["sample.edge_tiles=keep"], region=BBOX, start=str(START), end=str(END),
+                                         source=str(granules), out=str(tmp_path / "datasets"), tile="8x8",
+                                         cache_dir=str(CACHE[0]), quiet=True))  # fmt: skip
+    ds = open_dataset(ref)
+    assert ds.manifest.array_shape is None and ds.manifest.config["edge_tiles"] == "keep"
+    shapes = {arr.shape[2:] for arr, _, _ in _samples(Path(ds.version_url)).values()}
+    assert shapes == {(8, 8), (5, 8)}  # the northern row of tiles keeps its 5 rows (5 >= half of 8)
+    drop = open_dataset(build(_config(granules, tmp_path / "datasets", tile="8x8")))
+    assert drop.version != ds.version  # the choice is part of the version id

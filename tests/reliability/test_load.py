@@ -20,9 +20,7 @@ from .conftest import BBOX, BIN, TINY_TRAIN, VARIABLES, last_json, run_tool, too
 from .test_secrets import MARKERS, _leaks
 
 DAYS = 60
-TILE = (
-    "2x2"  # the 5 x 4 box in 3 x 2 tiles, the northern row a smaller edge tile: 6 samples a day, two shapes
-)
+TILE = "2x2"  # the 5 x 4 box in 2 x 2 tiles; the northern row, a partial tile, is dropped: 4 samples a day
 
 
 @pytest.mark.slow
@@ -41,7 +39,8 @@ def test_four_dask_workers_build_then_two_ranks_train_while_verify_reads(
     assert built.returncode == 0, built.stderr[-3000:]
     ref = built.stdout.strip().splitlines()[-1]
     ds = open_dataset(ref)
-    assert sum(ds.manifest.splits.values()) + ds.manifest.quarantined == 6 * DAYS, ds.manifest.splits
+    assert sum(ds.manifest.splits.values()) + ds.manifest.quarantined == 4 * DAYS, ds.manifest.splits
+    assert ds.manifest.array_shape == [24, len(VARIABLES.split(",")), 2, 2]
     assert len(ds.manifest.shards_of("train")) >= 4
 
     run = tmp_path / "run"

@@ -86,7 +86,7 @@ def test_schema_version_from_the_future_is_refused(tmp_path: Path) -> None:
     fs = fsspec.filesystem("file")
     ds = str(tmp_path / "conus")
     write_version(fs, ds, V1, schema_version="2.0")
-    with pytest.raises(SchemaVersionError, match=r"schema_version 2.0.*supports 1.0"):
+    with pytest.raises(SchemaVersionError, match=r"schema_version 2.0.*supports 1.1"):
         open_dataset(f"{ds}@latest")
 
 

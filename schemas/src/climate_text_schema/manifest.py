@@ -21,7 +21,7 @@ __all__ = [
     "parse_manifest",
 ]
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 """MAJOR.MINOR. A reader accepts its own major version and any minor (minor versions only add fields)."""
 
 
@@ -87,6 +87,11 @@ class Manifest(BaseModel):
     sources: list[SourceInfo]
     quarantined: int = Field(ge=0)
     parent: str | None = None
+    array_shape: list[int] | None = Field(
+        default=None,
+        description="[time, variable, lat, lon] of every sample's climate array when they all share it (the builder's "
+        "default since schema 1.1); null when samples differ (edge tiles kept) or the writer predates 1.1",
+    )
 
     @property
     def variable_names(self) -> list[str]:

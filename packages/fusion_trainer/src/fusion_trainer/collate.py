@@ -56,9 +56,8 @@ def _rows(rows: list[list[int]], fill: int) -> np.ndarray:
 def collate(samples: list[Sample], encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
     """Stack climate `(B, T, V, H, W)`, right-pad ids (mask 0, labels -100), keep keys and texts.
 
-    Tiles of one dataset may differ in grid size (the builder keeps partial edge tiles of at least half a tile): the
-    climate of a batch is padded to its largest H and W with 0, which in normalised units is the train mean. Samples
-    whose time steps or variables differ cannot share a batch.
+    Every sample of a batch must have the same climate shape (the builder's default: one array shape per dataset);
+    samples of different shapes (a dataset built with `sample.edge_tiles: keep`) are refused with a DataError.
     """
     id_rows = [ids for ids, _ in encoded]
     input_ids = _rows(id_rows, pad_id)  # (B, L)
@@ -72,21 +71,16 @@ def collate(samples: list[Sample], encoded: list[tuple[list[int], list[int]]], p
 
 
 def _stack_climate(samples: list[Sample]) -> np.ndarray:
-    """`(B, T, V, H, W)`, smaller grids padded with 0; refuses samples whose (time, variable) shapes differ."""
+    """`(B, T, V, H, W)`; refuses samples whose array shapes differ (naming them and the way out)."""
     shapes = {s.climate_x.shape for s in samples}
-    if len({shape[:2] for shape in shapes}) > 1:
-        keys = ", ".join(s.key for s in samples)
+    if len(shapes) > 1:
+        keys = ", ".join(f"{s.key} {s.climate_x.shape}" for s in samples[:8])
         raise DataError(
-            f"samples {keys} have different (time, variable) shapes {sorted(shapes)}; one batch needs one "
-            "window, time step and variable list"
+            f"one batch needs one climate shape, but its samples have {len(shapes)} ({keys}): the dataset mixes "
+            "array shapes (built with sample.edge_tiles: keep, or by a builder before schema 1.1). Rebuild it with "
+            "a tile that divides the region or sample.edge_tiles: drop (the default), or train with micro_batch 1"
         )
-    if len(shapes) == 1:
-        return np.stack([s.climate_x for s in samples])
-    height, width = max(shape[2] for shape in shapes), max(shape[3] for shape in shapes)
-    stacked = np.zeros((len(samples), *samples[0].climate_x.shape[:2], height, width), dtype=np.float32)
-    for i, s in enumerate(samples):
-        stacked[i, :, :, : s.climate_x.shape[2], : s.climate_x.shape[3]] = s.climate_x
-    return stacked
+    return np.stack([s.climate_x for s in samples])
 
 
 def _batch(

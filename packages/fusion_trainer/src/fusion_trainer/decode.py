@@ -105,6 +105,12 @@ def _decode(
             raise DataError(
                 f"shard {raw.shard}: sample {raw.key!r} breaks the contract: {'; '.join(problems)}"
             )
+    shape = ds.manifest.array_shape
+    if shape is not None and list(array.shape) != shape:
+        raise DataError(
+            f"shard {raw.shard}: sample {raw.key!r} has a climate array of shape {tuple(array.shape)}, but the "
+            f"manifest gives every sample {tuple(shape)}; the version is damaged: rebuild it"
+        )
     mean, std = norm
     climate = np.subtract(array, mean, dtype=np.float32)
     climate /= std

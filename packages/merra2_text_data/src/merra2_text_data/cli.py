@@ -99,6 +99,21 @@ def build(
     workers: Annotated[int | None, typer.Option(help="Local dask workers.")] = None,
     scheduler: Annotated[str | None, typer.Option(help="Existing dask scheduler address.")] = None,
     allow_gaps: Annotated[bool, typer.Option("--allow-gaps", help="Build around missing days.")] = False,
+    allow_partial_days: Annotated[
+        bool,
+        typer.Option(
+            "--allow-partial-days",
+            help="Accept temporal subsets (granules with only some hourly steps of their day, e.g. OPeNDAP or "
+            "Harmony outputs); windows start at the first step's hour.",
+        ),
+    ] = False,
+    edge_tiles: Annotated[
+        str | None,
+        typer.Option(
+            help="Where --tile does not divide the region: drop (default: one array shape) or keep the partial "
+            "edge tiles (several shapes)."
+        ),
+    ] = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Fail on an invalid sample instead of quarantining.")
     ] = False,
@@ -134,7 +149,8 @@ def build(
     options: dict[str, Any] = dict(
         region=region, years=years, start=start, end=end, variables=variables, source=source, out=out, name=name,
         window=window, stride=stride, time_step=time_step, tile=tile, workers=workers, scheduler=scheduler,
-        allow_gaps=allow_gaps or None, strict=strict or None, events=events or None, text_table=text_table,
+        allow_gaps=allow_gaps or None, allow_partial_days=allow_partial_days or None, edge_tiles=edge_tiles,
+        strict=strict or None, events=events or None, text_table=text_table,
         shard_size=shard_size, cache_dir=cache_dir, seed=seed, quiet=quiet or None,
     )  # fmt: skip
     if config is not None:

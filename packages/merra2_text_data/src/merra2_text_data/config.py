@@ -4,7 +4,8 @@ A config comes from YAML (`pipelines/*.yaml`), from CLI flags, or from Python. E
 once as a `ConfigError` whose message names each YAML key (`subset.years`, `sample.window`, ...).
 
 `BuildConfig.resolved()` is the canonical dict that goes into the manifest and the version digest: it holds only what
-changes the data (never `out`, `cache_dir`, `workers`, `scheduler`, `quiet`, `allow_gaps` or `strict`).
+changes the data (never `out`, `cache_dir`, `workers`, `scheduler`, `quiet`, `allow_gaps`, `allow_partial_days` or
+`strict`).
 
 The section models are defined in `merra2_text_data.config_sections` and re-exported here: import them from this
 module.
@@ -144,6 +145,7 @@ class BuildConfig(_Section):
             "stride": self.sample.stride or self.sample.window,
             "time_step": self.sample.time_step,
             "tile": self.sample.tile,
+            **({"edge_tiles": self.sample.edge_tiles} if self.sample.tile else {}),
             "val_fraction": self.sample.val_fraction,
             "test_fraction": self.sample.test_fraction,
             "val_years": sorted(self.sample.val_years),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pandas as pd
 from climate_text_schema import DEFAULT_VARIABLES, KNOWN_VARIABLES
@@ -89,6 +89,10 @@ class SourceConfig(_Section):
     """Local cache for downloads and the zarr regional cache (default: `<out>/.cache` for local outputs)."""
     allow_gaps: bool = False
     """Build around missing days (recorded in the manifest) instead of failing with MissingDataError."""
+    allow_partial_days: bool = False
+    """Accept temporal subsets (OPeNDAP/Harmony/GES DISC subsetter outputs): granules holding only some of their
+    day's 24 hourly steps (still on the HH:30 grid). Windows then start at the first step's hour, and only windows
+    whose every hour is present become samples (e.g. `--window 1h` or `2h` for a two-step subset)."""
 
 
 class SubsetConfig(_Section):
@@ -200,6 +204,10 @@ class SampleConfig(_Section):
     """Time resolution inside a sample: 1h, 3h, 1d (means over the hourly source steps)."""
     tile: str | None = None
     """Cut the region into tiles of LATxLON grid points, e.g. 16x16 (default: the whole region per sample)."""
+    edge_tiles: Literal["drop", "keep"] = "drop"
+    """Where `tile` does not divide the region grid: `drop` the partial tiles at the north/east edge (every sample has
+    the same array shape; the card states the strip left out) or `keep` those of at least half a tile (smaller
+    arrays, so one dataset holds several shapes: plain webdataset batching and the trainer need one)."""
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     """Fraction of windows that go to the val split (ignored for years listed in val_years/test_years)."""
     test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)

@@ -97,7 +97,8 @@ def check_time(granule: Granule, times: np.ndarray, allow_partial_days: bool) ->
     raise GranuleError(
         f"{granule.file_name}: the time axis holds {times.size} step(s) ({times[0]} .. {times[-1]}) instead of the "
         f"24 hourly means at HH:30 of {granule.day} ({_time_problems(times, expected)}); the file is incomplete, "
-        "damaged or a temporal subset: download the full granule (or pass allow_partial_days=True for subsets)"
+        "damaged or a temporal subset: download the full granule, or build subsets with --allow-partial-days "
+        "(source.allow_partial_days: true)"
     )
 
 

@@ -5,12 +5,15 @@ stamped at HH:30 UTC; lat S->N; lon W->E in array order, wrapping across the ant
 
 Rules (also the dataset card's wording):
 
-- Windows start at 00:00 UTC of the first whole day (the first day whose 00:30 step is present), every `stride`;
+- Windows start at 00:00 UTC of the first whole day (the first day whose 00:30 step is present), every `stride`
+  (for temporal subsets, `partial_days`: at the hour of the first step);
   a window `[start, end)` holds the hourly steps whose HH:30 stamps fall inside it, and only complete windows
   (`window / 1h` steps present) become samples.
-- Tiles of `(ny, nx)` grid points are cut from the south-west corner. A partial tile at the north or east edge is kept
-  when it has at least half the tile's points along that axis (`2 * rest >= size`), otherwise dropped. Kept edge tiles
-  are smaller than the others. Without a tile size the whole region is one sample.
+- Tiles of `(ny, nx)` grid points are cut from the south-west corner. Where the tile does not divide the region grid,
+  the rest at the north or east edge is handled by `edge_tiles`: `drop` (the default) leaves it out, so every sample of
+  a dataset has the same array shape (and the card states the strip no sample covers); `keep` keeps a partial edge
+  tile of at least half a tile along that axis (`2 * rest >= size`), smaller than the others, so one dataset then
+  holds several array shapes. Without a tile size the whole region is one sample.
 - Keys: `<region>-<YYYYMMDD>T<HHMM>[-t<iy>x<ix>]`, e.g. `conus-20190101T0000-t03x05` (tile row 3 from the south,
   column 5 from the west).
 - Arrays are float32 `[time, variable, lat, lon]`: means over the hourly steps of each `time_step` bucket.
@@ -23,6 +26,7 @@ Rules (also the dataset card's wording):
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -47,6 +51,8 @@ __all__ = [
     "parse_duration",
     "plan_samples",
     "tile_ranges",
+    "dividing_tiles",
+    "EDGE_TILES",
     "with_split",
 ]
 
@@ -193,21 +199,43 @@ def _utc_index(times: Any) -> pd.DatetimeIndex:
     return idx.tz_localize("UTC") if idx.tz is None else idx.tz_convert("UTC")
 
 
-def tile_ranges(n: int, size: int | None) -> list[tuple[int, int]]:
-    """Index ranges of the tiles along one axis of `n` points (see the module rules for the partial edge tile)."""
+EDGE_TILES = ("drop", "keep")
+"""What happens to the partial tile at the north/east edge of a region the tile does not divide (module rules)."""
+
+
+def tile_ranges(n: int, size: int | None, edge_tiles: str = "drop") -> list[tuple[int, int]]:
+    """Index ranges of the tiles along one axis of `n` points (see the module rules for the partial edge tile).
+
+    Raises:
+        ConfigError: `edge_tiles` is not one of `EDGE_TILES`.
+    """
+    if edge_tiles not in EDGE_TILES:
+        raise ConfigError(f"edge_tiles {edge_tiles!r} is not one of {', '.join(EDGE_TILES)}")
     if size is None:
         return [(0, n)] if n > 0 else []
     ranges = [(i, i + size) for i in range(0, n - size + 1, size)]
     rest = n - len(ranges) * size
-    if rest and 2 * rest >= size:
+    if edge_tiles == "keep" and rest and 2 * rest >= size:
         ranges.append((n - rest, n))
     return ranges
 
 
-def _window_starts(times: pd.DatetimeIndex, window: pd.Timedelta, stride: pd.Timedelta) -> list[pd.Timestamp]:
-    first = times[0].floor("D")
-    if times[0] >= first + HOUR:  # the first day is not whole
-        first += pd.Timedelta(days=1)
+def dividing_tiles(n: int, size: int, count: int = 3) -> list[int]:
+    """Tile edges that divide `n` grid points, nearest to `size` first (by ratio; 1 only for a 1-point axis), for
+    messages that suggest one."""
+    divisors = [d for d in range(2, n + 1) if n % d == 0] or [1]
+    return sorted(divisors, key=lambda d: (abs(math.log(d / size)), d))[:count]
+
+
+def _window_starts(
+    times: pd.DatetimeIndex, window: pd.Timedelta, stride: pd.Timedelta, partial_days: bool = False
+) -> list[pd.Timestamp]:
+    if partial_days:  # temporal subsets: the grid of windows starts at the first step's hour
+        first = times[0].floor("h")
+    else:
+        first = times[0].floor("D")
+        if times[0] >= first + HOUR:  # the first day is not whole
+            first += pd.Timedelta(days=1)
     n = int((times[-1] - first) // stride) + 1 if times[-1] >= first else 0
     if n == 0:
         return []
@@ -230,6 +258,8 @@ def plan_samples(
     stride: str | pd.Timedelta | None = None,
     tile: tuple[int, int] | None = None,
     bbox: tuple[float, float, float, float] | None = None,
+    edge_tiles: str = "drop",
+    partial_days: bool = False,
 ) -> list[SamplePlan]:
     """Plan every sample (windows x tiles) before any data is read.
 
@@ -244,6 +274,9 @@ def plan_samples(
         stride: step between window starts (default: the window).
         tile: (ny, nx) grid points per tile, or None for the whole region.
         bbox: the requested region (W, S, E, N); when given, a grid far outside it is logged as a warning.
+        edge_tiles: `drop` or `keep` the partial tiles at the north/east edge (module rules).
+        partial_days: the cube holds temporal subsets: windows start at the hour of the first step instead of 00:00
+            of the first whole day (`source.allow_partial_days`).
 
     Returns:
         The plans ordered by time, then tile row and column, with split `unassigned`.
@@ -269,18 +302,23 @@ def plan_samples(
         )
     if tile is not None and (len(tile) != 2 or min(tile) < 1):
         raise ConfigError(f"tile {tile!r} must be two positive grid-point counts, e.g. 16x16")
-    lat_tiles = tile_ranges(n_lat, None if tile is None else tile[0])
-    lon_tiles = tile_ranges(n_lon, None if tile is None else tile[1])
+    lat_tiles = tile_ranges(n_lat, None if tile is None else tile[0], edge_tiles)
+    lon_tiles = tile_ranges(n_lon, None if tile is None else tile[1], edge_tiles)
     if not lat_tiles or not lon_tiles:
+        assert tile is not None
+        limit = "larger than" if edge_tiles == "drop" else "more than twice"
         raise ConfigError(
-            f"tile {tile[0]}x{tile[1]} is more than twice the region grid {n_lat}x{n_lon} (lat x lon): no sample "  # type: ignore[index]
-            "fits; choose a smaller --tile or a larger region"
+            f"tile {tile[0]}x{tile[1]} is {limit} the region grid {n_lat}x{n_lon} (lat x lon): no sample fits; "
+            f"choose a smaller --tile (e.g. {dividing_tiles(n_lat, tile[0])[0]}x{dividing_tiles(n_lon, tile[1])[0]}, "
+            "which divides the grid) or a larger region"
         )
+    if tile is not None:
+        _log_edges(n_lat, n_lon, tile, lat_tiles, lon_tiles, edge_tiles)
     if bbox is not None:
         _warn_outside(lat_a, lon_a, bbox)
     slug = _KEY_UNSAFE.sub("_", region_name).strip("_") or "region"
     plans = []
-    for start in _window_starts(idx, w, s):
+    for start in _window_starts(idx, w, s, partial_days):
         stamp = f"{slug}-{start:%Y%m%dT%H%M}"
         for iy, (y0, y1) in enumerate(lat_tiles):
             for ix, (x0, x1) in enumerate(lon_tiles):
@@ -293,6 +331,30 @@ def plan_samples(
     logger.info("planned %d samples: %d tile(s) x %d window(s)", len(plans), len(lat_tiles) * len(lon_tiles),
                 len(plans) // max(1, len(lat_tiles) * len(lon_tiles)))  # fmt: skip
     return plans
+
+
+def _log_edges(n_lat: int, n_lon: int, tile: tuple[int, int], lat_tiles: list[tuple[int, int]],
+               lon_tiles: list[tuple[int, int]], edge_tiles: str) -> None:  # fmt: skip
+    """Say what a tile that does not divide the grid does at the edges, and which tiles would divide it."""
+    left_lat, left_lon = n_lat - lat_tiles[-1][1], n_lon - lon_tiles[-1][1]
+    if n_lat % tile[0] == 0 and n_lon % tile[1] == 0:
+        return
+    suggest = f"{dividing_tiles(n_lat, tile[0])[0]}x{dividing_tiles(n_lon, tile[1])[0]}"
+    if edge_tiles == "drop":
+        logger.warning(
+            "tile %dx%d does not divide the region grid %dx%d (lat x lon): the northernmost %d row(s) and "
+            "easternmost %d column(s) are in no sample (sample.edge_tiles: drop keeps one array shape; the card "
+            "states the strip). A tile that divides the grid: %s; or sample.edge_tiles: keep for smaller edge tiles",
+            tile[0], tile[1], n_lat, n_lon, left_lat, left_lon, suggest,
+        )  # fmt: skip
+    else:
+        shapes = sorted({(y1 - y0, x1 - x0) for y0, y1 in lat_tiles for x0, x1 in lon_tiles})
+        logger.warning(
+            "tile %dx%d does not divide the region grid %dx%d: sample.edge_tiles: keep gives %d array shapes %s in "
+            "one dataset (plain webdataset batching needs one; the trainer refuses them). A tile that divides the "
+            "grid: %s",
+            tile[0], tile[1], n_lat, n_lon, len(shapes), shapes, suggest,
+        )  # fmt: skip
 
 
 def _warn_outside(lat: np.ndarray, lon: np.ndarray, bbox: tuple[float, float, float, float]) -> None:

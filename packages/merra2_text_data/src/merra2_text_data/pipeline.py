@@ -168,7 +168,7 @@ def _open_cube(plan: BuildPlan, show_progress: bool) -> tuple[xr.Dataset, list[G
         granules = download_granules(granules, cache / "granules", show_progress=show_progress)
     start, end = cfg.subset.period()
     cube = open_region(granules, list(cfg.subset.variables), plan.region, start, end, cache_dir=cache / "zarr",
-                       show_progress=show_progress)  # fmt: skip
+                       show_progress=show_progress, allow_partial_days=cfg.source.allow_partial_days)  # fmt: skip
     return cube, list(granules)
 
 
@@ -176,11 +176,13 @@ def _plan_tasks(plan: BuildPlan, cube: xr.Dataset) -> tuple[list[ShardTask], lis
     cfg = plan.config
     lat, lon = np.asarray(cube["lat"].values, dtype=float), np.asarray(cube["lon"].values, dtype=float)
     samples = plan_samples(cube["time"].values, lat.size, lon.size, lat, lon, plan.name, cfg.sample.window,
-                           cfg.sample.stride, cfg.sample.tile_shape(), plan.region.bbox)  # fmt: skip
+                           cfg.sample.stride, cfg.sample.tile_shape(), plan.region.bbox,
+                           cfg.sample.edge_tiles, cfg.source.allow_partial_days)  # fmt: skip
     if not samples:
         raise MissingDataError(
-            f"no complete {cfg.sample.window} window in {cfg.subset.period()[0]}..{cfg.subset.period()[1]}; "
-            "lengthen the period or shorten --window"
+            f"no complete {cfg.sample.window} window in {cfg.subset.period()[0]}..{cfg.subset.period()[1]} "
+            f"(the cube has {cube.sizes['time']} hourly step(s), {_span(cube)}); lengthen the period or shorten "
+            "--window (a window needs every one of its hours)"
         )
     samples = assign_splits(
         samples, cfg.sample.val_fraction, cfg.sample.test_fraction, cfg.sample.split_years()
@@ -195,6 +197,11 @@ def _plan_tasks(plan: BuildPlan, cube: xr.Dataset) -> tuple[list[ShardTask], lis
         for number, group in enumerate(pack_by_size(sizes, cfg.shard.shard_size)):
             tasks.append(ShardTask(split, number, tuple(members[i] for i in group)))
     return tasks, samples
+
+
+def _span(cube: xr.Dataset) -> str:
+    times = pd.DatetimeIndex(cube["time"].values)
+    return f"{times[0]:%Y-%m-%d %H:%M} .. {times[-1]:%Y-%m-%d %H:%M}" if len(times) else "none"
 
 
 def _climatology(
@@ -258,6 +265,16 @@ def _normalization(receipts: list[dict[str, Any]], variables: Sequence[str]) -> 
     for rec in receipts:
         total.merge(NormAccumulator.from_dict(rec["norm"]))
     return {v: NormStats(**s) for v, s in total.result().items()}
+
+
+def _array_shape(config: BuildConfig, samples: list[SamplePlan]) -> list[int] | None:
+    """[time, variable, lat, lon] shared by every sample, or None when tiles differ (`sample.edge_tiles: keep`)."""
+    grids = {(p.lat_stop - p.lat_start, p.lon_stop - p.lon_start) for p in samples}
+    if len(grids) != 1:
+        return None
+    n_steps = int(parse_duration(config.sample.window) / parse_duration(config.sample.time_step))
+    (grid,) = grids
+    return [n_steps, len(config.subset.variables), *grid]
 
 
 def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
@@ -325,6 +342,7 @@ def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
         quarantined=len(quarantine), parent=parent, gaps=plan.gaps, inputs=plan.inputs,
         source_kind=source_kind(granules, _cache_dir(config)), climatology=None if climatology is None else climatology.describe(),
         text_sources=texts, samples_with_events=int((index["n_events"] > 0).sum()) if "n_events" in index else 0,
+        array_shape=_array_shape(config, samples),
     ))  # fmt: skip
     card = make_card(manifest, index, plan.region)
     commit_version(fs, plan.dataset_url, manifest, index, quarantine, card, tag=config.publish.tag)
