@@ -59,3 +59,26 @@ def test_runtime_import_pulls_no_torch(package: str) -> None:
 def test_every_package_ships_py_typed() -> None:
     for path in SOURCES.values():
         assert (path / "py.typed").exists(), path
+
+
+def test_the_caption_format_lives_once_in_the_contract() -> None:
+    """Only climate_text_schema defines the caption parser and the templates; the packages import them."""
+    defined: dict[str, list[str]] = {}
+    for package, folder in SOURCES.items():
+        for path in folder.rglob("*.py"):
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+            for node in ast.walk(tree):
+                names = [node.name] if isinstance(node, ast.FunctionDef) else []
+                if isinstance(node, ast.Assign):
+                    names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+                if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                    names = [node.target.id]
+                for name in names:
+                    if name in ("parse_caption_numbers", "TEMPLATES", "_TEMPLATES", "TEXT_FORMAT", "canonical_caption"):
+                        defined.setdefault(name, []).append(f"{package}/{path.name}")
+    assert defined == {
+        "parse_caption_numbers": ["climate_text_schema/captions.py"],
+        "TEMPLATES": ["climate_text_schema/captions.py"],
+        "TEXT_FORMAT": ["climate_text_schema/captions.py"],
+        "canonical_caption": ["climate_text_schema/captions.py"],
+    }

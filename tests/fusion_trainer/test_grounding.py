@@ -16,7 +16,8 @@ from fusion_trainer.errors import DataError
 from fusion_trainer.evaluate import _derangement, grounding_gain
 from fusion_trainer.grounding import (
     baseline_values,
-    compact_caption,
+    caption_target,
+    consistency,
     example_caption,
     faithfulness,
     number_token_mask,
@@ -52,11 +53,12 @@ T2 = (
 def test_parse_every_template() -> None:
     assert parse_caption_numbers(T0) == {
         "t2m_mean_c": 17.5, "t2m_min_c": 11.9, "t2m_max_c": 20.3, "dewpoint_c": 11.0, "qv_g_kg": 8.2,
-        "wind_speed_m_s": 1.1, "slp_hpa": 1021.8, "precip_mm": 0.0,
+        "wind_speed_m_s": 1.1, "wind_dir_deg": 135.0, "slp_hpa": 1021.8, "precip_mm": 0.0, "t2m_anomaly_c": -1.2,
     }  # fmt: skip
     p1 = parse_caption_numbers(T1)
     assert (p1["t2m_mean_c"], p1["t2m_min_c"], p1["t2m_max_c"]) == (-10.3, -14.7, -4.9)
     assert (p1["wind_speed_m_s"], p1["slp_hpa"], p1["precip_mm"]) == (8.1, 1014.4, 2.5)
+    assert p1["wind_dir_deg"] == 247.5  # west-southwest
     p2 = parse_caption_numbers(T2)
     assert (p2["t2m_mean_c"], p2["wind_speed_m_s"], p2["slp_hpa"], p2["precip_mm"]) == (
         30.2,
@@ -64,7 +66,7 @@ def test_parse_every_template() -> None:
         1009.9,
         0.3,
     )
-
+    assert "wind_dir_deg" not in p2  # a calm mean wind has no direction
 
 def test_parse_ignores_events_and_free_text() -> None:
     # numbers in events or in sentences that do not follow a template are never read
@@ -73,22 +75,23 @@ def test_parse_ignores_events_and_free_text() -> None:
     assert parse_caption_numbers("Mean sea-level pressure was 1012.0 hPa.") == {"slp_hpa": 1012.0}
 
 
-def test_compact_caption_keeps_number_sentences_verbatim() -> None:
+def test_the_numbers_form_keeps_every_quantity_in_one_phrasing() -> None:
     for text in (T0, T1, T2):
-        short = compact_caption(text)
-        assert len(short) < len(text) * 0.7
-        assert (
-            "Reported events" not in short
-            and "United States" not in short
-            and "dew point" not in short.lower()
-        )
+        short = caption_target(text, "numbers")
+        assert len(short) < len(text)
+        assert "Reported events" not in short and "United States" not in short and "Notable" not in short
         full, kept = parse_caption_numbers(text), parse_caption_numbers(short)
-        for q in ("t2m_mean_c", "t2m_min_c", "t2m_max_c", "wind_speed_m_s", "slp_hpa", "precip_mm"):
-            assert kept[q] == full[q]
-        assert short.endswith(".")
-    assert compact_caption("  no numbers here ") == "no numbers here"
-    with pytest.raises(DataError, match="facet 'bogus'"):
-        compact_caption(T0, facets=["bogus"])
+        assert {k: v for k, v in full.items() if k != "t2m_anomaly_c"} == kept  # every window quantity, verbatim
+        assert short.startswith("The area-weighted mean 2 m temperature was") and short.endswith(".")
+    assert caption_target("  no numbers here ", "numbers") == "no numbers here"
+    with pytest.raises(DataError, match="caption form 'poem'"):
+        caption_target(T0, "poem")
+
+
+def test_consistency_counts_min_mean_max_order() -> None:
+    ok = "The area-weighted mean 2 m temperature was 5.0 °C, ranging from 1.0 °C to 9.0 °C."
+    bad = "The area-weighted mean 2 m temperature was 5.0 °C, ranging from 6.0 °C to 9.0 °C."
+    assert consistency({"a": ok, "b": bad, "c": "nothing"}) == {"outputs": 2, "consistent_fraction": 0.5}
 
 
 def test_example_caption_parses_back_to_train_means() -> None:
@@ -97,7 +100,7 @@ def test_example_caption_parses_back_to_train_means() -> None:
     text = example_caption(norm, "6h")
     got = parse_caption_numbers(text)
     assert got == {"t2m_mean_c": 7.0, "t2m_min_c": 2.0, "t2m_max_c": 12.0, "wind_speed_m_s": 5.0,
-                   "slp_hpa": 1015.0, "precip_mm": 0.4}  # fmt: skip
+                   "wind_dir_deg": 225.0, "slp_hpa": 1015.0, "precip_mm": 0.4}  # fmt: skip
     assert "from the southwest" in text  # u=3 (eastward), v=4 (northward): from 216.9°, nearest SW
     assert example_caption({}) == ""
 
@@ -289,7 +292,7 @@ def test_caption_target_rewrites_every_template_into_one_phrasing() -> None:
         assert numbers.startswith("The area-weighted mean 2 m temperature was ")
         assert "Mean sea-level pressure was " in numbers and "Precipitation totalled " in numbers
         full, kept = parse_caption_numbers(text), parse_caption_numbers(numbers)
-        assert all(kept[q] == full[q] for q in kept) and len(kept) == 6
+        assert all(kept[q] == full[q] for q in kept) and set(kept) >= {"dewpoint_c", "qv_g_kg", "wind_speed_m_s"}
     assert "m/s with no prevailing direction." in caption_target(T2, "numbers")
     assert "m/s from the west-southwest." in caption_target(T1, "numbers")
     assert caption_target(T0, "full") == T0

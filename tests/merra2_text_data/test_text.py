@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
-from merra2_text_data import text as text_mod
+from climate_text_schema.captions import template_index
 from merra2_text_data.climatology import AnomalyInfo, DayOfYearClimatology
 from merra2_text_data.errors import BuildError, ConfigError
 from merra2_text_data.events import Event
@@ -45,7 +45,7 @@ def _keys_per_template() -> list[str]:
     i = 0
     while len(found) < N_TEMPLATES:
         key = f"conus-20190101T0000-t{i:02d}x00"
-        found.setdefault(text_mod._template_index(key), key)
+        found.setdefault(template_index(key), key)
         i += 1
     return [found[t] for t in range(N_TEMPLATES)]
 
@@ -77,7 +77,7 @@ def test_there_are_at_least_three_templates_chosen_by_key() -> None:
         keys[1], "x", DAY0, DAY1, _stats(), UNITS
     )
     # sha256-based: stable across processes (Python's hash() of a str is salted per process)
-    assert text_mod._template_index("abc") == hashlib.sha256(b"abc").digest()[0] % N_TEMPLATES
+    assert template_index("abc") == hashlib.sha256(b"abc").digest()[0] % N_TEMPLATES
 
 
 @pytest.mark.parametrize("template", range(N_TEMPLATES))
@@ -88,7 +88,7 @@ def test_every_number_parses_back_to_the_statistics(template: int) -> None:
     parsed = parse_caption_numbers(caption)
     expected = _expected(stats, 86400.0)
     assert {k: parsed[k] for k in expected} == expected
-    assert parsed["wind_from_deg"] == 45.0  # u<0, v<0: the wind blows from the northeast
+    assert parsed["wind_dir_deg"] == 45.0  # u<0, v<0: the wind blows from the northeast
     assert "-3.4 °C" in caption and "the contiguous United States" in caption and "1 January 2019" in caption
     # every number after the intro is one of the derivable values
     body = caption.split(":", 1)[1] if caption.startswith(("On", "Conditions")) else caption.split(".", 1)[1]

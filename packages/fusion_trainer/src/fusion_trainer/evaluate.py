@@ -268,7 +268,7 @@ def grounding_gain_section(ctx: EvalContext) -> dict[str, Any]:
 def faithfulness_section(ctx: EvalContext) -> dict[str, Any]:
     """Numbers parsed from generated captions vs the index statistics, and the train-mean baseline's error."""
     from .generate import iter_generations
-    from .grounding import baseline_values, faithfulness, truth_from_index
+    from .grounding import baseline_values, consistency, faithfulness, truth_from_index
 
     rows = ctx.generations
     if rows is None:
@@ -280,13 +280,16 @@ def faithfulness_section(ctx: EvalContext) -> dict[str, Any]:
         )  # fmt: skip
     truth = truth_from_index(ctx.dataset.read_index())
     baseline = baseline_values(truth, "train")
-    per_quantity = faithfulness({r["key"]: r["generated"] for r in rows}, truth, baseline)
+    generated = {r["key"]: r["generated"] for r in rows}
+    per_quantity = faithfulness(generated, truth, baseline)
     return {
         "faithfulness": {
             "samples": len(rows),
-            "baseline": "train-split mean of each quantity",
+            "baseline": "train-split mean of each quantity (circular mean of directions, log-space mean of "
+            "precipitation)",
             "baseline_values": baseline,
             "quantities": per_quantity,
+            "consistency": consistency(generated),
             "grounded": {q: m["grounded"] for q, m in per_quantity.items()},
         }
     }

@@ -26,6 +26,7 @@ from climate_text_schema import (
     check_sample_key,
     open_dataset,
 )
+from climate_text_schema.captions import check_text_format
 from webdataset.tariterators import group_by_keys
 
 from .decode import decode_sample
@@ -53,11 +54,14 @@ def open_shards(ref: str, storage_options: dict[str, Any] | None = None) -> Open
         The opened dataset (manifest + shard URLs).
 
     Raises:
-        DataError: the reference is malformed or resolves to nothing, the schema version is unsupported, or the
-            manifest is damaged; the message is the contract's, which names the reference and the way out.
+        DataError: the reference is malformed or resolves to nothing, the schema version is unsupported, the
+            manifest is damaged, or its captions are in a text format this trainer does not read; the message is the
+            contract's, which names the reference and the way out.
     """
     try:
-        return open_dataset(ref, storage_options)
+        ds = open_dataset(ref, storage_options)
+        check_text_format(ds.manifest.config.get("text_format"), f"dataset {ds.version_url}")
+        return ds
     except ContractError as exc:
         raise DataError(f"--shards {ref}: {exc}") from exc
     except (OSError, ValueError) as exc:

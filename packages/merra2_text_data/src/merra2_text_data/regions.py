@@ -97,6 +97,8 @@ _LABELS: dict[str, str] = {
     "australia": "Australia",
     "east-asia": "East Asia",
     "bering": "the Bering Sea",
+    "globe": "the globe",
+    "globe60": "the globe between 60°S and 60°N",
 }
 
 REGIONS: dict[str, Region] = {
@@ -111,6 +113,8 @@ REGIONS: dict[str, Region] = {
         Region("australia", 112.0, -44.0, 154.0, -10.0),
         Region("east-asia", 100.0, 20.0, 146.0, 50.0),
         Region("bering", 160.0, 50.0, -160.0, 66.0),
+        Region("globe", -180.0, -90.0, 180.0, 90.0),
+        Region("globe60", -180.0, -60.0, 180.0, 60.0),
     )
 }
 """The named regions (`merra2-text regions` lists them). `bering` crosses the antimeridian."""
