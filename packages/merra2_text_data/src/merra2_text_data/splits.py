@@ -12,7 +12,7 @@ import pandas as pd
 from .errors import ConfigError
 from .pairs import SamplePlan
 
-__all__ = ["assign_splits"]
+__all__ = ["assign_splits", "holdout_tiles"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +36,31 @@ def _n_days(n: int, fraction: float) -> int:
     return 0 if fraction <= 0 else max(1, int(np.floor(n * fraction + 0.5)))
 
 
+def holdout_tiles(plans: Sequence[SamplePlan], fraction: float, seed: int = 0) -> list[str]:
+    """The tiles (labels `tYYxXX`) held out of training altogether: `round(fraction x tiles)` of them (at least one
+    when `fraction` > 0), drawn with `seed`. Whole-region samples (no tiles) have none to hold out.
+
+    Raises:
+        ConfigError: `fraction` outside [0, 1), or it would hold out every tile.
+    """
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"holdout_tiles {fraction} must be in [0, 1): the fraction of tiles trained on by nobody")
+    labels = sorted({p.tile_label for p in plans if p.tile is not None})
+    if fraction == 0 or not labels:
+        return []
+    n = max(1, int(np.floor(len(labels) * fraction + 0.5)))
+    if n >= len(labels):
+        raise ConfigError(f"holdout_tiles {fraction} would hold out all {len(labels)} tiles; lower it")
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(labels, size=n, replace=False).tolist())
+
+
 def assign_splits(
     plans: Sequence[SamplePlan],
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     split_years: dict[str, list[int]] | dict[int, str] | None = None,
+    held_tiles: Sequence[str] = (),
 ) -> list[SamplePlan]:
     """Assign train/val/test in contiguous blocks of whole days, deterministically.
 
@@ -55,6 +75,8 @@ def assign_splits(
         test_fraction: share of the (unpinned) days for test.
         split_years: `{"val": [2019], "test": [2020]}` (or `{2019: "val", 2020: "test"}`); other years are train,
             unless `train` is listed, in which case an unlisted year is an error.
+        held_tiles: tile labels (`holdout_tiles`) whose every window goes to test: a spatial hold-out, locations
+            that neither train nor val ever sees.
 
     Returns:
         New plans, in the same order, with `split` set.
@@ -82,7 +104,9 @@ def assign_splits(
     n_test, n_val = counts.get("test", 0), counts.get("val", 0)
     by_day = {d: "test" if i >= len(free) - n_test else "val" if i >= len(free) - n_test - n_val else "train"
               for i, d in enumerate(free)}  # fmt: skip
-    out = [replace(p, split=years.get(d.year) or by_day[d]) for p, d in zip(plans, days, strict=True)]
+    held = set(held_tiles)
+    out = [replace(p, split="test" if p.tile_label in held else years.get(d.year) or by_day[d])
+           for p, d in zip(plans, days, strict=True)]  # fmt: skip
     found = {p.split for p in out}
     for split in [s for s, f in fractions.items() if f > 0] + list(set(years.values())):
         if split not in found:
