@@ -77,7 +77,8 @@ def evaluate_loss(
             ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
             if use_climate:
                 out = model(
-                    input_ids=ids, attention_mask=mask, climate=batch["climate_x"].to(device), labels=labels
+                    input_ids=ids, attention_mask=mask, climate=batch["climate_x"].to(device), labels=labels,
+                    logits="none",
                 )
             else:
                 out = model(input_ids=ids, attention_mask=mask, labels=labels)

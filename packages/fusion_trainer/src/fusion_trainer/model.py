@@ -39,6 +39,7 @@ from .fusion import (
     unwrapped_layers,
 )
 from .generation import _run_generation
+from .lm_pass import PromptCache, shared_prompt_length, target_loss
 from .registry import MemoryEstimate, architecture_for, estimate_memory
 
 __all__ = ["ADAPTER_FILE", "CONFIG_FILE", "FusionModel", "FusionOutput", "caption_loss"]
@@ -139,6 +140,11 @@ class FusionModel(nn.Module):
         self.fusion = build_fusion(config, hidden, self.arch.decoder_layers(lm))
         self._cache_kwarg = (
             "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        )
+        # the constant prompt's pass is cached where nothing in it can change (lm_pass.PromptCache)
+        cacheable = config.fusion == "prefix" and config.prefix_position == "after_prompt"
+        self._prompt_cache = (
+            PromptCache() if cacheable and config.lora is None and not config.gradient_checkpointing else None
         )
 
         # freeze all, assert zero trainable, then unfreeze by name
@@ -325,6 +331,7 @@ class FusionModel(nn.Module):
         climate: Tensor,
         labels: Tensor | None = None,
         token_weights: Tensor | None = None,
+        logits: str = "all",
     ) -> FusionOutput:
         """Run the fused model.
 
@@ -335,6 +342,9 @@ class FusionModel(nn.Module):
             labels: `(B, L)` targets, -100 where ignored (shifted inside, as in transformers).
             token_weights: `(vocab,)` weight of each target token id in the loss (`caption_loss`); None: the plain
                 mean over the labelled tokens, as transformers computes it.
+            logits: "all" (the default): logits for every position; "none": the loss only (needs labels), computed
+                without the work a frozen base leaves undone (`lm_pass`: logits only where a labelled token is
+                predicted, and a cached pass of a constant prompt where the variant allows it); `.logits` is None.
 
         Returns:
             A `FusionOutput` (transformers' CausalLMOutputWithPast) with `.loss` (when labels are given) and `.logits`
@@ -353,24 +363,54 @@ class FusionModel(nn.Module):
                 "give one climate window per text"
             )
         tokens = self.encoder.encode(climate)
+        head = self.encoder.stats_head
+        stats = head(tokens.tokens) if head is not None else None
+        if logits == "none":
+            if labels is None:
+                raise ModelError("forward(logits='none') computes the loss only: give labels")
+            return FusionOutput(loss=self._loss_only(input_ids, attention_mask, tokens, labels, token_weights),
+                                logits=None, climate_stats=stats)  # fmt: skip
+        if logits != "all":
+            raise ModelError(f"forward(logits={logits!r}): use 'all' or 'none'")
         embeds, mask, _, text_positions = self._fuse(input_ids, attention_mask, tokens, labels)
         with self._climate_scope(tokens):
             out = self.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-        logits = out.logits
+        scores = out.logits
         if text_positions is not None:
             # logits[:, i] predicts text token i + 1 (as transformers aligns them): it is read where the LM predicts
             # that token, which is the last soft token when the prefix sits between tokens i and i + 1
-            last = torch.full_like(text_positions[:, :1], logits.shape[1] - 1)  # (B, 1)
+            last = torch.full_like(text_positions[:, :1], scores.shape[1] - 1)  # (B, 1)
             source = torch.cat([text_positions[:, 1:] - 1, last], dim=1)  # (B, L)
-            logits = logits.gather(1, source[..., None].expand(-1, -1, logits.shape[-1]))  # (B, L, vocab)
-        head = self.encoder.stats_head
+            scores = scores.gather(1, source[..., None].expand(-1, -1, scores.shape[-1]))  # (B, L, vocab)
         return FusionOutput(
-            loss=caption_loss(logits, labels, token_weights) if labels is not None else None,
-            logits=logits,
+            loss=caption_loss(scores, labels, token_weights) if labels is not None else None,
+            logits=scores,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
-            climate_stats=head(tokens.tokens) if head is not None else None,
+            climate_stats=stats,
         )
+
+    def _loss_only(
+        self, input_ids: Tensor, attention_mask: Tensor, tokens: ClimateTokens, labels: Tensor, weights: Tensor | None
+    ) -> Tensor:
+        """The caption loss without logits off the targets, over a cached prompt where it is exact (`lm_pass`)."""
+        shared = shared_prompt_length(input_ids, attention_mask, labels) if self._prompt_cache is not None else 0
+        cache: dict[str, Any] = {}
+        if shared:
+            cache = {self._cache_kwarg: self._prompt_cache.batch(self.lm, input_ids[:1, :shared],  # type: ignore[union-attr]
+                                                                 self.arch.input_embeddings(self.lm), input_ids.shape[0])}  # fmt: skip
+            input_ids, attention_mask, labels = input_ids[:, shared:], attention_mask[:, shared:], labels[:, shared:]
+        embeds, mask, fused_labels, text_positions = self._fuse(input_ids, attention_mask, tokens, labels)
+        if shared:
+            assert text_positions is not None and bool((text_positions[:, 0] > 0).all()), "soft tokens lead the rest"
+            positions = shared + torch.arange(mask.shape[1], device=mask.device)[None].expand(mask.shape[0], -1)
+            cache.update(position_ids=positions, use_cache=True)
+            mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared), mask], dim=1)
+        else:
+            cache["use_cache"] = False
+        with self._climate_scope(tokens):
+            return target_loss(self.lm, {"inputs_embeds": embeds, "attention_mask": mask, **cache}, labels,
+                               text_positions, weights, offset_ok=bool(shared))  # fmt: skip
 
     # ----- generation -----
 

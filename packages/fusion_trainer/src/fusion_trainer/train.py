@@ -333,7 +333,8 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
             batch = next(batches)
             inputs = _to_device(batch, device)
             out = engine(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                         climate=inputs["climate_x"], labels=inputs["labels"], token_weights=digit_weights)  # fmt: skip
+                         climate=inputs["climate_x"], labels=inputs["labels"], token_weights=digit_weights,
+                         logits="none")  # fmt: skip
             loss = out.loss
             caption_loss = loss.detach()
             if config.stats_loss_weight > 0:

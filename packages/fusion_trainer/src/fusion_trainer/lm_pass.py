@@ -1,0 +1,132 @@
+"""The frozen LM's pass in training, without the work a frozen base leaves undone (docs/performance.md, "Training").
+
+Two exact savings, both used only for the loss (`FusionModel.forward(..., logits="none")`):
+
+- **Logits at target positions only.** The LM head (576 x 49,152 for SmolLM2: about a fifth of a forward) runs only
+  at the positions that predict a labelled token, through transformers' `logits_to_keep` (a tensor of positions,
+  the union over the batch; with right padding one contiguous range). The prompt, the soft tokens and the padding
+  get no logits.
+- **The constant prompt runs once.** When every row starts with the same fully attended, unlabelled prompt and
+  nothing in it depends on the climate (the `prefix` variant with `prefix_position: after_prompt`, no LoRA), the
+  frozen LM's keys and values of that prompt are computed once per device and dtype, with no gradient, and every
+  later batch starts from a copy (`PromptCache`): the LM then runs only over the soft tokens and the caption. The
+  attention sees the same keys and values as in one pass over the whole sequence, so the loss is the same to
+  floating-point rounding (tested to 1e-5, gradients too).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PromptCache", "predictor_positions", "shared_prompt_length", "target_loss"]
+
+logger = logging.getLogger(__name__)
+
+
+def shared_prompt_length(input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> int:
+    """Length of the prefix of tokens every row shares: identical ids, attended, before each row's first label.
+
+    Returns 0 when the rows share nothing (or a row has no label at all).
+    """
+    labelled = labels != -100  # (B, L)
+    if not bool(labelled.any(dim=1).all()):
+        return 0
+    first = int(labelled.int().argmax(dim=1).min())
+    if first == 0:
+        return 0
+    same = (input_ids[:, :first] == input_ids[:1, :first]).all(dim=0) & attention_mask[:, :first].bool().all(dim=0)
+    differ = (~same).nonzero()
+    return int(differ[0, 0]) if differ.numel() else first
+
+
+def predictor_positions(labels: Tensor, text_positions: Tensor | None, offset_ok: bool) -> tuple[Tensor, Tensor]:
+    """Where each labelled token is predicted in the LM's (fused) sequence.
+
+    Token j is predicted at fused position `text_positions[j] - 1` (the position before it; `j - 1` without
+    inserted soft tokens). Token 0 is a target only when `offset_ok` (a cached prompt precedes the input, and soft
+    tokens sit before token 0); otherwise, as in transformers, the first token is never predicted.
+
+    Returns:
+        `(rows, positions)`: for every labelled target, its batch row and its fused-sequence position, `(N,)` each;
+        and the targets are `labels[rows, cols]` in the same order (see `target_loss`).
+    """
+    b, length = labels.shape
+    cols = torch.arange(length, device=labels.device)[None].expand(b, -1)  # (B, L)
+    pos = (text_positions if text_positions is not None else cols) - 1  # (B, L)
+    valid = (labels != -100) & (pos >= 0)
+    if not offset_ok:
+        valid &= cols >= 1
+    rows = valid.nonzero()  # (N, 2): row, column
+    return rows, pos[rows[:, 0], rows[:, 1]]
+
+
+def target_loss(
+    lm: nn.Module,
+    lm_kwargs: dict[str, Any],
+    labels: Tensor,
+    text_positions: Tensor | None,
+    weights: Tensor | None,
+    offset_ok: bool,
+) -> Tensor:
+    """Run the LM with logits only where labelled tokens are predicted; return the (weighted) mean cross-entropy.
+
+    Args:
+        lm: the causal LM.
+        lm_kwargs: its inputs (`inputs_embeds`, `attention_mask`, position ids, cache).
+        labels: `(B, L)` targets in the input frame, -100 where ignored.
+        text_positions: `(B, L)` fused position of each input token (None when nothing was inserted).
+        weights: `(vocab,)` per-token-id weights (`caption_loss`), or None for the plain mean.
+        offset_ok: token 0 may be a target (see `predictor_positions`).
+    """
+    idx, positions = predictor_positions(labels, text_positions, offset_ok)
+    keep = torch.unique(positions)  # sorted fused positions with a target
+    out = lm(**lm_kwargs, logits_to_keep=keep)
+    logits = out.logits  # (B, K, vocab)
+    slot = torch.searchsorted(keep, positions)  # (N,)
+    rows = logits[idx[:, 0], slot].float()  # (N, vocab)
+    target = labels[idx[:, 0], idx[:, 1]]  # (N,)
+    if weights is None:
+        return torch.nn.functional.cross_entropy(rows, target)
+    ce = torch.nn.functional.cross_entropy(rows, target, reduction="none")
+    w = weights[target.clamp(min=0, max=weights.shape[0] - 1)]
+    return (ce * w).sum() / w.sum().clamp(min=1e-8)
+
+
+class PromptCache:
+    """The frozen LM's keys and values of a constant prompt, computed once (no gradient) and copied per batch.
+
+    Keyed by the prompt's token ids, the device and the dtype, so a DeepSpeed cast or a move to another device
+    recomputes it. Valid only while nothing in the prompt's pass can change: the base is frozen and the prompt sees
+    no climate (FusionModel enables it for `prefix` after the prompt without LoRA or gradient checkpointing).
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._cache: Any = None
+
+    def batch(self, lm: nn.Module, prompt_ids: Tensor, embed: nn.Module, batch_size: int) -> Any:
+        """A fresh cache of the prompt `prompt_ids` `(1, n)` for a batch of `batch_size` rows.
+
+        Args:
+            lm: the frozen causal LM.
+            prompt_ids: the prompt's token ids (one row).
+            embed: the LM's input embedding.
+            batch_size: rows of the batch about to run.
+        """
+        weight = getattr(embed, "weight", None)
+        key = (tuple(prompt_ids[0].tolist()), prompt_ids.device, None if weight is None else weight.dtype)
+        if key != self._key:
+            with torch.no_grad():
+                out = lm(inputs_embeds=embed(prompt_ids), use_cache=True)
+            self._cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            self._key = key
+            logger.debug("prompt cache: %d tokens on %s (%s)", prompt_ids.shape[1], prompt_ids.device, key[2])
+        fresh = copy.deepcopy(self._cache)
+        if batch_size > 1:
+            fresh.batch_repeat_interleave(batch_size)
+        return fresh

@@ -1,0 +1,95 @@
+"""The loss without the frozen base's wasted work (`forward(logits="none")`, fusion_trainer.lm_pass) equals the loss of
+the plain pass, gradients included: logits only at target positions, and a constant prompt's cached pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fusion_trainer import FusionConfig, FusionModel
+from fusion_trainer.base import make_tiny_model
+from fusion_trainer.lm_pass import shared_prompt_length
+
+SIZES = {"d_encoder": 32, "encoder_heads": 4, "n_heads": 4, "encoder_depth": 1, "gate_init": 0.5}
+
+
+def _batch(vocab: int, prompt: int = 9, lengths: tuple[int, ...] = (7, 4, 6)) -> dict[str, torch.Tensor]:
+    """A shared prompt, then captions of different lengths (right padded), like ClimateTextStream's batches."""
+    g = torch.Generator().manual_seed(0)
+    width = prompt + max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    head = torch.randint(3, vocab, (prompt,), generator=g)
+    for i, n in enumerate(lengths):
+        caption = torch.randint(3, vocab, (n,), generator=g)
+        ids[i, :prompt], ids[i, prompt : prompt + n] = head, caption
+        labels[i, prompt : prompt + n] = caption
+        mask[i, : prompt + n] = 1
+    climate = torch.randn(len(lengths), 2, 3, 5, 6, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "climate": climate}
+
+
+def _grads(model: FusionModel) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.fusion_named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neo"])
+@pytest.mark.parametrize(
+    ("fusion", "position"),
+    [("prefix", "after_prompt"), ("prefix", "start"), ("add", None), ("xattn", None), ("gated-xattn", None)],
+)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_loss_only_equals_the_full_pass(
+    tmp_path_factory: pytest.TempPathFactory, arch: str, fusion: str, position: str | None, weighted: bool
+) -> None:
+    folder = make_tiny_model(arch, tmp_path_factory.getbasetemp() / f"tiny-{arch}")  # type: ignore[arg-type]
+    extra = {"prefix_position": position, "n_prefix_tokens": 3} if position else {}
+    torch.manual_seed(0)
+    model = FusionModel.from_base(folder, FusionConfig(fusion=fusion, n_variables=3, **SIZES, **extra),
+                                  dtype=torch.float32)  # fmt: skip
+    batch = _batch(model.lm.config.vocab_size)
+    weights = None
+    if weighted:
+        weights = torch.ones(model.lm.config.vocab_size)
+        weights[3::4] = 5.0
+    full = model(**batch, token_weights=weights)
+    full.loss.backward()
+    want = _grads(model)
+    model.zero_grad()
+    for attempt in range(2):  # the second call reuses the cached prompt
+        lean = model(**batch, token_weights=weights, logits="none")
+        assert lean.logits is None
+        assert lean.loss.item() == pytest.approx(full.loss.item(), rel=1e-5, abs=1e-6), attempt
+        lean.loss.backward()
+        got = _grads(model)
+        assert set(got) == set(want)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name] * (attempt + 1), rtol=1e-4, atol=1e-6, msg=name)
+    cached = model._prompt_cache is not None and model._prompt_cache._key is not None
+    assert cached == (fusion == "prefix" and position == "after_prompt")
+
+
+def test_the_shared_prompt_is_what_every_row_attends_before_its_caption() -> None:
+    batch = _batch(100)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert shared_prompt_length(ids, mask, labels) == 9
+    other = ids.clone()
+    other[1, 5] += 1  # a row whose prompt differs from the 6th token on
+    assert shared_prompt_length(other, mask, labels) == 5
+    assert shared_prompt_length(ids, mask, torch.full_like(labels, -100)) == 0
+
+
+def test_the_prompt_cache_follows_the_prompt(tmp_path: Path) -> None:
+    folder = make_tiny_model("llama", tmp_path / "tiny")
+    model = FusionModel.from_base(folder, FusionConfig(fusion="prefix", n_variables=3, n_prefix_tokens=2, **SIZES),
+                                  dtype=torch.float32)  # fmt: skip
+    a = _batch(model.lm.config.vocab_size)
+    b = {**a, "input_ids": a["input_ids"].clone()}
+    b["input_ids"][:, 2] = 7  # another prompt: another cache, and still the plain pass's loss
+    for batch in (a, b, a):
+        lean, full = model(**batch, logits="none"), model(**batch)
+        assert lean.loss.item() == pytest.approx(full.loss.item(), rel=1e-5)
+    with pytest.raises(Exception, match="give labels"):
+        model(a["input_ids"], a["attention_mask"], a["climate"], logits="none")
