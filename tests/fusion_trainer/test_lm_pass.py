@@ -38,14 +38,19 @@ def _grads(model: FusionModel) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neo"])
 @pytest.mark.parametrize(
     ("fusion", "position"),
-    [("prefix", "after_prompt"), ("prefix", "start"), ("add", None), ("xattn", None), ("gated-xattn", None)],
-)
+    [("prefix", "after_prompt"), ("prefix", "start"), ("prefix", "readout"), ("add", None), ("xattn", None),
+     ("gated-xattn", None)],
+)  # fmt: skip
 @pytest.mark.parametrize("weighted", [False, True])
 def test_loss_only_equals_the_full_pass(
     tmp_path_factory: pytest.TempPathFactory, arch: str, fusion: str, position: str | None, weighted: bool
 ) -> None:
     folder = make_tiny_model(arch, tmp_path_factory.getbasetemp() / f"tiny-{arch}")  # type: ignore[arg-type]
-    extra = {"prefix_position": position, "n_prefix_tokens": 3} if position else {}
+    extra: dict[str, object] = {"prefix_position": position, "n_prefix_tokens": 3} if position else {}
+    if position == "readout":
+        extra.update(prefix_position="after_prompt", readout=True, variables=["T2M", "U10M", "V10M"],
+                     normalization={v: {"mean": 280.0 if v == "T2M" else 0.0, "std": 5.0} for v in ["T2M", "U10M", "V10M"]},
+                     window="1h")  # fmt: skip
     torch.manual_seed(0)
     model = FusionModel.from_base(folder, FusionConfig(fusion=fusion, n_variables=3, **SIZES, **extra),
                                   dtype=torch.float32)  # fmt: skip
@@ -68,7 +73,7 @@ def test_loss_only_equals_the_full_pass(
         for name in want:
             torch.testing.assert_close(got[name], want[name] * (attempt + 1), rtol=1e-4, atol=1e-6, msg=name)
     cached = model._prompt_cache is not None and model._prompt_cache._key is not None
-    assert cached == (fusion == "prefix" and position == "after_prompt")
+    assert cached == (fusion == "prefix" and position in ("after_prompt", "readout"))
 
 
 def test_the_shared_prompt_is_what_every_row_attends_before_its_caption() -> None:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .encoder import ClimateEncoder, ClimateTokens
     from .model import FusionModel
     from .registry import MemoryEstimate, architecture_for, preset_config, supported_architectures
+    from .runs import FusionRun, load_run
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,8 @@ _LAZY = {
     "architecture_for": "registry",
     "preset_config": "registry",
     "supported_architectures": "registry",
+    "FusionRun": "runs",
+    "load_run": "runs",
     "fetch_smollm2": "base",
     "fingerprint_base": "base",
     "load_base": "base",
@@ -51,6 +54,7 @@ __all__ = [
     "FusionConfig",
     "FusionError",
     "FusionModel",
+    "FusionRun",
     "MemoryEstimate",
     "ModelError",
     "TrainingError",
@@ -60,6 +64,7 @@ __all__ = [
     "fetch_smollm2",
     "fingerprint_base",
     "load_base",
+    "load_run",
     "make_tiny_model",
     "preset_config",
     "supported_architectures",

@@ -188,16 +188,26 @@ def eval_command(
     ] = None,
     generate_limit: Annotated[int, typer.Option(help="samples to generate for faithfulness (0: all)")] = 64,
     max_new_tokens: Annotated[int, typer.Option(help="tokens per generated caption")] = 96,
+    intervene: Annotated[
+        list[str] | None,
+        typer.Option(help="shift one variable of the windows and report the slope of the generated number: "
+                     "T2M=+3 (K), SLP=-500 (Pa), WIND=+2 (m/s of mean wind); repeatable, several deltas per variable; "
+                     "a grid permutation runs with them"),
+    ] = None,
+    intervene_limit: Annotated[int, typer.Option(help="windows (spread over the split) the interventions use")] = 64,
     log_level: Annotated[str, typer.Option(help="logging level")] = "WARNING",
 ) -> None:
-    """Print JSON: losses of the fused model and the frozen base, grounding gain, numeric faithfulness."""
+    """Print JSON: losses of the fused model and the frozen base, grounding gains (against any other window and
+    against the same location's other times), numeric faithfulness, the baseline ladder, interventions, and the
+    science goals checked against them."""
     _setup_logging(log_level)
     from .evaluate import evaluate_run
 
     try:
         result = evaluate_run(
             run, shards, split, batch_size=batch_size, max_batches=max_batches, generations=generations,
-            generate_limit=generate_limit or None, max_new_tokens=max_new_tokens,
+            generate_limit=generate_limit or None, max_new_tokens=max_new_tokens, interventions=intervene or (),
+            intervene_limit=intervene_limit,
         )  # fmt: skip
     except (FusionError, ContractError) as exc:
         raise _fail(exc) from exc

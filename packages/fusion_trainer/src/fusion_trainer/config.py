@@ -85,12 +85,19 @@ class FusionConfig(BaseModel):
     stats_head: bool = False
     """Add `encoder.stats_head`, a linear probe predicting every variable's window mean/min/max from the climate
     tokens; `fusion-train` turns it on when `stats_loss_weight` > 0. Not used in generation."""
+    readout: bool = False
+    """prefix: write the stats head's reading of the window (the caption's quantities: temperatures, wind, pressure,
+    precipitation) as a text line after the prompt, before the soft tokens, for the LM to copy from
+    (`fusion_trainer.readout`). Turns on `stats_head` with its direct features (the window's own per-variable mean,
+    minimum and maximum). Needs `stats_loss_weight` > 0 to train the head."""
     gradient_checkpointing: bool = False
     """Recompute the frozen decoder layers in the backward pass (less activation memory, ~30% more compute)."""
     variables: list[str] | None = None
     """Metadata: the variable names in climate-array order (from the dataset manifest)."""
     normalization: dict[str, NormStats] | None = None
     """Metadata: {variable: {mean, std}} the data was normalised with, so generation can normalise the same way."""
+    window: str | None = None
+    """Metadata: the dataset's sample span (the manifest's `window`, e.g. `1h`): the readout's precipitation total."""
     base: str | None = None
     """The base model (local path or hub id); set by FusionModel.from_base."""
 
@@ -134,6 +141,11 @@ class FusionConfig(BaseModel):
             )
         if self.lora is not None:
             problems.extend(_lora_problems(self.lora))
+        if self.readout and self.fusion != "prefix":
+            problems.append(f"readout: true needs fusion: prefix (got {self.fusion!r}); the line goes before the "
+                            "soft tokens")  # fmt: skip
+        if self.readout and not self.stats_head:
+            object.__setattr__(self, "stats_head", True)
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -317,10 +329,10 @@ class TrainConfig(_BaseModel):
     @classmethod
     def _template_ok(cls, value: str) -> str:
         try:
-            value.format(example="", variables="", caption_example="")
+            value.format(example="", variables="", caption_example="", readout_example="")
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(
-                f"{exc!r}; use only {{example}}, {{caption_example}} and {{variables}}"
+                f"{exc!r}; use only {{example}}, {{caption_example}}, {{readout_example}} and {{variables}}"
             ) from None
         return value
 

@@ -92,9 +92,14 @@ def render_prompt(template: str, ds: OpenedDataset, caption: str = "full") -> st
 
     `{example}` lists the train mean of every variable in its units; `{caption_example}` is a compact caption in the
     dataset's own phrasing (`grounding.example_caption`) with the train means as its numbers, cut to the `caption`
-    form the run trains on (`grounding.caption_target`).
+    form the run trains on (`grounding.caption_target`); `{readout_example}` is the readout line of those same
+    numbers (`readout.render_readout`), for runs with `fusion.readout`.
     """
+    import pandas as pd
+    from climate_text_schema.captions import caption_quantities
+
     from .grounding import caption_target, example_caption
+    from .readout import render_readout
 
     manifest = ds.manifest
     parts = []
@@ -104,16 +109,18 @@ def render_prompt(template: str, ds: OpenedDataset, caption: str = "full") -> st
             parts.append(f"mean {v.name} {stats.mean:.4g} {v.units}")
     example = "; ".join(parts) + "."
     norm = {v: (s.mean, s.std) for v, s in manifest.normalization.items()}
+    means = {v: {"mean": m, "min": m - sd, "max": m + sd} for v, (m, sd) in norm.items()}
+    readout = render_readout(caption_quantities(means, pd.Timedelta(manifest.window).total_seconds()))
     try:
         return template.format(
-            example=example, variables=", ".join(manifest.variable_names),
+            example=example, variables=", ".join(manifest.variable_names), readout_example=readout,
             caption_example=caption_target(example_caption(norm, manifest.window), "numbers" if caption == "full"
                                            else caption) if "{caption_example}" in template else "",
         )  # fmt: skip
     except (KeyError, IndexError, ValueError) as exc:
         raise ConfigError(
-            f"prompt_template {template!r} is invalid ({exc}): use only {{example}}, {{caption_example}} and "
-            "{variables}"
+            f"prompt_template {template!r} is invalid ({exc}): use only {{example}}, {{caption_example}}, "
+            "{readout_example} and {variables}"
         ) from exc
 
 

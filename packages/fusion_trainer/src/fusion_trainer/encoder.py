@@ -147,6 +147,7 @@ class ClimateEncoder(nn.Module):
         per_patch_tokens: one token per (time step, patch) instead of one per time step.
         dropout: dropout in the transformer.
         stats_head: add `stats_head` (a `StatsHead`): predicted window statistics for an auxiliary loss.
+        stats_direct: the stats head also reads the window's own per-variable mean, minimum and maximum.
 
     Examples:
         >>> enc = ClimateEncoder(n_variables=3, d_model=32, depth=1, n_heads=4, patch_size=4)
@@ -164,6 +165,7 @@ class ClimateEncoder(nn.Module):
         per_patch_tokens: bool = False,
         dropout: float = 0.0,
         stats_head: bool = False,
+        stats_direct: bool = False,
     ) -> None:
         super().__init__()
         self.n_variables = n_variables
@@ -183,7 +185,7 @@ class ClimateEncoder(nn.Module):
             self.space_attn = Attention(d_model, d_model, n_heads)
         self.blocks = nn.ModuleList(TransformerBlock(d_model, n_heads, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(d_model)
-        self.stats_head = StatsHead(d_model, n_variables) if stats_head else None
+        self.stats_head = StatsHead(d_model, n_variables, direct=stats_direct) if stats_head else None
 
     def tokens_per_step(self, height: int, width: int) -> int:
         """Climate tokens per time step for a `height` x `width` grid (1 unless `per_patch_tokens`)."""
@@ -275,12 +277,27 @@ class StatsHead(nn.Module):
         torch.Size([2, 3, 3])
     """
 
-    def __init__(self, d_model: int, n_variables: int) -> None:
+    def __init__(self, d_model: int, n_variables: int, direct: bool = False) -> None:
         super().__init__()
         self.n_variables = n_variables
+        self.direct = direct
         self.proj = nn.Linear(d_model, n_variables * len(STATS))
+        if direct:  # the correction starts at zero: the head starts as the window's own mean, min and max
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """Climate tokens `(B, N, D)` -> predicted statistics `(B, V, 3)` (mean, min, max in normalised units)."""
+    def forward(self, tokens: Tensor, climate: Tensor | None = None) -> Tensor:
+        """Climate tokens `(B, N, D)` -> predicted statistics `(B, V, 3)` (mean, min, max in normalised units).
+
+        With `direct`, the window itself `climate` `(B, T, V, H, W)` (normalised) gives each variable's plain mean,
+        minimum and maximum over its time steps and grid points, and the linear map of the tokens is a correction on
+        top (e.g. for the area weighting of the mean).
+        """
         pooled = tokens.to(self.proj.weight.dtype).mean(dim=1)  # (B, D)
-        return self.proj(pooled).view(tokens.shape[0], self.n_variables, len(STATS))  # (B, V, 3)
+        out = self.proj(pooled).view(tokens.shape[0], self.n_variables, len(STATS))  # (B, V, 3)
+        if not self.direct:
+            return out
+        if climate is None:
+            raise DataError("a direct StatsHead needs the climate window: head(tokens, climate)")
+        x = climate.to(out.dtype).transpose(1, 2).flatten(2)  # (B, V, T*H*W)
+        return out + torch.stack([x.mean(dim=-1), x.amin(dim=-1), x.amax(dim=-1)], dim=-1)  # (B, V, 3)

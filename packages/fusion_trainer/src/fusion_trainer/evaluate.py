@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .errors import CheckpointError, ConfigError
+from .eval_sections import interventions_section, ladder_section, same_place_gain_section, science_goals
+from .runs import PROMPT_FILE, FusionRun, load_run
 
 __all__ = [
     "SECTIONS",
@@ -29,7 +30,6 @@ __all__ = [
     "fused_loss_section",
     "grounding_gain",
     "grounding_gain_section",
-    "load_run",
     "read_generations",
 ]
 
@@ -132,8 +132,14 @@ def grounding_gain(
     device: torch.device,
     max_batches: int | None = None,
     seed: int = 0,
+    group_of: Callable[[str], str] | None = None,
+    cluster_of: Callable[[str], str] | None = None,
 ) -> dict[str, Any]:
     """How much the model's caption loss depends on the climate it is given.
+
+    `group_of(key)` restricts the swap to samples of one group (e.g. the same location at other times: the gain then
+    measures "which numbers", not "which place"); `cluster_of(key)` makes `stderr` clustered (e.g. by time window:
+    the standard error of the cluster means of the paired differences).
 
     Each sample is scored twice: with its own climate and with the climate of another sample of the split (a seeded
     derangement, so no sample keeps its own). The gain is the shuffled loss minus the own loss, token-weighted, over
@@ -148,9 +154,10 @@ def grounding_gain(
 
     held = [b for i, b in enumerate(batches) if max_batches is None or i < max_batches]
     climates = [x for b in held for x in b["climate_x"]]
-    by_shape: dict[tuple[int, ...], list[int]] = {}
+    keys = [k for b in held for k in b["keys"]]
+    by_shape: dict[tuple[Any, ...], list[int]] = {}
     for i, x in enumerate(climates):
-        by_shape.setdefault(tuple(x.shape), []).append(i)
+        by_shape.setdefault((*x.shape, group_of(keys[i]) if group_of else None), []).append(i)
     other = _derangement(list(by_shape.values()), seed)
     digits = torch.from_numpy(number_token_mask(model.tokenizer))
     sums = {
@@ -158,6 +165,7 @@ def grounding_gain(
     }  # (own, shuffled) loss sums
     counts = {"caption": 0, "numbers": 0}
     diffs: dict[str, list[float]] = {"caption": [], "numbers": []}
+    diff_keys: dict[str, list[str]] = {"caption": [], "numbers": []}
     start = 0
     with torch.no_grad():
         for batch in held:
@@ -175,13 +183,20 @@ def grounding_gain(
                 for j in range(n):
                     if per[j] > 0:
                         diffs[name].append(float(((shuf[j] - own[j]) * sel[j]).sum() / per[j]))
+                        diff_keys[name].append(batch["keys"][j])
             start += n
-    result: dict[str, Any] = {"samples": start}
+    result: dict[str, Any] = {"samples": start, "swapped_within": "same location" if group_of else "same shape",
+                              "stderr_clusters": len({cluster_of(k) for k in keys}) if cluster_of else None}  # fmt: skip
     for name in ("caption", "numbers"):
         tokens = counts[name]
         own_loss = float(sums[name][0]) / tokens if tokens else None  # None, not NaN: the JSON stays valid
         shuf_loss = float(sums[name][1]) / tokens if tokens else None
         d = torch.tensor(diffs[name], dtype=torch.float64)
+        if cluster_of is not None and len(d) > 1:  # one mean per cluster, then their standard error
+            groups: dict[str, list[float]] = {}
+            for key, value in zip(diff_keys[name], diffs[name], strict=True):
+                groups.setdefault(cluster_of(key), []).append(value)
+            d = torch.tensor([sum(v) / len(v) for v in groups.values()], dtype=torch.float64)
         stderr = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else None
         gain = shuf_loss - own_loss if own_loss is not None and shuf_loss is not None else None
         result[name] = {
@@ -215,6 +230,21 @@ class EvalContext:
     generate_limit: int | None = 64
     max_new_tokens: int = 96
     seed: int = 0
+    interventions: tuple[str, ...] = ()
+    intervene_limit: int = 64
+
+    def generated(self) -> list[dict[str, Any]]:
+        """The generations scored (given with --generations, or made here once and kept for every section)."""
+        if self.generations is None:
+            from .generate import iter_generations
+
+            self.generations = list(
+                iter_generations(
+                    self.model, self.dataset, self.prompt, self.split, self.generate_limit, self.batch_size,
+                    self.max_new_tokens, self.config.caption,
+                )
+            )  # fmt: skip
+        return self.generations
 
     def batches(self) -> Any:
         """A fresh pass over the split's batches (one process, manifest order)."""
@@ -268,17 +298,9 @@ def grounding_gain_section(ctx: EvalContext) -> dict[str, Any]:
 
 def faithfulness_section(ctx: EvalContext) -> dict[str, Any]:
     """Numbers parsed from generated captions vs the index statistics, and the train-mean baseline's error."""
-    from .generate import iter_generations
     from .grounding import baseline_values, consistency, faithfulness, truth_from_index
 
-    rows = ctx.generations
-    if rows is None:
-        rows = list(
-            iter_generations(
-                ctx.model, ctx.dataset, ctx.prompt, ctx.split, ctx.generate_limit, ctx.batch_size,
-                ctx.max_new_tokens, ctx.config.caption,
-            )
-        )  # fmt: skip
+    rows = ctx.generated()
     truth = truth_from_index(ctx.dataset.read_index())
     baseline = baseline_values(truth, "train")
     generated = {r["key"]: r["generated"] for r in rows}
@@ -301,38 +323,21 @@ SECTIONS: list[Callable[[EvalContext], dict[str, Any]]] = [
     base_loss_section,
     grounding_gain_section,
     faithfulness_section,
+    same_place_gain_section,
+    ladder_section,
+    interventions_section,
 ]
 """The sections of `fusion-eval`'s JSON, in order."""
 
 
-def load_run(run_dir: Path) -> tuple[TrainConfig, Any]:
-    """Read RUN_DIR/config.yaml and load the fused model from RUN_DIR/final (base from the adapter's record).
+def load_run_for(run_dir: Path, data: Any) -> FusionRun:
+    """`runs.load_run`, with the prompt rendered from the dataset for a run that kept no prompt.txt (older runs)."""
+    from .data import render_prompt
 
-    Raises:
-        CheckpointError: RUN_DIR has no config.yaml or no final/ adapter (the run did not finish).
-        ModelError: the adapter does not fit the base model.
-    """
-    from .model import FusionModel
-
-    if not (run_dir / "config.yaml").exists():
-        raise CheckpointError(f"--run {run_dir}: no config.yaml; is this a fusion-train RUN_DIR?")
-    if not (run_dir / "final").is_dir():
-        raise CheckpointError(
-            f"--run {run_dir}: no final/ adapter; the run has not finished (continue it with fusion-train --resume)"
-        )
-    try:
-        config = TrainConfig.from_yaml(run_dir / "config.yaml")
-    except ConfigError as exc:
-        raise CheckpointError(f"--run {run_dir}: config.yaml is not a valid training config ({exc})") from exc
-    from .precision import resolve_precision
-
-    precision = resolve_precision(config.bf16)  # "auto" is decided on this machine, which may not be the training one
-    logger.info("precision: %s (%s)", precision.name, precision.reason)
-    model = FusionModel.load_adapter(run_dir / "final", base=config.model, dtype=precision.dtype)
-    if torch.cuda.is_available():
-        model.to("cuda")
-    model.eval()
-    return config, model
+    if (Path(run_dir) / PROMPT_FILE).exists():
+        return load_run(run_dir)
+    config = TrainConfig.from_yaml(Path(run_dir) / "config.yaml")
+    return load_run(run_dir, prompt=render_prompt(config.prompt_template, data, config.caption))
 
 
 def read_generations(path: Path) -> list[dict[str, Any]]:
@@ -374,6 +379,8 @@ def evaluate_run(
     generations: Path | None = None,
     generate_limit: int | None = 64,
     max_new_tokens: int = 96,
+    interventions: Sequence[str] = (),
+    intervene_limit: int = 64,
 ) -> dict[str, Any]:
     """Evaluate a finished run on one split; the dict `fusion-eval` prints as JSON.
 
@@ -395,21 +402,23 @@ def evaluate_run(
     Raises:
         DataError: the dataset cannot be read, or has no samples in `split`.
     """
-    from .data import open_shards, render_prompt
+    from .data import open_shards
     from .errors import DataError
 
-    config, model = load_run(run_dir)
     data = open_shards(shards)
+    run = load_run_for(run_dir, data)
+    config, model = run.config, run.model
     if not data.shards(split):
         raise DataError(
             f"--split {split}: dataset {data.version_url} has no {split!r} shards ({data.manifest.splits})"
         )
     device = next(model.parameters()).device
     ctx = EvalContext(run_dir=run_dir, config=config, model=model, dataset=data, split=split,
-                      prompt=render_prompt(config.prompt_template, data, config.caption), device=device, batch_size=batch_size,
+                      prompt=run.prompt, device=device, batch_size=batch_size,
                       max_batches=max_batches, generate_limit=generate_limit, max_new_tokens=max_new_tokens,
                       seed=config.seed,
-                      generations=read_generations(generations) if generations is not None else None)  # fmt: skip
+                      generations=read_generations(generations) if generations is not None else None,
+                      interventions=tuple(interventions), intervene_limit=intervene_limit)  # fmt: skip
     result: dict[str, Any] = {
         "run": str(run_dir),
         "dataset": data.reference,
@@ -423,6 +432,7 @@ def evaluate_run(
         result.update(section(ctx))
     if "fused" in result and "base" in result:
         result["loss_delta"] = result["base"]["loss"] - result["fused"]["loss"]
+    result["goals"] = science_goals(result)
     if "grounding_gain" in result and "faithfulness" in result:
         result["grounded"] = {
             "uses_climate": result["grounding_gain"]["uses_climate"],

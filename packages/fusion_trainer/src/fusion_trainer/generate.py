@@ -85,16 +85,16 @@ def generate_run(
         CheckpointError: the run has no final adapter.
         DataError: the dataset cannot be read or has no samples in `split`.
     """
-    from .data import open_shards, render_prompt
-    from .evaluate import load_run
+    from .data import open_shards
+    from .evaluate import load_run_for
 
-    config, model = load_run(run_dir)
     data = open_shards(shards)
     if not data.shards(split):
         raise DataError(
             f"--split {split}: dataset {data.version_url} has no {split!r} shards ({data.manifest.splits})"
         )
-    prompt = render_prompt(config.prompt_template, data, config.caption)
+    run = load_run_for(run_dir, data)
+    config, model, prompt = run.config, run.model, run.prompt
     rows = list(
         iter_generations(model, data, prompt, split, limit, batch_size, max_new_tokens, config.caption)
     )

@@ -21,11 +21,16 @@ __all__: list[str] = []  # package-internal: `FusionModel.generate` is the publi
 logger = logging.getLogger(__name__)
 
 
-def _encode_prompts(model: FusionModel, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+def _encode_prompts(
+    model: FusionModel, prompts: list[str], device: torch.device, suffixes: list[list[int]] | None = None
+) -> tuple[Tensor, Tensor]:
+    """Left-padded prompt ids `(B, L)` and mask; `suffixes` (the readout lines' ids) follow each prompt."""
     tok = model.tokenizer
     assert tok is not None
     fallback = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     rows = [list(tok(p)["input_ids"]) or [int(fallback)] for p in prompts]
+    if suffixes is not None:
+        rows = [r + list(extra) for r, extra in zip(rows, suffixes, strict=True)]
     width = max(len(r) for r in rows)
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else fallback)
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # (B, L), left padded
@@ -71,15 +76,17 @@ def _run_generation(
         raise DataError(
             f"{len(prompts)} prompts for {x.shape[0]} climate windows; give one prompt or one per window"
         )
-    ids, mask = _encode_prompts(model, prompts, device)
+    tokens = model.encoder.encode(x)
+    head = model.encoder.stats_head
+    stats = head(tokens.tokens, x) if head is not None and model.config.readout else None
+    ids, mask = _encode_prompts(model, prompts, device, model.readout_ids(stats) if stats is not None else None)
     stops = {tok.eos_token_id, *np.atleast_1d(model.lm.generation_config.eos_token_id or []).tolist()} - {
         None
     }
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
-    tokens = model.encoder.encode(x)
-    embeds, mask, _, _ = model._fuse(ids, mask, tokens, None)  # (B, L', H), (B, L')
+    embeds, mask, _, _ = model._fuse(ids, mask, tokens, None, stats, insert_readout=False)  # (B, L', H), (B, L')
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, L'), left padding aware
     cache: Any = None
     done = torch.zeros(x.shape[0], dtype=torch.bool, device=device)

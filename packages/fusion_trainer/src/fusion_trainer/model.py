@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -36,10 +37,12 @@ from .fusion import (
     climate_scope,
     fuse_inputs,
     fuse_new_tokens,
+    prefix_at,
     unwrapped_layers,
 )
 from .generation import _run_generation
 from .lm_pass import PromptCache, shared_prompt_length, target_loss
+from .readout import insert_tokens, readout_values, render_readout
 from .registry import MemoryEstimate, architecture_for, estimate_memory
 
 __all__ = ["ADAPTER_FILE", "CONFIG_FILE", "FusionModel", "FusionOutput", "caption_loss"]
@@ -136,6 +139,7 @@ class FusionModel(nn.Module):
             per_patch_tokens=config.per_patch_tokens,
             dropout=config.encoder_dropout,
             stats_head=config.stats_head,
+            stats_direct=config.readout,
         )
         self.fusion = build_fusion(config, hidden, self.arch.decoder_layers(lm))
         self._cache_kwarg = (
@@ -317,9 +321,49 @@ class FusionModel(nn.Module):
         return self.arch.input_embeddings(self.lm)(input_ids)
 
     def _fuse(
-        self, input_ids: Tensor, attention_mask: Tensor, climate: ClimateTokens, labels: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        return fuse_inputs(self.fusion, self._embed(input_ids), climate, attention_mask, labels)
+        self, input_ids: Tensor, attention_mask: Tensor, climate: ClimateTokens, labels: Tensor | None,
+        stats: Tensor | None = None, insert_readout: bool = True,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:  # fmt: skip
+        """Input embeddings with the climate fused in; with `readout`, its text line goes in first (before the first
+        labelled token, or after the last real one of a right-padded row; generation, whose rows are left-padded,
+        writes it into the prompt itself and passes `insert_readout=False`). The returned text positions map every
+        ORIGINAL token to its place in the fused sequence (None when nothing was inserted)."""
+        moved = None
+        if self.config.readout and insert_readout:
+            if stats is None:
+                raise ModelError("readout: true needs the stats head's predictions")
+            at = prefix_at(attention_mask, labels, "after_prompt")
+            assert at is not None
+            input_ids, attention_mask, labels, moved = insert_tokens(
+                input_ids, attention_mask, labels, at[:, 0], self.readout_ids(stats), self._pad_id()
+            )  # fmt: skip
+        embeds, mask, new_labels, positions = fuse_inputs(
+            self.fusion, self._embed(input_ids), climate, attention_mask, labels
+        )  # fmt: skip
+        if moved is not None:
+            positions = moved if positions is None else positions.gather(1, moved)
+        return embeds, mask, new_labels, positions
+
+    def readout_ids(self, stats: Tensor) -> list[list[int]]:
+        """Token ids of each window's readout line (`readout.render_readout`) from the stats head's predictions."""
+        if self.tokenizer is None:
+            raise ModelError("readout: true needs the tokenizer; pass tokenizer=... to FusionModel.from_base")
+        texts = self.readout_texts(stats)
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def readout_texts(self, stats: Tensor) -> list[str]:
+        """Each window's readout line (`readout.render_readout`) from the stats head's predictions `(B, V, 3)`."""
+        cfg = self.config
+        if cfg.variables is None or cfg.normalization is None:
+            raise ModelError("readout: true needs the dataset's variables and normalization in the FusionConfig")
+        seconds = pd.Timedelta(cfg.window).total_seconds() if cfg.window else 3600.0
+        values = readout_values(stats, cfg.variables, cfg.normalization, seconds)
+        return [render_readout(v) for v in values]
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        pad = None if tok is None else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        return int(pad or 0)
 
     def _climate_scope(self, climate: ClimateTokens) -> contextlib.AbstractContextManager[None]:
         return climate_scope(self.config.fusion, climate)
@@ -364,15 +408,15 @@ class FusionModel(nn.Module):
             )
         tokens = self.encoder.encode(climate)
         head = self.encoder.stats_head
-        stats = head(tokens.tokens) if head is not None else None
+        stats = head(tokens.tokens, climate) if head is not None else None
         if logits == "none":
             if labels is None:
                 raise ModelError("forward(logits='none') computes the loss only: give labels")
-            return FusionOutput(loss=self._loss_only(input_ids, attention_mask, tokens, labels, token_weights),
+            return FusionOutput(loss=self._loss_only(input_ids, attention_mask, tokens, labels, token_weights, stats),
                                 logits=None, climate_stats=stats)  # fmt: skip
         if logits != "all":
             raise ModelError(f"forward(logits={logits!r}): use 'all' or 'none'")
-        embeds, mask, _, text_positions = self._fuse(input_ids, attention_mask, tokens, labels)
+        embeds, mask, _, text_positions = self._fuse(input_ids, attention_mask, tokens, labels, stats)
         with self._climate_scope(tokens):
             out = self.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
         scores = out.logits
@@ -391,8 +435,9 @@ class FusionModel(nn.Module):
         )
 
     def _loss_only(
-        self, input_ids: Tensor, attention_mask: Tensor, tokens: ClimateTokens, labels: Tensor, weights: Tensor | None
-    ) -> Tensor:
+        self, input_ids: Tensor, attention_mask: Tensor, tokens: ClimateTokens, labels: Tensor, weights: Tensor | None,
+        stats: Tensor | None,
+    ) -> Tensor:  # fmt: skip
         """The caption loss without logits off the targets, over a cached prompt where it is exact (`lm_pass`)."""
         shared = shared_prompt_length(input_ids, attention_mask, labels) if self._prompt_cache is not None else 0
         cache: dict[str, Any] = {}
@@ -400,7 +445,7 @@ class FusionModel(nn.Module):
             cache = {self._cache_kwarg: self._prompt_cache.batch(self.lm, input_ids[:1, :shared],  # type: ignore[union-attr]
                                                                  self.arch.input_embeddings(self.lm), input_ids.shape[0])}  # fmt: skip
             input_ids, attention_mask, labels = input_ids[:, shared:], attention_mask[:, shared:], labels[:, shared:]
-        embeds, mask, fused_labels, text_positions = self._fuse(input_ids, attention_mask, tokens, labels)
+        embeds, mask, fused_labels, text_positions = self._fuse(input_ids, attention_mask, tokens, labels, stats)
         if shared:
             assert text_positions is not None and bool((text_positions[:, 0] > 0).all()), "soft tokens lead the rest"
             positions = shared + torch.arange(mask.shape[1], device=mask.device)[None].expand(mask.shape[0], -1)

@@ -202,6 +202,7 @@ def write_report(
     dataset: Any = None,
     timings: Mapping[str, float] | None = None,
     notes: Sequence[str] = (),
+    seed_metrics: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
     """Write OUT/REPORT.md and its PNG figures.
 
@@ -213,6 +214,7 @@ def write_report(
         dataset: the opened dataset (for the sample map and the scatter's truth); None leaves those figures out.
         timings: stage name -> seconds, listed in the report.
         notes: extra lines for the report's notes section (e.g. what was left out).
+        seed_metrics: `fusion-eval`'s JSON of every seed trained (the main run's first), for their spread.
 
     Returns:
         The path of REPORT.md.
@@ -225,6 +227,13 @@ def write_report(
     figures.append(("Loss curves", "loss.png"))
     plot_metrics_table(metrics, out / "metrics.png")
     figures.append(("Metrics", "metrics.png"))
+    from .report_science import plot_interventions, plot_ladder
+
+    if plot_ladder(metrics, out / "ladder.png") is not None:
+        figures.append(("The baseline ladder: each quantity's error relative to the location x hour climatology",
+                        "ladder.png"))  # fmt: skip
+    if plot_interventions(metrics, out / "interventions.png") is not None:
+        figures.append(("Interventions: the generated numbers against shifts of the window", "interventions.png"))
     if dataset is not None and generations:
         truth = truth_from_index(dataset.read_index())
         base = metrics.get("faithfulness", {}).get("baseline_values", {}).get("t2m_mean_c")
@@ -237,7 +246,7 @@ def write_report(
             plot_sample_map(field, bbox, f"{first['key']}: mean 2 m temperature, {span}",
                             str(first.get("reference", "")), str(first["generated"]), out / "sample_map.png")  # fmt: skip
             figures.append(("A test sample: its field, reference and generated caption", "sample_map.png"))
-    text = _report_text(run_dir, metrics, generations, timings or {}, notes, figures)
+    text = _report_text(run_dir, metrics, generations, timings or {}, notes, figures, seed_metrics)
     tmp = out / ".REPORT.md.tmp"
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out / "REPORT.md")
@@ -283,7 +292,10 @@ def _report_text(
     timings: Mapping[str, float],
     notes: Sequence[str],
     figures: Sequence[tuple[str, str]],
+    seed_metrics: Sequence[Mapping[str, Any]] = (),
 ) -> str:
+    from .report_science import goal_lines, intervention_rows, ladder_rows, seed_rows
+
     fused, base = metrics.get("fused", {}), metrics.get("base", {})
     parts = [
         "# merra2-fusion demo report",
@@ -324,6 +336,32 @@ def _report_text(
         "the true values). Grounded = at least half the outputs parse and the MAE beats both.",
         "",
     ]
+    if metrics.get("goals"):
+        parts += ["## Science goals (checked mechanically)", "", *goal_lines(metrics), ""]
+    for part in ("all", "temporal", "spatial"):
+        head, rows = ladder_rows(metrics, part)
+        if rows:
+            what = {"all": "the whole evaluated test split", "temporal": "test times, locations trained on",
+                    "spatial": "locations held out of training (every time)"}[part]  # fmt: skip
+            parts += [f"## Baseline ladder: {what}", "", _markdown_table(head, rows), "",
+                      "Error [95% bootstrap interval, clustered by time window]: absolute (°C, m/s, hPa), the angle for "
+                      "wind direction, log1p(mm) for precipitation. Every rung but the hindsight constant is fitted on "
+                      "the train split only (the ridge's alpha on val).", ""]  # fmt: skip
+    if intervention_rows(metrics):
+        permute = ((metrics.get("interventions") or {}).get("permute")) or {}
+        moved = ", ".join(f"{QUANTITIES[q]} {_fmt(v['mean_change'])}" for q, v in permute.items())
+        parts += ["## Interventions", "", _markdown_table(
+            ["variable", "quantity read back", "shifts", "median slope", "mean slope", "95% CI", "samples"],
+            intervention_rows(metrics)), "",
+            f"A model that reads the window has slope 1, one that ignores it slope 0. Permuting each window's grid "
+            f"points (plain mean, min and max unchanged) moved the outputs by: {moved or 'n/a'}.", ""]  # fmt: skip
+    same = (metrics.get("same_place_gain") or {}).get("caption") or {}
+    if same:
+        parts += [f"Grounding gain against the same location's climate at other times: {_fmt(same.get('gain'), 4)} "
+                  f"± {_fmt(same.get('stderr'), 4)} nats/token (standard error clustered by time window).", ""]  # fmt: skip
+    if len(seed_metrics) > 1:
+        parts += ["## Seeds", "", _markdown_table(["quantity", "fused error per seed", "mean", "std"],
+                                                 seed_rows(seed_metrics)), ""]  # fmt: skip
     if timings:
         parts += ["## Stage timings", "", _markdown_table(["stage", "seconds"],
                   [[k, f"{v:.0f}"] for k, v in timings.items()] + [["total", f"{sum(timings.values()):.0f}"]]), ""]  # fmt: skip

@@ -63,7 +63,7 @@ def hit_rates(pred: np.ndarray, true: np.ndarray, thresholds: Sequence[float] = 
 
 
 def cluster_bootstrap(
-    values: np.ndarray, clusters: Sequence[str], n_boot: int = 1000, seed: int = 0, level: float = 0.95
+    values: np.ndarray, clusters: Sequence[str] | np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
     """A percentile interval of the mean of `values`, resampling whole clusters (e.g. time windows) with replacement.
 

@@ -45,6 +45,7 @@ from .metrics import (
     repair_jsonl_tail,
 )
 from .precision import Precision, resolve_precision
+from .runs import PROMPT_FILE
 
 __all__ = ["RunResult", "lr_lambda", "train"]
 
@@ -133,13 +134,13 @@ def _seed_all(seed: int) -> None:
 
 
 def _load_model(
-    config: TrainConfig, variables: list[str], normalization: dict[str, Any], dtype: torch.dtype
+    config: TrainConfig, variables: list[str], normalization: dict[str, Any], dtype: torch.dtype, window: str
 ) -> Any:
     from .model import FusionModel
 
     stats = {"stats_head": True} if config.stats_loss_weight > 0 else {}
     fusion = FusionConfig(
-        **{**config.fusion, **stats, "variables": variables, "normalization": normalization}
+        **{**config.fusion, **stats, "variables": variables, "normalization": normalization, "window": window}
     )
     return FusionModel.from_base(config.model, fusion, dtype=dtype)
 
@@ -257,7 +258,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
 
     _seed_all(config.seed)
     norm = {v: s.model_dump() for v, s in manifest.normalization.items()}
-    model = _load_model(config, manifest.variable_names, norm, precision.dtype)
+    model = _load_model(config, manifest.variable_names, norm, precision.dtype, manifest.window)
     tokenizer = model.tokenizer
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -296,6 +297,10 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         if run.keys_file is not None:
             repair_jsonl_tail(run.keys_file)
     prompt = render_prompt(config.prompt_template, data, config.caption)
+    if rank == 0:  # kept so the run can describe raw windows later (runs.load_run)
+        tmp = run_dir / f".{PROMPT_FILE}.tmp"
+        tmp.write_text(prompt, encoding="utf-8")
+        tmp.replace(run_dir / PROMPT_FILE)
     stream = ClimateTextStream(
         data, "train", tokenizer, prompt=prompt, micro_batch=config.micro_batch, max_length=config.max_length,
         rank=rank, world=world, seed=config.seed, start=position, train=True,

@@ -1,0 +1,84 @@
+"""The readout (fusion_trainer.readout): the stats head's reading of the window as a text line the LM copies from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from climate_text_schema.captions import caption_quantities, parse_caption_numbers
+from fusion_trainer import ConfigError, FusionConfig, FusionModel
+from fusion_trainer.base import make_tiny_model
+from fusion_trainer.readout import insert_tokens, readout_values, render_readout
+
+VARIABLES = ["T2M", "U10M", "V10M", "SLP", "PRECTOT"]
+NORM = {"T2M": {"mean": 285.0, "std": 10.0}, "U10M": {"mean": 0.0, "std": 5.0}, "V10M": {"mean": 0.0, "std": 5.0},
+        "SLP": {"mean": 101300.0, "std": 900.0}, "PRECTOT": {"mean": 3e-5, "std": 1e-4}}  # fmt: skip
+
+
+def test_the_line_states_the_captions_quantities_in_its_units() -> None:
+    stats = {"T2M": {"mean": 280.15, "min": 275.25, "max": 285.55}, "U10M": {"mean": -3.0, "min": -5, "max": 1},
+             "V10M": {"mean": 4.0, "min": 0, "max": 6}, "SLP": {"mean": 101850.0, "min": 0, "max": 0},
+             "PRECTOT": {"mean": 5e-5, "min": 0, "max": 1e-4}}  # fmt: skip
+    line = render_readout(caption_quantities(stats, 3600.0))
+    assert line == ("Readout: temperature 7.0 °C, 2.1 °C to 12.4 °C; wind 5.0 m/s from the southeast; pressure "
+                    "1018.5 hPa; precipitation 0.2 mm.\n")  # fmt: skip
+    assert render_readout({}) == "Readout: none.\n"
+    calm = render_readout({"wind_speed_m_s": 0.02, "wind_dir_deg": 90.0})
+    assert "wind 0.0 m/s with no prevailing direction" in calm
+
+
+def test_values_are_denormalised_predictions() -> None:
+    pred = torch.zeros(1, 5, 3)
+    pred[0, 0] = torch.tensor([0.5, -1.0, 2.0])  # T2M: 290, 275, 305 K
+    values = readout_values(pred, VARIABLES, NORM, 3600.0)[0]
+    assert values["t2m_mean_c"] == pytest.approx(16.85) and values["t2m_max_c"] == pytest.approx(31.85)
+    assert values["precip_mm"] == pytest.approx(3e-5 * 3600)
+
+
+def test_insert_tokens_keeps_every_original_token_and_maps_it() -> None:
+    ids = torch.tensor([[1, 2, 3, 4, 0], [1, 2, 5, 0, 0]])
+    mask = (ids != 0).long()
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, -100, 5, -100, -100]])
+    new, new_mask, new_labels, pos = insert_tokens(ids, mask, labels, torch.tensor([2, 2]), [[9], [8, 7]], pad_id=0)
+    assert new[0, :5].tolist() == [1, 2, 9, 3, 4] and new[1, :5].tolist() == [1, 2, 8, 7, 5]
+    assert new_mask.sum(dim=1).tolist() == [5, 5]
+    assert new_labels is not None and new_labels[0, :5].tolist() == [-100, -100, -100, 3, 4]
+    assert (new.gather(1, pos)[mask.bool()] == ids[mask.bool()]).all()  # every real token where the map says
+
+
+def _model(tmp_path: Path) -> FusionModel:
+    folder = make_tiny_model("llama", tmp_path / "tiny")
+    cfg = FusionConfig(fusion="prefix", readout=True, n_prefix_tokens=2, d_encoder=32, encoder_heads=4,
+                       encoder_depth=1, variables=VARIABLES, normalization=NORM, window="1h")  # fmt: skip
+    return FusionModel.from_base(folder, cfg, dtype=torch.float32)
+
+
+def test_the_readout_reads_the_window_and_follows_a_shift(tmp_path: Path) -> None:
+    model = _model(tmp_path)
+    assert model.config.stats_head and model.encoder.stats_head is not None and model.encoder.stats_head.direct
+    g = torch.Generator().manual_seed(0)
+    climate = torch.randn(2, 1, 5, 11, 15, generator=g)
+    head = model.encoder.stats_head
+    tokens = model.encoder.encode(climate)
+    line = model.readout_texts(head(tokens.tokens, climate))[0]
+    warm = climate.clone()
+    warm[:, :, 0] += 0.3  # +3 K in normalised T2M units (std 10)
+    shifted = model.readout_texts(head(model.encoder.encode(warm).tokens, warm))[0]
+    t0 = float(line.split("temperature ")[1].split(" °C")[0])
+    t1 = float(shifted.split("temperature ")[1].split(" °C")[0])
+    assert t1 - t0 == pytest.approx(3.0, abs=0.11)  # the head starts as the window's own mean: slope 1
+    texts = model.generate(climate, "Describe:\n", max_new_tokens=4, seed=0)
+    assert len(texts) == 2
+
+
+def test_the_readout_needs_the_prefix_variant() -> None:
+    with pytest.raises(ConfigError, match="readout: true needs fusion: prefix"):
+        FusionConfig(fusion="xattn", readout=True, n_variables=2)
+
+
+def test_parse_of_a_copied_readout_is_the_caption() -> None:
+    """The sentence the LM is trained to write from the line states the same numbers."""
+    values = {"t2m_mean_c": 7.04, "t2m_min_c": 2.1, "t2m_max_c": 12.4, "slp_hpa": 1018.5}
+    caption = "The area-weighted mean 2 m temperature was 7.0 °C, ranging from 2.1 °C to 12.4 °C."
+    assert parse_caption_numbers(caption)["t2m_mean_c"] == float(render_readout(values).split("temperature ")[1][:3])
