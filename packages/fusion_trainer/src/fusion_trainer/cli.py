@@ -44,10 +44,21 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _fail(exc: BaseException) -> typer.Exit:
+def _fail(exc: BaseException | str) -> typer.Exit:
     prefix = f"[rank {os.environ['RANK']}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
     typer.echo(f"{prefix}error: {exc}", err=True)
     return typer.Exit(1)
+
+
+def _fail_on_credentials(exc: Exception) -> typer.Exit:
+    """One `error:` line for missing object-store credentials (botocore's NoCredentialsError, ...); re-raise
+    anything else (a bug shows its traceback)."""
+    from climate_text_schema import credentials_message
+
+    message = credentials_message(exc)
+    if message is None:
+        raise exc
+    return _fail(message)
 
 
 @train_app.command()
@@ -124,6 +135,10 @@ def train_command(
         result = train(cfg)
     except (FusionError, ContractError) as exc:
         raise _fail(exc) from exc
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        raise _fail_on_credentials(exc) from exc
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(
             json.dumps(
@@ -201,6 +216,10 @@ def eval_command(
         )  # fmt: skip
     except (FusionError, ContractError) as exc:
         raise _fail(exc) from exc
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        raise _fail_on_credentials(exc) from exc
     typer.echo(json.dumps(result, indent=2))
 
 
@@ -225,6 +244,10 @@ def generate_command(
         )
     except (FusionError, ContractError) as exc:
         raise _fail(exc) from exc
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        raise _fail_on_credentials(exc) from exc
     if out is None:
         for row in rows:
             typer.echo(json.dumps(row, ensure_ascii=False))

@@ -53,6 +53,22 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _error_line(exc: Exception) -> tuple[str, int] | None:
+    """The one-line message and exit code of an expected error (None: a bug, let the traceback show)."""
+    from climate_text_schema import credentials_message
+
+    missing = credentials_message(exc)  # botocore's NoCredentialsError and friends, here or as a cause
+    if missing is not None:
+        return missing, 1
+    if isinstance(exc, ConfigError):
+        return str(exc), 2
+    if isinstance(exc, Merra2TextError | ContractError):
+        return str(exc), 1
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc}; check the path or URL and your permissions/credentials", 1
+    return None
+
+
 def _errors(func: F) -> F:
     """Turn every expected error into one message on stderr and a non-zero exit code (2: usage, 1: failure)."""
 
@@ -62,14 +78,13 @@ def _errors(func: F) -> F:
             return func(*args, **kwargs)
         except typer.Exit:
             raise
-        except ConfigError as exc:
-            _fail(str(exc), 2)
-        except (Merra2TextError, ContractError) as exc:
-            _fail(str(exc), 1)
-        except (OSError, PermissionError) as exc:
-            _fail(f"{type(exc).__name__}: {exc}; check the path or URL and your permissions/credentials", 1)
         except KeyboardInterrupt:
             _fail("interrupted; rerun the same command to resume", 130)
+        except Exception as exc:
+            line = _error_line(exc)
+            if line is None:
+                raise
+            _fail(*line)
 
     return wrapper  # type: ignore[return-value]
 
