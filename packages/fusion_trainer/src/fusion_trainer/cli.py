@@ -253,9 +253,34 @@ def generate_command(
             typer.echo(json.dumps(row, ensure_ascii=False))
 
 
+def _train_command() -> Any:
+    """`fusion-train` as a click command whose `--help` shows the TrainConfig default of every flag left unset.
+
+    The flags default to None so that a `--config` YAML is not overridden; their effective defaults come from
+    `TrainConfig` (and `FusionConfig` for `--fusion`), read here so that `--help` cannot drift from them.
+    """
+    from .config import FusionConfig, TrainConfig
+
+    command = typer.main.get_command(train_app)
+    for param in command.params:
+        if param.default is not None or param.name is None:
+            continue
+        owner = FusionConfig if param.name == "fusion" else TrainConfig
+        field = owner.model_fields.get(param.name)
+        if field is None or field.is_required():
+            continue
+        default = field.get_default(call_default_factory=True)
+        if default is None:
+            continue
+        if isinstance(default, bool) and getattr(param, "secondary_opts", None):
+            default = (param.opts if default else param.secondary_opts)[0]
+        param.show_default = str(default)
+    return command
+
+
 def train_main() -> None:
     """Entry point of `fusion-train`."""
-    train_app()
+    _train_command()()
 
 
 def eval_main() -> None:
@@ -287,4 +312,7 @@ _COMMANDS = {"train": train_app, "eval": eval_app, "generate": generate_app}
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in _COMMANDS:
         sys.exit(f"usage: python -m fusion_trainer.cli {{{'|'.join(_COMMANDS)}}} [OPTIONS]")
-    _COMMANDS[sys.argv[1]](args=sys.argv[2:], prog_name=f"fusion-{sys.argv[1]}")
+    if sys.argv[1] == "train":
+        _train_command()(args=sys.argv[2:], prog_name="fusion-train")
+    else:
+        _COMMANDS[sys.argv[1]](args=sys.argv[2:], prog_name=f"fusion-{sys.argv[1]}")
