@@ -1,8 +1,8 @@
 """Every command line starts fast: `--help` imports none of the heavy libraries (pandas, xarray, dask, pandera,
 torch, transformers, DeepSpeed, the S3 stack); they are imported by the commands that use them.
 
-Measured on the project's 2-core machine (min of 5, under load ~5): `merra2-text --help` 1.71 s -> 0.58 s,
-`fusion-train --help` 1.18 s -> 0.40 s (see docs/performance.md)."""
+The wall times (before and after, on the project's 2-core machine) are in docs/performance.md, "Start-up and
+listings"."""
 
 from __future__ import annotations
 
