@@ -263,8 +263,8 @@ def _train_command() -> Any:
 
     command = typer.main.get_command(train_app)
     for param in command.params:
-        if param.default is not None or param.name is None:
-            continue
+        if not hasattr(param, "show_default") or param.default is not None or param.name is None:
+            continue  # arguments have no show_default; typer's options are its own (vendored click) classes
         owner = FusionConfig if param.name == "fusion" else TrainConfig
         field = owner.model_fields.get(param.name)
         if field is None or field.is_required():

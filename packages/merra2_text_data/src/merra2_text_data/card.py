@@ -8,6 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 from climate_text_schema import Manifest, hub_configs, sample_features
@@ -64,7 +65,7 @@ _ERA5 = (
 )
 
 
-def _coverage(index: pd.DataFrame, grid: tuple[Sequence[float], Sequence[float]] | None) -> list[str]:
+def _coverage(index: pd.DataFrame, grid: tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray] | None) -> list[str]:
     if grid is not None:
         return compute_coverage(index, *grid).describe()
     s, n = float(index["lat_min"].min()), float(index["lat_max"].max())
@@ -137,7 +138,7 @@ def make_card(
     manifest: Manifest,
     index: pd.DataFrame,
     region: Region,
-    grid: tuple[Sequence[float], Sequence[float]] | None = None,
+    grid: tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray] | None = None,
 ) -> str:
     """Write the dataset card of a version.
 

@@ -77,7 +77,7 @@ def _edge_runs(covered: np.ndarray) -> tuple[int, int]:
     return first, len(covered) - 1 - last
 
 
-def compute_coverage(index: pd.DataFrame, lat: Sequence[float], lon: Sequence[float]) -> Coverage:
+def compute_coverage(index: pd.DataFrame, lat: Sequence[float] | np.ndarray, lon: Sequence[float] | np.ndarray) -> Coverage:
     """The grid points of the region that the samples' tiles cover.
 
     Args:
@@ -93,7 +93,7 @@ def compute_coverage(index: pd.DataFrame, lat: Sequence[float], lon: Sequence[fl
     boxes = index[["lat_min", "lat_max", "lon_min", "lon_max"]].drop_duplicates()
     for s, n, w, e in boxes.itertuples(index=False, name=None):
         mask[np.ix_(_inside(lat_v, s, n), _inside(lon_v, w, e))] = True
-    rows, cols = mask.any(axis=1), mask.any(axis=0)
+    rows, cols = np.asarray(mask.any(axis=1)), np.asarray(mask.any(axis=0))
     south, north = _edge_runs(rows)
     west, east = _edge_runs(cols)
     strips: dict[str, tuple[float, float, int]] = {}
