@@ -32,6 +32,7 @@ def test_build_help_shows_the_config_defaults() -> None:
     assert shown["out"] == cfg.publish.out
     assert int(shown["workers"]) == cfg.run.workers and int(shown["seed"]) == cfg.sample.seed
     assert cfg.sample.tile is None and shown["tile"].startswith("none")
+    assert shown["edge_tiles"] == cfg.sample.edge_tiles
     assert cfg.sample.stride is None and shown["stride"] == "the window"
     assert cfg.publish.name is None and shown["name"] == "the region name"
     assert cfg.source.cache_dir is None and "cache" in shown["cache_dir"]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from climate_text_schema import open_dataset
+from climate_text_schema import SampleMeta, open_dataset
 from merra2_text_data import BuildConfig, build
 from merra2_text_data.regions import parse_region
 from merra2_text_data.synth import write_synthetic_granules
@@ -109,7 +109,8 @@ def test_webdataset_recipe_decodes_and_batches(ref: str) -> None:
     assert isinstance(climate, np.ndarray) and climate.dtype == np.float32
     assert climate.shape == (min(8, n_train), 24, 3, 2, 5)
     assert all(isinstance(t, str) and "°C" in t for t in texts)
-    assert all(set(m) >= {"events", "anomalies", "tile", "stats"} for m in metas)
+    # the builder writes exactly the contract's fields: none that the declared Hugging Face features would drop
+    assert all(set(m) == set(SampleMeta.model_fields) for m in metas)
     batches = list(ns["pipeline"])  # every batch of the split stacks (one shape per version)
     assert sum(len(b[1]) for b in batches) == n_train
 

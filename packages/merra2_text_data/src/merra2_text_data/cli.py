@@ -134,8 +134,9 @@ def build(
     edge_tiles: Annotated[
         str | None,
         typer.Option(
-            help="Where --tile does not divide the region: drop (default: one array shape) or keep the partial "
-            "edge tiles (several shapes)."
+            help="Where --tile does not divide the region: drop (one array shape) or keep the partial "
+            "edge tiles (several shapes).",
+            show_default="drop",
         ),
     ] = None,
     strict: Annotated[
