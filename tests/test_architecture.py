@@ -45,8 +45,11 @@ def test_static_imports_respect_boundaries(package: str, forbidden: set[str]) ->
 
 @pytest.mark.parametrize("package", ["climate_text_schema", "merra2_text_data"])
 def test_runtime_import_pulls_no_torch(package: str) -> None:
-    """Importing the package (and its CLI) at run time loads neither torch nor the other package."""
+    """Importing the package (its CLI, and the modules its lazy names load) loads neither torch nor the other
+    package."""
+    lazy = {"climate_text_schema": ["reference", "index", "storage", "hub"], "merra2_text_data": ["pipeline", "versions"]}
     mods = [package] + ([f"{package}.cli"] if (SOURCES[package] / "cli.py").exists() else [])
+    mods += [f"{package}.{m}" for m in lazy[package]]
     code = (
         "import sys, json, importlib\n"
         f"for m in {mods!r}: importlib.import_module(m)\n"

@@ -2,7 +2,15 @@
 
 It holds the dataset layout, the pandera schema of the index, the sample and manifest contract, and `open_dataset`,
 which resolves a dataset reference on any fsspec store. It never imports torch.
+
+The pandas/pandera/fsspec-backed names (`open_dataset`, the index schema, storage helpers) are imported on first
+use, so `import climate_text_schema` (and every command line's `--help`) stays cheap.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ContractError,
@@ -14,7 +22,7 @@ from .errors import (
     SchemaVersionError,
 )
 from .hashing import READ_SIZE, HashingReader
-from .index import BASE_COLUMNS, index_schema, stat_columns, validate_index, variables_in_index
+from .hub import hf_features, hub_configs, sample_features
 from .layout import (
     INDEX_FILE,
     MANIFEST_FILE,
@@ -39,7 +47,6 @@ from .manifest import (
     check_schema_version,
     parse_manifest,
 )
-from .reference import OpenedDataset, open_dataset, parse_reference, resolve_version_url
 from .sample import (
     ARRAY_DIMS,
     ARRAY_DTYPE,
@@ -47,6 +54,8 @@ from .sample import (
     META_MEMBER,
     SAMPLE_MEMBERS,
     TEXT_MEMBER,
+    SampleAnomalies,
+    SampleEvent,
     SampleMeta,
     check_climate_array,
     check_sample_key,
@@ -56,7 +65,27 @@ from .sample import (
 )
 from .variables import DEFAULT_VARIABLES, FILL_VALUE, KNOWN_VARIABLES, VariableSpec, variable_spec
 
+if TYPE_CHECKING:
+    from .index import BASE_COLUMNS, index_schema, stat_columns, validate_index, variables_in_index
+    from .reference import OpenedDataset, open_dataset, parse_reference, resolve_version_url
+    from .storage import OBJECT_STORE_PROTOCOLS, credentials_message, register_webdataset_fsspec
+
 __version__ = "1.0.0"
+
+_LAZY = {
+    "BASE_COLUMNS": "index",
+    "index_schema": "index",
+    "stat_columns": "index",
+    "validate_index": "index",
+    "variables_in_index": "index",
+    "OpenedDataset": "reference",
+    "open_dataset": "reference",
+    "parse_reference": "reference",
+    "resolve_version_url": "reference",
+    "OBJECT_STORE_PROTOCOLS": "storage",
+    "credentials_message": "storage",
+    "register_webdataset_fsspec": "storage",
+}
 
 __all__ = [
     "ARRAY_DIMS",
@@ -68,6 +97,7 @@ __all__ = [
     "INDEX_FILE",
     "KNOWN_VARIABLES",
     "MANIFEST_FILE",
+    "OBJECT_STORE_PROTOCOLS",
     "META_MEMBER",
     "QUARANTINE_FILE",
     "READ_SIZE",
@@ -86,7 +116,9 @@ __all__ = [
     "NormStats",
     "OpenedDataset",
     "ReferenceError_",
+    "SampleAnomalies",
     "SampleError",
+    "SampleEvent",
     "SampleMeta",
     "SchemaVersionError",
     "ShardInfo",
@@ -96,15 +128,20 @@ __all__ = [
     "check_climate_array",
     "check_sample_key",
     "check_schema_version",
+    "credentials_message",
     "decode_climate",
     "decode_meta",
     "decode_text",
+    "hf_features",
+    "hub_configs",
     "index_schema",
     "join_url",
     "open_dataset",
     "parse_manifest",
     "parse_reference",
+    "register_webdataset_fsspec",
     "resolve_version_url",
+    "sample_features",
     "shard_name",
     "stat_columns",
     "tag_url",
@@ -115,3 +152,10 @@ __all__ = [
     "version_url",
     "versions_url",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'climate_text_schema' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

@@ -22,7 +22,11 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = "1.1"
-"""MAJOR.MINOR. A reader accepts its own major version and any minor (minor versions only add fields)."""
+"""MAJOR.MINOR. A reader accepts its own major version and any minor (minor versions only add fields).
+
+1.1: the manifest's `array_shape`; every sample's `.json` carries every `SampleMeta` field (`events: []`,
+`anomalies: null` when there are none).
+"""
 
 
 class VariableInfo(BaseModel):

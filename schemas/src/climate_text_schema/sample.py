@@ -22,6 +22,8 @@ __all__ = [
     "META_MEMBER",
     "SAMPLE_MEMBERS",
     "TEXT_MEMBER",
+    "SampleAnomalies",
+    "SampleEvent",
     "SampleMeta",
     "check_climate_array",
     "check_sample_key",
@@ -43,8 +45,33 @@ KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
 """Keys hold no dots (WebDataset splits member names at the first dot) and no path separators."""
 
 
+class SampleEvent(BaseModel):
+    """One reported event joined to a sample (an entry of `SampleMeta.events`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(description="the report's id in its source (NOAA EVENT_ID or the text table's id)")
+    type: str = Field(description="the event type, e.g. Hail, Heavy Snow")
+    begin: str = Field(description="ISO 8601, UTC")
+
+
+class SampleAnomalies(BaseModel):
+    """The window's departure from a day-of-year climatology (`SampleMeta.anomalies`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    values: dict[str, float] = Field(description="{V: sample mean - climatological mean} in physical units")
+    reference: dict[str, float] | None = Field(default=None, description="{V: climatological mean}")
+    period: str = Field(default="", description="the years behind the climatology, e.g. 2015-2019")
+
+
 class SampleMeta(BaseModel):
-    """The `<key>.json` member."""
+    """The `<key>.json` member.
+
+    Every sample a writer encodes with `model_dump` carries every field, so all the samples of a version have the
+    same keys (`events` is `[]` and `anomalies` is null when there are none): readers that infer a schema from the
+    first samples (Hugging Face `datasets`, pyarrow) see every field.
+    """
 
     model_config = ConfigDict(extra="allow")
 
@@ -61,6 +88,16 @@ class SampleMeta(BaseModel):
         min_length=1, description="ascending, west to east (across the antimeridian: wraps)"
     )
     stats: dict[str, dict[str, float]] = Field(description="{V: {mean, min, max}} in physical units")
+    time_step: str | None = Field(default=None, description="the time resolution inside the window, e.g. 1h")
+    tile: list[int] | None = Field(
+        default=None, description="[row from the south, column from the west]; null for a whole-region sample"
+    )
+    anomalies: SampleAnomalies | None = Field(
+        default=None, description="departure from the climatology; null when the build or the date has none"
+    )
+    events: list[SampleEvent] = Field(
+        default_factory=list, description="the reports joined to the window; [] when there are none"
+    )
 
     @field_validator("key")
     @classmethod

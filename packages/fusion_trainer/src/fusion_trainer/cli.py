@@ -44,10 +44,21 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _fail(exc: BaseException) -> typer.Exit:
+def _fail(exc: BaseException | str) -> typer.Exit:
     prefix = f"[rank {os.environ['RANK']}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
     typer.echo(f"{prefix}error: {exc}", err=True)
     return typer.Exit(1)
+
+
+def _fail_on_credentials(exc: Exception) -> typer.Exit:
+    """One `error:` line for missing object-store credentials (botocore's NoCredentialsError, ...); re-raise
+    anything else (a bug shows its traceback)."""
+    from climate_text_schema import credentials_message
+
+    message = credentials_message(exc)
+    if message is None:
+        raise exc
+    return _fail(message)
 
 
 @train_app.command()
@@ -124,6 +135,10 @@ def train_command(
         result = train(cfg)
     except (FusionError, ContractError) as exc:
         raise _fail(exc) from exc
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        raise _fail_on_credentials(exc) from exc
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(
             json.dumps(
@@ -211,6 +226,10 @@ def eval_command(
         )  # fmt: skip
     except (FusionError, ContractError) as exc:
         raise _fail(exc) from exc
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        raise _fail_on_credentials(exc) from exc
     typer.echo(json.dumps(result, indent=2))
 
 
@@ -235,14 +254,43 @@ def generate_command(
         )
     except (FusionError, ContractError) as exc:
         raise _fail(exc) from exc
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        raise _fail_on_credentials(exc) from exc
     if out is None:
         for row in rows:
             typer.echo(json.dumps(row, ensure_ascii=False))
 
 
+def _train_command() -> Any:
+    """`fusion-train` as a click command whose `--help` shows the TrainConfig default of every flag left unset.
+
+    The flags default to None so that a `--config` YAML is not overridden; their effective defaults come from
+    `TrainConfig` (and `FusionConfig` for `--fusion`), read here so that `--help` cannot drift from them.
+    """
+    from .config import FusionConfig, TrainConfig
+
+    command = typer.main.get_command(train_app)
+    for param in command.params:
+        if not hasattr(param, "show_default") or param.default is not None or param.name is None:
+            continue  # arguments have no show_default; typer's options are its own (vendored click) classes
+        owner = FusionConfig if param.name == "fusion" else TrainConfig
+        field = owner.model_fields.get(param.name)
+        if field is None or field.is_required():
+            continue
+        default = field.get_default(call_default_factory=True)
+        if default is None:
+            continue
+        if isinstance(default, bool) and getattr(param, "secondary_opts", None):
+            default = (param.opts if default else param.secondary_opts)[0]
+        param.show_default = str(default)
+    return command
+
+
 def train_main() -> None:
     """Entry point of `fusion-train`."""
-    train_app()
+    _train_command()()
 
 
 def eval_main() -> None:
@@ -274,4 +322,7 @@ _COMMANDS = {"train": train_app, "eval": eval_app, "generate": generate_app}
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in _COMMANDS:
         sys.exit(f"usage: python -m fusion_trainer.cli {{{'|'.join(_COMMANDS)}}} [OPTIONS]")
-    _COMMANDS[sys.argv[1]](args=sys.argv[2:], prog_name=f"fusion-{sys.argv[1]}")
+    if sys.argv[1] == "train":
+        _train_command()(args=sys.argv[2:], prog_name="fusion-train")
+    else:
+        _COMMANDS[sys.argv[1]](args=sys.argv[2:], prog_name=f"fusion-{sys.argv[1]}")

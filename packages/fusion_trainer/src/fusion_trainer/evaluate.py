@@ -397,7 +397,8 @@ def evaluate_run(
     Returns:
         {"run", "dataset", "version", "split", "caption", "fused": {loss, perplexity, ...}, "base": {...},
         "loss_delta" (base loss - fused loss: positive when the climate helps), "grounding_gain": {...},
-        "faithfulness": {...}, "grounded": {...}} (see `grounding_gain` and `grounding.faithfulness`).
+        "faithfulness": {...}, "grounded": {...}} (see `grounding_gain` and `grounding.faithfulness`). The result is
+        also kept as `RUN_DIR/final/evaluation-<split>.json`, and the model card `final/README.md` shows it.
 
     Raises:
         DataError: the dataset cannot be read, or has no samples in `split`.
@@ -441,4 +442,20 @@ def evaluate_run(
             },
             "numbers": result["faithfulness"]["grounded"],
         }
+    _refresh_model_card(run_dir, result, data)
     return result
+
+
+def _refresh_model_card(run_dir: Path, result: dict[str, Any], data: Any) -> None:
+    """Keep the result as final/evaluation-<split>.json and rewrite final/README.md with the evaluation table.
+
+    A run folder that cannot be written (read-only storage) only costs the card: the result is still returned.
+    """
+    from .model_card import save_evaluation, write_model_card
+
+    final = run_dir / "final"
+    try:
+        save_evaluation(final, result)
+        write_model_card(final, run_dir, data.manifest, data.reference)
+    except OSError as exc:
+        logger.warning("could not refresh the model card in %s (%s); the evaluation is printed only", final, exc)

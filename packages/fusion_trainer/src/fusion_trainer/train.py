@@ -44,6 +44,7 @@ from .metrics import (
     peak_memory_bytes,
     repair_jsonl_tail,
 )
+from .model_card import write_model_card
 from .precision import Precision, resolve_precision
 from .runs import PROMPT_FILE
 
@@ -424,6 +425,8 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         )
     adapter = export_adapter(engine.module, run_dir, rank, shapes) if step >= config.steps else None
     run.metrics.close()
+    if adapter is not None and rank == 0:
+        write_model_card(adapter, run_dir, data.manifest, config.shards)
     log_rank_zero(logger, "done at step %d; checkpoint %s; adapter %s", step, run.last_checkpoint, adapter)
     if skipped:
         log_rank_zero(logger, "%d bad sample(s) were left out (skip_bad_samples); each is named in the log above",

@@ -8,17 +8,11 @@ Examples:
     '/abs/datasets/bbox-105_35_-95_45@9c1e...'
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .config import (
-    BuildConfig,
-    PublishConfig,
-    RunConfig,
-    SampleConfig,
-    ShardConfig,
-    SourceConfig,
-    SubsetConfig,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     BuildError,
     ConfigError,
@@ -30,19 +24,46 @@ from .errors import (
     SampleValidationError,
     VerifyError,
 )
-from .pipeline import build, plan_build
-from .regions import REGIONS, Region, parse_region
-from .versions import (
-    DiffReport,
-    GcReport,
-    VerifyReport,
-    VersionInfo,
-    diff,
-    gc,
-    list_versions,
-    tag,
-    verify,
-)
+
+if TYPE_CHECKING:
+    from .config import (
+        BuildConfig,
+        PublishConfig,
+        RunConfig,
+        SampleConfig,
+        ShardConfig,
+        SourceConfig,
+        SubsetConfig,
+    )
+    from .pipeline import build, plan_build
+    from .regions import REGIONS, Region, parse_region
+    from .versions import (
+        DiffReport,
+        GcReport,
+        VerifyReport,
+        VersionInfo,
+        diff,
+        gc,
+        list_versions,
+        tag,
+        verify,
+    )
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    **dict.fromkeys(
+        ("BuildConfig", "PublishConfig", "RunConfig", "SampleConfig", "ShardConfig", "SourceConfig", "SubsetConfig"),
+        "config",
+    ),
+    **dict.fromkeys(("build", "plan_build"), "pipeline"),
+    **dict.fromkeys(("REGIONS", "Region", "parse_region"), "regions"),
+    **dict.fromkeys(
+        ("DiffReport", "GcReport", "VerifyReport", "VersionInfo", "diff", "gc", "list_versions", "tag", "verify"),
+        "versions",
+    ),
+}
+"""Names imported on first use: the builder's modules pull in pandas, xarray and dask, which `--help` never needs."""
 
 __all__ = [
     "REGIONS",
@@ -77,3 +98,10 @@ __all__ = [
     "tag",
     "verify",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'merra2_text_data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from climate_text_schema import ContractError
+from climate_text_schema import DEFAULT_VARIABLES, ContractError
 
 from .errors import ConfigError, Merra2TextError, VerifyError
 
@@ -53,6 +53,22 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _error_line(exc: Exception) -> tuple[str, int] | None:
+    """The one-line message and exit code of an expected error (None: a bug, let the traceback show)."""
+    from climate_text_schema import credentials_message
+
+    missing = credentials_message(exc)  # botocore's NoCredentialsError and friends, here or as a cause
+    if missing is not None:
+        return missing, 1
+    if isinstance(exc, ConfigError):
+        return str(exc), 2
+    if isinstance(exc, Merra2TextError | ContractError):
+        return str(exc), 1
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc}; check the path or URL and your permissions/credentials", 1
+    return None
+
+
 def _errors(func: F) -> F:
     """Turn every expected error into one message on stderr and a non-zero exit code (2: usage, 1: failure)."""
 
@@ -62,14 +78,13 @@ def _errors(func: F) -> F:
             return func(*args, **kwargs)
         except typer.Exit:
             raise
-        except ConfigError as exc:
-            _fail(str(exc), 2)
-        except (Merra2TextError, ContractError) as exc:
-            _fail(str(exc), 1)
-        except (OSError, PermissionError) as exc:
-            _fail(f"{type(exc).__name__}: {exc}; check the path or URL and your permissions/credentials", 1)
         except KeyboardInterrupt:
             _fail("interrupted; rerun the same command to resume", 130)
+        except Exception as exc:
+            line = _error_line(exc)
+            if line is None:
+                raise
+            _fail(*line)
 
     return wrapper  # type: ignore[return-value]
 
@@ -86,17 +101,26 @@ def build(
     years: Annotated[str | None, typer.Option(help="2019 or 2018-2020.")] = None,
     start: Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD.")] = None,
     end: Annotated[str | None, typer.Option(help="Last day (inclusive), YYYY-MM-DD.")] = None,
-    variables: Annotated[str | None, typer.Option(help="Comma-separated, e.g. T2M,U10M,V10M.")] = None,
-    source: Annotated[
-        str | None, typer.Option(help="'earthaccess' (default) or a folder/URL of granules.")
+    variables: Annotated[
+        str | None, typer.Option(help="Comma-separated, in array order.", show_default=",".join(DEFAULT_VARIABLES))
     ] = None,
-    out: Annotated[str | None, typer.Option(help="Dataset root: folder or URL (default ./datasets).")] = None,
-    name: Annotated[str | None, typer.Option(help="Dataset name (default: the region name).")] = None,
-    window: Annotated[str | None, typer.Option(help="Span of one sample, e.g. 1d.")] = None,
-    stride: Annotated[str | None, typer.Option(help="Step between samples (default: the window).")] = None,
-    time_step: Annotated[str | None, typer.Option(help="Resolution inside a sample: 1h, 3h, 1d.")] = None,
-    tile: Annotated[str | None, typer.Option(help="Tile of LATxLON grid points, e.g. 16x16.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Local dask workers.")] = None,
+    source: Annotated[
+        str | None, typer.Option(help="'earthaccess' or a folder/URL of granules.", show_default="earthaccess")
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="Dataset root: folder or URL.", show_default="./datasets")] = None,
+    name: Annotated[str | None, typer.Option(help="Dataset name.", show_default="the region name")] = None,
+    window: Annotated[str | None, typer.Option(help="Span of one sample, e.g. 6h, 1d, 7d.", show_default="1d")] = None,
+    stride: Annotated[str | None, typer.Option(help="Step between samples.", show_default="the window")] = None,
+    time_step: Annotated[
+        str | None, typer.Option(help="Resolution inside a sample: 1h, 3h, 1d.", show_default="1h")
+    ] = None,
+    tile: Annotated[
+        str | None,
+        typer.Option(help="Tile of LATxLON grid points, e.g. 16x16.", show_default="none: the whole region"),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Local dask workers (0: run in this process).", show_default="0")
+    ] = None,
     scheduler: Annotated[str | None, typer.Option(help="Existing dask scheduler address.")] = None,
     allow_gaps: Annotated[bool, typer.Option("--allow-gaps", help="Build around missing days.")] = False,
     allow_partial_days: Annotated[
@@ -110,8 +134,9 @@ def build(
     edge_tiles: Annotated[
         str | None,
         typer.Option(
-            help="Where --tile does not divide the region: drop (default: one array shape) or keep the partial "
-            "edge tiles (several shapes)."
+            help="Where --tile does not divide the region: drop (one array shape) or keep the partial "
+            "edge tiles (several shapes).",
+            show_default="drop",
         ),
     ] = None,
     strict: Annotated[
@@ -119,14 +144,17 @@ def build(
     ] = False,
     events: Annotated[list[str] | None, typer.Option(help="NOAA Storm Events CSV(.gz); repeatable.")] = None,
     text_table: Annotated[str | None, typer.Option(help="CSV/Parquet with time, lat, lon, text.")] = None,
-    shard_size: Annotated[str | None, typer.Option(help="Target shard size, e.g. 256MB.")] = None,
+    shard_size: Annotated[
+        str | None, typer.Option(help="Target shard size, e.g. 64MB, 1GB.", show_default="256MB")
+    ] = None,
     cache_dir: Annotated[
         str | None,
         typer.Option(
-            "--cache", "--cache-dir", help="Folder for downloaded granules and the zarr regional cache."
+            "--cache", "--cache-dir", help="Folder for downloaded granules and the zarr regional cache.",
+            show_default="<out>/.cache for a local --out, else ~/.cache/merra2-text",
         ),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Split seed.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Split seed.", show_default="0")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="A build YAML (pipelines/*.yaml).")] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a key: --set sample.window=2d.")

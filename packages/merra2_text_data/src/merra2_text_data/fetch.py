@@ -197,12 +197,22 @@ def _check_request(collections: Sequence[str], start: date, end: date) -> None:
         raise ConfigError(f"end {end} is before start {start}: give an end on or after the start")
 
 
+def _warn_stray(source: str | Path, names: list[str], shown: int = 10) -> None:
+    """Name the files of a granule folder that are not MERRA-2 granules (they are ignored, never read)."""
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    logger.warning(
+        "%s holds %d file(s) that are not MERRA-2 granules (MERRA2_<stream>.<product>.<YYYYMMDD>.nc4); they are "
+        "ignored: %s", source, len(names), listed,
+    )  # fmt: skip
+
+
 def find_granules(
     source: str | Path, collections: Sequence[str], start: date, end: date
 ) -> tuple[list[Granule], list[date]]:
     """List the granules of `collections` for start..end in a local folder or any fsspec URL (searched recursively).
 
-    Duplicate days (e.g. streams 400 and 401) keep the highest stream and log a warning naming both files.
+    Duplicate days (e.g. streams 400 and 401) keep the highest stream and log a warning naming both files. Files
+    whose names are not granule names (other than hidden ones) are ignored with a warning that names them.
 
     Args:
         source: a folder path, `file://`, `s3://bucket/prefix`, ...
@@ -225,6 +235,7 @@ def find_granules(
     wanted = {COLLECTIONS[c].product: c for c in collections}
     found: list[Granule] = []
     grads: list[tuple[str, date, GranuleError]] = []
+    stray: list[str] = []
     for path, info in sorted(fs.find(root, detail=True).items()):
         name = path.rsplit("/", 1)[-1]
         try:
@@ -235,6 +246,8 @@ def find_granules(
                 day = datetime.strptime(grads_match["ymd"], "%Y%m%d").date()
                 if start <= day <= end:
                     grads.append((wanted[grads_match["product"]], day, exc))
+            elif not name.startswith("."):
+                stray.append(path[len(root) :].lstrip("/") or name)
             logger.debug("ignoring %s: %s", path, exc)
             continue
         if product not in wanted or not start <= day <= end:
@@ -245,6 +258,8 @@ def find_granules(
         size = info.get("size")
         found.append(Granule(collection, day, stream, name, url, int(size) if size is not None else None,
                              None, f"{collection}.{VERSION}:{name}"))  # fmt: skip
+    if stray:
+        _warn_stray(source, stray)
     granules = _deduplicate(found)
     have = {(g.collection, g.day) for g in granules}
     for collection, day, grads_error in grads:

@@ -393,7 +393,7 @@ def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
         array_shape=_array_shape(config, samples),
         holdout_tiles=holdout_tiles(samples, config.sample.holdout_tiles, config.sample.seed) or None,
     ))  # fmt: skip
-    card = make_card(manifest, index, plan.region)
+    card = make_card(manifest, index, plan.region, grid=(cube["lat"].values, cube["lon"].values))
     commit_version(fs, plan.dataset_url, manifest, index, quarantine, card, tag=config.publish.tag)
     logger.info("published %s (%d samples, %d quarantined)", ref, len(index), len(quarantine))
     return ref
