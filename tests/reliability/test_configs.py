@@ -20,18 +20,20 @@ from merra2_text_data.errors import ConfigError
 from .conftest import cli, run_tool
 
 BAD_BUILD_TYPES: dict[str, dict[str, Any]] = {
-    "source": {"source": 5, "cache_dir": ["x"], "allow_gaps": "perhaps"},
+    "source": {"source": 5, "cache_dir": ["x"], "allow_gaps": "perhaps", "allow_partial_days": "some"},
     "subset": {"region": 12, "years": [2019], "start": "yesterday", "end": {"day": 1}, "variables": 7},
     "sample": {
         "window": 1,
         "stride": [1],
         "time_step": 7,
         "tile": 16.5,
+        "edge_tiles": 3,
         "val_fraction": "some",
         "test_fraction": [],
         "val_years": "1999",
         "test_years": {"a": 1},
         "seed": "s",
+        "holdout_tiles": "few",
         "events": "a.csv",
         "text_table": 3,
         "strict": "maybe",
@@ -43,7 +45,7 @@ BAD_BUILD_TYPES: dict[str, dict[str, Any]] = {
 """A wrong type for every field of every section."""
 
 BAD_BUILD_VALUES: dict[str, dict[str, Any]] = {
-    "source": {"source": "", "cache_dir": "", "allow_gaps": "perhaps"},
+    "source": {"source": "", "cache_dir": "", "allow_gaps": "perhaps", "allow_partial_days": "some"},
     "subset": {
         "region": "atlantis",
         "years": "19x9",
@@ -56,11 +58,13 @@ BAD_BUILD_VALUES: dict[str, dict[str, Any]] = {
         "stride": "0x",
         "time_step": "7 parsecs",
         "tile": "big",
+        "edge_tiles": "pad",
         "val_fraction": 1.5,
         "test_fraction": -1,
         "val_years": [-5],
         "test_years": [10**6],
         "seed": 1.5,
+        "holdout_tiles": 1.5,
         "events": [""],
         "text_table": "",
         "strict": "maybe",

@@ -28,7 +28,8 @@ def iter_generations(
     max_new_tokens: int = 96,
     caption: str = "full",
 ) -> Iterator[dict[str, Any]]:
-    """Generate greedily for the samples of `split` in manifest order.
+    """Generate greedily for the samples of `split` in manifest order (with `limit`, for that many samples spread
+    evenly over the split, so a partial evaluation still covers all its times and places).
 
     Args:
         model: a loaded FusionModel.
@@ -59,9 +60,13 @@ def iter_generations(
             reference = caption_target(sample.text, caption)
             yield {"key": sample.key, "reference": reference, "generated": text}
 
-    for done, raw in enumerate(raws):
-        if limit is not None and done >= limit:
-            break
+    total = sum(s.samples for s in dataset.shards(split))
+    wanted = None
+    if limit is not None and limit < total:
+        wanted = {int(i) for i in np.linspace(0, total - 1, limit).round()}
+    for position, raw in enumerate(raws):
+        if wanted is not None and position not in wanted:
+            continue
         batch.append(decode_sample(raw, dataset))
         if len(batch) == batch_size:
             yield from flush(batch)
