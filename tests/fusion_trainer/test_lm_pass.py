@@ -98,3 +98,17 @@ def test_the_prompt_cache_follows_the_prompt(tmp_path: Path) -> None:
         assert lean.loss.item() == pytest.approx(full.loss.item(), rel=1e-5)
     with pytest.raises(Exception, match="give labels"):
         model(a["input_ids"], a["attention_mask"], a["climate"], logits="none")
+
+
+@pytest.mark.parametrize("fusion", ["prefix", "gated-xattn"])
+def test_token_losses_equal_the_full_pass(tmp_path: Path, fusion: str) -> None:
+    folder = make_tiny_model("llama", tmp_path / "tiny")
+    model = FusionModel.from_base(folder, FusionConfig(fusion=fusion, n_variables=3, n_prefix_tokens=2, **SIZES),
+                                  dtype=torch.float32)  # fmt: skip
+    batch = _batch(model.lm.config.vocab_size)
+    full = model(**batch).logits[:, :-1]
+    target = batch["labels"][:, 1:]
+    want = torch.nn.functional.cross_entropy(full.reshape(-1, full.shape[-1]), target.reshape(-1), ignore_index=-100,
+                                             reduction="none").view(target.shape)  # fmt: skip
+    got = model.token_losses(batch["input_ids"], batch["attention_mask"], batch["climate"], batch["labels"])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -21,7 +21,7 @@ def test_the_line_states_the_captions_quantities_in_its_units() -> None:
              "V10M": {"mean": 4.0, "min": 0, "max": 6}, "SLP": {"mean": 101850.0, "min": 0, "max": 0},
              "PRECTOT": {"mean": 5e-5, "min": 0, "max": 1e-4}}  # fmt: skip
     line = render_readout(caption_quantities(stats, 3600.0))
-    assert line == ("Readout: temperature 7.0 °C, 2.1 °C to 12.4 °C; wind 5.0 m/s from the southeast; pressure "
+    assert line == ("Readout: temperature 7.0 °C, ranging from 2.1 °C to 12.4 °C; wind 5.0 m/s from the southeast; pressure "
                     "1018.5 hPa; precipitation 0.2 mm.\n")  # fmt: skip
     assert render_readout({}) == "Readout: none.\n"
     calm = render_readout({"wind_speed_m_s": 0.02, "wind_dir_deg": 90.0})

@@ -100,6 +100,8 @@ def _token_losses(
 ) -> torch.Tensor:
     """Per-token caption loss `(B, L-1)` (0 where the label is ignored) of the fused model with `climate`."""
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    if hasattr(model, "token_losses"):  # a FusionModel: without logits off the targets (lm_pass)
+        return torch.as_tensor(model.token_losses(ids, mask, climate.to(device), labels)).float()
     # labels place a prefix after the prompt, exactly as in training (without them it would go after the caption)
     out = model(input_ids=ids, attention_mask=mask, climate=climate.to(device), labels=labels)
     logits = out.logits[:, :-1].float()

@@ -72,8 +72,10 @@ def target_loss(
     text_positions: Tensor | None,
     weights: Tensor | None,
     offset_ok: bool,
-) -> Tensor:
-    """Run the LM with logits only where labelled tokens are predicted; return the (weighted) mean cross-entropy.
+    per_token: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Run the LM with logits only where labelled tokens are predicted; return the (weighted) mean cross-entropy,
+    or with `per_token` the cross-entropy of every target `(N,)` and its (row, column) in the input frame `(N, 2)`.
 
     Args:
         lm: the causal LM.
@@ -90,6 +92,8 @@ def target_loss(
     slot = torch.searchsorted(keep, positions)  # (N,)
     rows = logits[idx[:, 0], slot].float()  # (N, vocab)
     target = labels[idx[:, 0], idx[:, 1]]  # (N,)
+    if per_token:
+        return torch.nn.functional.cross_entropy(rows, target, reduction="none"), idx
     if weights is None:
         return torch.nn.functional.cross_entropy(rows, target)
     ce = torch.nn.functional.cross_entropy(rows, target, reduction="none")

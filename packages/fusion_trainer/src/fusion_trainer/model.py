@@ -436,9 +436,11 @@ class FusionModel(nn.Module):
 
     def _loss_only(
         self, input_ids: Tensor, attention_mask: Tensor, tokens: ClimateTokens, labels: Tensor, weights: Tensor | None,
-        stats: Tensor | None,
+        stats: Tensor | None, per_token: bool = False,
     ) -> Tensor:  # fmt: skip
-        """The caption loss without logits off the targets, over a cached prompt where it is exact (`lm_pass`)."""
+        """The caption loss without logits off the targets, over a cached prompt where it is exact (`lm_pass`); with
+        `per_token`, every target's loss `(B, L-1)` aligned with `labels[:, 1:]` (0 where no target)."""
+        full_shape = (input_ids.shape[0], input_ids.shape[1] - 1)
         shared = shared_prompt_length(input_ids, attention_mask, labels) if self._prompt_cache is not None else 0
         cache: dict[str, Any] = {}
         if shared:
@@ -454,8 +456,27 @@ class FusionModel(nn.Module):
         else:
             cache["use_cache"] = False
         with self._climate_scope(tokens):
-            return target_loss(self.lm, {"inputs_embeds": embeds, "attention_mask": mask, **cache}, labels,
-                               text_positions, weights, offset_ok=bool(shared))  # fmt: skip
+            out = target_loss(self.lm, {"inputs_embeds": embeds, "attention_mask": mask, **cache}, labels,
+                              text_positions, weights, offset_ok=bool(shared), per_token=per_token)  # fmt: skip
+        if not per_token:
+            assert isinstance(out, Tensor)
+            return out
+        assert isinstance(out, tuple)
+        ce, idx = out
+        losses = torch.zeros(full_shape, dtype=ce.dtype, device=ce.device)
+        losses[idx[:, 0], shared + idx[:, 1] - 1] = ce
+        return losses
+
+    @torch.no_grad()
+    def token_losses(self, input_ids: Tensor, attention_mask: Tensor | None, climate: Tensor, labels: Tensor) -> Tensor:
+        """Every caption token's cross-entropy `(B, L-1)`, aligned with `labels[:, 1:]` (0 where ignored), computed the
+        lean way (`lm_pass`); what `fusion-eval`'s grounding gains compare."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        tokens = self.encoder.encode(climate)
+        head = self.encoder.stats_head
+        stats = head(tokens.tokens, climate) if head is not None else None
+        return self._loss_only(input_ids, attention_mask, tokens, labels, None, stats, per_token=True)
 
     # ----- generation -----
 

@@ -6,8 +6,8 @@ statistics; they are turned into the caption's quantities in its units (`climate
 .caption_quantities`: the area-mean 2 m temperature and its range, the mean wind vector's speed and direction,
 pressure, the precipitation total) and written as one line,
 
-    Readout: temperature 7.0 °C, 2.1 °C to 12.4 °C; wind 7.6 m/s from the west-southwest; pressure 1018.5 hPa;
-    precipitation 0.2 mm.
+    Readout: temperature 7.0 °C, ranging from 2.1 °C to 12.4 °C; wind 7.6 m/s from the west-southwest; pressure
+    1018.5 hPa; precipitation 0.2 mm.
 
 which is inserted after the prompt, before the soft tokens and the caption (`insert_tokens`). The LM learns to turn
 it into the caption; a pretrained LM copies numbers from its context readily. The line is discrete text, so the
@@ -36,8 +36,8 @@ def render_readout(values: Mapping[str, float]) -> str:
     left out. An empty mapping gives `Readout: none.`"""
     parts: list[str] = []
     if {"t2m_mean_c", "t2m_min_c", "t2m_max_c"} <= set(values):
-        parts.append(f"temperature {format_number(values['t2m_mean_c'])} °C, {format_number(values['t2m_min_c'])} °C "
-                     f"to {format_number(values['t2m_max_c'])} °C")  # fmt: skip
+        parts.append(f"temperature {format_number(values['t2m_mean_c'])} °C, ranging from "
+                     f"{format_number(values['t2m_min_c'])} °C to {format_number(values['t2m_max_c'])} °C")  # fmt: skip
     if "dewpoint_c" in values:
         parts.append(f"dew point {format_number(values['dewpoint_c'])} °C")
     if "qv_g_kg" in values:
