@@ -329,10 +329,12 @@ class TrainConfig(_BaseModel):
     @classmethod
     def _template_ok(cls, value: str) -> str:
         try:
-            value.format(example="", variables="", caption_example="", readout_example="")
+            value.format(example="", variables="", caption_example="", readout_example="", cold_caption_example="",
+                         cold_readout_example="")
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(
-                f"{exc!r}; use only {{example}}, {{caption_example}}, {{readout_example}} and {{variables}}"
+                f"{exc!r}; use only {{example}}, {{caption_example}}, {{readout_example}}, {{cold_caption_example}}, "
+                "{cold_readout_example} and {variables}"
             ) from None
         return value
 
