@@ -20,7 +20,7 @@ from merra2_text_data.errors import ConfigError
 from .conftest import cli, run_tool
 
 BAD_BUILD_TYPES: dict[str, dict[str, Any]] = {
-    "source": {"source": 5, "cache_dir": ["x"], "allow_gaps": "perhaps", "allow_partial_days": "some"},
+    "source": {"source": 5, "cache": ["x"], "cache_dir": ["x"], "allow_gaps": "perhaps", "allow_partial_days": "some"},
     "subset": {"region": 12, "years": [2019], "start": "yesterday", "end": {"day": 1}, "variables": 7},
     "sample": {
         "window": 1,
@@ -45,7 +45,7 @@ BAD_BUILD_TYPES: dict[str, dict[str, Any]] = {
 """A wrong type for every field of every section."""
 
 BAD_BUILD_VALUES: dict[str, dict[str, Any]] = {
-    "source": {"source": "", "cache_dir": "", "allow_gaps": "perhaps", "allow_partial_days": "some"},
+    "source": {"source": "", "cache": "", "cache_dir": "", "allow_gaps": "perhaps", "allow_partial_days": "some"},
     "subset": {
         "region": "atlantis",
         "years": "19x9",
