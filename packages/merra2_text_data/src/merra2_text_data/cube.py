@@ -101,6 +101,7 @@ class CubeSource:
         era5: the store URL of an ERA5 source (then `granules` is empty and no cache is used).
         start: first day of the build (ERA5).
         end: last day of the build (ERA5).
+        build: the version being built: what a task remembers of the cache is kept for one build only.
     """
 
     cache: str
@@ -111,6 +112,7 @@ class CubeSource:
     era5: str | None = None
     start: dt.date | None = None
     end: dt.date | None = None
+    build: str = ""
 
     @property
     def shared(self) -> bool:
@@ -156,7 +158,7 @@ def stage_cube(config: Any, granules: Sequence[Granule], region: Region, dataset
     from .tasks import run_tasks
 
     cache = config.source.cache_location()  # a local path is resolved where it is used: each worker's own
-    source = cube_source(config, granules, region, cache or default_cache(config.publish.out))
+    source = cube_source(config, granules, region, cache or default_cache(config.publish.out), version)
     if source.era5 is not None:
         assert source.start is not None and source.end is not None
         return StagedCube(_open_era5(source.era5, source.variables, region, source.start, source.end), source, "era5")
@@ -175,20 +177,20 @@ def default_cache(out: str) -> str:
     return join_url(url, ".cache") if not is_local(fs) else os.path.join(fs_path(fs, url), ".cache")
 
 
-def cube_source(config: Any, granules: Sequence[Granule], region: Region, cache: str) -> CubeSource:
-    """The `CubeSource` of a build (`config`: the BuildConfig) from its planned granules."""
+def cube_source(config: Any, granules: Sequence[Granule], region: Region, cache: str, build: str = "") -> CubeSource:
+    """The `CubeSource` of a build (`config`: the BuildConfig) from its planned granules; `build`: its version id."""
     from .era5 import era5_url, is_era5
 
     start, end = config.subset.period()
     if is_era5(config.source.source):
         return CubeSource(cache, tuple(config.subset.variables), region, era5=era5_url(config.source.source),
-                          start=start, end=end)  # fmt: skip
+                          start=start, end=end, build=build)  # fmt: skip
     by_day: dict[dt.date, list[Granule]] = {}
     for g in granules:
         if start <= g.day <= end:
             by_day.setdefault(g.day, []).append(g)
     return CubeSource(cache, tuple(config.subset.variables), region, config.source.allow_partial_days,
-                      {d: tuple(gs) for d, gs in sorted(by_day.items())})  # fmt: skip
+                      {d: tuple(gs) for d, gs in sorted(by_day.items())}, build=build)  # fmt: skip
 
 
 def day_tasks(source: CubeSource) -> list[DayTask]:

@@ -81,6 +81,16 @@ def _cube_of(task: ShardTask, cube: xr.Dataset | CubeSource) -> xr.Dataset:
     return open_cube(cube, task.plans) if isinstance(cube, CubeSource) else cube
 
 
+def _on_this_worker(func: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Run a task with dask's synchronous scheduler: the lazy reads inside it stay in this worker process instead
+    of being sent back to the cluster as sub-tasks (measured: 44 sub-tasks for a 4-day build, and every window
+    read waited on the scheduler)."""
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):
+        return func(*args)
+
+
 def units_of(cube: xr.Dataset, variables: Sequence[str]) -> dict[str, str]:
     """`{V: units}` from the cube's attributes (the contract's units where a variable has none)."""
     return {v: str(cube[v].attrs.get("units") or KNOWN_VARIABLES[v].units) for v in variables}
@@ -298,8 +308,8 @@ def run_tasks(
         for t in todo:
             hint = where(t) if where is not None else None
             placed = {"workers": [hint], "allow_other_workers": True} if hint else {}
-            futures.append(client.submit(func, t, cube_for(t), config, dataset_url, version, *extra(t),
-                                         key=f"{stage}-{version}-{t.name}", pure=False, **placed))  # fmt: skip
+            futures.append(client.submit(_on_this_worker, func, t, cube_for(t), config, dataset_url, version,
+                                         *extra(t), key=f"{stage}-{version}-{t.name}", pure=False, **placed))  # fmt: skip
         for fut in as_completed(futures):
             receipt = fut.result()
             results[receipt["task"]] = receipt
