@@ -1,13 +1,15 @@
-"""Every benchmark in one run (`make bench`): build, streaming, training, GPU; one table of ratios with PASS/MISS.
+"""Every benchmark in one run (`make bench`): build, scaling, streaming, training, GPU; one table of ratios with
+PASS/MISS.
 
-Each benchmark runs as its own script (`bench/build.py`, `bench/stream.py`, `bench/train.py`) with `--json`; this
+Each benchmark runs as its own script (`bench/build.py`, `bench/scaling.py`, `bench/stream.py`, `bench/train.py`)
+with `--json`; this
 script collects the figures and prints one table. The GPU profile (`bench/gpu.py`) runs when a CUDA device is present;
 otherwise the table shows the figures recorded on an H200 (`bench/results/gpu-h200.json`) and says so.
 
 Usage:
     python bench/run_all.py            # everything (about 10-15 minutes on 2 cores)
     python bench/run_all.py --quick    # each benchmark's --quick (a few minutes)
-    python bench/run_all.py --only stream train
+    python bench/run_all.py --only stream train scaling
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "build 4x / naive 4x (time)": ("<", 1.0),
     "build 4x / build 1x (time)": ("<=", 4.4),
     "build 4x / build 1x (peak RSS)": ("<=", 1.3),
+    "build 2 workers / 1 worker (granule-days/s)": (">=", 1.6),
     "ours / raw tar": (">=", 0.5),
     "ours / xbatcher": (">=", 2.0),
 }
@@ -58,9 +61,9 @@ def _bench(name: str, args: list[str], out: Path) -> dict[str, Any] | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="each benchmark's --quick")
-    parser.add_argument("--only", nargs="+", choices=["build", "stream", "train", "gpu"], default=None)
+    parser.add_argument("--only", nargs="+", choices=["build", "scaling", "stream", "train", "gpu"], default=None)
     opts = parser.parse_args()
-    chosen = set(opts.only or ["build", "stream", "train", "gpu"])
+    chosen = set(opts.only or ["build", "scaling", "stream", "train", "gpu"])
     quick = ["--quick"] if opts.quick else []
     rows: list[tuple[str, float, str, str]] = []  # name, value, target, verdict
     tmp = Path(tempfile.mkdtemp(prefix="merra2-bench-all-"))
@@ -72,6 +75,13 @@ def main() -> None:
         for name, value in (res or {}).get("figures", {}).items():
             op, target = TARGETS[name]
             rows.append((f"build: {name}", value, f"{op} {target:g}", _verdict(value, op, target)))
+    if "scaling" in chosen:
+        res = _bench("scaling", quick, tmp / "scaling.json")
+        for name, value in (res or {}).get("figures", {}).items():
+            op, target = TARGETS[name]
+            low, high = (res or {}).get("load", [float("nan")] * 2)
+            rows.append((f"scaling: {name} (load {low:.1f}-{high:.1f})", value, f"{op} {target:g}",
+                         _verdict(value, op, target)))  # fmt: skip
     if "stream" in chosen:
         res = _bench("stream", quick, tmp / "stream.json")
         for name, value in (res or {}).get("ratios", {}).items():

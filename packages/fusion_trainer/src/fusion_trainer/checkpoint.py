@@ -177,7 +177,8 @@ def load_checkpoint(engine: Any, ckpt: Path, rank: int) -> dict[str, Any]:
     if saved_world != engine.world_size:
         raise CheckpointError(
             f"{ckpt} was written by {saved_world} rank(s), this run has {engine.world_size}: resume with "
-            f"--nproc {saved_world} (the data order depends on the world size)"
+            f"--nproc {saved_world} (on several nodes: --nnodes x --nproc = {saved_world}; the data order depends on "
+            "the world size)"
         )
     try:
         path, client = engine.load_checkpoint(

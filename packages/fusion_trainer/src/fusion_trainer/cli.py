@@ -75,6 +75,18 @@ def train_command(
     grad_accum: Annotated[int | None, typer.Option(help="micro-batches per optimizer step")] = None,
     lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
     nproc: Annotated[int | None, typer.Option(help="local ranks (DeepSpeed launcher)")] = None,
+    nnodes: Annotated[
+        int, typer.Option(help="nodes of the job: run this command on each with its --node-rank (no ssh)")
+    ] = 1,
+    node_rank: Annotated[int | None, typer.Option(help="this node's rank, 0..nnodes-1")] = None,
+    master_addr: Annotated[str | None, typer.Option(help="address of node 0, reachable from every node")] = None,
+    master_port: Annotated[
+        int | None, typer.Option(help="rendezvous port on node 0 (default 29500 for several nodes)")
+    ] = None,
+    hostfile: Annotated[
+        str | None,
+        typer.Option(help="DeepSpeed hostfile (HOST slots=K): without --node-rank the launcher starts every node (pdsh)"),
+    ] = None,
     bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 mixed precision (default: the config's bf16, auto: bf16 where the hardware runs it fast, else fp32)")] = None,
     eval_every: Annotated[int | None, typer.Option(help="evaluate val every N steps")] = None,
     save_every: Annotated[int | None, typer.Option(help="checkpoint every N steps")] = None,
@@ -105,7 +117,7 @@ def train_command(
     """Train the fusion part of a frozen LM on a climate-text dataset with DeepSpeed ZeRO."""
     _setup_logging(log_level)
     from .config import TrainConfig
-    from .launch import launch_local, under_launcher
+    from .launch import NodeLayout, under_launcher
 
     overrides = list(set_ or []) + ([f"fusion.fusion={fusion}"] if fusion else [])
     flags: dict[str, Any] = dict(
@@ -114,22 +126,18 @@ def train_command(
         resume=True if resume else None, show_progress=progress and sys.stderr.isatty() or None,
         skip_bad_samples=True if skip_bad_samples else None,
     )  # fmt: skip
+    layout = NodeLayout(nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port,
+                        hostfile=hostfile)  # fmt: skip
     try:
+        layout.check()
         cfg = TrainConfig.from_yaml(config, overrides, **flags)
         if dry_run:
-            typer.echo(_dry_run(cfg))
+            typer.echo(_dry_run(cfg, layout.nnodes))
             return
-        if cfg.nproc > 1 and not under_launcher():
-            run_dir = Path(cfg.out)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            launch_cfg = run_dir / ".launch-config.yaml"
-            launch_cfg.write_text(cfg.to_yaml(), encoding="utf-8")
-            code = launch_local(cfg.nproc, ["train", "--config", str(launch_cfg), "--log-level", log_level])
-            if code != 0:
-                typer.echo(
-                    f"error: {cfg.nproc} ranks failed (exit {code}); see the rank errors above", err=True
-                )
-            raise typer.Exit(code)
+        # explicit node flags make this process a node's launcher even where an outer layout (a PyTorchJob's
+        # RANK/WORLD_SIZE of pods) is in the environment
+        if layout.multi_node or (cfg.nproc > 1 and not under_launcher()):
+            raise typer.Exit(_launch(cfg, layout, log_level))
         from .train import train
 
         result = train(cfg)
@@ -156,7 +164,28 @@ def train_command(
         )
 
 
-def _dry_run(cfg: Any) -> str:
+def _launch(cfg: Any, layout: Any, log_level: str) -> int:
+    """Start this node's ranks (`launch_local`) on the resolved config; return the launcher's exit code."""
+    from .launch import launch_local
+
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # one file per node: with a RUN_DIR shared between nodes, two launchers must not write the same file
+    name = f".launch-config-node{layout.node_rank}.yaml" if layout.no_ssh else ".launch-config.yaml"
+    launch_cfg = run_dir / name
+    tmp = run_dir / f"{name}.tmp"
+    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
+    tmp.replace(launch_cfg)
+    code = launch_local(cfg.nproc, ["train", "--config", str(launch_cfg), "--log-level", log_level], layout=layout)
+    if code != 0:
+        what = f"the {cfg.nproc} rank(s) of node {layout.node_rank} (of {layout.nnodes})" if layout.no_ssh else (
+            f"{cfg.nproc} ranks"
+        )
+        typer.echo(f"error: {what} failed (exit {code}); see the rank errors above", err=True)
+    return code
+
+
+def _dry_run(cfg: Any, nnodes: int = 1) -> str:
     """The resolved config, the trainable parameter count and the per-rank memory, without loading weights."""
     from transformers import AutoConfig
 
@@ -177,15 +206,16 @@ def _dry_run(cfg: Any) -> str:
 
     model = FusionModel.from_config(hf_config, fusion, dtype=resolve_precision(cfg.bf16).dtype)  # meta device: shapes only
     counts = model.num_parameters()
-    estimate = model.memory_estimate(world_size=max(cfg.nproc, 1), zero_stage=cfg.zero)
+    world = max(cfg.nproc, 1) * nnodes
+    estimate = model.memory_estimate(world_size=world, zero_stage=cfg.zero)
     return "\n".join(
         [
             cfg.to_yaml().rstrip(),
             "---",
             f"dataset: {data.version_url} ({manifest.splits})",
             f"trainable parameters: {counts['trainable']:,}; frozen: {counts['frozen']:,}",
-            f"global batch: {cfg.check_batch(max(cfg.nproc, 1))}",
-            f"memory estimate per rank ({max(cfg.nproc, 1)} rank(s), ZeRO {cfg.zero}; activations excluded): "
+            f"global batch: {cfg.check_batch(world)}",
+            f"memory estimate per rank ({world} rank(s), ZeRO {cfg.zero}; activations excluded): "
             f"{estimate.total_bytes / 2**30:.3f} GiB {json.dumps(estimate.as_dict())}",
         ]
     )

@@ -249,6 +249,12 @@ class TrainConfig(_BaseModel):
     )
     resume: bool = _Field(default=False, description="continue from the newest complete checkpoint in `out`")
     nproc: int = _Field(default=1, gt=0, description="local ranks started through the DeepSpeed launcher")
+    dist_timeout_s: float = _Field(
+        default=600.0,
+        gt=0,
+        description="seconds a rank waits for the others in one collective or at the rendezvous before it fails "
+        "(bounds the wait when a node is lost without closing its connections; DeepSpeed's default)",
+    )
     deepspeed: str | None = _Field(
         default=None, description="a ds_config.json whose keys override the generated DeepSpeed config"
     )

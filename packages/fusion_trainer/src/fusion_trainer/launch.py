@@ -1,4 +1,5 @@
-"""Starting ranks: N local processes through the DeepSpeed launcher, or the environment of one process.
+"""Starting ranks: N local processes through the DeepSpeed launcher (on one node or one of several), or the
+environment of one process.
 
 `fusion-train --nproc N` re-invokes the same entry point (`python -m fusion_trainer.cli train ...`) under
 `python -m deepspeed.launcher.runner --num_gpus N --master_port FREE --no_local_rank --module`; each rank then finds
@@ -7,22 +8,37 @@ RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in its environment, e
 CUDA_VISIBLE_DEVICES, which the CPU accelerator ignores); we also give each rank OMP_NUM_THREADS = cores / N.
 A process started without a launcher sets RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR=127.0.0.1 and a free
 MASTER_PORT itself.
+
+Several nodes without ssh (`--nnodes N --node-rank R --master-addr HOST --master-port PORT`): every node runs the
+same command with its own R; each starts its K local ranks through the same launcher with `--no_ssh --node_rank R`
+and a hostfile of N nodes x K slots written here (the launcher only counts its entries), so node R holds the global
+ranks R*K .. R*K+K-1 and the N launchers meet at HOST:PORT. `--hostfile FILE` without `--node-rank` passes the file
+to the launcher, which starts every node from this one over pdsh/ssh.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
 
 import torch
 
+from .errors import ConfigError
+
 __all__ = [
+    "DEFAULT_MASTER_PORT",
     "DistEnv",
+    "NodeLayout",
     "build_launch_command",
     "clear_self_env",
     "ensure_dist_env",
@@ -35,6 +51,65 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SELF_SET = "FUSION_TRAINER_SELF_LAUNCHED"
+_RANK_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", _SELF_SET)
+
+DEFAULT_MASTER_PORT = 29500
+"""The rendezvous port of a multi-node job when `--master-port` is not given (torch's and DeepSpeed's default)."""
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """Where this node's ranks sit in a job of several nodes (the `fusion-train` launch flags).
+
+    The default (one node) is what `--nproc N` alone does. With `nnodes > 1` every node runs the same command with
+    its own `node_rank`; `master_addr` is the address of node 0, reachable from every node.
+    """
+
+    nnodes: int = 1
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    hostfile: str | None = None
+    """A DeepSpeed hostfile (`host slots=K` lines): with `node_rank` unset, the launcher starts every node over
+    pdsh/ssh; with `node_rank` set, it only lists the nodes (no ssh)."""
+
+    @property
+    def multi_node(self) -> bool:
+        """True when this command launches ranks for a job of more than one node (or from a hostfile)."""
+        return self.nnodes > 1 or self.hostfile is not None
+
+    @property
+    def no_ssh(self) -> bool:
+        """True when each node starts its own ranks (`--node-rank` given), False when the launcher uses ssh."""
+        return self.node_rank is not None
+
+    def check(self) -> None:
+        """Raise one ConfigError listing every inconsistent launch flag.
+
+        Raises:
+            ConfigError: a node rank outside 0..nnodes-1, several nodes without `--master-addr`, a node rank without
+                several nodes, a port outside 1..65535, a hostfile that does not exist.
+        """
+        problems = []
+        if self.nnodes < 1:
+            problems.append(f"--nnodes {self.nnodes}: must be at least 1")
+        if self.node_rank is not None and not 0 <= self.node_rank < max(self.nnodes, 1):
+            problems.append(f"--node-rank {self.node_rank}: must be in 0..{self.nnodes - 1} (--nnodes {self.nnodes})")
+        if self.nnodes > 1 and self.hostfile is None and self.node_rank is None:
+            problems.append(
+                f"--nnodes {self.nnodes} needs --node-rank R (0..{self.nnodes - 1}, one command per node) or "
+                "--hostfile FILE (the launcher starts every node over ssh)"
+            )
+        if self.no_ssh and self.nnodes > 1 and not self.master_addr:
+            problems.append(
+                f"--nnodes {self.nnodes} needs --master-addr HOST: the address of node 0, reachable from every node"
+            )
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            problems.append(f"--master-port {self.master_port}: must be in 1..65535")
+        if self.hostfile is not None and not Path(self.hostfile).is_file():
+            problems.append(f"--hostfile {self.hostfile}: no such file (lines `HOST slots=K`)")
+        if problems:
+            raise ConfigError("launch flags:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 @dataclass(frozen=True)
@@ -87,7 +162,7 @@ def ensure_dist_env() -> DistEnv:
 def clear_self_env() -> None:
     """Remove the one-rank layout `ensure_dist_env` set (so it does not leak into later code or subprocesses)."""
     if os.environ.get(_SELF_SET) == "1":
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", _SELF_SET):
+        for key in _RANK_KEYS:
             os.environ.pop(key, None)
 
 
@@ -122,27 +197,108 @@ def stale_build_locks(max_age_s: float = 600.0) -> list[str]:
     return stale
 
 
-def build_launch_command(nproc: int, args: Sequence[str], module: str = "fusion_trainer.cli") -> list[str]:
-    """The DeepSpeed launcher command that runs `python -m MODULE *args` on `nproc` local ranks."""
-    return [
-        sys.executable, "-m", "deepspeed.launcher.runner",
-        "--num_gpus", str(nproc), "--num_nodes", "1", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "--no_local_rank", "--module", module, *args,
-    ]  # fmt: skip
+def build_launch_command(
+    nproc: int,
+    args: Sequence[str],
+    module: str = "fusion_trainer.cli",
+    layout: NodeLayout | None = None,
+    hostfile: str | None = None,
+) -> list[str]:
+    """The DeepSpeed launcher command that runs `python -m MODULE *args` on `nproc` ranks of this node.
+
+    Args:
+        nproc: ranks per node.
+        args: the module's arguments.
+        module: the module every rank runs.
+        layout: the node layout (default: one node, rendezvous on a free local port).
+        hostfile: the hostfile the launcher reads (`layout.hostfile`, or the one `launch_local` writes for a job
+            of several nodes without ssh).
+    """
+    layout = layout or NodeLayout()
+    if not layout.multi_node:
+        return [
+            sys.executable, "-m", "deepspeed.launcher.runner",
+            "--num_gpus", str(nproc), "--num_nodes", "1", "--master_addr", "127.0.0.1",
+            "--master_port", str(layout.master_port or free_port()), "--no_local_rank", "--module", module, *args,
+        ]  # fmt: skip
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile or layout.hostfile)]
+    cmd += ["--num_gpus", str(nproc)]
+    if layout.nnodes > 1:
+        cmd += ["--num_nodes", str(layout.nnodes)]
+    if layout.master_addr:
+        cmd += ["--master_addr", layout.master_addr]
+    cmd += ["--master_port", str(layout.master_port or DEFAULT_MASTER_PORT)]
+    if layout.no_ssh:
+        cmd += ["--no_ssh", "--node_rank", str(layout.node_rank)]
+    return [*cmd, "--no_local_rank", "--module", module, *args]
 
 
-def launch_local(nproc: int, args: Sequence[str], module: str = "fusion_trainer.cli") -> int:
-    """Run `python -m MODULE *args` on `nproc` local ranks through the DeepSpeed launcher; return its exit code.
+def _write_hostfile(layout: NodeLayout, nproc: int) -> str:
+    """A hostfile of `layout.nnodes` entries x `nproc` slots for the launcher's no-ssh mode (it reads only the count
+    of entries and slots; the names are placeholders)."""
+    fd, path = tempfile.mkstemp(prefix="fusion-hostfile-", suffix=".txt")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.writelines(f"node{i} slots={nproc}\n" for i in range(layout.nnodes))
+    return path
+
+
+def launch_local(
+    nproc: int, args: Sequence[str], module: str = "fusion_trainer.cli", layout: NodeLayout | None = None
+) -> int:
+    """Run `python -m MODULE *args` on `nproc` ranks of this node through the DeepSpeed launcher; return its exit code.
 
     On a machine without CUDA the ranks use DeepSpeed's CPU accelerator with OMP_NUM_THREADS = cores / nproc.
-    The launcher stops every rank when one fails, and exits non-zero.
+    The launcher stops every rank of this node when one fails, and exits non-zero; a rank whose peer on another node
+    stopped fails in its next collective (the connection closes) or after `dist_timeout_s`. SIGTERM or SIGINT to
+    this process is passed on to the launcher, which stops the ranks (what Slurm and Kubernetes send first).
+
+    Args:
+        nproc: ranks on this node.
+        args: the module's arguments.
+        module: the module every rank runs.
+        layout: where this node sits in a job of several nodes (default: one node).
     """
+    layout = layout or NodeLayout()
     env = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", _SELF_SET):
+    for key in _RANK_KEYS:  # an outer layout (a PyTorchJob's RANK = node rank) must not reach the ranks
         env.pop(key, None)
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = build_launch_command(nproc, args, module)
-    logger.info("launching %d local ranks: %s", nproc, " ".join(cmd))
-    return subprocess.run(cmd, env=env, check=False).returncode
+    hostfile = _write_hostfile(layout, nproc) if layout.multi_node and layout.hostfile is None else None
+    try:
+        cmd = build_launch_command(nproc, args, module, layout, hostfile)
+        where = f"node {layout.node_rank} of {layout.nnodes}: " if layout.no_ssh else ""
+        logger.info("launching %s%d local ranks: %s", where, nproc, " ".join(cmd))
+        return _run_forwarding_signals(cmd, env)
+    finally:
+        if hostfile is not None:
+            os.unlink(hostfile)
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run `cmd`; SIGTERM/SIGINT here are passed as SIGTERM to it and every process under it (launcher and ranks:
+    the DeepSpeed runner itself does not pass them on in its one-node path)."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        logger.warning("received signal %d: stopping the ranks of this node", signum)
+        try:
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for child in reversed(tree):  # the ranks first, so no launcher restarts or waits on them
+            try:
+                child.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                continue
+
+    main_thread = threading.current_thread() is threading.main_thread()  # handlers can only be set there
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -46,6 +46,7 @@ from .metrics import (
 )
 from .model_card import write_model_card
 from .precision import Precision, resolve_precision
+from .ranks import check_shared_run_dir, lost_ranks_error, raised_by_a_collective, set_collective_timeout
 from .runs import PROMPT_FILE
 
 __all__ = ["RunResult", "lr_lambda", "train"]
@@ -212,7 +213,10 @@ def train(config: TrainConfig) -> RunResult:
     stale_build_locks()  # a killed earlier run can leave one, and init_distributed would then wait forever
     rank, world = env.rank, env.world
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+            timeout=set_collective_timeout(config.dist_timeout_s),
+        )
         if not env.launched:
             # one process without a launcher keeps its one-rank group for later runs (DeepSpeed caches its groups)
             # and ends it at exit
@@ -222,6 +226,10 @@ def train(config: TrainConfig) -> RunResult:
     # On failure, never wait on the other ranks: they may be blocked in a collective; the launcher stops them.
     try:
         result = _train(config, rank, world)
+    except RuntimeError as exc:
+        if world > 1 and raised_by_a_collective(exc):
+            raise lost_ranks_error(exc, Path(config.out.removeprefix("file://")), rank, world) from exc
+        raise
     finally:
         if not env.launched:
             clear_self_env()
@@ -243,7 +251,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
     precision = _run_precision(config)
     log_rank_zero(logger, "precision: %s (%s)", precision.name, precision.reason)
     ds_config = config.deepspeed_config(world, bf16=precision.bf16)  # checks micro x accum x world once
-    if config.nproc != world and world > 1:
+    if world % config.nproc and world > 1:
         log_rank_zero(
             logger, "nproc=%d but the launcher started %d ranks; using %d", config.nproc, world, world
         )
@@ -251,6 +259,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
     manifest = data.manifest
     run_dir = _prepare_run_dir(config, rank)
     torch.distributed.barrier()
+    check_shared_run_dir(run_dir, rank, world)
     resume_from = find_latest_checkpoint(run_dir) if config.resume else None
     if config.resume and resume_from is None:
         raise CheckpointError(f"--resume: {run_dir} holds no complete checkpoint; start without --resume")

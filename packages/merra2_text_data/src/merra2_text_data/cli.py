@@ -147,12 +147,17 @@ def build(
     shard_size: Annotated[
         str | None, typer.Option(help="Target shard size, e.g. 64MB, 1GB.", show_default="256MB")
     ] = None,
-    cache_dir: Annotated[
+    cache: Annotated[
         str | None,
         typer.Option(
-            "--cache", "--cache-dir", help="Folder for downloaded granules and the zarr regional cache.",
-            show_default="<out>/.cache for a local --out, else ~/.cache/merra2-text",
+            help="Downloaded granules and the zarr regional cache: a folder (each worker's own on a cluster) or a "
+            "URL such as s3://bucket/prefix (shared by the workers).",
+            show_default="<out>/.cache for a local --out or a cluster build, else ~/.cache/merra2-text",
         ),
+    ] = None,
+    cache_dir: Annotated[
+        str | None,
+        typer.Option(help="The older name of --cache (a folder); --cache wins.", show_default="--cache's"),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Split seed.", show_default="0")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="A build YAML (pipelines/*.yaml).")] = None,
@@ -179,7 +184,7 @@ def build(
         window=window, stride=stride, time_step=time_step, tile=tile, workers=workers, scheduler=scheduler,
         allow_gaps=allow_gaps or None, allow_partial_days=allow_partial_days or None, edge_tiles=edge_tiles,
         strict=strict or None, events=events or None, text_table=text_table,
-        shard_size=shard_size, cache_dir=cache_dir, seed=seed, quiet=quiet or None,
+        shard_size=shard_size, cache=cache, cache_dir=cache_dir, seed=seed, quiet=quiet or None,
     )  # fmt: skip
     if config is not None:
         cfg = BuildConfig.from_yaml(config, overrides=set_ or [], options=options)
@@ -196,7 +201,7 @@ def build(
 
             def hook(stage: str, done: int, total: int) -> None:
                 if stage not in tasks:
-                    tasks[stage] = bar.add_task(f"{stage} (shards)", total=total)
+                    tasks[stage] = bar.add_task(f"{stage} ({'days' if stage == 'cube' else 'shards'})", total=total)
                 bar.update(tasks[stage], completed=done, total=total)
 
             ref = run_build(cfg, progress=hook)

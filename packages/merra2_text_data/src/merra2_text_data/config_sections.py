@@ -86,14 +86,24 @@ class SourceConfig(_Section):
     source: Annotated[str, _text("'earthaccess', a folder/URL of MERRA-2 granules, or era5:URL")] = "earthaccess"
     """`earthaccess` (NASA Earthdata), a folder/URL (any fsspec store) holding MERRA-2 granules, or `era5:URL`: an
     ERA5 zarr store (ARCO-ERA5, WeatherBench2, `merra2-text era5-sample`; see `merra2_text_data.era5`)."""
+    cache: Annotated[str | None, _text("a local folder or a URL such as s3://bucket/prefix")] = None
+    """Where downloaded granules and the zarr regional cache live: a local folder, or any fsspec URL (an object store
+    such as `s3://bucket/prefix`, for a cluster whose workers share no disk). On a cluster (`run.workers`,
+    `run.scheduler`) a local folder is each worker's own. Default: `<out>/.cache` for a local output or any build on
+    a cluster, else `~/.cache/merra2-text`."""
     cache_dir: Annotated[str | None, _text("a local folder")] = None
-    """Local cache for downloads and the zarr regional cache (default: `<out>/.cache` for local outputs)."""
+    """The older name of `cache`, read when `cache` is not set (so `--cache` overrides a YAML's `cache_dir`)."""
+
     allow_gaps: bool = False
     """Build around missing days (recorded in the manifest) instead of failing with MissingDataError."""
     allow_partial_days: bool = False
     """Accept temporal subsets (OPeNDAP/Harmony/GES DISC subsetter outputs): granules holding only some of their
     day's 24 hourly steps (still on the HH:30 grid). Windows then start at the first step's hour, and only windows
     whose every hour is present become samples (e.g. `--window 1h` or `2h` for a two-step subset)."""
+
+    def cache_location(self) -> str | None:
+        """The cache the build uses: `cache`, else `cache_dir`, else None (the default)."""
+        return self.cache or self.cache_dir
 
 
 class SubsetConfig(_Section):

@@ -10,7 +10,10 @@
    sample, so memory stays bounded).
 5. Pass 2: each task reads one window at a time, captions (with the anomaly), validates (quarantine or `strict`),
    writes its shard straight to the store and a receipt under `<name>/staging/<version>/` (`tasks`). Tasks run in
-   this process, on a `LocalCluster` (`workers`) or on an existing dask scheduler (`scheduler`).
+   this process, on a `LocalCluster` (`workers`) or on an existing dask scheduler (`scheduler`). On a cluster, or
+   with an object-store cache, step 3's cube is built by the tasks too (`cube`: one task per day fetches, checks and
+   subsets its granules into a zarr store in the cache) and every task opens what it reads where it runs: the client
+   holds only the plan and the receipts, and never opens a granule.
 6. A rerun after an interruption skips tasks whose receipt (and shard) exist, and ends with the same version.
 7. Index (validated), quarantine table, dataset card, manifest last, tag.
 """
@@ -44,6 +47,7 @@ from climate_text_schema import (
 )
 
 from . import __version__
+from . import cube as _cube
 from . import tasks as _tasks
 from . import text as _text
 from .card import make_card
@@ -186,8 +190,8 @@ def _data_config(config: BuildConfig, gaps: list[str]) -> dict[str, Any]:
 
 
 def _cache_dir(config: BuildConfig) -> Path:
-    if config.source.cache_dir:
-        return Path(config.source.cache_dir).expanduser()
+    if config.source.cache_location():
+        return Path(str(config.source.cache_location())).expanduser()
     fs, out = url_to_fs(config.publish.out)
     return Path(fs_path(fs, out)) / ".cache" if is_local(fs) else Path.home() / ".cache" / "merra2-text"
 
@@ -244,14 +248,14 @@ def _span(cube: xr.Dataset) -> str:
 
 
 def _climatology(
-    plan: BuildPlan, tasks: list[ShardTask], samples: list[SamplePlan], cube: xr.Dataset,
-    progress: ProgressHook | None,
+    plan: BuildPlan, tasks: list[ShardTask], samples: list[SamplePlan], cube: Any,
+    progress: ProgressHook | None, client: Any = None,
 ) -> DayOfYearClimatology | None:  # fmt: skip
     cfg = plan.config
     if ANOMALY_VARIABLE not in cfg.subset.variables or not spans_several_years(p.time_start for p in samples):
         return None
     receipts = _tasks.run_tasks(STATS_STAGE, _tasks.run_stats_task, tasks, cube, cfg, plan.dataset_url,
-                                plan.version, progress=progress)  # fmt: skip
+                                plan.version, progress=progress, client=client)  # fmt: skip
     rows = ((group, pd.Timestamp(start), {ANOMALY_VARIABLE: {"mean": mean}})
             for rec in receipts for _, group, start, mean in rec["rows"])  # fmt: skip
     clim = DayOfYearClimatology.from_samples(rows, variables=[ANOMALY_VARIABLE])
@@ -357,15 +361,26 @@ def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
                 write_tag(fs, plan.dataset_url, config.publish.tag, plan.version)
         clean_up(fs, plan.dataset_url, plan.version)  # a build killed between its commit and its clean-up
         return ref
-    cube, granules = _open_cube(plan, show)
-    tasks, samples = _plan_tasks(plan, cube)
-    logger.info("plan: %d samples in %d shard task(s), version %s", len(samples), len(tasks), plan.version)
-    events = _events(config, cube, samples)
-    climatology = _climatology(plan, tasks, samples, cube, progress)
-    receipts = _tasks.run_tasks(
-        "samples", _tasks.run_task, tasks, cube, config, plan.dataset_url, plan.version,
-        extra=lambda t: ({p.key: events.get(p.key, []) for p in t.plans}, climatology), progress=progress,
-    )  # fmt: skip
+    with _tasks.connect(config) as client:
+        read: xr.Dataset | _cube.CubeSource  # what the tasks read: the cube, or what opens it where they run
+        if _cube.on_workers(config):  # the tasks fetch, subset and read the cube where they run
+            staged = _cube.stage_cube(config, plan.granules, plan.region, plan.dataset_url, plan.version, client,
+                                      progress)  # fmt: skip
+            cube, read, kind, where = staged.skeleton, staged.source, staged.source_kind, staged.where
+        else:
+            cube, granules = _open_cube(plan, show)
+            read, where = cube, None
+            kind = "era5" if is_era5(config.source.source) else source_kind(granules, _cache_dir(config))
+        tasks, samples = _plan_tasks(plan, cube)
+        logger.info("plan: %d samples in %d shard task(s), version %s", len(samples), len(tasks), plan.version)
+        events = _events(config, cube, samples)
+        climatology = _climatology(plan, tasks, samples, read, progress, client)
+        clim = client.scatter(climatology, broadcast=True) if client is not None and climatology else climatology
+        receipts = _tasks.run_tasks(
+            "samples", _tasks.run_task, tasks, read, config, plan.dataset_url, plan.version,
+            extra=lambda t: ({p.key: events.get(p.key, []) for p in t.plans}, clim), progress=progress,
+            client=client, where=where,
+        )  # fmt: skip
     variables = list(config.subset.variables)
     index = _index(receipts, variables)
     quarantine = quarantine_frame([q for rec in receipts for q in rec["quarantine"]])
@@ -387,7 +402,7 @@ def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
         splits={s: int((index["split"] == s).sum()) for s in SPLITS if (index["split"] == s).any()},
         shards=shards, normalization=_normalization(receipts, variables), sources=plan.sources,
         quarantined=len(quarantine), parent=parent, gaps=plan.gaps, inputs=plan.inputs,
-        source_kind="era5" if is_era5(config.source.source) else source_kind(granules, _cache_dir(config)),
+        source_kind=kind,
         attribution=ERA5_ATTRIBUTION if is_era5(config.source.source) else None, climatology=None if climatology is None else climatology.describe(),
         text_sources=texts, samples_with_events=int((index["n_events"] > 0).sum()) if "n_events" in index else 0,
         array_shape=_array_shape(config, samples),

@@ -8,15 +8,19 @@ A `ShardTask` is the samples of one shard. Two passes run over the same tasks:
   `strict`) and writes one shard straight to the store, then its receipt `staging/<version>/<task>.json`.
 
 Both passes read one window at a time (memory bounded by a window, not by the period) and skip tasks whose receipt
-already exists, so an interrupted build resumes where it stopped.
+already exists, so an interrupted build resumes where it stopped. `cube` is the cube itself (a build in this process
+with a local cache) or a `cube.CubeSource`, which each task opens where it runs (a build on a cluster or with an
+object-store cache: the client then reads no data). One dask client serves every stage of a build (`connect`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +29,7 @@ from climate_text_schema import KNOWN_VARIABLES, SampleMeta, ShardInfo, version_
 
 from .climatology import DayOfYearClimatology
 from .config import BuildConfig
+from .cube import CubeSource, days_of, open_cube
 from .events import Event
 from .normalize import NormAccumulator
 from .pairs import SamplePlan, iter_samples
@@ -38,6 +43,7 @@ __all__ = [
     "ANOMALY_VARIABLE",
     "STATS_STAGE",
     "ShardTask",
+    "connect",
     "run_stats_task",
     "run_task",
     "run_tasks",
@@ -65,6 +71,25 @@ class ShardTask:
         """`<split>-<NNNNNN>`: the shard's name and the task's receipt name."""
         return f"{self.split}-{self.number:06d}"
 
+    @property
+    def days(self) -> list[dt.date]:
+        """The UTC days its windows touch (what it reads of the cube)."""
+        return days_of(self.plans)
+
+
+def _cube_of(task: ShardTask, cube: xr.Dataset | CubeSource) -> xr.Dataset:
+    return open_cube(cube, task.plans) if isinstance(cube, CubeSource) else cube
+
+
+def _on_this_worker(func: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Run a task with dask's synchronous scheduler: the lazy reads inside it stay in this worker process instead
+    of being sent back to the cluster as sub-tasks (measured: 44 sub-tasks for a 4-day build, and every window
+    read waited on the scheduler)."""
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):
+        return func(*args)
+
 
 def units_of(cube: xr.Dataset, variables: Sequence[str]) -> dict[str, str]:
     """`{V: units}` from the cube's attributes (the contract's units where a variable has none)."""
@@ -72,7 +97,7 @@ def units_of(cube: xr.Dataset, variables: Sequence[str]) -> dict[str, str]:
 
 
 def run_stats_task(
-    task: ShardTask, cube: xr.Dataset, config: BuildConfig, dataset_url: str, version: str
+    task: ShardTask, cube: xr.Dataset | CubeSource, config: BuildConfig, dataset_url: str, version: str
 ) -> dict[str, Any]:
     """Pass 1: the statistics of `ANOMALY_VARIABLE` for every sample of the task, recorded as a stats receipt.
 
@@ -81,6 +106,7 @@ def run_stats_task(
     """
     fs, _ = url_to_fs(config.publish.out)
     rows: list[list[Any]] = []
+    cube = _cube_of(task, cube)
     for sample in iter_samples(cube, list(task.plans), [ANOMALY_VARIABLE], config.sample.time_step):
         mean = sample.stats[ANOMALY_VARIABLE]["mean"]
         if math.isfinite(mean):
@@ -105,7 +131,7 @@ def _row(sample: Any, region_name: str, text: str, variables: Sequence[str]) -> 
 
 def run_task(
     task: ShardTask,
-    cube: xr.Dataset,
+    cube: xr.Dataset | CubeSource,
     config: BuildConfig,
     dataset_url: str,
     version: str,
@@ -122,6 +148,7 @@ def run_task(
         SampleValidationError: with `strict`, the first invalid sample.
     """
     fs, _ = url_to_fs(config.publish.out)
+    cube = _cube_of(task, cube)
     variables = list(config.subset.variables)
     region = parse_region(config.subset.region)
     words = REGIONS[region.name].describe() if region.name in REGIONS else region.describe()
@@ -193,66 +220,104 @@ def run_task(
     return receipt
 
 
+@contextlib.contextmanager
+def connect(config: BuildConfig) -> Iterator[Any]:
+    """The dask client of a build's stages: a `LocalCluster` of `run.workers` worker processes, the scheduler at
+    `run.scheduler`, or None (tasks run in this process). Closed (and the LocalCluster stopped) on exit."""
+    if not (config.run.workers or config.run.scheduler):
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    cluster = (
+        LocalCluster(n_workers=config.run.workers, threads_per_worker=1, dashboard_address=None)
+        if config.run.workers
+        else None
+    )
+    try:
+        with Client(cluster if cluster is not None else config.run.scheduler) as client:
+            yield client
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _stage_folder(stage: str) -> str | None:
+    return None if stage == "samples" else stage
+
+
 def run_tasks(
     stage: str,
     func: Callable[..., dict[str, Any]],
-    tasks: Sequence[ShardTask],
-    cube: xr.Dataset,
+    tasks: Sequence[Any],
+    cube: xr.Dataset | CubeSource,
     config: BuildConfig,
     dataset_url: str,
     version: str,
-    extra: Callable[[ShardTask], tuple[Any, ...]] = lambda task: (),
+    extra: Callable[[Any], tuple[Any, ...]] = lambda task: (),
     progress: Callable[[str, int, int], None] | None = None,
+    *,
+    client: Any = None,
+    where: Callable[[Any], str | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run `func(task, cube, config, dataset_url, version, *extra(task))` for every task without a receipt.
 
-    Tasks run in this process, on a `LocalCluster` of `config.run.workers` workers, or on the dask scheduler at
-    `config.run.scheduler` (the cube is scattered once; each worker writes its own objects to the store).
+    Tasks run in this process or on the dask cluster of `client` (or, without one, of `connect(config)`). A
+    `CubeSource` is narrowed to each task's days before it travels; a cube Dataset (a build in this process) is
+    passed as it is. Each task writes its own objects to the store and its receipt.
 
     Args:
-        stage: `samples` (pass 2, receipts in `staging/<v>/`) or `stats` (pass 1, in `staging/<v>/stats/`).
-        func: `run_task` or `run_stats_task`.
-        tasks: all tasks of the build, in order.
-        cube: the regional cube.
+        stage: `samples` (pass 2, receipts in `staging/<v>/`), `stats` (pass 1) or `cube` (the day stores), each
+            of the last two in its own staging sub-folder.
+        func: `run_task`, `run_stats_task` or `cube.run_day_task`.
+        tasks: all tasks of the stage, in order (each with `name` and `days`).
+        cube: the regional cube or its `CubeSource`.
         config: the build config.
         dataset_url: `<out>/<name>`.
         version: the version id.
         extra: further arguments of `func` for one task (e.g. its events).
         progress: `(stage, done, total)` callback.
+        client: a connected dask client (`connect`), shared by the stages of a build.
+        where: the worker a task should preferably run on (a per-worker cache holds its days), or None.
 
     Returns:
         The receipts of all tasks, in task order.
     """
     fs, _ = url_to_fs(config.publish.out)
-    done = read_receipts(fs, dataset_url, version, stage=STATS_STAGE if stage == STATS_STAGE else None)
+    done = read_receipts(fs, dataset_url, version, stage=_stage_folder(stage))
     if done:
         logger.info("resuming %s: %d of %d task(s) already finished", stage, len(done), len(tasks))
     todo = [t for t in tasks if t.name not in done]
     results: dict[str, dict[str, Any]] = dict(done)
     if progress:
         progress(stage, len(results), len(tasks))
-    if todo and (config.run.workers or config.run.scheduler):
-        from distributed import Client, LocalCluster, as_completed
 
-        cluster = (
-            LocalCluster(n_workers=config.run.workers, threads_per_worker=1) if config.run.workers else None
-        )
-        try:
-            with Client(cluster if cluster is not None else config.run.scheduler) as client:
-                cube_f = client.scatter(cube, broadcast=True)
-                futures = [client.submit(func, t, cube_f, config, dataset_url, version, *extra(t),
-                                         key=f"{stage}-{version}-{t.name}", pure=False) for t in todo]  # fmt: skip
-                for fut in as_completed(futures):
-                    receipt = fut.result()
-                    results[receipt["task"]] = receipt
-                    if progress:
-                        progress(stage, len(results), len(tasks))
-        finally:
-            if cluster is not None:
-                cluster.close()
+    def cube_for(task: Any) -> xr.Dataset | CubeSource:
+        return cube.narrow(task.days) if isinstance(cube, CubeSource) else cube
+
+    if todo and client is None and (config.run.workers or config.run.scheduler):
+        with connect(config) as own:
+            return run_tasks(stage, func, tasks, cube, config, dataset_url, version, extra, progress, client=own,
+                             where=where)  # fmt: skip
+    if todo and client is not None:
+        from distributed import as_completed
+
+        if not isinstance(cube, CubeSource):  # a cube opened in this process: sent once, not with every task
+            cube = client.scatter(cube, broadcast=True)
+        futures = []
+        for t in todo:
+            hint = where(t) if where is not None else None
+            placed = {"workers": [hint], "allow_other_workers": True} if hint else {}
+            futures.append(client.submit(_on_this_worker, func, t, cube_for(t), config, dataset_url, version,
+                                         *extra(t), key=f"{stage}-{version}-{t.name}", pure=False, **placed))  # fmt: skip
+        for fut in as_completed(futures):
+            receipt = fut.result()
+            results[receipt["task"]] = receipt
+            if progress:
+                progress(stage, len(results), len(tasks))
     else:
         for t in todo:
-            results[t.name] = func(t, cube, config, dataset_url, version, *extra(t))
+            results[t.name] = func(t, cube_for(t), config, dataset_url, version, *extra(t))
             if progress:
                 progress(stage, len(results), len(tasks))
     return [results[t.name] for t in tasks]
