@@ -102,7 +102,7 @@ TINY = Plan(ROOT / "demo-output/tiny", "2019-01-01", "2019-01-08", steps=4, gene
             region="-105,35,-95,45", source="synth", build_config="pipelines/demo-build-synth.yaml", base="tiny",
             build_set=("sample.tile=null",), interventions=("T2M=+3",), intervene_limit=2, max_new_tokens=48,
             train_set=("fusion.d_encoder=32", "fusion.encoder_heads=4", "fusion.n_prefix_tokens=4", "bf16=false",
-                       "micro_batch=2", "num_workers=0", "warmup_steps=0", "max_length=512"))  # fmt: skip
+                       "micro_batch=2", "num_workers=0", "warmup_steps=0", "max_length=1024"))  # fmt: skip
 """A few seconds of training on a tiny random Llama (the end-to-end test)."""
 
 
