@@ -85,3 +85,70 @@ def test_the_caption_format_lives_once_in_the_contract() -> None:
         "TEXT_FORMAT": ["climate_text_schema/captions.py"],
         "canonical_caption": ["climate_text_schema/captions.py"],
     }
+
+
+def _module_graph(package: str) -> dict[str, set[str]]:
+    """Arrows between a package's own modules: every import, at module level, inside functions or under
+    TYPE_CHECKING (a function-level import that runs back up is still a cycle a reader must hold in mind)."""
+    root = SOURCES[package]
+    modules: dict[str, Path] = {}
+    for path in root.rglob("*.py"):
+        parts = (package, *path.relative_to(root).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                graph[name].update(a.name for a in node.names if a.name in modules and a.name != name)
+            elif isinstance(node, ast.ImportFrom):
+                base = here[: len(here) - node.level + 1] if node.level else []
+                target = ".".join([*base, node.module] if node.module else base) if node.level else node.module or ""
+                subs = {f"{target}.{a.name}" for a in node.names} & modules.keys()
+                graph[name].update(subs - {name})
+                if target in modules and target != name and len(subs) < len(node.names):
+                    graph[name].add(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(SOURCES))
+def test_no_import_cycles(package: str) -> None:
+    graph = _module_graph(package)
+    assert len(graph) > 5 and sum(map(len, graph.values())) > 10, "the import graph was read"
+    assert _cycles(graph) == [], f"{package}: modules that import each other (arrows must point down)"
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

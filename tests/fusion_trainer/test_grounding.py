@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from fusion_trainer.errors import DataError
-from fusion_trainer.evaluate import _derangement, grounding_gain
+from fusion_trainer.eval_core import _derangement, grounding_gain
 from fusion_trainer.grounding import (
     baseline_values,
     caption_target,

@@ -228,7 +228,7 @@ def test_a_client_killed_mid_build_resumes_to_the_local_version(
         if proc.poll() is None:
             proc.kill()
     assert not fs.exists(f"{s3_bucket}/out/{NAME}/versions/{version}/manifest.json"), "killed before its commit"
-    caplog.set_level("INFO", logger="merra2_text_data.tasks")
+    caplog.set_level("INFO", logger="merra2_text_data.runner")
     ref = build(BuildConfig.from_options(**_options(source=s3_granules, out=f"{s3_bucket}/out",
                                                     cache=f"{s3_bucket}/cache",
                                                     scheduler=cluster.scheduler_address)))  # fmt: skip

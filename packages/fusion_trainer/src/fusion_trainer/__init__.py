@@ -19,6 +19,7 @@ from .errors import (
     TrainingError,
     UnsupportedArchitectureError,
 )
+from .version import __version__
 
 if TYPE_CHECKING:
     from .base import fetch_smollm2, fingerprint_base, load_base, make_tiny_model
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
     from .registry import MemoryEstimate, architecture_for, preset_config, supported_architectures
     from .runs import FusionRun, load_run
 
-__version__ = "0.1.0"
 
 _LAZY = {
     "FusionModel": "model",

@@ -26,7 +26,7 @@ from .interventions import intervention_report, parse_intervention
 from .readout import readout_values
 
 if TYPE_CHECKING:
-    from .evaluate import EvalContext
+    from .eval_core import EvalContext
 
 __all__ = ["MAX_RIDGE_FEATURES", "interventions_section", "ladder_section", "same_place_gain_section", "split_arrays"]
 
@@ -156,7 +156,7 @@ def interventions_section(ctx: EvalContext) -> dict[str, Any]:
 
 def same_place_gain_section(ctx: EvalContext) -> dict[str, Any]:
     """The grounding gain with climates swapped only between times of the same location, clustered by window."""
-    from .evaluate import grounding_gain
+    from .eval_core import grounding_gain
 
     index = ctx.dataset.read_index()
     where = location_of(index)

@@ -91,7 +91,7 @@ def generate_run(
         DataError: the dataset cannot be read or has no samples in `split`.
     """
     from .data import open_shards
-    from .evaluate import load_run_for
+    from .runs import load_run_for
 
     data = open_shards(shards)
     if not data.shards(split):

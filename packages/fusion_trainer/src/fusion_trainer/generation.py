@@ -1,32 +1,62 @@
-"""Generation for `FusionModel.generate`: left-padded prompts, a KV cache, and every new token fused with the climate
-as in training (greedy, or seeded temperature / top-p sampling)."""
+"""Decoding for `FusionModel.generate`: left-padded prompts, a KV-cached loop over any fused step function, greedy or
+seeded temperature / top-p sampling. It knows nothing of the model: the model hands it a step and an embedder."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from .errors import DataError
 
-if TYPE_CHECKING:
-    from .model import FusionModel
-
-__all__: list[str] = []  # package-internal: `FusionModel.generate` is the public entry point
+__all__ = ["batch_windows", "decode", "decode_texts", "encode_prompts", "stop_ids"]
 
 logger = logging.getLogger(__name__)
 
+Step = Callable[[Tensor, Tensor, Tensor, Any], tuple[Tensor, Any]]
+"""`(embeds (B, L, H), mask (B, L), positions (B, L), cache) -> (last logits (B, vocab), cache)`."""
 
-def _encode_prompts(
-    model: FusionModel, prompts: list[str], device: torch.device, suffixes: list[list[int]] | None = None
+
+def batch_windows(
+    climate: Tensor | np.ndarray, prompt: str | Sequence[str], device: torch.device
+) -> tuple[Tensor, list[str]]:
+    """The climate as `(B, T, V, H, W)` and one prompt per window (one prompt or one window is broadcast).
+
+    Raises:
+        DataError: the numbers of prompts and windows disagree.
+    """
+    x = torch.as_tensor(climate, dtype=torch.float32, device=device)
+    x = x[None] if x.ndim == 4 else x  # (B, T, V, H, W)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if len(prompts) == 1 and x.shape[0] > 1:
+        prompts = prompts * x.shape[0]
+    elif x.shape[0] == 1 and len(prompts) > 1:
+        x = x.expand(len(prompts), *x.shape[1:])
+    if len(prompts) != x.shape[0]:
+        raise DataError(
+            f"{len(prompts)} prompts for {x.shape[0]} climate windows; give one prompt or one per window"
+        )
+    return x, prompts
+
+
+def stop_ids(tok: PreTrainedTokenizerBase, generation_config: GenerationConfig | None) -> set[int]:
+    """The tokenizer's EOS and the model's generation-config EOS ids."""
+    extra = generation_config.eos_token_id if generation_config is not None else None
+    return {int(t) for t in {tok.eos_token_id, *np.atleast_1d(extra or []).tolist()} if t is not None}
+
+
+def encode_prompts(
+    tok: PreTrainedTokenizerBase,
+    prompts: list[str],
+    device: torch.device,
+    suffixes: list[list[int]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Left-padded prompt ids `(B, L)` and mask; `suffixes` (the readout lines' ids) follow each prompt."""
-    tok = model.tokenizer
-    assert tok is not None
     fallback = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     rows = [list(tok(p)["input_ids"]) or [int(fallback)] for p in prompts]
     if suffixes is not None:
@@ -52,63 +82,51 @@ def _pick_next(
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)  # (B,)
 
 
-def _run_generation(
-    model: FusionModel,
-    climate: Tensor | np.ndarray,
-    prompt: str | Sequence[str],
+def decode(
+    embeds: Tensor,
+    mask: Tensor,
+    step: Step,
+    embed_next: Callable[[Tensor], Tensor],
+    stops: set[int],
+    pad: int,
     max_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
-) -> list[str]:
-    tok = model.tokenizer
-    assert tok is not None
-    device = model.device
-    x = torch.as_tensor(climate, dtype=torch.float32, device=device)
-    x = x[None] if x.ndim == 4 else x  # (B, T, V, H, W)
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if len(prompts) == 1 and x.shape[0] > 1:
-        prompts = prompts * x.shape[0]
-    elif x.shape[0] == 1 and len(prompts) > 1:
-        x = x.expand(len(prompts), *x.shape[1:])
-    if len(prompts) != x.shape[0]:
-        raise DataError(
-            f"{len(prompts)} prompts for {x.shape[0]} climate windows; give one prompt or one per window"
-        )
-    tokens = model.encoder.encode(x)
-    head = model.encoder.stats_head
-    stats = head(tokens.tokens, x) if head is not None and model.config.readout else None
-    ids, mask = _encode_prompts(model, prompts, device, model.readout_ids(stats) if stats is not None else None)
-    stops = {tok.eos_token_id, *np.atleast_1d(model.lm.generation_config.eos_token_id or []).tolist()} - {
-        None
-    }
-    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0)
-    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """New token ids per row, from the fused prompt embeddings `(B, L, H)` and their left-padded mask `(B, L)`.
 
-    embeds, mask, _, _ = model._fuse(ids, mask, tokens, None, stats, insert_readout=False)  # (B, L', H), (B, L')
-    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, L'), left padding aware
+    `step` runs the LM on new embeddings with the cache; `embed_next` fuses the tokens just picked `(B, 1)` into
+    `(B, 1, H)`. A row stops at its first stop id (later positions hold `pad`); all stop, or `max_new_tokens`.
+    """
+    device = embeds.device
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, L), left padding aware
+    stop_tensor = torch.tensor(sorted(stops), device=device, dtype=torch.long)
     cache: Any = None
-    done = torch.zeros(x.shape[0], dtype=torch.bool, device=device)
+    done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=device)
     out_ids: list[Tensor] = []
     for _ in range(max_new_tokens):
-        with model._climate_scope(tokens):
-            out = model.lm(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-                **{model._cache_kwarg: cache},
-            )  # fmt: skip
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        nxt = _pick_next(out.logits[:, -1, :].float(), do_sample, temperature, top_p, gen)  # (B,)
+        logits, cache = step(embeds, mask, positions, cache)
+        nxt = _pick_next(logits.float(), do_sample, temperature, top_p, gen)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         out_ids.append(nxt)
-        done |= torch.isin(nxt, torch.tensor(sorted(stops), device=device))
+        done |= torch.isin(nxt, stop_tensor)
         if bool(done.all()):
             break
-        embeds = model.step_embeddings(nxt[:, None], tokens)  # (B, 1, H)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, L'+k)
+        embeds = embed_next(nxt[:, None])  # (B, 1, H)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, L+k)
         positions = positions[:, -1:] + 1  # (B, 1)
+    if not out_ids:
+        return [[] for _ in range(embeds.shape[0])]
+    return [list(map(int, row)) for row in torch.stack(out_ids, dim=1).tolist()]
+
+
+def decode_texts(tok: PreTrainedTokenizerBase, rows: list[list[int]], stops: set[int]) -> list[str]:
+    """Each row's text up to its first stop id, special tokens removed."""
     texts = []
-    for row in torch.stack(out_ids, dim=1).tolist() if out_ids else [[] for _ in prompts]:
+    for row in rows:
         cut = next((i for i, t in enumerate(row) if t in stops), len(row))
         texts.append(str(tok.decode(row[:cut], skip_special_tokens=True)))
     return texts

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .adapter import ADAPTER_FILE, CONFIG_FILE, _load_adapter, _save_adapter
+from .adapter import ADAPTER_FILE, CONFIG_FILE, read_adapter_config, read_adapter_weights, write_adapter
 from .base import fingerprint_base, load_base
 from .config import FusionConfig
 from .encoder import ClimateEncoder, ClimateTokens
@@ -40,7 +40,7 @@ from .fusion import (
     prefix_at,
     unwrapped_layers,
 )
-from .generation import _run_generation
+from .generation import batch_windows, decode, decode_texts, encode_prompts, stop_ids
 from .lm_pass import PromptCache, shared_prompt_length, target_loss
 from .readout import insert_tokens, readout_values, render_readout
 from .registry import MemoryEstimate, architecture_for, estimate_memory
@@ -518,7 +518,25 @@ class FusionModel(nn.Module):
             raise ConfigError(
                 f"temperature must be > 0 (got {temperature}) and top_p in (0, 1] (got {top_p})"
             )
-        return _run_generation(self, climate, prompt, max_new_tokens, do_sample, temperature, top_p, seed)
+        tok = self.tokenizer
+        x, prompts = batch_windows(climate, prompt, self.device)
+        tokens = self.encoder.encode(x)
+        head = self.encoder.stats_head
+        stats = head(tokens.tokens, x) if head is not None and self.config.readout else None
+        ids, mask = encode_prompts(tok, prompts, self.device, self.readout_ids(stats) if stats is not None else None)
+        embeds, mask, _, _ = self._fuse(ids, mask, tokens, None, stats, insert_readout=False)  # (B, L', H)
+
+        def step(embeds: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> tuple[Tensor, Any]:
+            with self._climate_scope(tokens):
+                out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                              **{self._cache_kwarg: cache})  # fmt: skip
+            return out.logits[:, -1, :], getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+        stops = stop_ids(tok, self.lm.generation_config)
+        pad = int(tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0))
+        rows = decode(embeds, mask, step, lambda nxt: self.step_embeddings(nxt, tokens), stops, pad, max_new_tokens,
+                      do_sample, temperature, top_p, seed)  # fmt: skip
+        return decode_texts(tok, rows, stops)
 
     def step_embeddings(self, input_ids: Tensor, climate: ClimateTokens) -> Tensor:
         """Embeddings of newly generated tokens `(B, 1)` -> `(B, 1, H)`, fused as in training (add / xattn)."""
@@ -539,7 +557,11 @@ class FusionModel(nn.Module):
         Returns:
             The directory.
         """
-        return _save_adapter(self, directory, state_dict)
+        state = dict(state_dict) if state_dict is not None else self.fusion_state_dict()
+        unknown = sorted(set(state) - {n for n, _ in self.fusion_named_parameters()})
+        if unknown:
+            raise ModelError(f"save_adapter: {unknown[:5]} are not trainable parameters of this model")
+        return write_adapter(directory, state, self.config, self.base_fingerprint)
 
     @classmethod
     def load_adapter(
@@ -555,7 +577,19 @@ class FusionModel(nn.Module):
             ModelError: files missing, no base named, or the base's fingerprint differs from the recorded one.
             ConfigError: fusion_config.json is not a valid FusionConfig.
         """
-        return _load_adapter(cls, directory, base, dtype, tokenizer)
+        config, expected = read_adapter_config(directory)
+        chosen = base if base is not None else config.base
+        if chosen is None:
+            raise ModelError(f"{Path(directory) / CONFIG_FILE} names no base model; pass base=PATH_OR_ID")
+        model = cls.from_base(chosen, config, dtype=dtype, tokenizer=tokenizer)
+        if expected is not None and model.base_fingerprint != expected:
+            raise ModelError(
+                f"the adapter in {directory} was trained on base {config.base!r} ({expected}), but "
+                f"{model.config.base!r} has fingerprint {model.base_fingerprint}; load it onto the original base"
+            )
+        model.load_fusion_state_dict(read_adapter_weights(directory))
+        logger.info("adapter %s loaded onto %s", directory, model.config.base)
+        return model
 
     def fusion_layers(self) -> Iterator[FusionLayer]:
         """The gated-xattn wrappers (empty for the other variants)."""

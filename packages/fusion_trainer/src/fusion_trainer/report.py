@@ -18,6 +18,7 @@ import numpy as np
 
 from .grounding import QUANTITIES, parse_caption_numbers
 from .metrics import read_metrics
+from .plots import pyplot, save_figure
 
 __all__ = [
     "metrics_table",
@@ -30,22 +31,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    tmp.replace(path)
-    return path
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -60,7 +45,7 @@ def _fmt(x: Any, digits: int = 2) -> str:
 
 def plot_losses(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Train loss (per logged interval) and val loss against the step."""
-    plt = _pyplot()
+    plt = pyplot()
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and r.get("split") != "val"]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("split") == "val"]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
@@ -73,7 +58,7 @@ def plot_losses(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
     ax.set_title("Training and validation loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def metrics_table(metrics: Mapping[str, Any]) -> list[list[str]]:
@@ -96,7 +81,7 @@ _TABLE_HEAD = [
 
 def plot_metrics_table(metrics: Mapping[str, Any], path: Path) -> Path:
     """The losses, grounding gain and faithfulness table as an image."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = metrics_table(metrics)
     fig, ax = plt.subplots(figsize=(9, 0.9 + 0.32 * (len(rows) + 1)))
     ax.axis("off")
@@ -112,14 +97,14 @@ def plot_metrics_table(metrics: Mapping[str, Any], path: Path) -> Path:
         f"{_fmt(gain.get('caption', {}).get('gain'), 3)} (numbers {_fmt(gain.get('numbers', {}).get('gain'), 3)})",
         fontsize=9,
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sample_map(
     field: np.ndarray, bbox: Sequence[float], title: str, reference: str, generated: str, path: Path
 ) -> Path:
     """A map of one 2-D field over its bounding box (W, S, E, N), with the reference and generated captions."""
-    plt = _pyplot()
+    plt = pyplot()
     fig = plt.figure(figsize=(7.5, 7.2))
     ax = fig.add_axes((0.1, 0.42, 0.8, 0.52))
     west, south, east, north = bbox
@@ -133,14 +118,14 @@ def plot_sample_map(
     wrap = textwrap.TextWrapper(width=105)
     text = "Reference:\n" + wrap.fill(reference) + "\n\nGenerated:\n" + wrap.fill(generated or "(empty)")
     fig.text(0.03, 0.02, text, fontsize=7.5, va="bottom", family="monospace")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_scatter(
     generations: Sequence[Mapping[str, Any]], truth: Any, path: Path, baseline: float | None
 ) -> Path:
     """Generated vs true mean 2 m temperature of the test samples (the parsed ones), with the mean baseline."""
-    plt = _pyplot()
+    plt = pyplot()
     pairs = [
         (float(truth.loc[g["key"], "t2m_mean_c"]), parse_caption_numbers(g["generated"]).get("t2m_mean_c"))
         for g in generations
@@ -160,7 +145,7 @@ def plot_scatter(
     ax.set_title("Test samples: generated vs true", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _sample_field(dataset: Any, key: str) -> tuple[np.ndarray, list[float], str] | None:

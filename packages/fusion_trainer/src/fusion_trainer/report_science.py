@@ -50,13 +50,13 @@ def ladder_rows(metrics: Mapping[str, Any], part: str = "all") -> tuple[list[str
 
 def plot_ladder(metrics: Mapping[str, Any], path: Path, part: str = "all") -> Path | None:
     """Each quantity's error per rung, relative to the location x hour climatology (1 = as good as it)."""
-    from .report import _pyplot, _save
+    from .plots import pyplot, save_figure
 
     quantities = (((metrics.get("ladder") or {}).get(part)) or {}).get("quantities") or {}
     names = [q for q, row in quantities.items() if (row.get("location_hour") or {}).get("mae")]
     if not names:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 4.5))
     rungs = [r for r in RUNGS if any(r in quantities[q] for q in names)]
     width = 0.8 / len(rungs)
@@ -79,7 +79,7 @@ def plot_ladder(metrics: Mapping[str, Any], path: Path, part: str = "all") -> Pa
     ax.set_title(f"The baseline ladder ({part} of the test split; 95% intervals clustered by time window)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def intervention_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
@@ -95,12 +95,12 @@ def intervention_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
 
 def plot_interventions(metrics: Mapping[str, Any], path: Path) -> Path | None:
     """The mean change of each generated number against the change the shift makes to the truth."""
-    from .report import _pyplot, _save
+    from .plots import pyplot, save_figure
 
     slopes = ((metrics.get("interventions") or {}).get("slopes")) or {}
     if not slopes:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(slopes), figsize=(4 * len(slopes), 3.5), squeeze=False)
     for ax, (var, s) in zip(axes[0], slopes.items(), strict=True):
         x = np.array([0.0, *s["quantity_shifts"]])
@@ -114,7 +114,7 @@ def plot_interventions(metrics: Mapping[str, Any], path: Path) -> Path | None:
         ax.set_ylabel("mean change of the generated value")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def goal_lines(metrics: Mapping[str, Any]) -> list[str]:

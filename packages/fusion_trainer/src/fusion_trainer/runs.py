@@ -24,7 +24,7 @@ from .errors import CheckpointError, ConfigError, DataError
 if TYPE_CHECKING:
     from .model import FusionModel
 
-__all__ = ["PROMPT_FILE", "FusionRun", "load_run"]
+__all__ = ["PROMPT_FILE", "FusionRun", "load_run", "load_run_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,3 +136,13 @@ def load_run(run_dir: str | Path, prompt: str | None = None) -> FusionRun:
         model.to("cuda")
     model.eval()
     return FusionRun(run_dir=run_dir, config=config, model=model, prompt=prompt)
+
+
+def load_run_for(run_dir: Path, data: Any) -> FusionRun:
+    """`load_run`, with the prompt rendered from the dataset for a run that kept no prompt.txt (older runs)."""
+    from .data import render_prompt
+
+    if (Path(run_dir) / PROMPT_FILE).exists():
+        return load_run(run_dir)
+    config = TrainConfig.from_yaml(Path(run_dir) / "config.yaml")
+    return load_run(run_dir, prompt=render_prompt(config.prompt_template, data, config.caption))

@@ -24,6 +24,7 @@ from .errors import (
     SampleValidationError,
     VerifyError,
 )
+from .version import __version__
 
 if TYPE_CHECKING:
     from .config import (
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
         verify,
     )
 
-__version__ = "0.1.0"
 
 _LAZY = {
     **dict.fromkeys(

@@ -26,8 +26,8 @@ import datetime as dt
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dask
@@ -38,6 +38,7 @@ import xarray as xr
 from climate_text_schema import join_url
 
 from . import daystore as _daystore
+from .cube_source import CubeSource
 from .errors import BuildError, GranuleError
 from .fetch import Granule
 from .pairs import SamplePlan
@@ -88,43 +89,6 @@ class DayTask:
         return [self.day]
 
 
-@dataclass(frozen=True)
-class CubeSource:
-    """How a task opens the regional cube where it runs (serialisable; carried by every task).
-
-    Attributes:
-        cache: the cache URL or local folder (`SourceConfig.cache_location()`, resolved).
-        variables: the cube's variables, in order.
-        region: the region.
-        allow_partial_days: `source.allow_partial_days`.
-        granules: the MERRA-2 granules by day (only the days a task needs, see `narrow`).
-        era5: the store URL of an ERA5 source (then `granules` is empty and no cache is used).
-        start: first day of the build (ERA5).
-        end: last day of the build (ERA5).
-        build: the version being built: what a task remembers of the cache is kept for one build only.
-    """
-
-    cache: str
-    variables: tuple[str, ...]
-    region: Region
-    allow_partial_days: bool = False
-    granules: dict[dt.date, tuple[Granule, ...]] = field(default_factory=dict)
-    era5: str | None = None
-    start: dt.date | None = None
-    end: dt.date | None = None
-    build: str = ""
-
-    @property
-    def shared(self) -> bool:
-        """True when every worker sees the same cache (an object store or any non-local URL)."""
-        return not is_local(url_to_fs(self.cache)[0])
-
-    def narrow(self, days: Iterable[dt.date]) -> CubeSource:
-        """The same source holding only the granules of `days` (what one task carries)."""
-        wanted = set(days)
-        return replace(self, granules={d: g for d, g in self.granules.items() if d in wanted})
-
-
 @dataclass
 class StagedCube:
     """What the client has of the cube once the cube stage ran (`stage_cube`)."""
@@ -155,7 +119,7 @@ def stage_cube(config: Any, granules: Sequence[Granule], region: Region, dataset
     Raises:
         GranuleError: a day's granules cannot be fetched or read, or days disagree on the grid.
     """
-    from .tasks import run_tasks
+    from .runner import run_tasks
 
     cache = config.source.cache_location()  # a local path is resolved where it is used: each worker's own
     source = cube_source(config, granules, region, cache or default_cache(config.publish.out), version)

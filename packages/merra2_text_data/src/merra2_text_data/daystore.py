@@ -36,7 +36,7 @@ from .subset import cache_key, open_region
 from .tempfiles import remove_stale_temps, temp_sibling
 
 if TYPE_CHECKING:
-    from .cube import CubeSource
+    from .cube_source import CubeSource
 
 __all__ = ["build_day", "day_key", "days_url", "ensure_day", "grid_digest", "open_day", "read_marker", "worker_address"]
 

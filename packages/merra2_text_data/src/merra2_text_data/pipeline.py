@@ -46,13 +46,13 @@ from climate_text_schema import (
     open_dataset,
 )
 
-from . import __version__
 from . import cube as _cube
 from . import tasks as _tasks
 from . import text as _text
 from .card import make_card
 from .climatology import DayOfYearClimatology, spans_several_years
 from .config import BuildConfig
+from .cube_source import CubeSource
 from .era5 import (
     ERA5_ATTRIBUTION,
     describe_spacing,
@@ -70,10 +70,12 @@ from .pairs import SamplePlan, parse_duration, plan_samples
 from .provenance import source_kind, text_sources
 from .publish import clean_up, commit_version, compute_version, manifest_exists, url_to_fs, write_tag
 from .regions import Region, parse_region
+from .runner import connect, run_tasks
 from .shards import estimate_sample_bytes, fs_path, is_local, pack_by_size
 from .splits import assign_splits, holdout_tiles
 from .tasks import ANOMALY_VARIABLE, STATS_STAGE, ShardTask, units_of
 from .validate import quarantine_frame
+from .version import __version__
 
 __all__ = ["BuildPlan", "ProgressHook", "ShardTask", "build", "plan_build"]
 
@@ -254,7 +256,7 @@ def _climatology(
     cfg = plan.config
     if ANOMALY_VARIABLE not in cfg.subset.variables or not spans_several_years(p.time_start for p in samples):
         return None
-    receipts = _tasks.run_tasks(STATS_STAGE, _tasks.run_stats_task, tasks, cube, cfg, plan.dataset_url,
+    receipts = run_tasks(STATS_STAGE, _tasks.run_stats_task, tasks, cube, cfg, plan.dataset_url,
                                 plan.version, progress=progress, client=client)  # fmt: skip
     rows = ((group, pd.Timestamp(start), {ANOMALY_VARIABLE: {"mean": mean}})
             for rec in receipts for _, group, start, mean in rec["rows"])  # fmt: skip
@@ -361,8 +363,8 @@ def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
                 write_tag(fs, plan.dataset_url, config.publish.tag, plan.version)
         clean_up(fs, plan.dataset_url, plan.version)  # a build killed between its commit and its clean-up
         return ref
-    with _tasks.connect(config) as client:
-        read: xr.Dataset | _cube.CubeSource  # what the tasks read: the cube, or what opens it where they run
+    with connect(config) as client:
+        read: xr.Dataset | CubeSource  # what the tasks read: the cube, or what opens it where they run
         if _cube.on_workers(config):  # the tasks fetch, subset and read the cube where they run
             staged = _cube.stage_cube(config, plan.granules, plan.region, plan.dataset_url, plan.version, client,
                                       progress)  # fmt: skip
@@ -376,7 +378,7 @@ def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
         events = _events(config, cube, samples)
         climatology = _climatology(plan, tasks, samples, read, progress, client)
         clim = client.scatter(climatology, broadcast=True) if client is not None and climatology else climatology
-        receipts = _tasks.run_tasks(
+        receipts = run_tasks(
             "samples", _tasks.run_task, tasks, read, config, plan.dataset_url, plan.version,
             extra=lambda t: ({p.key: events.get(p.key, []) for p in t.plans}, clim), progress=progress,
             client=client, where=where,
