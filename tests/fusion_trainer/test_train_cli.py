@@ -40,6 +40,20 @@ def test_dry_run_prints_config_and_sizes(dataset_ref: str, tiny_model_dir: Path,
     assert not (tmp_path / "r").exists(), "a dry run writes nothing"
 
 
+def test_dry_run_sizes_the_model_training_builds(dataset_ref: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The stats loss adds the stats head: the dry run must count it, as training does (one FusionConfig builder)."""
+    import re
+
+    counts = []
+    for weight in ("0", "1"):
+        out = _run("fusion-train", "--shards", dataset_ref, "--model", str(tiny_model_dir), "--out",
+                   str(tmp_path / "r"), "--fusion", "prefix", "--set", f"stats_loss_weight={weight}", "--dry-run",
+                   *TINY)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        counts.append(int(re.search(r"trainable parameters: ([\d,]+)", out.stdout)[1].replace(",", "")))  # type: ignore[index]
+    assert counts[1] > counts[0], f"stats head not counted: {counts}"
+
+
 @pytest.mark.parametrize(
     ("flags", "extra", "message"),
     [

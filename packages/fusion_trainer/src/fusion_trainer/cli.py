@@ -189,7 +189,6 @@ def _dry_run(cfg: Any, nnodes: int = 1) -> str:
     """The resolved config, the trainable parameter count and the per-rank memory, without loading weights."""
     from transformers import AutoConfig
 
-    from .config import FusionConfig
     from .data import open_shards
     from .errors import ModelError
     from .model import FusionModel
@@ -197,7 +196,7 @@ def _dry_run(cfg: Any, nnodes: int = 1) -> str:
     data = open_shards(cfg.shards)
     manifest = data.manifest
     norm = {v: s.model_dump() for v, s in manifest.normalization.items()}
-    fusion = FusionConfig(**{**cfg.fusion, "variables": manifest.variable_names, "normalization": norm})
+    fusion = cfg.fusion_config(manifest.variable_names, norm, manifest.window)
     try:
         hf_config = AutoConfig.from_pretrained(cfg.model)
     except (OSError, ValueError) as exc:

@@ -5,7 +5,7 @@ FusionConfig describes the model (encoder + fusion); TrainConfig the training ru
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from climate_text_schema import NormStats
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,7 +17,8 @@ from .errors import ConfigError
 FusionKind = Literal["add", "xattn", "prefix", "gated-xattn"]
 """The four ways climate tokens enter the language model (see docs/model.md)."""
 
-FUSION_KINDS: tuple[str, ...] = ("add", "xattn", "prefix", "gated-xattn")
+FUSION_KINDS: tuple[str, ...] = get_args(FusionKind)
+"""`FusionKind`'s names, for messages and command-line choices."""
 
 
 def _format_validation_error(model: str, exc: ValidationError) -> str:
@@ -432,6 +433,20 @@ class TrainConfig(_BaseModel):
             if value is not None:
                 raw[key] = value
         return cls.load(raw)
+
+    def fusion_config(
+        self, variables: _Sequence[str], normalization: dict[str, _Any], window: str | None
+    ) -> FusionConfig:
+        """The model's FusionConfig for a dataset: `fusion` with the dataset's variables, normalization and sample
+        window, and the stats head when `stats_loss_weight` > 0. The one place it is built: training, `--dry-run`
+        and evaluation size the same model.
+
+        Raises:
+            ConfigError: `fusion` does not fit the dataset.
+        """
+        stats = {"stats_head": True} if self.stats_loss_weight > 0 else {}
+        return FusionConfig(**{**self.fusion, **stats, "variables": list(variables), "normalization": normalization,
+                               "window": window})  # fmt: skip
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (what RUN_DIR/config.yaml holds)."""

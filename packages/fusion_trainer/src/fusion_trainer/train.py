@@ -29,7 +29,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import FusionConfig, TrainConfig
+from .config import TrainConfig
 from .data import ClimateTextStream, DataPosition, open_shards, render_prompt
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .evaluate import evaluate_loss
@@ -140,11 +140,7 @@ def _load_model(
 ) -> Any:
     from .model import FusionModel
 
-    stats = {"stats_head": True} if config.stats_loss_weight > 0 else {}
-    fusion = FusionConfig(
-        **{**config.fusion, **stats, "variables": variables, "normalization": normalization, "window": window}
-    )
-    return FusionModel.from_base(config.model, fusion, dtype=dtype)
+    return FusionModel.from_base(config.model, config.fusion_config(variables, normalization, window), dtype=dtype)
 
 
 def _run_precision(config: TrainConfig) -> Precision:
