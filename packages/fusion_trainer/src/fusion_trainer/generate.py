@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,15 +65,29 @@ def iter_generations(
     wanted = None
     if limit is not None and limit < total:
         wanted = {int(i) for i in np.linspace(0, total - 1, limit).round()}
+    todo = total if wanted is None else len(wanted)
+    started, done, last_log = time.monotonic(), 0, 0.0
+
+    def progress(n: int) -> None:
+        nonlocal done, last_log
+        done += n
+        now = time.monotonic() - started
+        if now - last_log >= 30 or done == todo:  # a line every 30 s: long splits show where they are
+            last_log = now
+            left = now / done * (todo - done)
+            logger.info("generated %d/%d %s samples in %.0f s (about %.0f s left)", done, todo, split, now, left)
+
     for position, raw in enumerate(raws):
         if wanted is not None and position not in wanted:
             continue
         batch.append(decode_sample(raw, dataset))
         if len(batch) == batch_size:
             yield from flush(batch)
+            progress(len(batch))
             batch = []
     if batch:
         yield from flush(batch)
+        progress(len(batch))
 
 
 def generate_run(
