@@ -25,10 +25,14 @@ from .hashing import READ_SIZE, HashingReader
 from .hub import hf_features, hub_configs, sample_features
 from .layout import (
     INDEX_FILE,
+    MANIFEST_DIGEST_FILE,
     MANIFEST_FILE,
+    MAX_SHARD_BYTES,
     QUARANTINE_FILE,
     README_FILE,
     SPLITS,
+    is_shard_name,
+    is_version_id,
     join_url,
     shard_name,
     tag_url,
@@ -37,6 +41,7 @@ from .layout import (
     versions_url,
 )
 from .manifest import (
+    DIGEST_FILES,
     SCHEMA_VERSION,
     BuilderInfo,
     Manifest,
@@ -67,7 +72,14 @@ from .variables import DEFAULT_VARIABLES, FILL_VALUE, KNOWN_VARIABLES, VariableS
 
 if TYPE_CHECKING:
     from .index import BASE_COLUMNS, index_schema, stat_columns, validate_index, variables_in_index
-    from .reference import OpenedDataset, open_dataset, parse_reference, resolve_version_url
+    from .reference import (
+        OpenedDataset,
+        format_tag,
+        open_dataset,
+        parse_reference,
+        parse_tag,
+        resolve_version_url,
+    )
     from .storage import OBJECT_STORE_PROTOCOLS, credentials_message, register_webdataset_fsspec
 
 __version__ = "1.0.0"
@@ -79,6 +91,8 @@ _LAZY = {
     "validate_index": "index",
     "variables_in_index": "index",
     "OpenedDataset": "reference",
+    "format_tag": "reference",
+    "parse_tag": "reference",
     "open_dataset": "reference",
     "parse_reference": "reference",
     "resolve_version_url": "reference",
@@ -93,10 +107,13 @@ __all__ = [
     "BASE_COLUMNS",
     "CLIMATE_MEMBER",
     "DEFAULT_VARIABLES",
+    "DIGEST_FILES",
     "FILL_VALUE",
     "INDEX_FILE",
     "KNOWN_VARIABLES",
+    "MANIFEST_DIGEST_FILE",
     "MANIFEST_FILE",
+    "MAX_SHARD_BYTES",
     "OBJECT_STORE_PROTOCOLS",
     "META_MEMBER",
     "QUARANTINE_FILE",
@@ -135,10 +152,14 @@ __all__ = [
     "hf_features",
     "hub_configs",
     "index_schema",
+    "format_tag",
+    "is_shard_name",
+    "is_version_id",
     "join_url",
     "open_dataset",
     "parse_manifest",
     "parse_reference",
+    "parse_tag",
     "register_webdataset_fsspec",
     "resolve_version_url",
     "sample_features",

@@ -28,6 +28,7 @@ import numpy as np
 from climate_text_schema import (
     ARRAY_DTYPE,
     CLIMATE_MEMBER,
+    MAX_SHARD_BYTES,
     META_MEMBER,
     SAMPLE_MEMBERS,
     TEXT_MEMBER,
@@ -232,6 +233,12 @@ def write_shard(
     """
     relative = shard_name(split, number)
     data, keys = shard_bytes(records)
+    if len(data) > MAX_SHARD_BYTES:
+        raise SampleError(
+            f"{relative}: {len(data)} bytes ({len(keys)} sample(s)) is over the contract's largest shard "
+            f"({MAX_SHARD_BYTES} bytes): readers verify a whole shard in memory; lower shard.shard_size, or use a "
+            "smaller tile or window so one sample fits"
+        )
     write_atomic(fs, join_url(version_url, relative), data)
     info = ShardInfo(
         path=relative,
