@@ -20,6 +20,7 @@ from .errors import (
     ReferenceError_,
     SampleError,
     SchemaVersionError,
+    redact_credentials,
 )
 from .hashing import READ_SIZE, HashingReader
 from .hub import hf_features, hub_configs, sample_features
@@ -67,6 +68,7 @@ from .sample import (
     decode_climate,
     decode_meta,
     decode_text,
+    member_suffix_problem,
 )
 from .variables import DEFAULT_VARIABLES, FILL_VALUE, KNOWN_VARIABLES, VariableSpec, variable_spec
 
@@ -156,10 +158,12 @@ __all__ = [
     "is_shard_name",
     "is_version_id",
     "join_url",
+    "member_suffix_problem",
     "open_dataset",
     "parse_manifest",
     "parse_reference",
     "parse_tag",
+    "redact_credentials",
     "register_webdataset_fsspec",
     "resolve_version_url",
     "sample_features",

@@ -27,6 +27,7 @@ from climate_text_schema import (
     SampleError,
     ShardInfo,
     check_sample_key,
+    member_suffix_problem,
     open_dataset,
 )
 from climate_text_schema.captions import check_text_format
@@ -77,6 +78,10 @@ def _group_problem(group: dict[str, Any], key: str, url: str) -> str | None:
         check_sample_key(key, f"shard {url}")
     except SampleError as exc:
         return str(exc)
+    for suffix in sorted(k for k in group if not k.startswith("__")):
+        problem = member_suffix_problem(f"{key}.{suffix}", f"shard {url}")
+        if problem is not None:  # the rule `merra2-text verify` applies: never silently left out
+            return problem
     missing = [m for m in _MEMBERS if m not in group]
     if missing:
         return f"shard {url}: sample {key!r} lacks member(s) {', '.join(missing)}"

@@ -49,7 +49,9 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    typer.echo(f"error: {message}", err=True)
+    from climate_text_schema import redact_credentials
+
+    typer.echo(f"error: {redact_credentials(message)}", err=True)
     raise typer.Exit(code)
 
 

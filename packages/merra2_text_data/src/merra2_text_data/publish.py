@@ -174,7 +174,7 @@ def write_create_only(fs: AbstractFileSystem, url: str, data: bytes) -> bool:
 
 
 _CONDITIONAL_OK: set[str] = set()
-"""Buckets (`protocol://bucket`) whose store was seen to refuse a second create-only PUT of one key."""
+"""Buckets (filesystem class, options digest, `protocol://bucket`) whose store was seen to refuse a second create-only PUT of one key."""
 
 
 def check_conditional_writes(fs: AbstractFileSystem, path: str) -> None:
@@ -187,11 +187,14 @@ def check_conditional_writes(fs: AbstractFileSystem, path: str) -> None:
         PublishError: the store replaced the probe (it ignores conditional writes).
         StoreError: the probe could not be written.
     """
-    bucket = path.split("/", 1)[0]
-    key = f"{_protocols(fs)[0]}://{bucket}"
+    lead = "/" if path.startswith("/") else ""
+    bucket = path.lstrip("/").split("/", 1)[0]
+    where = f"{_protocols(fs)[0]}://{bucket}"
+    options = hashlib.sha256(repr(sorted(fs.storage_options.items())).encode()).hexdigest()[:16]
+    key = f"{type(fs).__name__} {options} {where}"  # the same bucket name on another endpoint is another store
     if key in _CONDITIONAL_OK:
         return
-    probe = f"{bucket}/.merra2-text-probe/{temp_sibling('create-only').rsplit('/', 1)[-1]}"
+    probe = f"{lead}{bucket}/.merra2-text-probe/{temp_sibling('create-only').rsplit('/', 1)[-1]}"
     try:
         fs.pipe_file(probe, b"1", mode="create")
         try:
@@ -200,13 +203,13 @@ def check_conditional_writes(fs: AbstractFileSystem, path: str) -> None:
         except FileExistsError:
             replaced = False
     except Exception as exc:
-        raise store_error(f"{key}/{probe.split('/', 1)[1]}", exc) from exc
+        raise store_error(f"{where}/{probe.lstrip('/').split('/', 1)[1]}", exc) from exc
     finally:
         with contextlib.suppress(Exception):
             fs.rm_file(probe)
     if replaced:
         raise PublishError(
-            f"the store of {key} ignores conditional writes (If-None-Match: *): a second create-only PUT of a probe "
+            f"the store of {where} ignores conditional writes (If-None-Match: *): a second create-only PUT of a probe "
             "object replaced it, so a published manifest could be overwritten silently. Publish to a store that "
             "honours If-None-Match (AWS S3, MinIO, recent Ceph) or to a local folder"
         )

@@ -41,6 +41,7 @@ from climate_text_schema import (
     decode_meta,
     decode_text,
     join_url,
+    member_suffix_problem,
     shard_name,
 )
 from fsspec import AbstractFileSystem
@@ -284,9 +285,10 @@ def _check_name(name: str, shard: str) -> tuple[str, str]:
         raise SampleError(
             f"{shard}: member {name!r} is a path (absolute, '..' or a folder); shards hold flat names"
         )
-    key, dot, suffix = name.partition(".")
-    if not dot or suffix not in SAMPLE_MEMBERS:
-        raise SampleError(f"{shard}: member {name!r} is not <key>.{{{','.join(SAMPLE_MEMBERS)}}}")
+    problem = member_suffix_problem(name, shard)
+    if problem is not None:
+        raise SampleError(problem)
+    key, _, suffix = name.partition(".")
     return key, suffix
 
 
