@@ -147,7 +147,7 @@ def build(
     events: Annotated[list[str] | None, typer.Option(help="NOAA Storm Events CSV(.gz); repeatable.")] = None,
     text_table: Annotated[str | None, typer.Option(help="CSV/Parquet with time, lat, lon, text.")] = None,
     shard_size: Annotated[
-        str | None, typer.Option(help="Target shard size, e.g. 64MB, 1GB.", show_default="256MB")
+        str | None, typer.Option(help="Target shard size, e.g. 64MB, 1GB (at most 1GiB).", show_default="256MB")
     ] = None,
     cache: Annotated[
         str | None,
