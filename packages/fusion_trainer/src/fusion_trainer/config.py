@@ -290,7 +290,7 @@ class TrainConfig(_BaseModel):
         "a run must resume with the same value; set it to num_workers for the fastest loading",
     )
     shuffle_buffer: int = _Field(default=256, ge=0, description="samples in the seeded shuffle buffer")
-    verify_shards: bool = _Field(default=True, description="check each shard's sha256 as it streams")
+    verify_shards: bool = _Field(default=True, description="check each shard's sha256 (before any of its samples is used)")
     verify_frozen: bool = _Field(
         default=True,
         description="hash the frozen base before and after training (seconds per GB); false skips it",

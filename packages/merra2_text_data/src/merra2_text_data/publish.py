@@ -191,7 +191,9 @@ def check_conditional_writes(fs: AbstractFileSystem, path: str) -> None:
     bucket = path.lstrip("/").split("/", 1)[0]
     where = f"{_protocols(fs)[0]}://{bucket}"
     options = hashlib.sha256(repr(sorted(fs.storage_options.items())).encode()).hexdigest()[:16]
-    key = f"{type(fs).__name__} {options} {where}"  # the same bucket name on another endpoint is another store
+    key = (
+        f"{type(fs).__name__} {options} {where}"  # the same bucket name on another endpoint is another store
+    )
     if key in _CONDITIONAL_OK:
         return
     probe = f"{lead}{bucket}/.merra2-text-probe/{temp_sibling('create-only').rsplit('/', 1)[-1]}"
