@@ -120,7 +120,9 @@ def render_prompt(template: str, ds: OpenedDataset, caption: str = "full") -> st
             m += shift.get(v, 0.0) * s.std
             stats[v] = {"mean": m, "min": m - s.std, "max": m + s.std}
         values = caption_quantities(stats, seconds)
-        text = " ".join(t for f in ("temp", "dew", "q", "wind", "slp", "precip") if (t := render_facet(f, values)))
+        text = " ".join(
+            t for f in ("temp", "dew", "q", "wind", "slp", "precip") if (t := render_facet(f, values))
+        )
         return render_readout(values), caption_target(text, form) if text else ""
 
     readout, caption_text = texts({}, False)
