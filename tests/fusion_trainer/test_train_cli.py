@@ -106,7 +106,8 @@ def test_two_ranks_zero2_train_resume_eval_generate(
         assert len(keys[0]) == len(keys[1]) == 10 and not set(keys[0]) & set(keys[1])
 
     ckpt = run / "checkpoints" / "step50"
-    assert (ckpt / "rng_rank0.pt").exists() and (ckpt / "rng_rank1.pt").exists()
+    assert (ckpt / "rng_rank0.json").exists() and (ckpt / "rng_rank1.json").exists()
+    assert (ckpt / "CHECKSUMS.json").exists() and not list(ckpt.glob("rng_rank*.pt"))
     names = checkpoint_tensor_names(ckpt)
     leaked = [n for n in names if ".module.lm." in n and "fusion_block" not in n and "lora_" not in n]
     assert not leaked and any(".module.encoder." in n for n in names), (

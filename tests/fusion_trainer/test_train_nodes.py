@@ -127,7 +127,7 @@ def test_two_nodes_are_one_job_equal_to_one_node_and_resume(
     codes = _wait_all(_start_nodes([*args, "--set", "stop_at_step=4"], tmp_path, free_port()), timeout=600)
     assert codes == [0, 0], [(tmp_path / f"node{n}.log").read_text()[-3000:] for n in (0, 1)]
     assert sorted(_losses(run)) == [1, 2, 3, 4] and (run / "checkpoints" / "step4" / "COMPLETE").exists()
-    assert (run / "checkpoints" / "step4" / "rng_rank1.pt").exists(), "rank 1 (node 1) wrote its RNG state"
+    assert (run / "checkpoints" / "step4" / "rng_rank1.json").exists(), "rank 1 (node 1) wrote its RNG state"
 
     codes = _wait_all(_start_nodes([*args, "--resume"], tmp_path, free_port()), timeout=600)
     assert codes == [0, 0], [(tmp_path / f"node{n}.log").read_text()[-3000:] for n in (0, 1)]

@@ -106,12 +106,13 @@ class _GranuleOpens:
 
 
 def _content(version_url: str) -> dict[str, Any]:
-    """What a version holds: manifest (but its creation time), index, quarantine, card and every shard's bytes."""
+    """What a version holds: manifest (but its creation time and file digests), index, quarantine, card and every shard's bytes."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(version_url)
     manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
     created = manifest.pop("created_at")
+    manifest.pop("files")  # digests of the bytes of the card (which holds created_at) and the parquet files
     shards = {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in sorted(fs.glob(f"{root}/shards/*.tar"))}
     with fs.open(f"{root}/index.parquet", "rb") as fh:
         index = pd.read_parquet(fh)

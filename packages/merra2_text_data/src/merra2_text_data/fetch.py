@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec
 
@@ -344,7 +345,7 @@ def _granule_from_umm(record: dict[str, Any], collection: str) -> Granule:
     https = [u for u in links if u.startswith("https://")]
     if not (https or links):
         raise GranuleError(f"the CMR record {ur} has no 'GET DATA' link to download {name}")
-    if not https and any(u.startswith("http://") for u in links):
+    if not https and any(_plain_http(u) for u in links):
         raise GranuleError(
             f"the CMR record {ur} offers {name} over plain http only: the Earthdata token is only ever sent over "
             "https; download it yourself and build with --source"
@@ -455,10 +456,18 @@ def _mark_verified(granule: Granule, target: Path) -> None:
         _verified_mark(target).write_text(f"{granule.checksum} {stat.st_size} {stat.st_mtime_ns}")
 
 
+def _plain_http(url: str) -> bool:
+    """True for an `http://` URL to another machine (a loopback address, such as a local mirror, is not a network)."""
+    if not url.lower().startswith("http://"):
+        return False
+    host = urlsplit(url).hostname or ""
+    return host not in ("localhost", "127.0.0.1", "::1")
+
+
 def _refuse_plain_http_redirect(response: Any, *args: Any, **kwargs: Any) -> Any:
     """A requests response hook: never follow a redirect of an authenticated download to plain http."""
     location = str(response.headers.get("Location", "")) if getattr(response, "is_redirect", False) else ""
-    if location.lower().startswith("http://"):
+    if _plain_http(location):
         raise CredentialsError(
             f"the download of {response.url.split('?', 1)[0]} redirects to plain http ({location.split('?', 1)[0]}): "
             "the Earthdata token is only ever sent over https; not following it"
@@ -583,7 +592,7 @@ def download_granules(
         else:
             todo.append((g, target))
     if todo and session is None and any(g.url.startswith(("http://", "https://")) for g, _ in todo):
-        plain = [g.file_name for g, _ in todo if g.url.startswith("http://")]
+        plain = [g.file_name for g, _ in todo if _plain_http(g.url)]
         if plain:
             raise CredentialsError(
                 f"{plain[0]} (and {len(plain) - 1} more) would be downloaded over plain http with the Earthdata "
