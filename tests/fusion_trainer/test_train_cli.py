@@ -134,7 +134,11 @@ def test_two_ranks_zero2_train_resume_eval_generate(
                      "--max-new-tokens", "8", "--out", str(out_file))  # fmt: skip
     assert generated.returncode == 0, generated.stderr[-3000:]
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
-    assert [r["key"] for r in rows] == ["synth-test-00028", "synth-test-00030", "synth-test-00031"]  # spread over 4 (linspace 0, 1.5, 3 rounds to 0, 2, 3)
+    assert [r["key"] for r in rows] == [
+        "synth-test-00028",
+        "synth-test-00030",
+        "synth-test-00031",
+    ]  # spread over 4 (linspace 0, 1.5, 3 rounds to 0, 2, 3)
     assert all(
         r["reference"].startswith("Mean 2 m temperature") and isinstance(r["generated"], str) for r in rows
     )

@@ -176,7 +176,10 @@ def test_earthaccess_build_downloads_once_and_records_sources(
         path.write_bytes(b"\0" * path.stat().st_size)
     res = _build(tmp_path / "third", tmp_path / "cache")
     assert res.exit_code == 0, res.output
-    assert len(_Handler.gets) == len(m.sources) and res.stdout.strip().splitlines()[-1].rsplit("@", 1)[1] == m.version
+    assert (
+        len(_Handler.gets) == len(m.sources)
+        and res.stdout.strip().splitlines()[-1].rsplit("@", 1)[1] == m.version
+    )
 
 
 def test_no_credentials_names_every_way_to_give_them(nasa: responses.RequestsMock, tmp_path: Path) -> None:
