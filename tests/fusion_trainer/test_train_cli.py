@@ -120,7 +120,8 @@ def test_two_ranks_zero2_train_resume_eval_generate(
         assert len(keys[0]) == len(keys[1]) == 10 and not set(keys[0]) & set(keys[1])
 
     ckpt = run / "checkpoints" / "step50"
-    assert (ckpt / "rng_rank0.pt").exists() and (ckpt / "rng_rank1.pt").exists()
+    assert (ckpt / "rng_rank0.json").exists() and (ckpt / "rng_rank1.json").exists()
+    assert (ckpt / "CHECKSUMS.json").exists() and not list(ckpt.glob("rng_rank*.pt"))
     names = checkpoint_tensor_names(ckpt)
     leaked = [n for n in names if ".module.lm." in n and "fusion_block" not in n and "lora_" not in n]
     assert not leaked and any(".module.encoder." in n for n in names), (
@@ -147,7 +148,11 @@ def test_two_ranks_zero2_train_resume_eval_generate(
                      "--max-new-tokens", "8", "--out", str(out_file))  # fmt: skip
     assert generated.returncode == 0, generated.stderr[-3000:]
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
-    assert [r["key"] for r in rows] == ["synth-test-00028", "synth-test-00030", "synth-test-00031"]  # spread over 4 (linspace 0, 1.5, 3 rounds to 0, 2, 3)
+    assert [r["key"] for r in rows] == [
+        "synth-test-00028",
+        "synth-test-00030",
+        "synth-test-00031",
+    ]  # spread over 4 (linspace 0, 1.5, 3 rounds to 0, 2, 3)
     assert all(
         r["reference"].startswith("Mean 2 m temperature") and isinstance(r["generated"], str) for r in rows
     )

@@ -41,7 +41,9 @@ def _start_nodes(args: list[str], logs: Path, port: int, nnodes: int = 2) -> lis
         env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(node), WORLD_SIZE=str(nnodes))
         flags = ["--nproc", "1", "--nnodes", str(nnodes), "--node-rank", str(node), "--master-addr", "127.0.0.1",
                  "--master-port", str(port)]  # fmt: skip
-        with (logs / f"node{node}.log").open("w") as sink:  # a file, not a pipe: a full pipe would stall a rank
+        with (logs / f"node{node}.log").open(
+            "w"
+        ) as sink:  # a file, not a pipe: a full pipe would stall a rank
             procs.append(subprocess.Popen([str(BIN / "fusion-train"), *args, *flags], env=env, stdout=sink,
                                           stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
     return procs
@@ -106,8 +108,9 @@ def _same_as_one_node(run: Path, reference: Path) -> None:
         assert sorted(expected_keys) == list(range(1, 9))
         for step, keys in _keys(run, rank):  # a step redone after a kill saw the same samples both times
             assert keys == expected_keys[step], f"rank {rank} step {step}: other samples"
-    ours, theirs = load_file(run / "final" / "adapter.safetensors"), load_file(
-        reference / "final" / "adapter.safetensors"
+    ours, theirs = (
+        load_file(run / "final" / "adapter.safetensors"),
+        load_file(reference / "final" / "adapter.safetensors"),
     )
     assert ours.keys() == theirs.keys()
     for name, value in theirs.items():
@@ -127,13 +130,15 @@ def test_two_nodes_are_one_job_equal_to_one_node_and_resume(
     codes = _wait_all(_start_nodes([*args, "--set", "stop_at_step=4"], tmp_path, free_port()), timeout=600)
     assert codes == [0, 0], [(tmp_path / f"node{n}.log").read_text()[-3000:] for n in (0, 1)]
     assert sorted(_losses(run)) == [1, 2, 3, 4] and (run / "checkpoints" / "step4" / "COMPLETE").exists()
-    assert (run / "checkpoints" / "step4" / "rng_rank1.pt").exists(), "rank 1 (node 1) wrote its RNG state"
+    assert (run / "checkpoints" / "step4" / "rng_rank1.json").exists(), "rank 1 (node 1) wrote its RNG state"
 
     codes = _wait_all(_start_nodes([*args, "--resume"], tmp_path, free_port()), timeout=600)
     assert codes == [0, 0], [(tmp_path / f"node{n}.log").read_text()[-3000:] for n in (0, 1)]
     assert [s for s, _ in _keys(run, 1)] == list(range(1, 9)), "resume continues the step numbering"
     _same_as_one_node(run, reference)
-    printed = [json.loads(x) for x in (tmp_path / "node0.log").read_text().splitlines() if x.startswith('{"run"')]
+    printed = [
+        json.loads(x) for x in (tmp_path / "node0.log").read_text().splitlines() if x.startswith('{"run"')
+    ]
     assert printed[-1]["step"] == 8 and printed[-1]["frozen_base_unchanged"] is True
 
 
@@ -154,7 +159,9 @@ def test_a_killed_node_fails_the_job_cleanly_then_both_resume(
             if (run / "checkpoints" / "step2" / "COMPLETE").exists() and len(_keys(run, 0)) >= 3:
                 break
             time.sleep(0.02)
-        assert procs[0].poll() is None and procs[1].poll() is None, "the job ended before node 1 could be killed"
+        assert procs[0].poll() is None and procs[1].poll() is None, (
+            "the job ended before node 1 could be killed"
+        )
         os.killpg(procs[1].pid, signal.SIGKILL)
         killed_at = time.monotonic()
         code = procs[0].wait(timeout=120)
@@ -184,7 +191,9 @@ def test_a_silent_node_fails_the_job_after_dist_timeout(
     fails after `dist_timeout_s`, also inside DeepSpeed's own ZeRO collectives, instead of waiting 30 minutes."""
     ref, _ = one_node
     run = tmp_path / "silent"
-    args = _common(ref, tiny_model_dir, run, "--steps", "5000", "--set", "dist_timeout_s=10", "--set", "eval_every=0")
+    args = _common(
+        ref, tiny_model_dir, run, "--steps", "5000", "--set", "dist_timeout_s=10", "--set", "eval_every=0"
+    )
     procs = _start_nodes(args, tmp_path, free_port())
     try:
         deadline = time.monotonic() + 300
@@ -222,7 +231,9 @@ def test_a_run_dir_not_shared_by_the_nodes_is_refused_on_every_rank(
         _kill(procs)
     for node, out in enumerate(outs):
         assert procs[node].returncode != 0, out[-3000:]
-        assert "is not shared by every rank (rank 1 on" in out and "same path on every node" in out, out[-3000:]
+        assert "is not shared by every rank (rank 1 on" in out and "same path on every node" in out, out[
+            -3000:
+        ]
     assert not (tmp_path / "local0" / "checkpoints").exists()
 
 
@@ -236,13 +247,19 @@ def test_launch_commands_of_each_layout(tmp_path: Path) -> None:
     cmd = build_launch_command(4, ["train", "--config", "c.yaml"], layout=layout, hostfile="/tmp/h")
     assert cmd[cmd.index("--hostfile") + 1] == "/tmp/h" and cmd[cmd.index("--num_nodes") + 1] == "3"
     assert cmd[cmd.index("--num_gpus") + 1] == "4" and cmd[cmd.index("--node_rank") + 1] == "2"
-    assert cmd[cmd.index("--master_addr") + 1] == "10.0.0.1" and cmd[cmd.index("--master_port") + 1] == "29600"
+    assert (
+        cmd[cmd.index("--master_addr") + 1] == "10.0.0.1" and cmd[cmd.index("--master_port") + 1] == "29600"
+    )
     assert "--no_ssh" in cmd and cmd[-4:] == ["fusion_trainer.cli", "train", "--config", "c.yaml"]
 
     hosts = tmp_path / "hosts"
     hosts.write_text("gpu-a slots=8\ngpu-b slots=8\n")
     pdsh = build_launch_command(8, ["train"], layout=NodeLayout(hostfile=str(hosts)))
-    assert pdsh[pdsh.index("--hostfile") + 1] == str(hosts) and "--no_ssh" not in pdsh and "--node_rank" not in pdsh
+    assert (
+        pdsh[pdsh.index("--hostfile") + 1] == str(hosts)
+        and "--no_ssh" not in pdsh
+        and "--node_rank" not in pdsh
+    )
     assert pdsh[pdsh.index("--master_port") + 1] == "29500"
 
     from fusion_trainer.launch import _write_hostfile
@@ -259,7 +276,10 @@ def test_launch_commands_of_each_layout(tmp_path: Path) -> None:
     [
         (["--nnodes", "2", "--node-rank", "2"], ["--node-rank 2: must be in 0..1", "--master-addr"]),
         (["--nnodes", "2"], ["--nnodes 2 needs --node-rank"]),
-        (["--nnodes", "2", "--node-rank", "1", "--master-addr", "h", "--master-port", "70000"], ["--master-port 70000"]),
+        (
+            ["--nnodes", "2", "--node-rank", "1", "--master-addr", "h", "--master-port", "70000"],
+            ["--master-port 70000"],
+        ),
         (["--hostfile", "/nonexistent/hosts"], ["--hostfile /nonexistent/hosts: no such file"]),
     ],
 )

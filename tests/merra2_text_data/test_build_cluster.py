@@ -72,8 +72,13 @@ def cluster(tmp_path: Path) -> Iterator[Any]:
     from distributed import Client, LocalCluster
 
     with (
-        LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
-                     local_directory=str(tmp_path / "dask")) as cluster,  # fmt: skip
+        LocalCluster(
+            n_workers=2,
+            processes=True,
+            threads_per_worker=1,
+            dashboard_address=None,
+            local_directory=str(tmp_path / "dask"),
+        ) as cluster,  # fmt: skip
         Client(cluster) as client,
     ):
         for i, worker in enumerate(sorted(client.scheduler_info()["workers"])):
@@ -106,12 +111,13 @@ class _GranuleOpens:
 
 
 def _content(version_url: str) -> dict[str, Any]:
-    """What a version holds: manifest (but its creation time), index, quarantine, card and every shard's bytes."""
+    """What a version holds: manifest (but its creation time and file digests), index, quarantine, card and every shard's bytes."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(version_url)
     manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
     created = manifest.pop("created_at")
+    manifest.pop("files")  # digests of the bytes of the card (which holds created_at) and the parquet files
     shards = {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in sorted(fs.glob(f"{root}/shards/*.tar"))}
     with fs.open(f"{root}/index.parquet", "rb") as fh:
         index = pd.read_parquet(fh)
@@ -151,7 +157,9 @@ def test_a_cluster_build_with_s3_cache_and_output_equals_the_local_build(
 
     version = ref.rsplit("@", 1)[1]
     ran = {str(t["key"]).split("-", 1)[0] for t in stream.data if version in str(t["key"])}
-    assert ran == {"cube", "stats", "samples"}, "fetch + subset, the climatology pass and the shards ran as tasks"
+    assert ran == {"cube", "stats", "samples"}, (
+        "fetch + subset, the climatology pass and the shards ran as tasks"
+    )
     fs = s3fs.S3FileSystem()
     markers = sorted(p.rsplit("/", 1)[-1][:8] for p in fs.glob(f"{s3_bucket}/cache/zarr/days/*.json"))
     assert markers == ["20191229", "20191230", "20191231", "20200101", "20200102"]
@@ -219,7 +227,11 @@ def test_a_client_killed_mid_build_resumes_to_the_local_version(
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None and not fs.glob(f"{staging}/*.json", refresh=True):
+        while (
+            time.monotonic() < deadline
+            and proc.poll() is None
+            and not fs.glob(f"{staging}/*.json", refresh=True)
+        ):
             time.sleep(0.05)
         assert proc.poll() is None, (tmp_path / "client.log").read_text()[-3000:]
         proc.kill()
@@ -232,7 +244,9 @@ def test_a_client_killed_mid_build_resumes_to_the_local_version(
     ref = build(BuildConfig.from_options(**_options(source=s3_granules, out=f"{s3_bucket}/out",
                                                     cache=f"{s3_bucket}/cache",
                                                     scheduler=cluster.scheduler_address)))  # fmt: skip
-    assert any("resuming cube" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert any("resuming cube" in r.getMessage() for r in caplog.records), [
+        r.getMessage() for r in caplog.records
+    ]
     _assert_same_version(ref, local_version)
 
 
@@ -248,7 +262,9 @@ def test_a_per_worker_local_cache_builds_the_same_version(
     _assert_same_version(ref, local_version)
 
 
-def test_an_era5_store_is_opened_by_the_workers_themselves(s3_bucket: str, cluster: Any, tmp_path: Path) -> None:
+def test_an_era5_store_is_opened_by_the_workers_themselves(
+    s3_bucket: str, cluster: Any, tmp_path: Path
+) -> None:
     """A source that already is a zarr store (`era5:s3://...`) has no cube stage: each task opens the store URL where
     it runs; the version equals the same build in one process."""
     import s3fs
@@ -262,7 +278,9 @@ def test_an_era5_store_is_opened_by_the_workers_themselves(s3_bucket: str, clust
                    end="2026-03-26", window="1h", quiet=True)  # fmt: skip
     local = build(BuildConfig.from_options(**options, out=str(tmp_path / "local")))
     with Client(cluster) as watcher, get_task_stream(watcher) as stream:
-        ref = build(BuildConfig.from_options(**options, out=f"{s3_bucket}/out", scheduler=cluster.scheduler_address))
+        ref = build(
+            BuildConfig.from_options(**options, out=f"{s3_bucket}/out", scheduler=cluster.scheduler_address)
+        )
     assert not any(str(t["key"]).startswith("cube-") for t in stream.data)
     assert any(str(t["key"]).startswith("samples-") for t in stream.data)
     assert ref.rsplit("@", 1)[1] == local.rsplit("@", 1)[1]

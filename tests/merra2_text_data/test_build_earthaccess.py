@@ -164,14 +164,22 @@ def test_earthaccess_build_downloads_once_and_records_sources(
     )
     assert "SECRETMARK" not in ds.read_index().to_csv()
 
-    # A second build from the same cache into another store: no download and no granule read at all (the cached
-    # files are overwritten with garbage of the same size: opening any of them would fail the build).
-    for path in (tmp_path / "cache" / "granules").rglob("*.nc4"):
-        path.write_bytes(b"\0" * path.stat().st_size)
+    # A second build from the same cache into another store: no download (each cached file was checked against its
+    # CMR checksum once; a mark records that, with its size and mtime).
     _Handler.gets.clear()
     res = _build(tmp_path / "other", tmp_path / "cache")
     assert res.exit_code == 0, res.output
     assert _Handler.gets == [] and res.stdout.strip().splitlines()[-1].rsplit("@", 1)[1] == m.version
+    # The cached files overwritten with garbage of the same size: their checksums differ, so they are downloaded
+    # again (size alone used to let them through), and the build gives the same version.
+    for path in (tmp_path / "cache" / "granules").rglob("*.nc4"):
+        path.write_bytes(b"\0" * path.stat().st_size)
+    res = _build(tmp_path / "third", tmp_path / "cache")
+    assert res.exit_code == 0, res.output
+    assert (
+        len(_Handler.gets) == len(m.sources)
+        and res.stdout.strip().splitlines()[-1].rsplit("@", 1)[1] == m.version
+    )
 
 
 def test_no_credentials_names_every_way_to_give_them(nasa: responses.RequestsMock, tmp_path: Path) -> None:

@@ -76,8 +76,8 @@ def test_build_layout_values_and_captions(granules: Path, tmp_path: Path) -> Non
     m = ds.manifest
     vdir = Path(ds.version_url)
     assert ref == f"{tmp_path / 'datasets' / 'bbox-105_35_-95_45'}@{m.version}"
-    assert {p.name for p in vdir.iterdir()} == {"manifest.json", "index.parquet", "quarantine.parquet",
-                                                "README.md", "shards"}  # fmt: skip
+    assert {p.name for p in vdir.iterdir()} == {"manifest.json", "manifest.json.sha256", "index.parquet",
+                                                "quarantine.parquet", "README.md", "shards"}  # fmt: skip
     assert (vdir.parent.parent / "tags" / "latest").read_text().strip() == m.version
     assert m.variable_names == list(DEFAULT_VARIABLES) and sum(m.splits.values()) == 5 and m.quarantined == 0
     assert set(m.splits) == {"train", "val", "test"}

@@ -96,7 +96,7 @@ def test_publish_resolve_list_verify(tmp_path: Path) -> None:
         p.relative_to(root / "versions" / version).as_posix()
         for p in (root / "versions" / version).rglob("*")
     )
-    assert files == ["README.md", "index.parquet", "manifest.json", "quarantine.parquet", "shards",
+    assert files == ["README.md", "index.parquet", "manifest.json", "manifest.json.sha256", "quarantine.parquet", "shards",
                      "shards/test-000000.tar", "shards/train-000000.tar"]  # fmt: skip
     report = verify(f"{root}@latest")
     assert report.ok, report.problems
@@ -109,10 +109,14 @@ def test_same_inputs_same_version_nothing_rewritten(tmp_path: Path) -> None:
     root = tmp_path / "conus"
     v1 = publish_fake(str(root))
     manifest = root / "versions" / v1 / "manifest.json"
-    before = manifest.read_bytes(), manifest.stat().st_mtime_ns
-    v2 = publish_fake(str(root))
-    assert v1 == v2
-    assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == before
+    files = ("manifest.json", "index.parquet", "quarantine.parquet", "README.md", "manifest.json.sha256")
+    before = [((manifest.parent / f).read_bytes(), (manifest.parent / f).stat().st_mtime_ns) for f in files]
+    # a second commit of the same version id (another created_at): refused, the published files untouched
+    with pytest.raises(PublishError, match="already committed"):
+        publish_fake(str(root))
+    assert [
+        ((manifest.parent / f).read_bytes(), (manifest.parent / f).stat().st_mtime_ns) for f in files
+    ] == before
     assert len(list_versions(str(root))) == 1
 
 

@@ -11,6 +11,7 @@ import fsspec
 import pytest
 import s3fs
 from climate_text_schema import decode_climate, decode_meta, open_dataset
+from merra2_text_data.errors import PublishError
 from merra2_text_data.versions import gc, list_versions, verify
 
 _spec = importlib.util.spec_from_file_location(
@@ -49,10 +50,11 @@ def test_republish_writes_nothing_new(s3_bucket: str) -> None:
     fs = _s3()
     manifest = f"{root.removeprefix('s3://')}/versions/{v1}/manifest.json"
     etag, modified = fs.info(manifest)["ETag"], fs.info(manifest)["LastModified"]
-    v2 = publish_fake(root)
+    with pytest.raises(PublishError, match="already committed"):  # a second commit of that id: refused
+        publish_fake(root)
     s3fs.S3FileSystem.clear_instance_cache()
     fs = _s3()
-    assert v1 == v2 and fs.info(manifest)["ETag"] == etag and fs.info(manifest)["LastModified"] == modified
+    assert fs.info(manifest)["ETag"] == etag and fs.info(manifest)["LastModified"] == modified
     assert [v.id for v in list_versions(root)] == [v1]
 
 

@@ -160,12 +160,19 @@ def republish_shard(
     path = vdir / shard
     data = tar_bytes(transform(read_members(path)))
     path.write_bytes(data)
-    manifest_path = vdir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads((vdir / "manifest.json").read_text())
     for info in manifest["shards"]:
         if info["path"] == shard:
             info["bytes"], info["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+    rewrite_manifest(vdir, manifest)
+
+
+def rewrite_manifest(vdir: Path, manifest: dict[str, Any]) -> None:
+    """Write `manifest` as the version's manifest.json and its sibling digest (`manifest.json.sha256`): what a
+    writer who rewrites a version consistently leaves behind (the tags are not touched)."""
+    text = json.dumps(manifest, indent=2).encode()
+    (vdir / "manifest.json").write_bytes(text)
+    (vdir / "manifest.json.sha256").write_text(hashlib.sha256(text).hexdigest() + "\n")
 
 
 def files_under(*roots: Path) -> list[Path]:

@@ -248,11 +248,12 @@ def test_kill_9_one_rank_of_a_2_rank_training_then_resume(
             )
 
 
-def test_a_build_lock_left_by_a_killed_compile_is_named(
+def test_a_build_lock_left_by_a_killed_compile_is_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A process killed while DeepSpeed compiles its CPU op leaves torch's extension `lock`; every later run would
-    wait on it forever without a word. fusion-train names such a lock (older than 10 minutes) and the way out."""
+    wait on it forever without a word. fusion-train removes such a lock (older than 10 minutes, no live process
+    working in its build folder) and says so; a lock whose folder a live process works in is only named."""
     from fusion_trainer.launch import stale_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
@@ -262,6 +263,18 @@ def test_a_build_lock_left_by_a_killed_compile_is_named(
         lock.parent.mkdir(parents=True)
         lock.touch()
     os.utime(old, (time.time() - 3600, time.time() - 3600))
-    with caplog.at_level("WARNING", logger="fusion_trainer.launch"):
-        assert stale_build_locks() == [str(old)]
-    assert str(old) in caplog.text and "delete it" in caplog.text and str(fresh) not in caplog.text
+    busy = tmp_path / "py311_cpu" / "busy_op" / "lock"
+    busy.parent.mkdir(parents=True)
+    busy.touch()
+    for lock in (old, busy):
+        os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    compiler = subprocess.Popen(["sleep", "60"], cwd=busy.parent)  # stands for a compile still running there
+    try:
+        with caplog.at_level("WARNING", logger="fusion_trainer.launch"):
+            assert stale_build_locks() == [str(busy), str(old)]
+    finally:
+        compiler.kill()
+        compiler.wait()
+    assert not old.exists() and f"removed {old}" in caplog.text
+    assert busy.exists() and "delete it" in caplog.text and str(compiler.pid) in caplog.text
+    assert fresh.exists() and str(fresh) not in caplog.text

@@ -20,15 +20,20 @@ from .errors import (
     ReferenceError_,
     SampleError,
     SchemaVersionError,
+    redact_credentials,
 )
 from .hashing import READ_SIZE, HashingReader
 from .hub import hf_features, hub_configs, sample_features
 from .layout import (
     INDEX_FILE,
+    MANIFEST_DIGEST_FILE,
     MANIFEST_FILE,
+    MAX_SHARD_BYTES,
     QUARANTINE_FILE,
     README_FILE,
     SPLITS,
+    is_shard_name,
+    is_version_id,
     join_url,
     shard_name,
     tag_url,
@@ -37,6 +42,7 @@ from .layout import (
     versions_url,
 )
 from .manifest import (
+    DIGEST_FILES,
     SCHEMA_VERSION,
     BuilderInfo,
     Manifest,
@@ -62,12 +68,20 @@ from .sample import (
     decode_climate,
     decode_meta,
     decode_text,
+    member_suffix_problem,
 )
 from .variables import DEFAULT_VARIABLES, FILL_VALUE, KNOWN_VARIABLES, VariableSpec, variable_spec
 
 if TYPE_CHECKING:
     from .index import BASE_COLUMNS, index_schema, stat_columns, validate_index, variables_in_index
-    from .reference import OpenedDataset, open_dataset, parse_reference, resolve_version_url
+    from .reference import (
+        OpenedDataset,
+        format_tag,
+        open_dataset,
+        parse_reference,
+        parse_tag,
+        resolve_version_url,
+    )
     from .storage import OBJECT_STORE_PROTOCOLS, credentials_message, register_webdataset_fsspec
 
 __version__ = "1.0.0"
@@ -79,6 +93,8 @@ _LAZY = {
     "validate_index": "index",
     "variables_in_index": "index",
     "OpenedDataset": "reference",
+    "format_tag": "reference",
+    "parse_tag": "reference",
     "open_dataset": "reference",
     "parse_reference": "reference",
     "resolve_version_url": "reference",
@@ -93,10 +109,13 @@ __all__ = [
     "BASE_COLUMNS",
     "CLIMATE_MEMBER",
     "DEFAULT_VARIABLES",
+    "DIGEST_FILES",
     "FILL_VALUE",
     "INDEX_FILE",
     "KNOWN_VARIABLES",
+    "MANIFEST_DIGEST_FILE",
     "MANIFEST_FILE",
+    "MAX_SHARD_BYTES",
     "OBJECT_STORE_PROTOCOLS",
     "META_MEMBER",
     "QUARANTINE_FILE",
@@ -135,10 +154,16 @@ __all__ = [
     "hf_features",
     "hub_configs",
     "index_schema",
+    "format_tag",
+    "is_shard_name",
+    "is_version_id",
     "join_url",
+    "member_suffix_problem",
     "open_dataset",
     "parse_manifest",
     "parse_reference",
+    "parse_tag",
+    "redact_credentials",
     "register_webdataset_fsspec",
     "resolve_version_url",
     "sample_features",

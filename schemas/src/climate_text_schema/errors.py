@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
+    "redact_credentials",
     "ContractError",
     "DatasetNotFoundError",
     "IndexValidationError",
@@ -43,3 +46,17 @@ class ReferenceError_(ContractError):  # trailing underscore: the builtin Refere
 
 class DatasetNotFoundError(ContractError):
     """A dataset reference resolves to nothing: no manifest, unknown tag or version."""
+
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@\s:'\"]*):[^/@\s'\"]*@")
+
+
+def redact_credentials(text: str) -> str:
+    """`text` with the password of every URL that embeds one (`s3://user:pw@host/...`, `https://user:pw@...`)
+    replaced by `***`: what every error message, log line and RUN_DIR/config.yaml shows.
+
+    Examples:
+        >>> redact_credentials("cannot read s3://AKIA:secret@minio:9000/bucket/x")
+        'cannot read s3://AKIA:***@minio:9000/bucket/x'
+    """
+    return _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)

@@ -6,10 +6,14 @@ import re
 
 __all__ = [
     "INDEX_FILE",
+    "MANIFEST_DIGEST_FILE",
+    "MAX_SHARD_BYTES",
     "MANIFEST_FILE",
     "QUARANTINE_FILE",
     "README_FILE",
     "SPLITS",
+    "is_shard_name",
+    "is_version_id",
     "join_url",
     "shard_name",
     "tag_url",
@@ -23,8 +27,16 @@ MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.parquet"
 QUARANTINE_FILE = "quarantine.parquet"
 README_FILE = "README.md"
+MANIFEST_DIGEST_FILE = "manifest.json.sha256"
+"""Sibling of manifest.json (schema 1.2): the sha256 of the manifest's bytes, written create-only after it."""
+
+MAX_SHARD_BYTES = 1 << 30
+"""The largest shard the contract allows (1 GiB). The builder refuses to write a larger one and readers refuse a
+manifest that lists one: a reader verifies a whole shard (size, sha256, sample count) in memory before it hands out
+any of its samples, so this bounds that memory."""
 
 _SHARD_RE = re.compile(r"^shards/(train|val|test)-(\d{6})\.tar$")
+_VERSION_RE = re.compile(r"^[0-9a-f]{8,64}$")
 
 
 def join_url(base: str, *parts: str) -> str:
@@ -64,6 +76,12 @@ def shard_name(split: str, number: int) -> str:
     return f"shards/{split}-{number:06d}.tar"
 
 
-def is_shard_name(path: str) -> bool:
-    """True for a path of the form `shards/<split>-<NNNNNN>.tar`."""
-    return _SHARD_RE.match(path) is not None
+def is_shard_name(path: str, split: str | None = None) -> bool:
+    """True for a path of the form `shards/<split>-<NNNNNN>.tar` (of that `split` when given)."""
+    match = _SHARD_RE.fullmatch(path)
+    return match is not None and (split is None or match.group(1) == split)
+
+
+def is_version_id(text: str) -> bool:
+    """True for a well-formed version id: 8 to 64 lower-case hex digits (the builder writes 20)."""
+    return _VERSION_RE.fullmatch(text) is not None

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ManifestError, SchemaVersionError
+from .layout import INDEX_FILE, MAX_SHARD_BYTES, QUARANTINE_FILE, README_FILE, is_shard_name
 
 __all__ = [
+    "DIGEST_FILES",
     "SCHEMA_VERSION",
     "BuilderInfo",
     "Manifest",
@@ -21,12 +23,17 @@ __all__ = [
     "parse_manifest",
 ]
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 """MAJOR.MINOR. A reader accepts its own major version and any minor (minor versions only add fields).
 
 1.1: the manifest's `array_shape`; every sample's `.json` carries every `SampleMeta` field (`events: []`,
 `anomalies: null` when there are none).
+1.2: the manifest's `files` (sha256 of index.parquet, quarantine.parquet and README.md) and the sibling
+`manifest.json.sha256`; shards are at most `MAX_SHARD_BYTES`.
 """
+
+DIGEST_FILES: tuple[str, ...] = (INDEX_FILE, QUARANTINE_FILE, README_FILE)
+"""The files of a version whose sha256 the manifest records in `files` (schema 1.2)."""
 
 
 class VariableInfo(BaseModel):
@@ -44,8 +51,17 @@ class ShardInfo(BaseModel):
     path: str = Field(description="relative to the version folder: shards/<split>-<NNNNNN>.tar")
     split: str
     samples: int = Field(ge=0)
-    bytes: int = Field(ge=0)
-    sha256: str = Field(min_length=64, max_length=64)
+    bytes: int = Field(ge=0, le=MAX_SHARD_BYTES)
+    sha256: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _path_in_contract(self) -> ShardInfo:
+        # a manifest is input: a path such as ../../elsewhere.tar must never be opened
+        if not is_shard_name(self.path, self.split):
+            raise ValueError(
+                f"shard path {self.path!r} (split {self.split!r}) is not shards/{self.split}-<NNNNNN>.tar"
+            )
+        return self
 
 
 class SourceInfo(BaseModel):
@@ -96,6 +112,22 @@ class Manifest(BaseModel):
         description="[time, variable, lat, lon] of every sample's climate array when they all share it (the builder's "
         "default since schema 1.1); null when samples differ (edge tiles kept) or the writer predates 1.1",
     )
+    files: dict[str, str] | None = Field(
+        default=None,
+        description="sha256 of index.parquet, quarantine.parquet and README.md (since schema 1.2; null before)",
+    )
+
+    @field_validator("files")
+    @classmethod
+    def _digests(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return value
+        for name, digest in value.items():
+            if name not in DIGEST_FILES:
+                raise ValueError(f"files lists {name!r}; only {', '.join(DIGEST_FILES)} are recorded")
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"files[{name!r}] = {digest!r} is not a sha256 hex digest")
+        return value
 
     @property
     def variable_names(self) -> list[str]:

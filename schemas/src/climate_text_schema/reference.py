@@ -9,6 +9,9 @@ A reference is one of:
 
 from __future__ import annotations
 
+import hashlib
+import io
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,11 +19,33 @@ import fsspec
 import pandas as pd
 from fsspec import AbstractFileSystem
 
-from .errors import DatasetNotFoundError, ReferenceError_
-from .layout import INDEX_FILE, MANIFEST_FILE, join_url, tag_url, tags_url, version_url, versions_url
-from .manifest import Manifest, ShardInfo, parse_manifest
+from .errors import DatasetNotFoundError, ManifestError, ReferenceError_
+from .layout import (
+    INDEX_FILE,
+    MANIFEST_DIGEST_FILE,
+    MANIFEST_FILE,
+    is_version_id,
+    join_url,
+    tag_url,
+    tags_url,
+    version_url,
+    versions_url,
+)
+from .manifest import DIGEST_FILES, Manifest, ShardInfo, parse_manifest
 
-__all__ = ["OpenedDataset", "ParsedReference", "open_dataset", "parse_reference", "resolve_version_url"]
+__all__ = [
+    "OpenedDataset",
+    "ParsedReference",
+    "format_tag",
+    "open_dataset",
+    "parse_reference",
+    "parse_tag",
+    "resolve_version_url",
+]
+
+_SELECTOR_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+"""A tag name or a version (prefix): no path separators, no leading dot (so never `..`)."""
+_TAG_DIGEST = "manifest-sha256 "
 
 
 @dataclass(frozen=True)
@@ -59,10 +84,29 @@ class OpenedDataset:
         """Full URL of a path relative to the version folder."""
         return join_url(self.version_url, relative)
 
+    def read_file(self, name: str) -> bytes:
+        """The bytes of one of the version's files (`index.parquet`, `quarantine.parquet`, `README.md`), checked
+        against the sha256 the manifest records for it (schema 1.2; older manifests record none).
+
+        Raises:
+            ManifestError: the file's bytes differ from the manifest's record (it was altered or damaged).
+            FileNotFoundError: the file is missing.
+        """
+        data = bytes(self.fs.cat_file(_path(self.fs, self.url_of(name))))
+        expected = (self.manifest.files or {}).get(name)
+        if expected is None and self.manifest.files is not None and name in DIGEST_FILES:
+            raise ManifestError(f"{self.version_url}: the manifest records no sha256 for {name}; rebuild it")
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+            raise ManifestError(
+                f"{self.url_of(name)}: its sha256 {hashlib.sha256(data).hexdigest()} is not the manifest's "
+                f"{expected}: the file was altered or damaged after the version was published; rebuild the version "
+                "(or restore the file from a copy)"
+            )
+        return data
+
     def read_index(self) -> pd.DataFrame:
-        """Read index.parquet of this version."""
-        with self.fs.open(_path(self.fs, self.url_of(INDEX_FILE)), "rb") as fh:
-            return pd.read_parquet(fh)
+        """Read index.parquet of this version (checked against the manifest's sha256, see `read_file`)."""
+        return pd.read_parquet(io.BytesIO(self.read_file(INDEX_FILE)))
 
 
 def parse_reference(ref: str) -> ParsedReference:
@@ -77,10 +121,10 @@ def parse_reference(ref: str) -> ParsedReference:
         return ParsedReference(version_url=head)
     if "@" in last:
         name, _, selector = last.partition("@")
-        if not name or not selector or "@" in selector:
+        if not name or not selector or "@" in selector or not _SELECTOR_RE.fullmatch(selector):
             raise ReferenceError_(
                 f"dataset reference {ref!r} is malformed: write ROOT/NAME@TAG or ROOT/NAME@VERSION "
-                "(for example s3://bucket/merra2-text/conus@latest)"
+                "(for example s3://bucket/merra2-text/conus@latest; a tag is letters, digits, '.', '_' and '-')"
             )
         return ParsedReference(dataset_url=f"{head}/{name}" if head else name, selector=selector)
     return ParsedReference(version_url=ref)
@@ -98,24 +142,51 @@ def _list_names(fs: AbstractFileSystem, url: str) -> list[str]:
     return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
 
-def resolve_version_url(ref: str, fs: AbstractFileSystem) -> str:
-    """Resolve a reference to the URL of its version folder (whose manifest.json exists).
+def format_tag(version: str, manifest_sha256: str | None = None) -> str:
+    """The text of a tag file: the version id; optionally `manifest-sha256 <hex>` on a second line, which readers
+    then check (the builder writes the version id only, so readers before schema 1.2 read its tags too)."""
+    lines = [version] + ([f"{_TAG_DIGEST}{manifest_sha256}"] if manifest_sha256 else [])
+    return "\n".join(lines) + "\n"
+
+
+def parse_tag(text: str, where: str) -> tuple[str, str | None]:
+    """(version id, manifest sha256 or None) from a tag file's text (see `format_tag`).
 
     Raises:
-        DatasetNotFoundError: no such tag, version or manifest; the message lists what exists.
+        ReferenceError_: the tag does not hold a well-formed version id (a tag is data, never a path).
     """
+    lines = [line.strip() for line in text.strip().splitlines()]
+    version = lines[0] if lines else ""
+    digest = None
+    rest = lines[1:]
+    if rest and rest[0].startswith(_TAG_DIGEST):
+        digest = rest.pop(0)[len(_TAG_DIGEST) :].strip()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            rest.insert(0, digest)
+    if not is_version_id(version) or rest:
+        raise ReferenceError_(
+            f"tag {where} holds {text[:80]!r}, not a version id (8 to 64 lower-case hex digits, optionally a "
+            "`manifest-sha256 <hex>` line): the tag is damaged; point it at a version again with "
+            "`merra2-text tag`, or give the version id itself"
+        )
+    return version, digest
+
+
+def _resolve(ref: str, fs: AbstractFileSystem) -> tuple[str, str | None]:
+    """(version folder URL, the manifest sha256 its tag records or None)."""
     parsed = parse_reference(ref)
     if parsed.version_url is not None:
-        return parsed.version_url
+        return parsed.version_url, None
     assert parsed.dataset_url is not None and parsed.selector is not None
     dataset, selector = parsed.dataset_url, parsed.selector
     tag_file = _path(fs, tag_url(dataset, selector))
     if fs.exists(tag_file):
-        version = fs.cat_file(tag_file).decode("utf-8").strip()
-        return version_url(dataset, version)
+        raw = fs.cat_file(tag_file)[:4096].decode("utf-8", "replace")
+        version, digest = parse_tag(raw, tag_url(dataset, selector))
+        return version_url(dataset, version), digest
     versions = [v for v in _list_names(fs, versions_url(dataset)) if v.startswith(selector)]
     if len(versions) == 1:
-        return version_url(dataset, versions[0])
+        return version_url(dataset, versions[0]), None
     tags = _list_names(fs, tags_url(dataset))
     all_versions = _list_names(fs, versions_url(dataset))
     if len(versions) > 1:
@@ -131,6 +202,16 @@ def resolve_version_url(ref: str, fs: AbstractFileSystem) -> str:
         f"{ref!r}: no tag or version {selector!r} in {dataset}; tags: {', '.join(tags) or 'none'}; "
         f"versions: {', '.join(all_versions) or 'none'}"
     )
+
+
+def resolve_version_url(ref: str, fs: AbstractFileSystem) -> str:
+    """Resolve a reference to the URL of its version folder (whose manifest.json exists).
+
+    Raises:
+        ReferenceError_: the reference is malformed, or its tag holds no version id.
+        DatasetNotFoundError: no such tag, version or manifest; the message lists what exists.
+    """
+    return _resolve(ref, fs)[0]
 
 
 def open_dataset(ref: str, storage_options: dict[str, Any] | None = None) -> OpenedDataset:
@@ -159,7 +240,7 @@ def open_dataset(ref: str, storage_options: dict[str, Any] | None = None) -> Ope
     probe = parsed.version_url or parsed.dataset_url
     assert probe is not None
     fs, _ = fsspec.core.url_to_fs(probe, **options)
-    vurl = resolve_version_url(ref, fs)
+    vurl, tag_digest = _resolve(ref, fs)
     murl = join_url(vurl, MANIFEST_FILE)
     try:
         text = fs.cat_file(_path(fs, murl))
@@ -171,4 +252,34 @@ def open_dataset(ref: str, storage_options: dict[str, Any] | None = None) -> Ope
             f"{ref!r}: no manifest at {murl}: that version does not exist or its build did not finish{hint}"
         ) from exc
     manifest = parse_manifest(text, where=murl)
+    _check_identity(fs, vurl, murl, bytes(text), manifest, tag_digest)
     return OpenedDataset(reference=ref, version_url=vurl, manifest=manifest, fs=fs, storage_options=options)
+
+
+def _check_identity(
+    fs: AbstractFileSystem, vurl: str, murl: str, text: bytes, manifest: Manifest, tag_digest: str | None
+) -> None:
+    """The manifest belongs to its folder and its bytes are those published (the tag's and the sibling's digest)."""
+    folder = vurl.rstrip("/").rsplit("/", 1)[-1]
+    if not is_version_id(manifest.version) or manifest.version != folder:
+        raise ManifestError(
+            f"{murl} names version {manifest.version!r} but lies in folder {folder!r}: a manifest copied or moved "
+            "from another version is not trusted; open the version by its own folder, or rebuild it"
+        )
+    digest = hashlib.sha256(text).hexdigest()
+    if tag_digest is not None and digest != tag_digest:
+        raise ManifestError(
+            f"{murl}: its sha256 {digest} is not the {tag_digest} its tag records: the manifest was changed after "
+            "it was published; rebuild the version (a published version is never rewritten)"
+        )
+    try:
+        sibling = fs.cat_file(_path(fs, join_url(vurl, MANIFEST_DIGEST_FILE)))[:200].decode(
+            "utf-8", "replace"
+        )
+    except FileNotFoundError:
+        return  # written before schema 1.2, or by a build killed right after its commit (`verify` reports it)
+    if sibling.strip() != digest:
+        raise ManifestError(
+            f"{murl}: its sha256 {digest} is not the {sibling.strip()[:64]!r} of {MANIFEST_DIGEST_FILE}: the "
+            "manifest was changed after it was published; rebuild the version"
+        )

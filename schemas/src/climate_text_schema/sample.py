@@ -27,6 +27,7 @@ __all__ = [
     "SampleMeta",
     "check_climate_array",
     "check_sample_key",
+    "member_suffix_problem",
     "decode_climate",
     "decode_meta",
     "decode_text",
@@ -112,6 +113,18 @@ class SampleMeta(BaseModel):
         if value not in SPLITS:
             raise ValueError(f"split {value!r} is not one of {', '.join(SPLITS)}")
         return value
+
+
+def member_suffix_problem(name: str, where: str = "shard") -> str | None:
+    """Why a tar member's name has a suffix outside the contract (`<key>.climate.npy`, `.txt`, `.json` only), or None.
+
+    The one rule for every reader (`merra2-text verify` and the trainer): a member such as `<key>.pickle` or
+    `<key>.pyd` is refused, never silently left out.
+    """
+    key, dot, suffix = name.partition(".")
+    if not dot or suffix not in SAMPLE_MEMBERS:
+        return f"{where}: member {name!r} is not <key>.{{{','.join(SAMPLE_MEMBERS)}}}"
+    return None
 
 
 def check_sample_key(key: str, where: str = "shard") -> str:

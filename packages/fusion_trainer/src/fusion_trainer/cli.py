@@ -46,7 +46,9 @@ def _setup_logging(level: str) -> None:
 
 def _fail(exc: BaseException | str) -> typer.Exit:
     prefix = f"[rank {os.environ['RANK']}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    typer.echo(f"{prefix}error: {exc}", err=True)
+    from climate_text_schema import redact_credentials
+
+    typer.echo(f"{prefix}error: {redact_credentials(str(exc))}", err=True)
     return typer.Exit(1)
 
 
@@ -79,15 +81,25 @@ def train_command(
         int, typer.Option(help="nodes of the job: run this command on each with its --node-rank (no ssh)")
     ] = 1,
     node_rank: Annotated[int | None, typer.Option(help="this node's rank, 0..nnodes-1")] = None,
-    master_addr: Annotated[str | None, typer.Option(help="address of node 0, reachable from every node")] = None,
+    master_addr: Annotated[
+        str | None, typer.Option(help="address of node 0, reachable from every node")
+    ] = None,
     master_port: Annotated[
         int | None, typer.Option(help="rendezvous port on node 0 (default 29500 for several nodes)")
     ] = None,
     hostfile: Annotated[
         str | None,
-        typer.Option(help="DeepSpeed hostfile (HOST slots=K): without --node-rank the launcher starts every node (pdsh)"),
+        typer.Option(
+            help="DeepSpeed hostfile (HOST slots=K): without --node-rank the launcher starts every node (pdsh)"
+        ),
     ] = None,
-    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 mixed precision (default: the config's bf16, auto: bf16 where the hardware runs it fast, else fp32)")] = None,
+    bf16: Annotated[
+        bool | None,
+        typer.Option(
+            "--bf16/--no-bf16",
+            help="bf16 mixed precision (default: the config's bf16, auto: bf16 where the hardware runs it fast, else fp32)",
+        ),
+    ] = None,
     eval_every: Annotated[int | None, typer.Option(help="evaluate val every N steps")] = None,
     save_every: Annotated[int | None, typer.Option(help="checkpoint every N steps")] = None,
     resume: Annotated[
@@ -174,12 +186,19 @@ def _launch(cfg: Any, layout: Any, log_level: str) -> int:
     name = f".launch-config-node{layout.node_rank}.yaml" if layout.no_ssh else ".launch-config.yaml"
     launch_cfg = run_dir / name
     tmp = run_dir / f"{name}.tmp"
-    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
+    tmp.write_text(cfg.to_yaml(), encoding="utf-8")  # the ranks need the URLs as given, credentials included
     tmp.replace(launch_cfg)
-    code = launch_local(cfg.nproc, ["train", "--config", str(launch_cfg), "--log-level", log_level], layout=layout)
+    try:
+        code = launch_local(
+            cfg.nproc, ["train", "--config", str(launch_cfg), "--log-level", log_level], layout=layout
+        )
+    finally:
+        launch_cfg.unlink(missing_ok=True)  # RUN_DIR keeps only config.yaml, whose URLs carry no password
     if code != 0:
-        what = f"the {cfg.nproc} rank(s) of node {layout.node_rank} (of {layout.nnodes})" if layout.no_ssh else (
-            f"{cfg.nproc} ranks"
+        what = (
+            f"the {cfg.nproc} rank(s) of node {layout.node_rank} (of {layout.nnodes})"
+            if layout.no_ssh
+            else (f"{cfg.nproc} ranks")
         )
         typer.echo(f"error: {what} failed (exit {code}); see the rank errors above", err=True)
     return code
@@ -203,7 +222,9 @@ def _dry_run(cfg: Any, nnodes: int = 1) -> str:
         raise ModelError(f"--model {cfg.model}: cannot read its config ({exc})") from exc
     from .precision import resolve_precision
 
-    model = FusionModel.from_config(hf_config, fusion, dtype=resolve_precision(cfg.bf16).dtype)  # meta device: shapes only
+    model = FusionModel.from_config(
+        hf_config, fusion, dtype=resolve_precision(cfg.bf16).dtype
+    )  # meta device: shapes only
     counts = model.num_parameters()
     world = max(cfg.nproc, 1) * nnodes
     estimate = model.memory_estimate(world_size=world, zero_stage=cfg.zero)
@@ -234,11 +255,15 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option(help="tokens per generated caption")] = 96,
     intervene: Annotated[
         list[str] | None,
-        typer.Option(help="shift one variable of the windows and report the slope of the generated number: "
-                     "T2M=+3 (K), SLP=-500 (Pa), WIND=+2 (m/s of mean wind); repeatable, several deltas per variable; "
-                     "a grid permutation runs with them"),
+        typer.Option(
+            help="shift one variable of the windows and report the slope of the generated number: "
+            "T2M=+3 (K), SLP=-500 (Pa), WIND=+2 (m/s of mean wind); repeatable, several deltas per variable; "
+            "a grid permutation runs with them"
+        ),
     ] = None,
-    intervene_limit: Annotated[int, typer.Option(help="windows (spread over the split) the interventions use")] = 64,
+    intervene_limit: Annotated[
+        int, typer.Option(help="windows (spread over the split) the interventions use")
+    ] = 64,
     log_level: Annotated[str, typer.Option(help="logging level")] = "WARNING",
 ) -> None:
     """Print JSON: losses of the fused model and the frozen base, grounding gains (against any other window and

@@ -52,7 +52,9 @@ def _run(action: Callable[[], T]) -> T:
     try:
         return action()
     except (FusionError, ValueError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        from climate_text_schema import redact_credentials
+
+        typer.echo(f"error: {redact_credentials(str(exc))}", err=True)
         raise typer.Exit(code=1) from exc
 
 

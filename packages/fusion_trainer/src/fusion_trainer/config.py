@@ -291,7 +291,9 @@ class TrainConfig(_BaseModel):
         "a run must resume with the same value; set it to num_workers for the fastest loading",
     )
     shuffle_buffer: int = _Field(default=256, ge=0, description="samples in the seeded shuffle buffer")
-    verify_shards: bool = _Field(default=True, description="check each shard's sha256 as it streams")
+    verify_shards: bool = _Field(
+        default=True, description="check each shard's sha256 (before any of its samples is used)"
+    )
     verify_frozen: bool = _Field(
         default=True,
         description="hash the frozen base before and after training (seconds per GB); false skips it",
@@ -323,7 +325,9 @@ class TrainConfig(_BaseModel):
         text = str(value).strip().lower() if isinstance(value, str) else None
         if text in ("auto", "true", "false"):
             return {"auto": "auto", "true": True, "false": False}[text]
-        raise ValueError("must be true, false or auto (auto: bf16 where the hardware runs it fast, else fp32)")
+        raise ValueError(
+            "must be true, false or auto (auto: bf16 where the hardware runs it fast, else fp32)"
+        )
 
     @_field_validator("deepspeed")
     @classmethod
@@ -336,8 +340,14 @@ class TrainConfig(_BaseModel):
     @classmethod
     def _template_ok(cls, value: str) -> str:
         try:
-            value.format(example="", variables="", caption_example="", readout_example="", cold_caption_example="",
-                         cold_readout_example="")
+            value.format(
+                example="",
+                variables="",
+                caption_example="",
+                readout_example="",
+                cold_caption_example="",
+                cold_readout_example="",
+            )
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(
                 f"{exc!r}; use only {{example}}, {{caption_example}}, {{readout_example}}, {{cold_caption_example}}, "

@@ -12,8 +12,9 @@ With `lanes=L` (training) the rank's epoch is cut into L disjoint lanes (`lane_s
 that DataLoader workers split the shards instead of each reading all of them; the order then depends on L (never on
 the number of workers) and resumes exactly. See `ClimateTextStream`.
 
-Speed (docs/performance.md, "Streaming"): tar members are read by a lean ustar/GNU/pax reader through the shared
-`HashingReader` (sha256 in 1 MiB reads), `.npy` members in np.save's own float32 layout skip np.load's header parser,
+Speed (docs/performance.md, "Streaming"): tar members are read by a lean ustar/GNU/pax reader over the
+whole shard, read into memory and checked (size, sha256, sample count) before any of its samples is handed out;
+`.npy` members in np.save's own float32 layout skip np.load's header parser,
 one min/max pair clears the contract's NaN/fill check, a micro-batch's captions are tokenised in one call and their
 ids kept for later epochs (`token_cache_mb`), and ids, labels and masks are built as numpy arrays.
 
@@ -119,7 +120,9 @@ def render_prompt(template: str, ds: OpenedDataset, caption: str = "full") -> st
             m += shift.get(v, 0.0) * s.std
             stats[v] = {"mean": m, "min": m - s.std, "max": m + s.std}
         values = caption_quantities(stats, seconds)
-        text = " ".join(t for f in ("temp", "dew", "q", "wind", "slp", "precip") if (t := render_facet(f, values)))
+        text = " ".join(
+            t for f in ("temp", "dew", "q", "wind", "slp", "precip") if (t := render_facet(f, values))
+        )
         return render_readout(values), caption_target(text, form) if text else ""
 
     readout, caption_text = texts({}, False)

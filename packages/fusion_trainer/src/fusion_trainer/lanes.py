@@ -42,8 +42,7 @@ def lane_samples(
     samples for each batch `k < batches_per_epoch` with `k % lanes == l`, and shuffles them in its own seeded buffer.
     So the lanes are disjoint, their union is the epoch, and a lane reads only the shards its run touches: DataLoader
     workers that each serve their own lanes split the shards between them. A shard split between two lanes is read
-    by both; the lane holding its last sample reads it to the end and checks its sample count, size and sha256, the
-    other stops after its part.
+    by both, and each checks it whole (sample count, size, sha256: `iter_shard`) before using any of its samples.
 
     Raises:
         DataError: a shard is missing, damaged or fails its checks, a bad sample, or the rank's shards are empty.
@@ -58,7 +57,7 @@ def lane_samples(
 
 
 _Piece = tuple[ShardInfo, range, bool]
-"""(shard, indices of its samples to keep, read it to the end and check it)."""
+"""(shard, indices of its samples to keep, whether this piece holds the shard's last sample of the pass)."""
 
 
 def _segments(

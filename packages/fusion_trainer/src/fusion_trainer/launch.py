@@ -94,7 +94,9 @@ class NodeLayout:
         if self.nnodes < 1:
             problems.append(f"--nnodes {self.nnodes}: must be at least 1")
         if self.node_rank is not None and not 0 <= self.node_rank < max(self.nnodes, 1):
-            problems.append(f"--node-rank {self.node_rank}: must be in 0..{self.nnodes - 1} (--nnodes {self.nnodes})")
+            problems.append(
+                f"--node-rank {self.node_rank}: must be in 0..{self.nnodes - 1} (--nnodes {self.nnodes})"
+            )
         if self.nnodes > 1 and self.hostfile is None and self.node_rank is None:
             problems.append(
                 f"--nnodes {self.nnodes} needs --node-rank R (0..{self.nnodes - 1}, one command per node) or "
@@ -166,15 +168,38 @@ def clear_self_env() -> None:
             os.environ.pop(key, None)
 
 
+def _builders_in(folder: Path) -> list[int] | None:
+    """Pids of the live processes whose working directory is `folder` or below (a build runs its compiler there);
+    None where /proc cannot tell (another OS)."""
+    proc = Path("/proc")
+    if not (proc / "self" / "cwd").exists():
+        return None
+    target = folder.resolve()
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = (entry / "cwd").resolve(strict=True)
+        except (OSError, RuntimeError):
+            continue  # gone, or another user's process
+        if cwd == target or target in cwd.parents:
+            found.append(int(entry.name))
+    return found
+
+
 def stale_build_locks(max_age_s: float = 600.0) -> list[str]:
     """Lock files of torch C++ extension builds (DeepSpeed compiles its CPU ops on first use) older than `max_age_s`.
 
     A process killed while building (kill -9, OOM) leaves its `lock` behind and every later process that needs the
-    op waits for it forever, silently. The lock records no owner, so age is the only hint; each one found is logged
-    as a warning naming the file and the way out.
+    op waits for it forever, silently. The lock records no owner; a lock older than `max_age_s` whose build folder
+    no live process works in (torch runs the compiler there) has a dead owner and is removed, with a warning; one
+    whose folder is in use, or where /proc cannot tell, is only named in a warning with the way out.
+
+    Returns:
+        The stale locks found (removed or not).
     """
     import time
-    from pathlib import Path
 
     from torch.utils.cpp_extension import get_default_build_root
 
@@ -186,14 +211,23 @@ def stale_build_locks(max_age_s: float = 600.0) -> list[str]:
             age = now - lock.stat().st_mtime
         except FileNotFoundError:
             continue
-        if age > max_age_s:
-            stale.append(str(lock))
+        if age <= max_age_s:
+            continue
+        stale.append(str(lock))
+        builders = _builders_in(lock.parent)
+        if builders == []:
+            lock.unlink(missing_ok=True)
             logger.warning(
-                "%s is %.0f minutes old: a process killed while compiling a DeepSpeed/torch extension left it, and "
-                "this run will wait for it forever; if no compiler is running, delete it",
-                lock,
-                age / 60,
-            )
+                "removed %s (%.0f minutes old, no process builds in %s): a process killed while compiling a "
+                "DeepSpeed/torch extension left it, and this run would have waited for it forever",
+                lock, age / 60, lock.parent,
+            )  # fmt: skip
+            continue
+        logger.warning(
+            "%s is %.0f minutes old: a process killed while compiling a DeepSpeed/torch extension left it, and "
+            "this run will wait for it forever; if no compiler is running%s, delete it",
+            lock, age / 60, f" (processes {builders} work in its folder)" if builders else "",
+        )  # fmt: skip
     return stale
 
 
@@ -296,7 +330,9 @@ def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
                 continue
 
     main_thread = threading.current_thread() is threading.main_thread()  # handlers can only be set there
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    previous = (
+        {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    )
     try:
         return proc.wait()
     finally:

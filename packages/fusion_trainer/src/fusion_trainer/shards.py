@@ -1,4 +1,4 @@
-"""Reading a dataset's shards and dealing them out: one shard's checked samples (`iter_shard`), the balanced
+"""Reading a dataset's shards and dealing them out: one shard's samples, checked whole first (`iter_shard`), the balanced
 assignment of shards to ranks, the seeded shuffle buffer, and one rank's epoch (`epoch_samples`).
 
 The sample order of an epoch is a pure function of (seed, epoch, rank, world): see `epoch_samples`. The lane cut of
@@ -7,6 +7,8 @@ a rank's epoch (DataLoader workers reading disjoint shards) is in `lanes.py`.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import random
 import tarfile
@@ -16,14 +18,16 @@ from typing import Any
 
 from climate_text_schema import (
     CLIMATE_MEMBER,
+    MAX_SHARD_BYTES,
     META_MEMBER,
+    READ_SIZE,
     TEXT_MEMBER,
     ContractError,
-    HashingReader,
     OpenedDataset,
     SampleError,
     ShardInfo,
     check_sample_key,
+    member_suffix_problem,
     open_dataset,
 )
 from climate_text_schema.captions import check_text_format
@@ -74,6 +78,10 @@ def _group_problem(group: dict[str, Any], key: str, url: str) -> str | None:
         check_sample_key(key, f"shard {url}")
     except SampleError as exc:
         return str(exc)
+    for suffix in sorted(k for k in group if not k.startswith("__")):
+        problem = member_suffix_problem(f"{key}.{suffix}", f"shard {url}")
+        if problem is not None:  # the rule `merra2-text verify` applies: never silently left out
+            return problem
     missing = [m for m in _MEMBERS if m not in group]
     if missing:
         return f"shard {url}: sample {key!r} lacks member(s) {', '.join(missing)}"
@@ -83,10 +91,13 @@ def _group_problem(group: dict[str, Any], key: str, url: str) -> str | None:
 def iter_shard(
     ds: OpenedDataset, shard: ShardInfo, verify: bool = True, on_bad: BadSampleHook | None = None
 ) -> Generator[RawSample, None, None]:
-    """Stream the samples of one shard, checking its sample count, size and (if `verify`) sha256 at its end.
+    """The samples of one shard, handed out only once the whole shard has passed its checks.
 
-    Members are only read into memory, never extracted: a member named like a path (`../../x.txt`) is refused by
-    name.
+    The shard is read whole into memory (at most `MAX_SHARD_BYTES`, which the manifest contract and the builder
+    enforce), its size and (if `verify`) sha256 are compared with the manifest, then its members are parsed and its
+    sample count compared: no sample of a shard that fails a check is ever yielded, however early its reader stops
+    (an evaluation pass, a cut epoch, `generate --limit`). Members are only read into memory, never extracted: a
+    member named like a path (`../../x.txt`) is refused by name.
 
     Args:
         ds: the opened dataset.
@@ -99,41 +110,64 @@ def iter_shard(
         DataError: the shard is missing, unreadable, truncated or fails its checks; a bad sample without `on_bad`.
     """
     url = ds.url_of(shard.path)
-    n = 0
+    if (
+        shard.bytes > MAX_SHARD_BYTES
+    ):  # the manifest contract refuses it too; a ShardInfo built by hand may not
+        raise DataError(
+            f"shard {url}: {shard.bytes} bytes is over the contract's {MAX_SHARD_BYTES}; re-publish it"
+        )
     try:
         with ds.fs.open(ds.fs._strip_protocol(url), "rb") as fh:
-            reader = HashingReader(fh)  # hashes in 1 MiB reads under tarfile's 10 KiB ones
-            files = _tar_members(reader.buffered(), url, limit=shard.bytes)
-            for group in group_by_keys(files):
-                key = str(group["__key__"])
-                n += 1
-                problem = _group_problem(group, key, url)
-                if problem is not None:
-                    if on_bad is None:
-                        raise DataError(problem)
-                    on_bad(shard.path, key, problem)
-                    continue
-                yield RawSample(key=key, shard=shard.path, members={m: group[m] for m in _MEMBERS})
-            reader.drain()
-    except DataError:
-        raise
+            data = _read_bounded(
+                fh, shard.bytes + 1
+            )  # one byte more than listed: a longer object is caught too
     except FileNotFoundError as exc:
         raise DataError(f"shard {url} listed in the manifest does not exist: re-publish the dataset") from exc
-    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
-        raise DataError(
-            f"shard {url} is truncated or corrupt ({type(exc).__name__}: {exc}); re-publish it"
-        ) from exc
+    except OSError as exc:
+        raise DataError(f"shard {url} cannot be read ({type(exc).__name__}: {exc}); check the store") from exc
     problems = []
-    if n != shard.samples:
-        problems.append(f"{n} samples where the manifest lists {shard.samples}")
-    if reader.nbytes != shard.bytes:
-        problems.append(f"{reader.nbytes} bytes where the manifest lists {shard.bytes}")
-    if verify and reader.hexdigest() != shard.sha256:
-        problems.append(f"sha256 {reader.hexdigest()} where the manifest lists {shard.sha256}")
+    if len(data) != shard.bytes:
+        more = "more than " if len(data) > shard.bytes else ""
+        problems.append(f"{more}{len(data)} bytes where the manifest lists {shard.bytes}")
+    elif verify and (digest := hashlib.sha256(data).hexdigest()) != shard.sha256:
+        problems.append(f"sha256 {digest} where the manifest lists {shard.sha256}")
     if problems:
         raise DataError(
             f"shard {url} fails its checks ({'; '.join(problems)}): it is truncated or was altered"
         )
+    try:
+        groups = list(group_by_keys(_tar_members(io.BytesIO(data), url, limit=shard.bytes)))
+    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+        raise DataError(
+            f"shard {url} is truncated or corrupt ({type(exc).__name__}: {exc}); re-publish it"
+        ) from exc
+    del data
+    if len(groups) != shard.samples:
+        raise DataError(
+            f"shard {url} fails its checks ({len(groups)} samples where the manifest lists {shard.samples}): it is "
+            "truncated or was altered"
+        )
+    for group in groups:
+        key = str(group["__key__"])
+        problem = _group_problem(group, key, url)
+        if problem is not None:
+            if on_bad is None:
+                raise DataError(problem)
+            on_bad(shard.path, key, problem)
+            continue
+        yield RawSample(key=key, shard=shard.path, members={m: group[m] for m in _MEMBERS})
+
+
+def _read_bounded(fh: Any, limit: int) -> bytes:
+    """Up to `limit` bytes of `fh`, in `READ_SIZE` reads (a store may return short reads)."""
+    parts, n = [], 0
+    while n < limit:
+        part = fh.read(min(READ_SIZE << 4, limit - n))
+        if not part:
+            break
+        parts.append(part)
+        n += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def assign_shards(shards: list[ShardInfo], world: int, rng: random.Random) -> list[list[ShardInfo]] | None:

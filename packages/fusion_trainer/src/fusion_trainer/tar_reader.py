@@ -1,8 +1,8 @@
 """A lean reader of the regular-file members of an uncompressed tar stream (ustar, GNU or pax).
 
 It replaces `tarfile` in streaming mode, which costs about as much as the rest of a sample (docs/performance.md,
-"Streaming"): each header is checked and its data read in one call. `shards.iter_shard` runs it over the shared
-`HashingReader` and groups its members into samples with webdataset's `group_by_keys`.
+"Streaming"): each header is checked and its data read in one call. `shards.iter_shard` runs it over the
+bytes of a shard it already checked and groups its members into samples with webdataset's `group_by_keys`.
 """
 
 from __future__ import annotations

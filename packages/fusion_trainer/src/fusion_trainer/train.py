@@ -124,7 +124,9 @@ def _prepare_run_dir(config: TrainConfig, rank: int) -> Path:
             )
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / ".config.yaml.tmp"
-        tmp.write_text(config.to_yaml(), encoding="utf-8")
+        from climate_text_schema import redact_credentials
+
+        tmp.write_text(redact_credentials(config.to_yaml()), encoding="utf-8")  # passwords in URLs never kept
         tmp.replace(run_dir / "config.yaml")
     return run_dir
 

@@ -49,7 +49,9 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    typer.echo(f"error: {message}", err=True)
+    from climate_text_schema import redact_credentials
+
+    typer.echo(f"error: {redact_credentials(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -102,15 +104,23 @@ def build(
     start: Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD.")] = None,
     end: Annotated[str | None, typer.Option(help="Last day (inclusive), YYYY-MM-DD.")] = None,
     variables: Annotated[
-        str | None, typer.Option(help="Comma-separated, in array order.", show_default=",".join(DEFAULT_VARIABLES))
+        str | None,
+        typer.Option(help="Comma-separated, in array order.", show_default=",".join(DEFAULT_VARIABLES)),
     ] = None,
     source: Annotated[
-        str | None, typer.Option(help="'earthaccess' or a folder/URL of granules.", show_default="earthaccess")
+        str | None,
+        typer.Option(help="'earthaccess' or a folder/URL of granules.", show_default="earthaccess"),
     ] = None,
-    out: Annotated[str | None, typer.Option(help="Dataset root: folder or URL.", show_default="./datasets")] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Dataset root: folder or URL.", show_default="./datasets")
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Dataset name.", show_default="the region name")] = None,
-    window: Annotated[str | None, typer.Option(help="Span of one sample, e.g. 6h, 1d, 7d.", show_default="1d")] = None,
-    stride: Annotated[str | None, typer.Option(help="Step between samples.", show_default="the window")] = None,
+    window: Annotated[
+        str | None, typer.Option(help="Span of one sample, e.g. 6h, 1d, 7d.", show_default="1d")
+    ] = None,
+    stride: Annotated[
+        str | None, typer.Option(help="Step between samples.", show_default="the window")
+    ] = None,
     time_step: Annotated[
         str | None, typer.Option(help="Resolution inside a sample: 1h, 3h, 1d.", show_default="1h")
     ] = None,
@@ -145,7 +155,8 @@ def build(
     events: Annotated[list[str] | None, typer.Option(help="NOAA Storm Events CSV(.gz); repeatable.")] = None,
     text_table: Annotated[str | None, typer.Option(help="CSV/Parquet with time, lat, lon, text.")] = None,
     shard_size: Annotated[
-        str | None, typer.Option(help="Target shard size, e.g. 64MB, 1GB.", show_default="256MB")
+        str | None,
+        typer.Option(help="Target shard size, e.g. 64MB, 1GB (at most 1GiB).", show_default="256MB"),
     ] = None,
     cache: Annotated[
         str | None,
@@ -201,7 +212,9 @@ def build(
 
             def hook(stage: str, done: int, total: int) -> None:
                 if stage not in tasks:
-                    tasks[stage] = bar.add_task(f"{stage} ({'days' if stage == 'cube' else 'shards'})", total=total)
+                    tasks[stage] = bar.add_task(
+                        f"{stage} ({'days' if stage == 'cube' else 'shards'})", total=total
+                    )
                 bar.update(tasks[stage], completed=done, total=total)
 
             ref = run_build(cfg, progress=hook)

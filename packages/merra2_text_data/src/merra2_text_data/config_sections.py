@@ -12,7 +12,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import pandas as pd
-from climate_text_schema import DEFAULT_VARIABLES, KNOWN_VARIABLES
+from climate_text_schema import DEFAULT_VARIABLES, KNOWN_VARIABLES, MAX_SHARD_BYTES
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
@@ -83,7 +83,9 @@ class _Section(BaseModel):
 class SourceConfig(_Section):
     """Where the MERRA-2 granules come from."""
 
-    source: Annotated[str, _text("'earthaccess', a folder/URL of MERRA-2 granules, or era5:URL")] = "earthaccess"
+    source: Annotated[str, _text("'earthaccess', a folder/URL of MERRA-2 granules, or era5:URL")] = (
+        "earthaccess"
+    )
     """`earthaccess` (NASA Earthdata), a folder/URL (any fsspec store) holding MERRA-2 granules, or `era5:URL`: an
     ERA5 zarr store (ARCO-ERA5, WeatherBench2, `merra2-text era5-sample`; see `merra2_text_data.era5`)."""
     cache: Annotated[str | None, _text("a local folder or a URL such as s3://bucket/prefix")] = None
@@ -327,6 +329,11 @@ class ShardConfig(_Section):
     def _size_ok(cls, value: int) -> int:
         if value < 1024:
             raise ValueError(f"{value} bytes is too small for a shard; use at least 1KB (default 256MB)")
+        if value > MAX_SHARD_BYTES:
+            raise ValueError(
+                f"{value} bytes is over the contract's largest shard ({MAX_SHARD_BYTES} bytes, 1GiB: readers verify "
+                "a whole shard in memory before using it); use at most 1GiB (default 256MB)"
+            )
         return value
 
 

@@ -6,6 +6,7 @@ A granule is one MERRA-2 file: one collection, one day (`MERRA2_<stream>.<produc
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -15,6 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec
 
@@ -330,6 +332,11 @@ def _granule_from_umm(record: dict[str, Any], collection: str) -> Granule:
     umm = record["umm"]
     ur = umm["GranuleUR"]
     name = ur.split(":", 1)[-1]
+    if name != name.rsplit("/", 1)[-1] or "\\" in name or name.startswith("."):
+        raise GranuleError(
+            f"the CMR record's GranuleUR {ur!r} names a path, not a file name: it would be written outside the "
+            "cache; refusing it (report the record to GES DISC, or build from a local copy with --source)"
+        )
     stream, product, day = parse_granule_name(name)
     if product != COLLECTIONS[collection].product:
         raise GranuleError(f"CMR returned {ur} for collection {collection}, whose product is "
@@ -338,9 +345,17 @@ def _granule_from_umm(record: dict[str, Any], collection: str) -> Granule:
     https = [u for u in links if u.startswith("https://")]
     if not (https or links):
         raise GranuleError(f"the CMR record {ur} has no 'GET DATA' link to download {name}")
+    if not https and any(_plain_http(u) for u in links):
+        raise GranuleError(
+            f"the CMR record {ur} offers {name} over plain http only: the Earthdata token is only ever sent over "
+            "https; download it yourself and build with --source"
+        )
     infos = umm.get("DataGranule", {}).get("ArchiveAndDistributionInformation", [])
     info = next((i for i in infos if i.get("Name") == name), infos[0] if infos else {})
     checksum = info.get("Checksum")
+    if checksum and _hash_name(str(checksum.get("Algorithm", ""))) is None:
+        logger.warning("%s: CMR checksum algorithm %r is not one this reader checks; only the size is checked",
+                       name, checksum.get("Algorithm"))  # fmt: skip
     return Granule(collection, day, stream, name, (https or links)[0], _record_size(info),
                    f"{checksum['Algorithm']}:{checksum['Value']}" if checksum else None, ur)  # fmt: skip
 
@@ -389,6 +404,75 @@ def search_earthaccess(
 
 class _SizeMismatch(Exception):
     pass
+
+
+_HASHES = {"MD5": "md5", "SHA1": "sha1", "SHA256": "sha256", "SHA384": "sha384", "SHA512": "sha512"}
+"""CMR `Checksum.Algorithm` values (`MD5`, `SHA-256`, ...) without dashes -> hashlib names."""
+
+
+def _hash_name(algorithm: str) -> str | None:
+    return _HASHES.get(algorithm.upper().replace("-", "").replace("_", ""))
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes (read 1 MiB at a time)."""
+    digest = hashlib.new(algorithm)
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checksum_problem(granule: Granule, path: Path) -> str | None:
+    """Why `path` is not the granule the CMR record describes (its checksum differs), or None (also when unknown)."""
+    if not granule.checksum or ":" not in granule.checksum:
+        return None
+    algorithm, _, expected = granule.checksum.partition(":")
+    name = _hash_name(algorithm)
+    if name is None:
+        return None
+    found = file_digest(path, name)
+    if found.lower() != expected.strip().lower():
+        return f"its {algorithm} is {found} where the CMR record lists {expected.strip()}"
+    return None
+
+
+def _verified_mark(target: Path) -> Path:
+    return target.with_name(f".{target.name}.verified")
+
+
+def _is_verified(granule: Granule, target: Path) -> bool:
+    """The cached file was checked against this checksum before, and is unchanged since (size, mtime)."""
+    stat = target.stat()
+    try:
+        return _verified_mark(target).read_text() == f"{granule.checksum} {stat.st_size} {stat.st_mtime_ns}"
+    except FileNotFoundError:
+        return False
+
+
+def _mark_verified(granule: Granule, target: Path) -> None:
+    if granule.checksum:
+        stat = target.stat()
+        _verified_mark(target).write_text(f"{granule.checksum} {stat.st_size} {stat.st_mtime_ns}")
+
+
+def _plain_http(url: str) -> bool:
+    """True for an `http://` URL to another machine (a loopback address, such as a local mirror, is not a network)."""
+    if not url.lower().startswith("http://"):
+        return False
+    host = urlsplit(url).hostname or ""
+    return host not in ("localhost", "127.0.0.1", "::1")
+
+
+def _refuse_plain_http_redirect(response: Any, *args: Any, **kwargs: Any) -> Any:
+    """A requests response hook: never follow a redirect of an authenticated download to plain http."""
+    location = str(response.headers.get("Location", "")) if getattr(response, "is_redirect", False) else ""
+    if _plain_http(location):
+        raise CredentialsError(
+            f"the download of {response.url.split('?', 1)[0]} redirects to plain http ({location.split('?', 1)[0]}): "
+            "the Earthdata token is only ever sent over https; not following it"
+        )
+    return response
 
 
 def _transfer(granule: Granule, part: Path, session: Any, chunk: int = 1 << 16) -> int | None:
@@ -440,7 +524,12 @@ def _download_one(granule: Granule, target: Path, session: Any, retries: int, ba
                 if actual > expected:
                     part.unlink()
                 raise _SizeMismatch(f"got {actual} bytes, expected {expected}")
+            wrong = _checksum_problem(granule, part)
+            if wrong is not None:
+                part.unlink()  # wrong bytes (a same-size corruption, or a .part of an older file): start again
+                raise _SizeMismatch(wrong)
             os.replace(part, target)
+            _mark_verified(granule, target)
             logger.info("downloaded %s (%d bytes)", target, actual)
             return
         except (OSError, _SizeMismatch) as exc:  # requests' errors are OSErrors
@@ -488,16 +577,32 @@ def download_granules(
     done: dict[Granule, Path] = {}
     for g in granules:
         target = cache / g.collection / f"{g.day:%Y}" / g.file_name
+        if not target.resolve().is_relative_to(cache.resolve()):
+            raise GranuleError(f"{g.file_name!r} would be written outside the cache {cache}; refusing it")
         if target.exists() and (g.size is None or target.stat().st_size == g.size):
+            wrong = None if not g.checksum or _is_verified(g, target) else _checksum_problem(g, target)
+            if wrong is not None:
+                logger.warning("%s: %s; downloading it again", target, wrong)
+                target.unlink()
+                todo.append((g, target))
+                continue
+            _mark_verified(g, target)
             logger.debug("%s already complete", target)
             done[g] = target
         else:
             todo.append((g, target))
     if todo and session is None and any(g.url.startswith(("http://", "https://")) for g, _ in todo):
+        plain = [g.file_name for g, _ in todo if _plain_http(g.url)]
+        if plain:
+            raise CredentialsError(
+                f"{plain[0]} (and {len(plain) - 1} more) would be downloaded over plain http with the Earthdata "
+                "token: it is only ever sent over https; use the https links"
+            )
         import earthaccess
 
         login_earthaccess()
         session = earthaccess.get_requests_https_session()
+        session.hooks.setdefault("response", []).append(_refuse_plain_http_redirect)
     progress: Any = None
     if show_progress and todo:
         from rich.progress import Progress

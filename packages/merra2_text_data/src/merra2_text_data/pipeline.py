@@ -68,7 +68,15 @@ from .fetch import Granule, collection_for, download_granules, find_granules, mi
 from .normalize import NormAccumulator
 from .pairs import SamplePlan, parse_duration, plan_samples
 from .provenance import source_kind, text_sources
-from .publish import clean_up, commit_version, compute_version, manifest_exists, url_to_fs, write_tag
+from .publish import (
+    clean_up,
+    commit_version,
+    compute_version,
+    manifest_exists,
+    tag_points_at,
+    url_to_fs,
+    write_tag,
+)
 from .regions import Region, parse_region
 from .runner import connect, run_tasks
 from .shards import estimate_sample_bytes, fs_path, is_local, pack_by_size
@@ -225,8 +233,11 @@ def _plan_tasks(plan: BuildPlan, cube: xr.Dataset) -> tuple[list[ShardTask], lis
             f"no complete {cfg.sample.window} window in {cfg.subset.period()[0]}..{cfg.subset.period()[1]} "
             f"(the cube has {cube.sizes['time']} hourly step(s), {_span(cube)}); lengthen the period or shorten "
             "--window (a window needs every one of its hours)"
-            + (f"; the ERA5 store's steps are {describe_spacing(cube)}: --window 1h makes one-step samples"
-               if is_era5(cfg.source.source) else "")
+            + (
+                f"; the ERA5 store's steps are {describe_spacing(cube)}: --window 1h makes one-step samples"
+                if is_era5(cfg.source.source)
+                else ""
+            )
         )
     samples = assign_splits(
         samples, cfg.sample.val_fraction, cfg.sample.test_fraction, cfg.sample.split_years(),
@@ -357,10 +368,8 @@ def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
     ref = f"{plan.dataset_url}@{plan.version}"
     if manifest_exists(fs, plan.dataset_url, plan.version):
         logger.info("version %s is already published at %s: nothing to do", plan.version, plan.dataset_url)
-        if config.publish.tag:
-            tag_file = fs_path(fs, join_url(plan.dataset_url, "tags", config.publish.tag))
-            if not fs.exists(tag_file) or fs.cat_file(tag_file).decode().strip() != plan.version:
-                write_tag(fs, plan.dataset_url, config.publish.tag, plan.version)
+        if config.publish.tag and not tag_points_at(fs, plan.dataset_url, config.publish.tag, plan.version):
+            write_tag(fs, plan.dataset_url, config.publish.tag, plan.version)
         clean_up(fs, plan.dataset_url, plan.version)  # a build killed between its commit and its clean-up
         return ref
     with connect(config) as client:
@@ -374,7 +383,9 @@ def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
             read, where = cube, None
             kind = "era5" if is_era5(config.source.source) else source_kind(granules, _cache_dir(config))
         tasks, samples = _plan_tasks(plan, cube)
-        logger.info("plan: %d samples in %d shard task(s), version %s", len(samples), len(tasks), plan.version)
+        logger.info(
+            "plan: %d samples in %d shard task(s), version %s", len(samples), len(tasks), plan.version
+        )
         events = _events(config, cube, samples)
         climatology = _climatology(plan, tasks, samples, read, progress, client)
         clim = client.scatter(climatology, broadcast=True) if client is not None and climatology else climatology

@@ -16,34 +16,42 @@ with `climate_text_schema.open_dataset` only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
+import socket
+import time
 from typing import Any
 
 import fsspec
 import pandas as pd
 from climate_text_schema import (
     INDEX_FILE,
+    MANIFEST_DIGEST_FILE,
     MANIFEST_FILE,
     QUARANTINE_FILE,
     README_FILE,
     SCHEMA_VERSION,
+    ContractError,
     IndexValidationError,
     Manifest,
     ShardInfo,
     SourceInfo,
+    format_tag,
     join_url,
+    parse_tag,
     tag_url,
     validate_index,
     version_url,
 )
 from fsspec import AbstractFileSystem
 
-from .errors import PublishError
+from .errors import PublishError, StoreError
 from .shards import fs_path, is_local, store_error, write_atomic
-from .tempfiles import remove_stale_temps, temp_sibling
+from .tempfiles import is_stale_temp, remove_stale_temps, temp_sibling
 
 __all__ = [
     "VERSION_LENGTH",
@@ -53,6 +61,7 @@ __all__ = [
     "manifest_exists",
     "read_receipts",
     "staging_url",
+    "tag_points_at",
     "url_to_fs",
     "write_create_only",
     "write_receipt",
@@ -63,6 +72,14 @@ logger = logging.getLogger(__name__)
 
 VERSION_LENGTH = 20
 """Hex digits of the sha256 kept as the version id (80 bits)."""
+
+
+_TAG_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+
+
+def is_tag_name(tag: str) -> bool:
+    """True for a tag name the contract allows (no path separators, not starting with a dot)."""
+    return _TAG_NAME.fullmatch(tag) is not None
 
 
 def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
@@ -103,27 +120,43 @@ def manifest_exists(fs: AbstractFileSystem, dataset_url: str, version: str) -> b
     return bool(fs.exists(fs_path(fs, join_url(version_url(dataset_url, version), MANIFEST_FILE))))
 
 
+def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
 def write_create_only(fs: AbstractFileSystem, url: str, data: bytes) -> bool:
     """Write `data` at `url` only if nothing is there yet.
 
+    Local disk: a temp sibling hard-linked onto the name (a link never replaces); the temp file is removed whatever
+    happens. S3: a conditional PUT (`If-None-Match: *`), after a once-per-store probe that the store honours it
+    (`check_conditional_writes`). Elsewhere: check, then write.
+
     Returns:
         True if written, False if an object already existed (it is left untouched).
+
+    Raises:
+        StoreError: the write failed; no temp file is left.
+        PublishError: the store ignores conditional writes (an object would be silently replaced).
     """
     path = fs_path(fs, url)
     if is_local(fs):
         parent = path.rsplit("/", 1)[0]
-        fs.makedirs(parent, exist_ok=True)
         tmp = temp_sibling(path)
-        fs.pipe_file(tmp, data)
         try:
+            fs.makedirs(parent, exist_ok=True)
+            fs.pipe_file(tmp, data)
             os.link(tmp, path)
         except FileExistsError:
             return False
+        except OSError as exc:
+            raise store_error(url, exc) from exc
         finally:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return True
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    protocols = _protocols(fs)
     if "s3" in protocols or "s3a" in protocols:
+        check_conditional_writes(fs, path)
         try:
             fs.pipe_file(path, data, mode="create")
         except FileExistsError:
@@ -133,18 +166,81 @@ def write_create_only(fs: AbstractFileSystem, url: str, data: bytes) -> bool:
         return True
     if fs.exists(path):  # no conditional write on this store: check, then write
         return False
-    fs.pipe_file(path, data)
+    try:
+        fs.pipe_file(path, data)
+    except Exception as exc:
+        raise store_error(url, exc) from exc
     return True
 
 
+_CONDITIONAL_OK: set[str] = set()
+"""Buckets (filesystem class, options digest, `protocol://bucket`) whose store was seen to refuse a second create-only PUT of one key."""
+
+
+def check_conditional_writes(fs: AbstractFileSystem, path: str) -> None:
+    """Once per bucket: write a probe object create-only twice; the second write must be refused.
+
+    Some S3-compatible stores accept `If-None-Match: *` and ignore it, so a create-only manifest write would replace
+    a published one silently. Such a store is refused here, before anything is committed to it.
+
+    Raises:
+        PublishError: the store replaced the probe (it ignores conditional writes).
+        StoreError: the probe could not be written.
+    """
+    lead = "/" if path.startswith("/") else ""
+    bucket = path.lstrip("/").split("/", 1)[0]
+    where = f"{_protocols(fs)[0]}://{bucket}"
+    options = hashlib.sha256(repr(sorted(fs.storage_options.items())).encode()).hexdigest()[:16]
+    key = (
+        f"{type(fs).__name__} {options} {where}"  # the same bucket name on another endpoint is another store
+    )
+    if key in _CONDITIONAL_OK:
+        return
+    probe = f"{lead}{bucket}/.merra2-text-probe/{temp_sibling('create-only').rsplit('/', 1)[-1]}"
+    try:
+        fs.pipe_file(probe, b"1", mode="create")
+        try:
+            fs.pipe_file(probe, b"2", mode="create")
+            replaced = True
+        except FileExistsError:
+            replaced = False
+    except Exception as exc:
+        raise store_error(f"{where}/{probe.lstrip('/').split('/', 1)[1]}", exc) from exc
+    finally:
+        with contextlib.suppress(Exception):
+            fs.rm_file(probe)
+    if replaced:
+        raise PublishError(
+            f"the store of {where} ignores conditional writes (If-None-Match: *): a second create-only PUT of a probe "
+            "object replaced it, so a published manifest could be overwritten silently. Publish to a store that "
+            "honours If-None-Match (AWS S3, MinIO, recent Ceph) or to a local folder"
+        )
+    _CONDITIONAL_OK.add(key)
+
+
 def write_tag(fs: AbstractFileSystem, dataset_url: str, tag: str, version: str) -> None:
-    """Point `tags/<tag>` at `version` (which must be committed)."""
+    """Point `tags/<tag>` at `version` (which must be committed): the tag file holds the version id."""
+    if not is_tag_name(tag):
+        raise PublishError(
+            f"tag {tag!r} is not a tag name: use letters, digits, '.', '_' and '-' (not first '.')"
+        )
     if not manifest_exists(fs, dataset_url, version):
         raise PublishError(
             f"cannot tag {version!r} as {tag!r} in {dataset_url}: that version has no manifest (it was never "
             "committed); list versions with `merra2-text versions`"
         )
-    write_atomic(fs, tag_url(dataset_url, tag), (version + "\n").encode("utf-8"))
+    write_atomic(fs, tag_url(dataset_url, tag), format_tag(version).encode("utf-8"))
+
+
+def tag_points_at(fs: AbstractFileSystem, dataset_url: str, tag: str, version: str) -> bool:
+    """True when `tags/<tag>` exists, is well-formed and names `version`."""
+    path = fs_path(fs, tag_url(dataset_url, tag))
+    if not fs.exists(path):
+        return False
+    try:
+        return parse_tag(fs.cat_file(path).decode("utf-8", "replace"), tag)[0] == version
+    except ContractError:
+        return False
 
 
 def staging_url(dataset_url: str, version: str) -> str:
@@ -221,6 +317,73 @@ def _parquet_bytes(df: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
+def _committed_manifest(fs: AbstractFileSystem, vurl: str) -> bytes | None:
+    try:
+        return bytes(fs.cat_file(fs_path(fs, join_url(vurl, MANIFEST_FILE))))
+    except FileNotFoundError:
+        return None
+
+
+def _refuse_rewrite(fs: AbstractFileSystem, vurl: str, what: str) -> None:
+    """Raise before a write under `vurl` once that version is committed (nothing published is ever rewritten)."""
+    if _committed_manifest(fs, vurl) is not None:
+        raise PublishError(
+            f"not writing {what} of {vurl}: that version is already committed (another build published it first); "
+            "its published files are kept as they are. Rerun the same command: it finds the version and stops"
+        )
+
+
+def _lock_url(dataset_url: str, version: str) -> str:
+    return join_url(staging_url(dataset_url, version), COMMIT_LOCK)
+
+
+COMMIT_LOCK = "COMMIT.lock"
+"""`staging/<v>/COMMIT.lock`: created create-only by the build that commits version v (its host, pid and time)."""
+LOCK_STALE_SECONDS = 3600.0
+"""A commit lock older than this (or, on a local disk, whose writer on this host is dead) is taken over."""
+
+
+def _acquire_commit_lock(fs: AbstractFileSystem, dataset_url: str, version: str) -> str:
+    """Create the commit lock of a version or raise: two builds of one version never commit at the same time."""
+    url = _lock_url(dataset_url, version)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
+          "temp": temp_sibling("lock").rsplit("/", 1)[-1]}  # fmt: skip
+    data = json.dumps(me, sort_keys=True).encode("utf-8")
+    for _ in range(2):
+        if write_create_only(fs, url, data):
+            return url
+        try:
+            owner = json.loads(fs.cat_file(fs_path(fs, url)))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            owner = {}
+        age = time.time() - float(owner.get("time", 0) or 0)
+        dead = is_stale_temp(str(owner.get("temp", "")))
+        if dead or age > LOCK_STALE_SECONDS:
+            logger.warning("taking over the commit lock of %s left by a %s build (%s)", version,
+                           "dead" if dead else "stale", owner)  # fmt: skip
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(fs_path(fs, url))
+            continue
+        raise PublishError(
+            f"another build (host {owner.get('host')!r}, pid {owner.get('pid')}) is committing version {version} of "
+            f"{dataset_url} right now ({url}); this build wrote nothing under the version. Rerun the same command "
+            "once it finished (it then finds the version published), or delete the lock if no build runs"
+        )
+    raise PublishError(f"cannot take the commit lock {url}; rerun the same command")
+
+
+def _write_version_file(fs: AbstractFileSystem, vurl: str, name: str, data: bytes) -> None:
+    """Write one file of an uncommitted version; identical bytes already there are left as they are."""
+    _refuse_rewrite(fs, vurl, name)
+    url = join_url(vurl, name)
+    try:
+        if bytes(fs.cat_file(fs_path(fs, url))) == data:
+            return
+    except FileNotFoundError:
+        pass
+    write_atomic(fs, url, data)
+
+
 def commit_version(
     fs: AbstractFileSystem,
     dataset_url: str,
@@ -230,20 +393,41 @@ def commit_version(
     card: str,
     tag: str | None = "latest",
 ) -> str:
-    """Commit a version whose shards are already written: index, quarantine, card, then the manifest, then the tag.
+    """Commit a version whose shards are already written: index, quarantine, card, then the manifest (which records
+    their sha256), its digest, then the tag.
+
+    The commit holds the version's lock (`staging/<v>/COMMIT.lock`), and every write first checks that the version
+    is not committed: a second build of a committed version raises and rewrites nothing, and of two concurrent
+    builds of one version one commits and the other raises.
 
     Returns:
         The version folder URL.
 
     Raises:
         PublishError: the index fails the shared schema, a shard listed in the manifest is missing or has another
-            size, or a different manifest already exists for this version.
+            size, the version is already committed (by another build), or another build is committing it.
     """
     vurl = version_url(dataset_url, manifest.version)
     try:
         validate_index(index, manifest.variable_names)
     except IndexValidationError as exc:
         raise PublishError(f"not committing {vurl}: the index fails the shared schema\n{exc}") from exc
+    files = {INDEX_FILE: _parquet_bytes(index), QUARANTINE_FILE: _parquet_bytes(quarantine),
+             README_FILE: card.encode("utf-8")}  # fmt: skip
+    manifest = manifest.model_copy(
+        update={"files": {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}}
+    )
+    text = manifest.to_json().encode("utf-8")
+    committed = _committed_manifest(fs, vurl)
+    if (
+        committed == text
+    ):  # this very commit is already stored (a rerun of an identical build): nothing to write
+        logger.info("version %s is already committed with this manifest; nothing rewritten", manifest.version)
+        if tag and not tag_points_at(fs, dataset_url, tag, manifest.version):
+            write_tag(fs, dataset_url, tag, manifest.version)
+        clean_up(fs, dataset_url, manifest.version)
+        return vurl
+    _refuse_rewrite(fs, vurl, MANIFEST_FILE)
     problems = []
     for shard in manifest.shards:
         try:
@@ -254,14 +438,18 @@ def commit_version(
             problems.append(f"{shard.path}: expected {shard.bytes} bytes, found {size}")
     if problems:
         raise PublishError(f"not committing {vurl}: shards are missing or damaged: " + "; ".join(problems))
-    write_atomic(fs, join_url(vurl, INDEX_FILE), _parquet_bytes(index))
-    write_atomic(fs, join_url(vurl, QUARANTINE_FILE), _parquet_bytes(quarantine))
-    write_atomic(fs, join_url(vurl, README_FILE), card.encode("utf-8"))
-    written = write_create_only(fs, join_url(vurl, MANIFEST_FILE), manifest.to_json().encode("utf-8"))
-    if not written:
-        logger.info(
-            "version %s was already committed by another build; leaving it as it is", manifest.version
-        )
+    lock = _acquire_commit_lock(fs, dataset_url, manifest.version)
+    try:
+        for name, data in files.items():
+            _write_version_file(fs, vurl, name, data)
+        written = write_create_only(fs, join_url(vurl, MANIFEST_FILE), text)
+        if not written and _committed_manifest(fs, vurl) != text:
+            raise PublishError(
+                f"not committing {vurl}: another build committed that version first; its manifest is kept"
+            )
+    finally:
+        with contextlib.suppress(FileNotFoundError, StoreError):
+            fs.rm_file(fs_path(fs, lock))
     if tag:
         write_tag(fs, dataset_url, tag, manifest.version)
     clean_up(fs, dataset_url, manifest.version)
@@ -270,7 +458,13 @@ def commit_version(
 
 def clean_up(fs: AbstractFileSystem, dataset_url: str, version: str) -> None:
     """After a commit: remove the version's staging receipts and, on a local disk, the temporary files that killed
-    writers left in the version folder and among the tags (never those of a live build)."""
+    writers left in the version folder and among the tags (never those of a live build). A manifest digest that a
+    build killed right after its commit did not write is written now."""
+    vurl = version_url(dataset_url, version)
+    manifest = _committed_manifest(fs, vurl)
+    if manifest is not None and not fs.exists(fs_path(fs, join_url(vurl, MANIFEST_DIGEST_FILE))):
+        digest = hashlib.sha256(manifest).hexdigest()
+        write_create_only(fs, join_url(vurl, MANIFEST_DIGEST_FILE), (digest + "\n").encode("utf-8"))
     staging = fs_path(fs, staging_url(dataset_url, version))
     if fs.exists(staging):
         fs.rm(staging, recursive=True)

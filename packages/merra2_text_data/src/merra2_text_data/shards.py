@@ -28,6 +28,7 @@ import numpy as np
 from climate_text_schema import (
     ARRAY_DTYPE,
     CLIMATE_MEMBER,
+    MAX_SHARD_BYTES,
     META_MEMBER,
     SAMPLE_MEMBERS,
     TEXT_MEMBER,
@@ -40,6 +41,7 @@ from climate_text_schema import (
     decode_meta,
     decode_text,
     join_url,
+    member_suffix_problem,
     shard_name,
 )
 from fsspec import AbstractFileSystem
@@ -232,6 +234,12 @@ def write_shard(
     """
     relative = shard_name(split, number)
     data, keys = shard_bytes(records)
+    if len(data) > MAX_SHARD_BYTES:
+        raise SampleError(
+            f"{relative}: {len(data)} bytes ({len(keys)} sample(s)) is over the contract's largest shard "
+            f"({MAX_SHARD_BYTES} bytes): readers verify a whole shard in memory; lower shard.shard_size, or use a "
+            "smaller tile or window so one sample fits"
+        )
     write_atomic(fs, join_url(version_url, relative), data)
     info = ShardInfo(
         path=relative,
@@ -277,9 +285,10 @@ def _check_name(name: str, shard: str) -> tuple[str, str]:
         raise SampleError(
             f"{shard}: member {name!r} is a path (absolute, '..' or a folder); shards hold flat names"
         )
-    key, dot, suffix = name.partition(".")
-    if not dot or suffix not in SAMPLE_MEMBERS:
-        raise SampleError(f"{shard}: member {name!r} is not <key>.{{{','.join(SAMPLE_MEMBERS)}}}")
+    problem = member_suffix_problem(name, shard)
+    if problem is not None:
+        raise SampleError(problem)
+    key, _, suffix = name.partition(".")
     return key, suffix
 
 

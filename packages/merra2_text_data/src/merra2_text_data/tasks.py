@@ -30,10 +30,11 @@ from .climatology import DayOfYearClimatology
 from .config import BuildConfig
 from .cube import days_of, open_cube
 from .cube_source import CubeSource
+from .errors import PublishError
 from .events import Event
 from .normalize import NormAccumulator
 from .pairs import SamplePlan, iter_samples
-from .publish import url_to_fs, write_receipt
+from .publish import manifest_exists, url_to_fs, write_receipt
 from .regions import REGIONS, parse_region
 from .shards import SampleRecord, write_shard
 from .text import describe_region, make_caption
@@ -198,6 +199,11 @@ def run_task(
             acc.update(sample.array)
     info: ShardInfo | None = None
     if records:
+        if manifest_exists(fs, dataset_url, version):  # never rewrite a shard of a committed version
+            raise PublishError(
+                f"not writing shard {task.name} of {version_url(dataset_url, version)}: another build committed "
+                "that version meanwhile; its files are kept. Rerun the same command: it finds the version and stops"
+            )
         info, _ = write_shard(fs, version_url(dataset_url, version), task.split, task.number, records)
         for row in rows:
             row["shard"] = info.path

@@ -5,6 +5,7 @@ Every function takes a dataset URL (`<out>/<name>`) or a reference and works on 
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,15 +13,18 @@ from typing import Any
 import pandas as pd
 from climate_text_schema import (
     INDEX_FILE,
+    MANIFEST_DIGEST_FILE,
     MANIFEST_FILE,
     QUARANTINE_FILE,
     README_FILE,
+    ContractError,
     DatasetNotFoundError,
     IndexValidationError,
     SampleError,
     join_url,
     open_dataset,
     parse_manifest,
+    parse_tag,
     tag_url,
     tags_url,
     validate_index,
@@ -30,7 +34,7 @@ from climate_text_schema import (
 from fsspec import AbstractFileSystem
 
 from .errors import PublishError
-from .publish import url_to_fs, write_tag
+from .publish import is_tag_name, url_to_fs, write_tag
 from .shards import fs_path, read_shard
 
 __all__ = [
@@ -132,7 +136,17 @@ def _tag_names(fs: AbstractFileSystem, dataset_url: str) -> list[str]:
 
 
 def _tag_values(names: list[str], contents: list[bytes | None]) -> dict[str, str]:
-    return {t: data.decode("utf-8").strip() for t, data in zip(names, contents, strict=True) if data is not None}
+    """{tag: version id}; a damaged tag (no version id) maps to its text, so it shows up as dangling."""
+    out = {}
+    for t, data in zip(names, contents, strict=True):
+        if data is None:
+            continue
+        text = data.decode("utf-8", "replace")
+        try:
+            out[t] = parse_tag(text, t)[0]
+        except ContractError:
+            out[t] = text.strip()[:80]
+    return out
 
 
 def _tags(fs: AbstractFileSystem, dataset_url: str) -> dict[str, str]:
@@ -183,7 +197,7 @@ def tag(ref: str, tag_name: str, storage_options: dict[str, Any] | None = None) 
     Returns:
         The reference `<dataset>@<tag_name>`.
     """
-    if not tag_name or "/" in tag_name or "@" in tag_name or ".tmp-" in tag_name:
+    if not tag_name or not is_tag_name(tag_name) or ".tmp-" in tag_name:
         raise PublishError(f"tag {tag_name!r} is not a valid tag name; use letters, digits, '-', '_', '.'")
     ds = open_dataset(ref, storage_options)
     dataset_url = ds.version_url.rsplit("/versions/", 1)[0]
@@ -220,6 +234,13 @@ def verify(ref: str, storage_options: dict[str, Any] | None = None) -> VerifyRep
             report.problems.append(f"{shard.path}: {len(content.keys)} samples != manifest {shard.samples}")
     try:
         index = ds.read_index()
+    except ContractError as exc:  # altered after publishing: say so, and check its content too
+        report.problems.append(f"{INDEX_FILE}: {exc}")
+        try:
+            with ds.fs.open(fs_path(ds.fs, ds.url_of(INDEX_FILE)), "rb") as fh:
+                index = pd.read_parquet(fh)
+        except Exception:  # unreadable as well
+            return report
     except Exception as exc:  # missing or unreadable parquet
         report.problems.append(f"{INDEX_FILE}: unreadable ({exc})")
         return report
@@ -245,12 +266,23 @@ def verify(ref: str, storage_options: dict[str, Any] | None = None) -> VerifyRep
                     f"split {split}: index has {counts.get(split, 0)} rows, manifest says {n}"
                 )
     try:
-        with ds.fs.open(fs_path(ds.fs, ds.url_of(QUARANTINE_FILE)), "rb") as fh:
-            n_quarantined = len(pd.read_parquet(fh))
+        n_quarantined = len(pd.read_parquet(io.BytesIO(ds.read_file(QUARANTINE_FILE))))
         if n_quarantined != m.quarantined:
             report.problems.append(f"{QUARANTINE_FILE}: {n_quarantined} rows, manifest says {m.quarantined}")
     except FileNotFoundError:
         report.problems.append(f"{QUARANTINE_FILE}: missing")
+    except ContractError as exc:
+        report.problems.append(f"{QUARANTINE_FILE}: {exc}")
+    try:
+        ds.read_file(README_FILE)
+    except FileNotFoundError:
+        report.problems.append(f"{README_FILE}: missing")
+    except ContractError as exc:
+        report.problems.append(f"{README_FILE}: {exc}")
+    if m.files is not None and not ds.fs.exists(fs_path(ds.fs, ds.url_of(MANIFEST_DIGEST_FILE))):
+        report.problems.append(
+            f"{MANIFEST_DIGEST_FILE}: missing (the build was killed right after its commit): rerun the build"
+        )
     return report
 
 
@@ -273,6 +305,7 @@ def gc(dataset_url: str, delete: bool = False, storage_options: dict[str, Any] |
         committed.add(vid)
         for rel in (
             MANIFEST_FILE,
+            MANIFEST_DIGEST_FILE,
             INDEX_FILE,
             QUARANTINE_FILE,
             README_FILE,
