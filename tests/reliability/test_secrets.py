@@ -113,3 +113,21 @@ def test_login_without_network_names_no_secret(
     with pytest.raises(CredentialsError, match="cannot be reached") as info:
         login_earthaccess()
     assert not _leaks("the message", str(info.value)) and not _leaks("the log", caplog.text)
+
+
+@pytest.mark.parametrize("package", ["merra2_text_data", "fusion_trainer"])
+def test_log_lines_never_show_a_password_in_a_url(package: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every command line's logging redacts URL passwords at every level (INFO lines echo URLs too)."""
+    import importlib
+    import logging
+
+    cli = importlib.import_module(f"{package}.cli")
+    cli._setup_logging(2 if package == "merra2_text_data" else "DEBUG")
+    try:
+        logging.getLogger(f"{package}.probe").info("reading s3://AKIA:SECRET-PW@minio:9000/bucket/ds@latest")
+        logging.getLogger(f"{package}.probe").debug("GET https://user:hunter2@example.org/x")
+    finally:
+        logging.basicConfig(force=True)
+    err = capsys.readouterr().err
+    assert "s3://AKIA:***@minio:9000/bucket/ds@latest" in err and "https://user:***@example.org/x" in err, err
+    assert "SECRET-PW" not in err and "hunter2" not in err

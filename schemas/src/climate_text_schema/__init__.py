@@ -21,6 +21,7 @@ from .errors import (
     SampleError,
     SchemaVersionError,
     redact_credentials,
+    redact_log_records,
 )
 from .hashing import READ_SIZE, HashingReader
 from .hub import hf_features, hub_configs, sample_features
@@ -164,6 +165,7 @@ __all__ = [
     "parse_reference",
     "parse_tag",
     "redact_credentials",
+    "redact_log_records",
     "register_webdataset_fsspec",
     "resolve_version_url",
     "sample_features",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 __all__ = [
@@ -60,3 +61,22 @@ def redact_credentials(text: str) -> str:
         'cannot read s3://AKIA:***@minio:9000/bucket/x'
     """
     return _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """A log formatter that passes another formatter's line through `redact_credentials`."""
+
+    def __init__(self, inner: logging.Formatter | None = None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_credentials(self.inner.format(record))
+
+
+def redact_log_records() -> None:
+    """Make every handler of the root logger write its lines through `redact_credentials` (the command lines call
+    it after configuring logging): a URL's password never reaches a log line, at any level."""
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler.formatter, RedactingFormatter):
+            handler.setFormatter(RedactingFormatter(handler.formatter))

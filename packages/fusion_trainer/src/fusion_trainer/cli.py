@@ -42,6 +42,9 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper() if rank == 0 else "WARNING", format=fmt, stream=sys.stderr, force=True
     )
+    from climate_text_schema import redact_log_records
+
+    redact_log_records()  # passwords in URLs never reach a log line
 
 
 def _fail(exc: BaseException | str) -> typer.Exit:

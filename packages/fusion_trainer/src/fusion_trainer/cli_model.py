@@ -45,6 +45,9 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    from climate_text_schema import redact_log_records
+
+    redact_log_records()  # passwords in URLs never reach a log line
 
 
 def _run(action: Callable[[], T]) -> T:

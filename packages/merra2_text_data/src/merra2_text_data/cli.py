@@ -46,6 +46,9 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
     )
+    from climate_text_schema import redact_log_records
+
+    redact_log_records()  # passwords in URLs never reach a log line
 
 
 def _fail(message: str, code: int) -> None:
