@@ -167,3 +167,26 @@ def test_an_epochs_summed_token_loss_is_the_same_grouped_or_not(
                                             batch["labels"]).double().sum()  # fmt: skip
         totals.append(float(total))
     assert totals[0] == pytest.approx(totals[1], rel=1e-6)
+
+
+def test_training_with_length_groups_resumes_exactly(
+    make_config: Any, dataset_ref: str, tokenizer: Any
+) -> None:
+    import json
+
+    from fusion_trainer.train import train
+
+    def keys(run: Path) -> list[list[str]]:
+        return [
+            r["keys"] for r in map(json.loads, (run / "samples" / "rank0.jsonl").read_text().splitlines())
+        ]
+
+    common: dict[str, Any] = dict(steps=4, micro_batch=2, length_groups=3)
+    straight = train(make_config("straight", **common))
+    ds_stream = open_stream(dataset_ref, tokenizer, seed=0, micro_batch=2, max_length=160, length_groups=3)
+    assert keys(Path(straight.run_dir)) == [b["keys"] for b in _batches(ds_stream, 4)], "the grouped order"
+    train(make_config("resumed", stop_at_step=2, **common))
+    second = train(make_config("resumed", resume=True, **common))
+    assert keys(Path(second.run_dir)) == keys(Path(straight.run_dir))
+    with pytest.raises(ConfigError, match=r"length_groups 3, this run has length_groups 1.*length_groups=3"):
+        train(make_config("resumed", resume=True, **{**common, "steps": 6, "length_groups": 1}))
