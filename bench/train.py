@@ -53,7 +53,9 @@ MODELS: dict[str, dict[str, Any]] = {
     },
     # the demo's training run as it is: pipelines/demo-train.yaml (SmolLM2-135M, prefix after the prompt + readout,
     # micro-batch 8, max_length 320, caption "numbers", number and stats losses, bf16 auto), fewer steps
-    "demo": {"yaml": "pipelines/demo-train.yaml", "steps": 10, "log_every": 2},
+    # bf16 false on both sides: HF Trainer's bf16 on a CPU (autocast, use_cpu) stopped in backward with "Found dtype
+    # BFloat16 but expected Float" on this model; fp32 is what `bf16: auto` gives on a CPU without fast bf16
+    "demo": {"yaml": "pipelines/demo-train.yaml", "steps": 10, "log_every": 2, "bf16": False},
 }  # fmt: skip
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DATASET: dict[str, Any] = {
@@ -112,7 +114,9 @@ def _config(args: dict[str, Any], side: str) -> Any:
     if "yaml" in spec:
         extra: dict[str, Any] = (
             {} if side == "ours" else {"length_groups": 1}
-        )  # HF's Trainer batches in the order given
+        )  # HF batches in the order given
+        if "bf16" in spec:
+            extra["bf16"] = spec["bf16"]
         return TrainConfig.from_yaml(ROOT / spec["yaml"], shards=args["ref"], model=args["model"], out=args["out"],
                                      steps=steps, log_every=spec["log_every"], warmup_steps=0, eval_every=0,
                                      save_every=0, log_keys=False, verify_frozen=False, **extra)  # fmt: skip
@@ -302,6 +306,7 @@ def _child_hf(args: dict[str, Any]) -> None:
         gradient_accumulation_steps=1, learning_rate=cfg.lr, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip, bf16=bf16, lr_scheduler_type="cosine",
         warmup_steps=0, logging_steps=cfg.log_every, save_strategy="no", report_to=[], deepspeed=ds_config,
+        use_cpu=not torch.cuda.is_available(),  # bf16 on a CPU (bf16: auto chose it): Trainer asks for use_cpu
         dataloader_num_workers=0, remove_unused_columns=False, seed=cfg.seed, disable_tqdm=True,
     )  # fmt: skip
 
@@ -350,7 +355,7 @@ def main() -> None:
         "--rounds", type=int, default=None, help="ours/hf pairs per model (default 2; --quick 1)"
     )
     parser.add_argument(
-        "--quick", action="store_true", help="tiny model (20 steps) and the demo's (6 steps), one round"
+        "--quick", action="store_true", help="tiny model (20 steps) and the demo's (4 steps), one round"
     )
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None, help="which models")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -367,7 +372,7 @@ def main() -> None:
     demo_ref = ""
     kinds = opts.models or (["tiny", "demo"] if opts.quick else ["tiny", "smollm2", "demo"])
     rounds = opts.rounds or (1 if opts.quick else 2)
-    steps = {"tiny": 20, "demo": 6} if opts.quick else {}
+    steps = {"tiny": 20, "demo": 4} if opts.quick else {}
     models: dict[str, str] = {}
     for kind in kinds:
         if kind == "tiny":
