@@ -17,9 +17,17 @@ of memory: frozen bytes + trainable bytes x 16 / world + activations (Korthikant
 bytes at 16 bits, scaled by the dtype, plus the logits in the dtype and twice in fp32), with the RSS the process had
 before the model was loaded (imports, dataset) taken off first (target <= 1.3).
 
+Kinds: `tiny` (a 2-layer Llama, xattn), `smollm2` (SmolLM2-135M, gated-xattn, micro-batch 2) and `demo` (the demo's
+training as configured in pipelines/demo-train.yaml, on a synthetic dataset of the demo's 5 variables and hourly
+windows; fp32 on both sides). Each kind runs `--rounds` ours/HF pairs, alternating, and the ratio is the median pair.
+The memory model has two measured runtime terms besides: the fixed runtime (`_child_runtime`: gloo, a DeepSpeed
+engine, tokenizer and data stream with a one-parameter model) and the base checkpoint's mapped bytes. The `ours`
+child also reports the padding waste of its batches with and without the run's `length_groups`.
+
 Usage:
-    python bench/train.py                    # tiny Llama and SmolLM2-135M (fetched offline into the work folder)
-    python bench/train.py --quick            # tiny Llama only, fewer steps
+    python bench/train.py                    # tiny, SmolLM2-135M and the demo (the base fetched into the work folder)
+    python bench/train.py --quick            # tiny (20 steps) and the demo (4 steps), one round
+    python bench/train.py --quick --models demo --smollm2 DIR
 """
 
 from __future__ import annotations
