@@ -23,7 +23,7 @@ help:
 	@echo "make compare   train and evaluate each fusion variant under the same budget (demo-output/compare/)"
 	@echo "make test      set up .venv, lint, then run the test suite (what CI runs)"
 	@echo "make lint      ruff + mypy"
-	@echo "make bench     benchmarks (prints measured ratios)"
+	@echo "make bench     benchmarks: prints measured ratios, writes bench/results/summary.json (QUICK=1: a few minutes)"
 
 $(STAMP): constraints.txt pyproject.toml schemas/pyproject.toml packages/merra2_text_data/pyproject.toml packages/fusion_trainer/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,7 +50,7 @@ compare: setup
 	$(PY) scripts/demo.py --compare $(DEMO_ARGS)
 
 bench: setup
-	$(PY) bench/run_all.py
+	$(PY) bench/run_all.py $(if $(filter 1,$(QUICK)),--quick)
 
 clean:
 	rm -rf demo-output .pytest_cache .mypy_cache .ruff_cache

@@ -20,7 +20,13 @@ from merra2_text_data.errors import ConfigError
 from .conftest import cli, run_tool
 
 BAD_BUILD_TYPES: dict[str, dict[str, Any]] = {
-    "source": {"source": 5, "cache": ["x"], "cache_dir": ["x"], "allow_gaps": "perhaps", "allow_partial_days": "some"},
+    "source": {
+        "source": 5,
+        "cache": ["x"],
+        "cache_dir": ["x"],
+        "allow_gaps": "perhaps",
+        "allow_partial_days": "some",
+    },
     "subset": {"region": 12, "years": [2019], "start": "yesterday", "end": {"day": 1}, "variables": 7},
     "sample": {
         "window": 1,
@@ -45,7 +51,13 @@ BAD_BUILD_TYPES: dict[str, dict[str, Any]] = {
 """A wrong type for every field of every section."""
 
 BAD_BUILD_VALUES: dict[str, dict[str, Any]] = {
-    "source": {"source": "", "cache": "", "cache_dir": "", "allow_gaps": "perhaps", "allow_partial_days": "some"},
+    "source": {
+        "source": "",
+        "cache": "",
+        "cache_dir": "",
+        "allow_gaps": "perhaps",
+        "allow_partial_days": "some",
+    },
     "subset": {
         "region": "atlantis",
         "years": "19x9",
@@ -106,7 +118,7 @@ BAD_TRAIN_TYPES: dict[str, Any] = {
     "weight_decay": [], "betas": 0.9, "warmup_steps": "few", "schedule": 3, "grad_clip": "x", "bf16": "maybe",
     "seed": "s", "eval_every": "often", "eval_batches": "all", "save_every": [], "log_every": {}, "resume": "perhaps",
     "nproc": "n", "dist_timeout_s": "long", "deepspeed": 5, "prompt_template": 5, "number_loss_weight": "heavy", "stats_loss_weight": "some", "caption": 4,
-    "max_length": "long", "num_workers": "w", "data_lanes": "l", "shuffle_buffer": "b", "verify_shards": "x", "verify_frozen": "x",
+    "max_length": "long", "num_workers": "w", "data_lanes": "l", "length_groups": "g", "token_cache_dir": 5, "shuffle_buffer": "b", "verify_shards": "x", "verify_frozen": "x",
     "log_keys": "x", "tensorboard": "x", "show_progress": "x", "skip_bad_samples": "x",
 }  # fmt: skip
 """A wrong type for every TrainConfig field."""
@@ -118,7 +130,7 @@ BAD_TRAIN_VALUES: dict[str, Any] = {
     "bf16": "maybe", "seed": -1, "eval_every": -1, "eval_batches": 0, "save_every": -1, "log_every": 0,
     "resume": "perhaps", "nproc": 0, "dist_timeout_s": 0, "deepspeed": "", "prompt_template": "{bogus}", "number_loss_weight": 0,
     "stats_loss_weight": -1.0, "caption": "poem", "max_length": 8, "num_workers": -1, "data_lanes": 0,
-    "shuffle_buffer": -1, "verify_shards": "x",
+    "length_groups": 0, "token_cache_dir": [], "shuffle_buffer": -1, "verify_shards": "x",
     "verify_frozen": "x", "log_keys": "x", "tensorboard": "x", "show_progress": "x", "skip_bad_samples": "x",
 }  # fmt: skip
 """A wrong value (mostly of the right type) for every TrainConfig field."""

@@ -291,6 +291,17 @@ class TrainConfig(_BaseModel):
         "a run must resume with the same value; set it to num_workers for the fastest loading",
     )
     shuffle_buffer: int = _Field(default=256, ge=0, description="samples in the seeded shuffle buffer")
+    token_cache_dir: str | None = _Field(
+        default=None,
+        description="folder where caption token ids are kept between runs, one file per dataset version, split, "
+        "caption form and tokenizer (null: off; ids are then kept in memory only)",
+    )
+    length_groups: int = _Field(
+        default=1,
+        ge=1,
+        description="pools of this many micro-batches are sorted by caption length before batching, so a batch pads "
+        "little (1: off); changes the sample order, so a run must resume with the same value; needs data_lanes 1",
+    )
     verify_shards: bool = _Field(
         default=True, description="check each shard's sha256 (before any of its samples is used)"
     )
@@ -377,6 +388,11 @@ class TrainConfig(_BaseModel):
                 f"data_lanes: {self.data_lanes} cannot be combined with skip_bad_samples: true (each DataLoader "
                 "worker would count only the bad samples of its own lanes); set data_lanes: 1 or skip_bad_samples: "
                 "false"
+            )
+        if self.length_groups > 1 and self.data_lanes > 1:
+            problems.append(
+                f"length_groups: {self.length_groups} cannot be combined with data_lanes: {self.data_lanes}; set one "
+                "of them to 1"
             )
         if problems:
             raise ValueError("\n".join(problems))

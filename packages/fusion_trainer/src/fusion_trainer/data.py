@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from climate_text_schema import OpenedDataset
+from climate_text_schema import TEXT_MEMBER, OpenedDataset
 
 from .collate import _batch, _stack_climate, collate, encode_sample, encode_texts
 from .config import DEFAULT_PROMPT_TEMPLATE
@@ -51,6 +52,7 @@ from .lanes import lane_samples
 from .samples import BadSampleHook, RawSample, Sample
 from .shards import assign_shards, epoch_samples, iter_shard, open_shards, per_rank_samples, shuffle_samples
 from .tar_reader import _tar_members as _tar_members  # re-exported: tests import it from here
+from .token_cache import TokenCache, batch_encoder
 
 __all__ = [
     "DEFAULT_PROMPT", "ClimateTextStream", "DataPosition", "RawSample", "Sample", "assign_shards",
@@ -68,12 +70,14 @@ DEFAULT_PROMPT = DEFAULT_PROMPT_TEMPLATE
 class DataPosition:
     """Where a rank stands in the data: samples consumed in `epoch` (the same on every rank), the data seed, and the
     number of lanes the epoch's order was cut into (`ClimateTextStream(lanes=...)`; 1 in checkpoints written before
-    lanes existed)."""
+    lanes existed) and the length grouping of the batches (`ClimateTextStream(length_groups=...)`; 1 before it
+    existed)."""
 
     epoch: int = 0
     consumed: int = 0
     seed: int = 0
     lanes: int = 1
+    length_groups: int = 1
 
     def to_dict(self) -> dict[str, int]:
         """Plain dict for checkpoints."""
@@ -84,7 +88,7 @@ class DataPosition:
         """Inverse of `to_dict`."""
         return cls(
             epoch=int(raw["epoch"]), consumed=int(raw["consumed"]), seed=int(raw["seed"]),
-            lanes=int(raw.get("lanes", 1)),
+            lanes=int(raw.get("lanes", 1)), length_groups=int(raw.get("length_groups", 1)),
         )  # fmt: skip
 
 
@@ -158,14 +162,27 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
 
     `token_cache_mb`: the token ids of captions already tokenised are kept (int32, up to this many MiB per stream,
     about 35,000 captions of 300 tokens at the default; 0 turns it off), so epochs after the first skip tokenisation.
-    The batches are the same either way.
+    The batches are the same either way. `token_cache_dir`: the ids are also kept on disk, in one file per dataset
+    version, split, caption form and tokenizer (`token_cache.TokenCache`), so the first epoch of a later run (or of
+    another DataLoader worker) reads them instead of tokenising again. Captions are tokenised with the fast
+    tokenizer's backend in one batch call where that is the same as the wrapper's call (`token_cache.batch_encoder`).
+
+    `length_groups=G` (training, `lanes=1`): no padding waste from mixing short and long captions. The shuffled epoch
+    is cut into pools of G micro-batches; each pool is sorted by caption length in tokens (stable: ties keep the
+    shuffled order) and cut into G batches, and the G batches are yielded in an order shuffled with a seed of
+    (seed, epoch, rank, pool). Every sample is still seen once per epoch, the order is as deterministic, and a resume
+    continues it exactly (the position records `length_groups`; a resume with another value is refused). Each batch
+    is padded only to its own longest row, so rows of similar length waste little. A batch's loss is the same as
+    with any padding (`tests/fusion_trainer/test_length_groups.py`); what changes is which samples share a batch.
+    1 (the default) keeps the order of earlier releases.
     """
 
     def __init__(
         self, ds: OpenedDataset, split: str, tokenizer: Any, *, prompt: str, micro_batch: int, max_length: int,
         rank: int = 0, world: int = 1, seed: int = 0, start: DataPosition | None = None, train: bool = True,
         shuffle_buffer: int = 256, verify: bool = True, caption: str = "full", skip_bad_samples: bool = False,
-        lanes: int = 1, token_cache_mb: float = 64.0, stats: bool = False,
+        lanes: int = 1, token_cache_mb: float = 64.0, stats: bool = False, length_groups: int = 1,
+        token_cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         if caption not in ("full", "numbers", "temperature"):
@@ -177,6 +194,13 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
                 f"lanes {lanes} cannot be combined with skip_bad_samples (each worker would count only the bad "
                 "samples of its own lanes): use lanes 1 or drop skip_bad_samples"
             )
+        if length_groups < 1:
+            raise ConfigError(f"length_groups {length_groups} must be at least 1 (1: no length grouping)")
+        if length_groups > 1 and lanes > 1 and train:
+            raise ConfigError(
+                f"length_groups {length_groups} cannot be combined with lanes {lanes}: use lanes 1 or length_groups 1"
+            )
+        self.length_groups = length_groups if train else 1
         self.caption = caption
         self.ds, self.split, self.tokenizer = ds, split, tokenizer
         self.micro_batch, self.max_length = micro_batch, max_length
@@ -184,11 +208,19 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer, self.verify, self.skip_bad_samples = shuffle_buffer, verify, skip_bad_samples
         self.lanes = lanes if train else 1
         self.stats = stats
-        self.start = start or DataPosition(seed=seed, lanes=self.lanes)
+        self.start = start or DataPosition(seed=seed, lanes=self.lanes, length_groups=self.length_groups)
         if (self.start.epoch, self.start.consumed) != (0, 0) and self.start.lanes != self.lanes:
             raise ConfigError(
                 f"the data position {self.start.to_dict()} was taken with lanes {self.start.lanes}, this stream has "
                 f"lanes {self.lanes}: resume with the same lanes"
+            )
+        if (self.start.epoch, self.start.consumed) != (
+            0,
+            0,
+        ) and self.start.length_groups != self.length_groups:
+            raise ConfigError(
+                f"the data position {self.start.to_dict()} was taken with length_groups {self.start.length_groups}, "
+                f"this stream has length_groups {self.length_groups}: resume with the same length_groups"
             )
         self.per_rank = per_rank_samples(ds, split, world)
         self.prompt_ids = list(tokenizer(prompt)["input_ids"])
@@ -207,6 +239,11 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
         self._norm: tuple[np.ndarray, np.ndarray] | None = None
         self._tokens: dict[str, np.ndarray] = {}  # target text -> caption ids + EOS, int32 (`_caption_ids`)
         self._token_room = int(token_cache_mb * (1 << 20))
+        self._encode = batch_encoder(tokenizer)
+        self._disk: TokenCache | None = None
+        if token_cache_dir is not None and self._token_room > 0:
+            self._disk = TokenCache(token_cache_dir, ds.version, split, caption, tokenizer)
+            self._token_room = self._disk.load_into(self._tokens, self._token_room)
 
     def target_text(self, text: str) -> str:
         """The text the model learns to write: the caption, or a compact form of it (`grounding.caption_target`)."""
@@ -230,6 +267,9 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
         )  # fmt: skip
         # training drops the last partial batch (every step has micro_batch samples); evaluation keeps it
         limit = self.batches_per_epoch * self.micro_batch if self.train else self.per_rank
+        if self.length_groups > 1:
+            yield from self._grouped_batches(itertools.islice(samples, limit), epoch, skip)
+            return
         batch: list[RawSample] = []
         for i, raw in enumerate(samples):
             if i >= limit:
@@ -240,6 +280,45 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
             if len(batch) == self.micro_batch or i == limit - 1:
                 yield i + 1, batch
                 batch = []
+
+    def _grouped_batches(
+        self, samples: Iterator[RawSample], epoch: int, skip: int
+    ) -> Iterator[tuple[int, list[RawSample]]]:
+        """(consumed, raw samples) of each training batch k >= skip / micro_batch, length-grouped (see the class)."""
+        mb, per_pool = self.micro_batch, self.micro_batch * self.length_groups
+        if skip % mb:
+            raise ConfigError(
+                f"the data position consumed {skip} samples, not a multiple of micro_batch {mb}: resume with the "
+                "micro_batch the checkpoint was trained with"
+            )
+        done = skip // mb  # batches of this epoch already consumed
+        k = 0  # the epoch's index of the pool's first batch
+        for pool_index in itertools.count():
+            pool = list(itertools.islice(samples, per_pool))
+            n = len(pool) // mb  # the epoch is cut to whole batches, so every pool holds whole batches
+            if n == 0:
+                return
+            if k + n > done:  # a pool wholly consumed before a resume needs no tokenisation
+                lengths = [len(ids) for ids in self._caption_ids([self._raw_target(r) for r in pool])]
+                order = sorted(range(len(pool)), key=lengths.__getitem__)
+                rng = np.random.default_rng([self.seed, epoch, self.rank, pool_index])
+                for j, b in enumerate(rng.permutation(n).tolist()):
+                    if k + j >= done:
+                        yield (k + j + 1) * mb, [pool[i] for i in order[b * mb : (b + 1) * mb]]
+            k += n
+
+    def _raw_target(self, raw: RawSample) -> str:
+        """The target text of a raw sample, for its length only ("" when it cannot be read: the batch's decoding then
+        raises the usual error)."""
+        try:
+            text = (
+                raw.decoded.text
+                if raw.decoded is not None
+                else raw.members[TEXT_MEMBER].decode("utf-8").strip()
+            )
+        except (KeyError, UnicodeDecodeError):
+            return ""
+        return text if self.caption == "full" else self.target_text(text)
 
     def _lane_batches(
         self, epoch: int, skip: int, mine: Callable[[int], bool]
@@ -308,9 +387,7 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
         fresh: dict[str, np.ndarray] = {}
         if todo:
             eos = [] if self.tokenizer.eos_token_id is None else [int(self.tokenizer.eos_token_id)]
-            for text, ids in zip(
-                todo, self.tokenizer(todo, add_special_tokens=False)["input_ids"], strict=True
-            ):
+            for text, ids in zip(todo, self._encode(todo), strict=True):
                 fresh[text] = array = np.array([*ids, *eos], dtype=np.int32)
                 cost = array.nbytes + len(text) + 200  # ids, key and the dict's own overhead, roughly
                 if cost <= self._token_room:
@@ -350,11 +427,17 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
                 if raws is not None and j % workers == worker:
                     batch = self._collate_raw(raws)
                     batch["position"] = DataPosition(
-                        epoch=epoch, consumed=consumed, seed=self.seed, lanes=self.lanes
+                        epoch=epoch,
+                        consumed=consumed,
+                        seed=self.seed,
+                        lanes=self.lanes,
+                        length_groups=self.length_groups,
                     ).to_dict()
                     batch["skipped"] = len(bad)  # distinct bad samples this rank's stream has left out so far
                     yield batch
                 j += 1
+            if self._disk is not None:
+                self._disk.save(self._tokens)  # after each epoch, when it tokenised anything new (atomically)
             if not self.train:
                 return
             epoch, skip = epoch + 1, 0

@@ -199,7 +199,7 @@ def train(config: TrainConfig) -> RunResult:
 
     Raises:
         ConfigError: inconsistent batch layout, a micro-batch that does not fit the data, an existing run without
-            `resume`, a resume with another `data_lanes` than the checkpoint's.
+            `resume`, a resume with another `data_lanes` or `length_groups` than the checkpoint's.
         DataError: the dataset cannot be read (unknown reference, schema version, corrupt shard).
         ModelError: the base model cannot be loaded.
         CheckpointError: `resume` without a usable checkpoint.
@@ -282,7 +282,10 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config)),
     )
     device = engine.device
-    step, position = 0, DataPosition(seed=config.seed, lanes=config.data_lanes)
+    step, position = (
+        0,
+        DataPosition(seed=config.seed, lanes=config.data_lanes, length_groups=config.length_groups),
+    )
     if resume_from is not None:
         client = load_checkpoint(engine, resume_from, rank)
         if client.get("seed") != config.seed or client.get("dataset", data.version) != data.version:
@@ -297,6 +300,12 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
                 f"{resume_from} was trained with data_lanes {position.lanes}, this run has data_lanes "
                 f"{config.data_lanes}; the sample order depends on it: resume with --set data_lanes={position.lanes}, "
                 "or start a new --out"
+            )
+        if position.length_groups != config.length_groups:
+            raise ConfigError(
+                f"{resume_from} was trained with length_groups {position.length_groups}, this run has length_groups "
+                f"{config.length_groups}; the sample order depends on it: resume with --set "
+                f"length_groups={position.length_groups}, or start a new --out"
             )
         run.last_checkpoint = resume_from
         run.metrics.truncate_after(
@@ -314,6 +323,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         rank=rank, world=world, seed=config.seed, start=position, train=True,
         shuffle_buffer=config.shuffle_buffer, verify=config.verify_shards, caption=config.caption,
         skip_bad_samples=config.skip_bad_samples, lanes=config.data_lanes, stats=config.stats_loss_weight > 0,
+        length_groups=config.length_groups, token_cache_dir=config.token_cache_dir,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers)
     batches: Iterator[dict[str, Any]] = iter(loader)
