@@ -1,5 +1,5 @@
 """Profile of one training step of the demo (`pipelines/demo-train.yaml`: SmolLM2-135M, prefix after the prompt +
-readout, micro-batch 8, max_length 320) on the CPU, with torch.profiler, and the step's parts timed side by side.
+readout, micro-batch 8, the demo's max_length) on the CPU, with torch.profiler, and the step's parts timed side by side.
 
 The step is FusionModel's forward (loss only) + backward over one batch of the demo-shaped synthetic dataset of
 `bench/train.py` (`DEMO_DATASET`); the optimizer step is left out (13 M trainable parameters: small). Alternating,

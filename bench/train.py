@@ -60,7 +60,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "micro_batch": 2, "bf16": False, "max_length": 256, "steps": 6, "log_every": 2,
     },
     # the demo's training run as it is: pipelines/demo-train.yaml (SmolLM2-135M, prefix after the prompt + readout,
-    # micro-batch 8, max_length 320, caption "numbers", number and stats losses, bf16 auto), fewer steps
+    # micro-batch 8, the demo's max_length, caption "numbers", number and stats losses, bf16 auto), fewer steps
     # bf16 false on both sides: HF Trainer's bf16 on a CPU (autocast, use_cpu) stopped in backward with "Found dtype
     # BFloat16 but expected Float" on this model; fp32 is what `bf16: auto` gives on a CPU without fast bf16
     "demo": {"yaml": "pipelines/demo-train.yaml", "steps": 10, "log_every": 2, "bf16": False},
@@ -74,7 +74,7 @@ DEMO_DATASET: dict[str, Any] = {
 }
 """The demo's dataset shape on synthetic granules: its 5 variables (pipelines/demo-build.yaml) and hourly windows
 (24 x 12 samples a day), so that its prompt and captions have the demo's lengths (with the 11 variables of the other
-kinds the demo prompt alone is 390 SmolLM2 tokens, over the demo's max_length 320)."""
+kinds the demo prompt alone is 390 SmolLM2 tokens, near the demo's max_length)."""
 
 
 def _env() -> None:

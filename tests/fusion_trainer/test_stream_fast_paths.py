@@ -184,3 +184,24 @@ def test_encode_texts_equals_encode_sample_and_truncates(tokenizer: Any) -> None
     ids, labels = encode_texts(texts, prompt, tokenizer, 40)[2]
     assert len(ids) == len(labels) == 40 and labels[:3] == [-100] * 3 and ids[:3] == prompt
     assert encode_texts([], prompt, tokenizer, 40) == []
+
+
+def test_a_caption_cut_at_max_length_is_named_once(
+    dataset_ref: str, tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A max_length that leaves room for the prompt but not the whole caption trains only the caption's beginning:
+    the stream says so (once), with the length that would fit; a max_length that fits says nothing."""
+    ds = open_shards(dataset_ref)
+    prompt = render_prompt(DEFAULT_PROMPT, ds)
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    for max_length, warned in ((n_prompt + 5, True), (4096, False)):
+        caplog.clear()
+        stream = ClimateTextStream(ds, "train", tokenizer, prompt=prompt, micro_batch=2, max_length=max_length,
+                                   seed=0)  # fmt: skip
+        loader = iter(stream)
+        batches = [next(loader) for _ in range(3)]
+        assert all(b["input_ids"].shape[1] <= max_length for b in batches)
+        cut = [r.getMessage() for r in caplog.records if "cut at max_length" in r.getMessage()]
+        assert len(cut) == (1 if warned else 0), cut
+        if warned:
+            assert f"cut at max_length {max_length}" in cut[0] and "raise max_length to at least" in cut[0]

@@ -204,6 +204,7 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
         self.caption = caption
         self.ds, self.split, self.tokenizer = ds, split, tokenizer
         self.micro_batch, self.max_length = micro_batch, max_length
+        self._warned_cut = False
         self.rank, self.world, self.seed, self.train = rank, world, seed, train
         self.shuffle_buffer, self.verify, self.skip_bad_samples = shuffle_buffer, verify, skip_bad_samples
         self.lanes = lanes if train else 1
@@ -371,6 +372,15 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
         captions = self._caption_ids(texts)
         n_prompt = len(self.prompt_ids)
         lengths = [min(n_prompt + len(c), self.max_length) for c in captions]
+        longest = n_prompt + max(len(c) for c in captions)
+        if longest > self.max_length and not self._warned_cut:
+            self._warned_cut = True  # once per stream: a silent cut trained only the caption's first sentences
+            cut = sum(n_prompt + len(c) > self.max_length for c in captions)
+            logger.warning(
+                "%d of %d captions in a %s batch are cut at max_length %d: the longest needs %d tokens (prompt %d + "
+                "caption and EOS %d), so their end is never trained or scored; raise max_length to at least %d",
+                cut, len(captions), self.split, self.max_length, longest, n_prompt, longest - n_prompt, longest,
+            )  # fmt: skip
         input_ids = np.full((len(captions), max(lengths)), self.pad_id, dtype=np.int64)  # (B, L)
         labels = np.full_like(input_ids, -100)  # (B, L)
         input_ids[:, :n_prompt] = self.prompt_ids
