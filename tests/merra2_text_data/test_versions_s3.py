@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import importlib.util
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,13 +44,11 @@ def test_versions_lists_twice_and_reads_concurrently(s3_bucket: str, monkeypatch
 
     monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", slow_counting)
     s3fs.S3FileSystem.clear_instance_cache()
-    t0 = time.perf_counter()
     versions = list_versions(root)
-    elapsed = time.perf_counter() - t0
     assert sorted(v.id for v in versions) == sorted(ids)
     assert [v.tags for v in versions if v.tags] == [["latest", "paper"]]
     # 2 listings (tags/, versions/), one GET per tag and per manifest, no HEAD
     assert dict(calls) == {"list_objects_v2": 2, "get_object": 2 + 4}
+    # sequential reads would take 8 round trips (12 with s3fs's HEADs); counted, not timed (a timed bound failed
+    # under load): every GET was in flight at once
     assert in_flight["max"] == 6, "the tags and manifests are read in one concurrent round"
-    # sequential reads would take 8 round trips (and 12 with s3fs's HEADs); this takes about 3
-    assert elapsed < 6 * LATENCY, elapsed
