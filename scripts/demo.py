@@ -93,7 +93,7 @@ QUICK = Plan(
     eval_every=5,
     source="synth",
     build_config="pipelines/demo-build-synth.yaml",
-    train_set=("warmup_steps=2",),
+    train_set=("warmup_steps=2", "max_length=512"),  # synthetic MERRA-2 captions add dew point and humidity
     interventions=("T2M=+3",),
     intervene_limit=4,
     train_budget_s=180.0,
