@@ -135,6 +135,25 @@ def _config(args: dict[str, Any], side: str) -> Any:
     )  # fmt: skip
 
 
+def _tokenizer(model: str) -> Any:
+    """The base's tokenizer, padding with EOS where it has no pad token (as the trainer does)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _train_stream(ds: Any, tok: Any, cfg: Any, **extra: Any) -> Any:
+    """The train split streamed with a run config's prompt, micro-batch, max_length and caption (+ `extra`)."""
+    from fusion_trainer.data import ClimateTextStream, render_prompt
+
+    return ClimateTextStream(ds, "train", tok, prompt=render_prompt(cfg.prompt_template, ds, cfg.caption),
+                             micro_batch=cfg.micro_batch, max_length=cfg.max_length, caption=cfg.caption,
+                             **extra)  # fmt: skip
+
+
 def _padding_waste(stream: Any, epochs: int = 3) -> dict[str, float]:
     """Padded share of the token slots of `epochs` epochs of batches: over the whole (B, L) input, and over the part
     after the shared prompt (what the LM runs over when the prompt's pass is cached: caption + padding)."""
@@ -155,8 +174,7 @@ def _child_runtime(args: dict[str, Any]) -> None:
     with a one-parameter model in place of the fusion model."""
     import deepspeed
     import torch
-    from fusion_trainer.data import ClimateTextStream, open_shards, render_prompt
-    from transformers import AutoTokenizer
+    from fusion_trainer.data import open_shards
 
     _env()
     base_rss = own_peak_rss_mib()
@@ -165,13 +183,9 @@ def _child_runtime(args: dict[str, Any]) -> None:
     tiny = torch.nn.Linear(1, 1)
     engine, *_ = deepspeed.initialize(model=tiny, model_parameters=tiny.parameters(),
                                       config=cfg.deepspeed_config(1, bf16=False))  # fmt: skip
-    tok = AutoTokenizer.from_pretrained(args["model"])
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = _tokenizer(args["model"])
     ds = open_shards(args["ref"])
-    stream = ClimateTextStream(ds, "train", tok, prompt=render_prompt(cfg.prompt_template, ds, cfg.caption),
-                               micro_batch=cfg.micro_batch, max_length=cfg.max_length, caption=cfg.caption,
-                               stats=cfg.stats_loss_weight > 0, length_groups=cfg.length_groups)  # fmt: skip
+    stream = _train_stream(ds, tok, cfg, stats=cfg.stats_loss_weight > 0, length_groups=cfg.length_groups)
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers))
     for _ in range(2 * stream.batches_per_epoch):
         batch = next(batches)
@@ -190,7 +204,7 @@ def _checkpoint_bytes(model: str) -> int:
 
 def _child_ours(args: dict[str, Any]) -> None:
     import torch
-    from fusion_trainer.data import ClimateTextStream, open_shards, render_prompt
+    from fusion_trainer.data import open_shards
     from fusion_trainer.metrics import read_metrics
     from fusion_trainer.precision import resolve_precision
     from fusion_trainer.train import train
@@ -208,15 +222,11 @@ def _child_ours(args: dict[str, Any]) -> None:
     # the data pipeline alone, same settings, per batch
     from fusion_trainer.config import FusionConfig
     from fusion_trainer.model import FusionModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(args["model"])
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = _tokenizer(args["model"])
     ds = open_shards(args["ref"])
-    stream = ClimateTextStream(ds, "train", tok, prompt=render_prompt(cfg.prompt_template, ds, cfg.caption),
-                               micro_batch=cfg.micro_batch, max_length=cfg.max_length, caption=cfg.caption,
-                               stats=cfg.stats_loss_weight > 0, length_groups=cfg.length_groups)  # fmt: skip
+    stream = _train_stream(ds, tok, cfg, stats=cfg.stats_loss_weight > 0, length_groups=cfg.length_groups)
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0))
     seq_lens, labelled = [], []
     next(batches)
@@ -227,9 +237,8 @@ def _child_ours(args: dict[str, Any]) -> None:
         seq_lens.append(int(b["input_ids"].shape[1]))
         labelled.append(float((b["labels"] != -100).sum(dim=1).float().mean()))
     data_s = (time.perf_counter() - t0) / n
-    padding = {str(g): _padding_waste(ClimateTextStream(
-        ds, "train", tok, prompt=render_prompt(cfg.prompt_template, ds, cfg.caption), micro_batch=cfg.micro_batch,
-        max_length=cfg.max_length, caption=cfg.caption, length_groups=g)) for g in sorted({1, cfg.length_groups})}  # fmt: skip
+    padding = {str(g): _padding_waste(_train_stream(ds, tok, cfg, length_groups=g))
+               for g in sorted({1, cfg.length_groups})}  # fmt: skip
 
     # the memory model, from the same model built on the meta device
     norm = {v: s.model_dump() for v, s in ds.manifest.normalization.items()}
@@ -255,13 +264,11 @@ def _child_ours(args: dict[str, Any]) -> None:
 def _child_hf(args: dict[str, Any]) -> None:
     import torch
     from fusion_trainer.data import (
-        ClimateTextStream,
         collate,
         decode_sample,
         encode_sample,
         epoch_samples,
         open_shards,
-        render_prompt,
     )
     from fusion_trainer.grounding import number_token_mask
     from fusion_trainer.model import FusionModel
@@ -282,8 +289,7 @@ def _child_hf(args: dict[str, Any]) -> None:
         cfg, manifest.variable_names, norm, torch.bfloat16 if bf16 else torch.float32, manifest.window
     )
     tok: Any = model.tokenizer
-    stream = ClimateTextStream(ds, "train", tok, prompt=render_prompt(cfg.prompt_template, ds, cfg.caption),
-                               micro_batch=cfg.micro_batch, max_length=cfg.max_length, caption=cfg.caption)  # fmt: skip
+    stream = _train_stream(ds, tok, cfg)
     raws = list(epoch_samples(ds, "train", epoch=0, rank=0, world=1, seed=0, shuffle=True))
     decoded = [decode_sample(r, ds) for r in raws]
     items = [
