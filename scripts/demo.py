@@ -156,8 +156,8 @@ def watch_eta(run: Path, budget_s: float, done: threading.Event, factor: float =
     than `factor` x `budget_s`, print one warning naming the precision and what to change."""
     metrics, start = run / "metrics.jsonl", time.time()
     while not done.wait(poll_s):
-        lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []
-        records = [json.loads(x) for x in lines[:-1] if x.strip()]  # the last line may be half written
+        text = metrics.read_text(encoding="utf-8") if metrics.exists() else ""
+        records = [json.loads(x) for x in text.split("\n")[:-1] if x.strip()]  # only lines ended by a newline
         first = next((r for r in records if r.get("time", 0) >= start and r.get("eta_s") is not None), None)
         if first is None:
             continue

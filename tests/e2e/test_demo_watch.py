@@ -46,6 +46,25 @@ def test_watch_eta(tmp_path: Path, capsys: pytest.CaptureFixture[str], eta_s: fl
         assert "in fp32" in out and "QUICK=1" in out and "--steps" in out
 
 
+@pytest.mark.parametrize("tail", ["", '{"step": 2'])
+def test_watch_eta_warns_on_the_first_logged_estimate(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      tail: str) -> None:  # fmt: skip
+    """The first estimate is the only line of metrics.jsonl while training goes on (it was skipped as "maybe half
+    written", so the warning waited for the second log line); a half-written line after it is ignored."""
+    demo = _demo_module()
+    run = tmp_path / "run"
+    _write(run, {"step": 1, "eta_s": 5000.0, "precision": "fp32", "time": time.time() + 1})
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.write(tail)
+    done = threading.Event()
+    watcher = threading.Thread(target=demo.watch_eta, args=(run, 600.0, done), kwargs={"poll_s": 0.01})
+    watcher.start()
+    watcher.join(timeout=10)
+    done.set()
+    assert not watcher.is_alive()
+    assert "WARNING training is estimated at" in capsys.readouterr().out
+
+
 def test_watch_eta_ignores_an_earlier_run_and_stops_with_training(tmp_path: Path) -> None:
     demo = _demo_module()
     run = tmp_path / "run"
