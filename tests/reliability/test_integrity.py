@@ -40,7 +40,7 @@ from fusion_trainer.errors import CheckpointError, DataError
 from merra2_text_data.errors import ConfigError, CredentialsError, GranuleError, PublishError, StoreError
 from merra2_text_data.fetch import Granule, _granule_from_umm, download_granules
 
-from .conftest import BBOX, DATASET, cli, republish_shard, rewrite_manifest
+from .conftest import BBOX, DATASET, START, build_config, cli, granule, republish_shard, rewrite_manifest
 
 NAME = "MERRA2_400.tavg1_2d_slv_Nx.20190101.nc4"
 
@@ -484,6 +484,46 @@ def test_a_cached_granule_damaged_in_place_is_downloaded_again(tmp_path: Path) -
     cached.write_bytes(b"x" * cached.stat().st_size)  # same size
     [again] = download_granules([granule], tmp_path / "cache")
     assert Path(again.url).read_bytes() == source.read_bytes()
+
+
+def test_a_local_granule_rewritten_in_place_builds_another_version(
+    granules: Path, tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder listing gives a granule's name and size only: a file rewritten in place with the same size (other
+    values) planned under the old version id, so the build found it "already committed" and published nothing new.
+    Now the plan hashes the bytes of local and fsspec granules (SHA-256, kept in the cache by size and mtime or
+    ETag): the id changes with the content, an S3 copy of the same files plans the same id, and an unchanged file is
+    not read again."""
+    from merra2_text_data import granule_digests
+    from merra2_text_data.pipeline import plan_build
+
+    out = tmp_path / "out"
+    first = plan_build(build_config(granules, out))
+    assert all(s.checksum and s.checksum.startswith("SHA256:") for s in first.sources)
+    path = granule(granules, START)
+    assert next(s for s in first.sources if s.file == path.name).checksum == (
+        f"SHA256:{hashlib.sha256(path.read_bytes()).hexdigest()}")  # fmt: skip
+
+    reads: list[str] = []
+    real = granule_digests.url_digest
+    monkeypatch.setattr(granule_digests, "url_digest", lambda url: reads.append(url) or real(url))
+    assert plan_build(build_config(granules, out)).version == first.version
+    assert reads == [], "unchanged granules were hashed again"
+
+    data = bytearray(path.read_bytes())
+    data[-200] ^= 0xFF  # same size, other bytes
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000_000))
+    changed = plan_build(build_config(granules, out))
+    assert reads == [str(path)], "only the rewritten granule is hashed again"
+    assert changed.version != first.version
+
+    fs = fsspec.filesystem("s3")
+    fs.put(str(granules), f"{s3_bucket}/granules", recursive=True)
+    remote = plan_build(build_config(f"{s3_bucket}/granules", out))
+    assert remote.version == changed.version, "an S3 copy of the same granules plans another version"
+    off = plan_build(build_config(granules, out, overrides=["source.hash_granules=false"]))
+    assert all(s.checksum is None for s in off.sources)
 
 
 def test_a_granule_ur_naming_a_path_is_refused(tmp_path: Path) -> None:

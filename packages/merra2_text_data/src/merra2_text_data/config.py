@@ -4,8 +4,8 @@ A config comes from YAML (`pipelines/*.yaml`), from CLI flags, or from Python. E
 once as a `ConfigError` whose message names each YAML key (`subset.years`, `sample.window`, ...).
 
 `BuildConfig.resolved()` is the canonical dict that goes into the manifest and the version digest: it holds only what
-changes the data (never `out`, `cache`/`cache_dir`, `workers`, `scheduler`, `quiet`, `allow_gaps`, `allow_partial_days` or
-`strict`).
+changes the data (never `out`, `cache`/`cache_dir`, `workers`, `scheduler`, `quiet`, `allow_gaps`, `allow_partial_days`,
+`hash_granules` or `strict`).
 
 The section models are defined in `merra2_text_data.config_sections` and re-exported here: import them from this
 module.

@@ -98,6 +98,11 @@ class SourceConfig(_Section):
 
     allow_gaps: bool = False
     """Build around missing days (recorded in the manifest) instead of failing with MissingDataError."""
+    hash_granules: bool = True
+    """Hash the bytes (SHA-256) of granules read from a folder or an fsspec URL, so the version id and the manifest
+    name their content, not only their names and sizes (`merra2_text_data.granule_digests`). It reads each file once;
+    the digests are kept in the cache (`granule-digests.json`) keyed by size and mtime or ETag. Off: a file rewritten
+    in place with the same size keeps the old version id. CMR records (earthaccess) carry checksums of their own."""
     allow_partial_days: bool = False
     """Accept temporal subsets (OPeNDAP/Harmony/GES DISC subsetter outputs): granules holding only some of their
     day's 24 hourly steps (still on the HH:30 grid). Windows then start at the first step's hour, and only windows

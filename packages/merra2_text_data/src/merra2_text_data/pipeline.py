@@ -65,6 +65,7 @@ from .era5 import (
 from .errors import BuildError, MissingDataError
 from .events import Event, load_storm_events, load_text_table, match_events
 from .fetch import Granule, collection_for, download_granules, find_granules, missing_days, search_earthaccess
+from .granule_digests import content_digests
 from .normalize import NormAccumulator
 from .pairs import SamplePlan, parse_duration, plan_samples
 from .provenance import source_kind, text_sources
@@ -147,6 +148,8 @@ def plan_build(config: BuildConfig) -> BuildPlan:
         missing = missing_days(granules, collections, start, end)
     else:
         granules, missing = find_granules(source, collections, start, end)
+        if config.source.hash_granules:
+            granules = content_digests(granules, _digest_cache_dir(config))
     if not granules:
         raise MissingDataError(
             f"no {'/'.join(collections)} granules for {start}..{end} in {source}; check --source and the period "
@@ -204,6 +207,14 @@ def _cache_dir(config: BuildConfig) -> Path:
         return Path(str(config.source.cache_location())).expanduser()
     fs, out = url_to_fs(config.publish.out)
     return Path(fs_path(fs, out)) / ".cache" if is_local(fs) else Path.home() / ".cache" / "merra2-text"
+
+
+def _digest_cache_dir(config: BuildConfig) -> Path:
+    """A local folder for the granule digests: the build's cache when it is local, else ~/.cache/merra2-text."""
+    cache = config.source.cache_location()
+    if cache is not None and not is_local(url_to_fs(str(cache))[0]):
+        return Path.home() / ".cache" / "merra2-text"
+    return _cache_dir(config)
 
 
 def _open_cube(plan: BuildPlan, show_progress: bool) -> tuple[xr.Dataset, list[Granule]]:
