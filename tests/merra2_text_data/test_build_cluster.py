@@ -93,7 +93,7 @@ class _GranuleOpens:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import h5py
-        from merra2_text_data import fetch
+        from merra2_text_data import download
 
         self.calls: list[str] = []
         original = h5py.File.__init__
@@ -107,7 +107,7 @@ class _GranuleOpens:
             raise AssertionError("the client downloads a granule")
 
         monkeypatch.setattr(h5py.File, "__init__", opened)
-        monkeypatch.setattr(fetch, "_transfer", transfer)
+        monkeypatch.setattr(download, "_transfer", transfer)
 
 
 def _content(version_url: str) -> dict[str, Any]:

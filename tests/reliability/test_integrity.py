@@ -37,8 +37,9 @@ from fsspec.implementations.memory import MemoryFileSystem
 from fusion_trainer.checkpoint import checkpoint_tensor_names, load_checkpoint
 from fusion_trainer.data import DEFAULT_PROMPT, ClimateTextStream, epoch_samples, open_shards, render_prompt
 from fusion_trainer.errors import CheckpointError, DataError
+from merra2_text_data.cmr import _granule_from_umm
 from merra2_text_data.errors import ConfigError, CredentialsError, GranuleError, PublishError, StoreError
-from merra2_text_data.fetch import Granule, _granule_from_umm, download_granules
+from merra2_text_data.fetch import Granule, download_granules
 
 from .conftest import BBOX, DATASET, START, build_config, cli, granule, republish_shard, rewrite_manifest
 
@@ -541,7 +542,7 @@ def test_a_granule_ur_naming_a_path_is_refused(tmp_path: Path) -> None:
 
 
 def test_the_earthdata_token_only_travels_over_https(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from merra2_text_data.fetch import _refuse_plain_http_redirect
+    from merra2_text_data.download import _refuse_plain_http_redirect
 
     monkeypatch.setenv("EARTHDATA_TOKEN", "MARKER-TOKEN")
     record = {"umm": {

@@ -40,7 +40,7 @@ from climate_text_schema import join_url
 from . import daystore as _daystore
 from .cube_source import CubeSource
 from .errors import BuildError, GranuleError
-from .fetch import Granule
+from .granules import Granule
 from .pairs import SamplePlan
 from .publish import url_to_fs
 from .regions import Region

@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from .fetch import Granule
+from .granules import Granule
 from .publish import url_to_fs
 from .regions import Region
 from .shards import is_local

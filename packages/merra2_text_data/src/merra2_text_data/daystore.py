@@ -28,8 +28,9 @@ import numpy as np
 import xarray as xr
 from climate_text_schema import join_url
 
+from .download import download_granules
 from .errors import BuildError
-from .fetch import Granule, download_granules
+from .granules import Granule
 from .publish import url_to_fs, write_create_only
 from .shards import fs_path, is_local, store_error
 from .subset import cache_key, open_region

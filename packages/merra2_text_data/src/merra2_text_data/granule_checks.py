@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 
 from .errors import GranuleError
-from .fetch import Granule, parse_granule_name
+from .granules import Granule, parse_granule_name
 
 __all__ = ["check_chunks", "check_collection", "check_time"]
 

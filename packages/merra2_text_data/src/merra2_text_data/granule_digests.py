@@ -26,7 +26,7 @@ from pathlib import Path
 
 import fsspec
 
-from .fetch import Granule
+from .granules import Granule
 from .tempfiles import temp_sibling
 
 logger = logging.getLogger(__name__)

@@ -51,8 +51,10 @@ from . import tasks as _tasks
 from . import text as _text
 from .card import make_card
 from .climatology import DayOfYearClimatology, spans_several_years
+from .cmr import search_earthaccess
 from .config import BuildConfig
 from .cube_source import CubeSource
+from .download import download_granules
 from .era5 import (
     ERA5_ATTRIBUTION,
     describe_spacing,
@@ -64,8 +66,9 @@ from .era5 import (
 )
 from .errors import BuildError, MissingDataError
 from .events import Event, load_storm_events, load_text_table, match_events
-from .fetch import Granule, collection_for, download_granules, find_granules, missing_days, search_earthaccess
+from .fetch import find_granules
 from .granule_digests import content_digests
+from .granules import Granule, collection_for, missing_days
 from .normalize import NormAccumulator
 from .pairs import SamplePlan, parse_duration, plan_samples
 from .provenance import source_kind, text_sources

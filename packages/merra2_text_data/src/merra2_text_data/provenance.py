@@ -18,7 +18,7 @@ from typing import Any
 
 import fsspec
 
-from .fetch import Granule
+from .granules import Granule
 
 __all__ = ["NOAA_STORM_EVENTS", "granule_attributes", "source_kind", "text_sources"]
 

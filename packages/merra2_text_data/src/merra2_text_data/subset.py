@@ -28,8 +28,8 @@ import xarray as xr
 from climate_text_schema import KNOWN_VARIABLES
 
 from .errors import ConfigError, GranuleError, MissingDataError
-from .fetch import Granule, collection_for
 from .granule_checks import check_chunks, check_collection, check_time
+from .granules import Granule, collection_for
 from .regions import Region, grid_points
 from .tempfiles import remove_stale_temps, temp_sibling
 

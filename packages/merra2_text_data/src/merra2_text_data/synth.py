@@ -23,7 +23,7 @@ import numpy as np
 from climate_text_schema import FILL_VALUE, KNOWN_VARIABLES
 
 from .errors import ConfigError
-from .fetch import COLLECTIONS, VERSION, granule_name
+from .granules import COLLECTIONS, VERSION, granule_name
 from .regions import Region, grid_points
 
 __all__ = ["FLX_VARIABLES", "SLV_VARIABLES", "synthetic_stream", "write_synthetic_granules"]
