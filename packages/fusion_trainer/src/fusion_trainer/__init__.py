@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import FusionConfig
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -19,6 +18,7 @@ from .errors import (
     TrainingError,
     UnsupportedArchitectureError,
 )
+from .fusion_config import FusionConfig
 from .version import __version__
 
 if TYPE_CHECKING:

@@ -14,8 +14,8 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .config import FusionConfig
 from .errors import ModelError
+from .fusion_config import FusionConfig
 from .version import __version__
 
 __all__ = ["ADAPTER_FILE", "CONFIG_FILE", "read_adapter_config", "read_adapter_weights", "write_adapter"]

@@ -136,7 +136,7 @@ def _hf_config(model: str | None, preset: str | None) -> Any:
 
 
 def _fusion_config(config_file: Path | None, fusion: str | None, n_variables: int | None) -> Any:
-    from .config import FusionConfig
+    from .fusion_config import FusionConfig
 
     settings: dict[str, Any] = {}
     if config_file is not None:

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import FusionConfig
 from .encoder import Attention, ClimateTokens
 from .errors import ModelError
+from .fusion_config import FusionConfig
 
 __all__ = [
     "AddFusion",

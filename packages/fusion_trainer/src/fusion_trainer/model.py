@@ -28,7 +28,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapter import ADAPTER_FILE, CONFIG_FILE, read_adapter_config, read_adapter_weights, write_adapter
 from .base import fingerprint_base, load_base
-from .config import FusionConfig
 from .encoder import ClimateEncoder, ClimateTokens
 from .errors import ConfigError, DataError, ModelError
 from .fusion import (
@@ -40,6 +39,7 @@ from .fusion import (
     prefix_at,
     unwrapped_layers,
 )
+from .fusion_config import FusionConfig
 from .generation import batch_windows, decode, decode_texts, encode_prompts, stop_ids
 from .lm_pass import PromptCache, shared_prompt_length, target_loss
 from .readout import insert_tokens, readout_values, render_readout
