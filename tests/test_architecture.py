@@ -80,10 +80,10 @@ def test_the_caption_format_lives_once_in_the_contract() -> None:
                     if name in ("parse_caption_numbers", "TEMPLATES", "_TEMPLATES", "TEXT_FORMAT", "canonical_caption"):
                         defined.setdefault(name, []).append(f"{package}/{path.name}")
     assert defined == {
-        "parse_caption_numbers": ["climate_text_schema/captions.py"],
+        "parse_caption_numbers": ["climate_text_schema/caption_reading.py"],
         "TEMPLATES": ["climate_text_schema/captions.py"],
         "TEXT_FORMAT": ["climate_text_schema/captions.py"],
-        "canonical_caption": ["climate_text_schema/captions.py"],
+        "canonical_caption": ["climate_text_schema/caption_reading.py"],
     }
 
 

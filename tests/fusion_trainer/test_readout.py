@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from climate_text_schema.captions import caption_quantities, parse_caption_numbers
+from climate_text_schema.caption_reading import parse_caption_numbers
+from climate_text_schema.captions import caption_quantities
 from fusion_trainer import ConfigError, FusionConfig, FusionModel
 from fusion_trainer.base import make_tiny_model
 from fusion_trainer.readout import insert_tokens, readout_values, render_readout

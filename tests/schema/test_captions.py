@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from climate_text_schema import ContractError
+from climate_text_schema import caption_reading as read
 from climate_text_schema import captions as cap
 
 STATS = {
@@ -25,7 +26,7 @@ def _caption(values: dict[str, float], template: int) -> str:
 @pytest.mark.parametrize("template", range(cap.N_TEMPLATES))
 def test_every_template_reads_back_what_it_wrote(template: int) -> None:
     values = cap.caption_quantities(STATS, 3600.0)
-    got = cap.parse_caption_numbers(_caption(values, template))
+    got = read.parse_caption_numbers(_caption(values, template))
     for key, spec in cap.QUANTITIES.items():
         if spec.kind == "circular":
             assert got[key] == 135.0  # u -3, v 4: from 143.1°, the south-east point
@@ -33,6 +34,16 @@ def test_every_template_reads_back_what_it_wrote(template: int) -> None:
             assert got[key] == float(cap.format_number(values[key])), key
     assert values["precip_mm"] == pytest.approx(0.72)  # 2e-4 mm/s over one hour
     assert values["wind_speed_m_s"] == pytest.approx(5.0)
+
+
+def test_the_caption_api_is_the_packages_top_level() -> None:
+    """`climate_text_schema.parse_caption_numbers` (the name docs and issue 14 give) is the one reader."""
+    import climate_text_schema as schema
+
+    text = _caption(cap.caption_quantities(STATS, 3600.0), 1)
+    assert schema.parse_caption_numbers(text) == read.parse_caption_numbers(text)
+    assert schema.parse_caption_numbers(text)["t2m_mean_c"] == 10.2
+    assert schema.caption_target is read.caption_target and schema.TEXT_FORMAT == cap.TEXT_FORMAT
 
 
 def test_precipitation_prefers_the_bias_corrected_variable() -> None:
@@ -47,9 +58,9 @@ def test_calm_wind_has_no_direction_and_the_canonical_form_keeps_every_quantity(
     assert "wind_dir_deg" not in values
     text = _caption(values, 2)
     assert "with no prevailing direction" in text
-    canonical = cap.caption_target(text, "numbers")
+    canonical = read.caption_target(text, "numbers")
     assert canonical.startswith("The area-weighted mean 2 m temperature was 10.2 °C")
-    assert cap.parse_caption_numbers(canonical) == cap.parse_caption_numbers(text)
+    assert read.parse_caption_numbers(canonical) == read.parse_caption_numbers(text)
 
 
 def test_quantities_from_the_index_equal_the_captions_numbers() -> None:
@@ -81,7 +92,7 @@ def test_unknown_text_formats_are_refused() -> None:
 def test_example_caption_states_the_train_means() -> None:
     norm = {"T2M": (288.15, 5.0), "SLP": (101300.0, 800.0), "PRECTOT": (1e-4, 1e-4)}
     text = cap.example_caption(norm, 3600.0)
-    assert cap.parse_caption_numbers(text) == {"t2m_mean_c": 15.0, "t2m_min_c": 10.0, "t2m_max_c": 20.0,
+    assert read.parse_caption_numbers(text) == {"t2m_mean_c": 15.0, "t2m_min_c": 10.0, "t2m_max_c": 20.0,
                                                "slp_hpa": 1013.0, "precip_mm": 0.4}  # fmt: skip
     calm = cap.quantities_from_index(pd.DataFrame([{"key": "c", "U10M_mean": 0.0, "V10M_mean": 0.0}]))
     assert np.isnan(calm.loc["c", "wind_dir_deg"])

@@ -74,6 +74,8 @@ from .sample import (
 from .variables import DEFAULT_VARIABLES, FILL_VALUE, KNOWN_VARIABLES, VariableSpec, variable_spec
 
 if TYPE_CHECKING:
+    from .caption_reading import canonical_caption, caption_target, parse_caption_numbers
+    from .captions import QUANTITIES, TEXT_FORMAT, caption_quantities, check_text_format
     from .index import BASE_COLUMNS, index_schema, stat_columns, validate_index, variables_in_index
     from .reference import (
         OpenedDataset,
@@ -88,6 +90,13 @@ if TYPE_CHECKING:
 __version__ = "1.0.0"
 
 _LAZY = {
+    "QUANTITIES": "captions",
+    "TEXT_FORMAT": "captions",
+    "caption_quantities": "captions",
+    "check_text_format": "captions",
+    "canonical_caption": "caption_reading",
+    "caption_target": "caption_reading",
+    "parse_caption_numbers": "caption_reading",
     "BASE_COLUMNS": "index",
     "index_schema": "index",
     "stat_columns": "index",
@@ -105,6 +114,13 @@ _LAZY = {
 }
 
 __all__ = [
+    "QUANTITIES",
+    "TEXT_FORMAT",
+    "canonical_caption",
+    "caption_quantities",
+    "caption_target",
+    "check_text_format",
+    "parse_caption_numbers",
     "ARRAY_DIMS",
     "ARRAY_DTYPE",
     "BASE_COLUMNS",

@@ -103,7 +103,8 @@ def render_prompt(template: str, ds: OpenedDataset, caption: str = "full") -> st
     zero, so the LM sees negative numbers copied too), the wind reversed and pressure one std lower.
     """
     import pandas as pd
-    from climate_text_schema.captions import caption_quantities, caption_target, render_facet
+    from climate_text_schema.caption_reading import caption_target
+    from climate_text_schema.captions import caption_quantities, render_facet
 
     from .readout import render_readout
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
-from climate_text_schema.captions import QUANTITIES, parse_caption_numbers
+from climate_text_schema.caption_reading import parse_caption_numbers
+from climate_text_schema.captions import QUANTITIES
 
 from .baselines import fit_ridge, ladder, location_of, predict_ridge
 from .interventions import intervention_report, parse_intervention

@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from climate_text_schema import ContractError
+from climate_text_schema import caption_reading as _reading
 from climate_text_schema import captions as _captions
-from climate_text_schema.captions import CAPTION_FORMS, parse_caption_numbers
+from climate_text_schema.caption_reading import parse_caption_numbers
+from climate_text_schema.captions import CAPTION_FORMS
 
 from .errors import DataError
 from .scores import best_constant, errors, hit_rates, train_constant
@@ -40,13 +42,13 @@ QUANTITIES: dict[str, str] = {k: f"{q.label} ({q.unit})" for k, q in _captions.Q
 
 
 def caption_target(text: str, form: str = "full") -> str:
-    """The caption in one of `CAPTION_FORMS` (`climate_text_schema.captions.caption_target`).
+    """The caption in one of `CAPTION_FORMS` (`climate_text_schema.caption_reading.caption_target`).
 
     Raises:
         DataError: an unknown form.
     """
     try:
-        return _captions.caption_target(text, form)
+        return _reading.caption_target(text, form)
     except ContractError as exc:
         raise DataError(str(exc)) from exc
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from climate_text_schema.captions import QUANTITIES, parse_caption_numbers
+from climate_text_schema.caption_reading import parse_caption_numbers
+from climate_text_schema.captions import QUANTITIES
 
 from .errors import ConfigError
 from .scores import cluster_bootstrap, errors

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 from climate_text_schema import ContractError
+from climate_text_schema.caption_reading import parse_caption_numbers
 from climate_text_schema.captions import (
     COMPASS,
     FACETS,
@@ -25,7 +26,6 @@ from climate_text_schema.captions import (
     caption_quantities,
     compass_direction,
     notable_extremes,
-    parse_caption_numbers,
     render_facet,
     template_index,
 )
