@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-__all__ = ["PromptCache", "predictor_positions", "shared_prompt_length", "target_loss"]
+__all__ = ["FusionOutput", "PromptCache", "caption_loss", "predictor_positions", "shared_prompt_length", "target_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,3 +136,27 @@ class PromptCache:
         if batch_size > 1:
             fresh.batch_repeat_interleave(batch_size)
         return fresh
+
+
+def caption_loss(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Next-token cross-entropy of `logits` `(B, L, vocab)` against `labels` `(B, L)` (-100 ignored, shifted here).
+
+    With `weights` `(vocab,)`, each target token counts `weights[token id]` times and the sum is normalised by the
+    weights; without, it is the plain mean over the labelled tokens. Computed in fp32.
+    """
+    target = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+        reduction="none" if weights is not None else "mean",
+    )  # fmt: skip
+    if weights is None:
+        return ce
+    w = weights[target.clamp(min=0, max=weights.shape[0] - 1)] * (target != -100)
+    return (ce.view(target.shape) * w).sum() / w.sum().clamp(min=1e-8)
+
+
+@dataclass
+class FusionOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `climate_stats`: the stats head's predicted window mean/min/max `(B, V, 3)`."""
+
+    climate_stats: Tensor | None = None

@@ -5,7 +5,9 @@ The base is frozen by construction ("freeze all, assert zero trainable, then unf
 encoder, the fusion modules, and LoRA / the LM head when the config asks. `save_adapter` writes just those weights plus
 `fusion_config.json` naming the base and its fingerprint; `load_adapter` puts them back onto that same base.
 
-Generation (`generate`) lives in `generation.py` and the adapter files in `adapter.py`; the methods here delegate.
+The parts live apart: `model_params.py` (the trainable set, its counts and memory, the base kept in eval mode),
+`model_generation.py` (`generate` and the readout line, over the decoding loop of `generation.py`), `lm_pass.py` (the
+loss and the cached prompt pass), `adapter.py` (the adapter files). FusionModel composes them.
 """
 
 from __future__ import annotations
@@ -14,17 +16,13 @@ import contextlib
 import inspect
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapter import ADAPTER_FILE, CONFIG_FILE, read_adapter_config, read_adapter_weights, write_adapter
 from .base import fingerprint_base, load_base
@@ -35,46 +33,21 @@ from .fusion import (
     build_fusion,
     climate_scope,
     fuse_inputs,
-    fuse_new_tokens,
     prefix_at,
-    unwrapped_layers,
 )
 from .fusion_config import FusionConfig
-from .generation import batch_windows, decode, decode_texts, encode_prompts, stop_ids
-from .lm_pass import PromptCache, shared_prompt_length, target_loss
-from .readout import insert_tokens, readout_values, render_readout
-from .registry import MemoryEstimate, architecture_for, estimate_memory
+from .lm_pass import FusionOutput, PromptCache, caption_loss, shared_prompt_length, target_loss
+from .model_generation import FusedGeneration
+from .model_params import TrainableParameters, inject_lora, untie_lm_head
+from .readout import insert_tokens
+from .registry import architecture_for
 
 __all__ = ["ADAPTER_FILE", "CONFIG_FILE", "FusionModel", "FusionOutput", "caption_loss"]
 
 logger = logging.getLogger(__name__)
 
 
-def caption_loss(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Next-token cross-entropy of `logits` `(B, L, vocab)` against `labels` `(B, L)` (-100 ignored, shifted here).
-
-    With `weights` `(vocab,)`, each target token counts `weights[token id]` times and the sum is normalised by the
-    weights; without, it is the plain mean over the labelled tokens. Computed in fp32.
-    """
-    target = labels[:, 1:]
-    ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-        reduction="none" if weights is not None else "mean",
-    )  # fmt: skip
-    if weights is None:
-        return ce
-    w = weights[target.clamp(min=0, max=weights.shape[0] - 1)] * (target != -100)
-    return (ce.view(target.shape) * w).sum() / w.sum().clamp(min=1e-8)
-
-
-@dataclass
-class FusionOutput(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` plus `climate_stats`: the stats head's predicted window mean/min/max `(B, V, 3)`."""
-
-    climate_stats: Tensor | None = None
-
-
-class FusionModel(nn.Module):
+class FusionModel(FusedGeneration, TrainableParameters):
     """A frozen causal LM that reads climate windows through a trainable encoder and fusion module.
 
     Build it with `FusionModel.from_base(base, config)` (or `FusionModel(lm, config)` on a loaded model).
@@ -125,9 +98,9 @@ class FusionModel(nn.Module):
             "base parameters still trainable after freezing"
         )
         if config.lora is not None:
-            _inject_lora(lm, config.lora)
+            inject_lora(lm, config.lora)
         if config.train_lm_head:
-            _untie_lm_head(lm, self.arch.output_head(lm), self.arch.input_embeddings(lm))
+            untie_lm_head(lm, self.arch.output_head(lm), self.arch.input_embeddings(lm))
 
         self.lm = lm
         self.encoder = ClimateEncoder(
@@ -216,98 +189,6 @@ class FusionModel(nn.Module):
             return cls(lm, config)
 
     # ----- parameters -----
-
-    def _is_fusion_name(self, name: str) -> bool:
-        if name.startswith(("encoder.", "fusion.")) or ".fusion_block." in name or "lora_" in name:
-            return True
-        head = f"lm.{self.arch.lm_head}."
-        return self.config.train_lm_head and name.startswith(head)
-
-    def fusion_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """The trainable set by name: encoder + fusion (+ LoRA, + LM head when configured)."""
-        return [(n, p) for n, p in self.named_parameters() if self._is_fusion_name(n)]
-
-    def fusion_params(self) -> list[nn.Parameter]:
-        """The trainable parameters (give these to the optimizer)."""
-        return [p for _, p in self.fusion_named_parameters()]
-
-    def fusion_state_dict(self) -> dict[str, Tensor]:
-        """The trainable weights by name (detached, on their device)."""
-        return {n: p.detach() for n, p in self.fusion_named_parameters()}
-
-    def load_fusion_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Copy trainable weights in place; the names must match `fusion_named_parameters()` exactly.
-
-        Raises:
-            ModelError: missing, unexpected or mis-shaped entries (all listed).
-        """
-        own = dict(self.fusion_named_parameters())
-        problems = [f"missing {k}" for k in sorted(own.keys() - state.keys())]
-        problems += [f"unexpected {k}" for k in sorted(state.keys() - own.keys())]
-        problems += [
-            f"{k}: shape {tuple(state[k].shape)} != {tuple(p.shape)}"
-            for k, p in own.items()
-            if k in state and tuple(state[k].shape) != tuple(p.shape)
-        ]
-        if problems:
-            raise ModelError(
-                "adapter weights do not fit this FusionModel (same fusion config?): "
-                + "; ".join(problems[:20])
-            )
-        with torch.no_grad():
-            for name, param in own.items():
-                param.copy_(state[name].to(device=param.device, dtype=param.dtype))
-
-    def num_parameters(self) -> dict[str, int]:
-        """Parameter counts: total, frozen, trainable, and the trainable parts (encoder, fusion, lora, lm_head)."""
-        counts = {"total": 0, "frozen": 0, "trainable": 0, "encoder": 0, "fusion": 0, "lora": 0, "lm_head": 0}
-        for name, param in self.named_parameters():
-            n = param.numel()
-            counts["total"] += n
-            if not self._is_fusion_name(name):
-                counts["frozen"] += n
-                continue
-            counts["trainable"] += n
-            part = "encoder" if name.startswith("encoder.") else "lora" if "lora_" in name else "fusion"
-            part = "lm_head" if name.startswith(f"lm.{self.arch.lm_head}.") else part
-            counts[part] += n
-        return counts
-
-    def memory_estimate(self, world_size: int = 1, zero_stage: int = 2) -> MemoryEstimate:
-        """Per-rank bytes for the weights, gradients and AdamW state under DeepSpeed ZeRO (activations excluded).
-
-        Works on a meta-device model (`from_config`): nothing is allocated.
-        """
-        frozen = sum(
-            p.numel() * p.element_size() for n, p in self.named_parameters() if not self._is_fusion_name(n)
-        )
-        trainable = [p for _, p in self.fusion_named_parameters()]
-        return estimate_memory(
-            frozen_bytes=frozen,
-            trainable_params=sum(p.numel() for p in trainable),
-            trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
-            world_size=world_size,
-            zero_stage=zero_stage,
-        )
-
-    # ----- modes -----
-
-    def train(self, mode: bool = True) -> FusionModel:
-        """Set training mode for the trainable modules; the base stays in eval mode (no dropout).
-
-        With gradient checkpointing, the decoder layers' own `training` flag follows `mode` (only the flag, not their
-        submodules) because transformers checkpoints a layer only when it is training.
-        """
-        super().train(mode)
-        self.lm.eval()
-        for name, module in self.lm.named_modules():
-            if name.endswith(".fusion_block") or "lora_" in name.rsplit(".", 1)[-1]:
-                module.train(mode)
-        if self.config.gradient_checkpointing:
-            for layer in unwrapped_layers(self.arch.decoder_layers(self.lm)):
-                layer.training = mode
-        return self
-
     # ----- forward -----
 
     @property
@@ -343,27 +224,6 @@ class FusionModel(nn.Module):
         if moved is not None:
             positions = moved if positions is None else positions.gather(1, moved)
         return embeds, mask, new_labels, positions
-
-    def readout_ids(self, stats: Tensor) -> list[list[int]]:
-        """Token ids of each window's readout line (`readout.render_readout`) from the stats head's predictions."""
-        if self.tokenizer is None:
-            raise ModelError("readout: true needs the tokenizer; pass tokenizer=... to FusionModel.from_base")
-        texts = self.readout_texts(stats)
-        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-    def readout_texts(self, stats: Tensor) -> list[str]:
-        """Each window's readout line (`readout.render_readout`) from the stats head's predictions `(B, V, 3)`."""
-        cfg = self.config
-        if cfg.variables is None or cfg.normalization is None:
-            raise ModelError("readout: true needs the dataset's variables and normalization in the FusionConfig")
-        seconds = pd.Timedelta(cfg.window).total_seconds() if cfg.window else 3600.0
-        values = readout_values(stats, cfg.variables, cfg.normalization, seconds)
-        return [render_readout(v) for v in values]
-
-    def _pad_id(self) -> int:
-        tok = self.tokenizer
-        pad = None if tok is None else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        return int(pad or 0)
 
     def _climate_scope(self, climate: ClimateTokens) -> contextlib.AbstractContextManager[None]:
         return climate_scope(self.config.fusion, climate)
@@ -481,67 +341,6 @@ class FusionModel(nn.Module):
     # ----- generation -----
 
     @torch.no_grad()
-    def generate(
-        self,
-        climate: Tensor | np.ndarray,
-        prompt: str | Sequence[str],
-        max_new_tokens: int = 64,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> list[str]:
-        """Generate text for climate windows, batched with left padding and a KV cache.
-
-        Every new token goes through the same fusion as in training (add / xattn apply to it too; gated-xattn blocks
-        see the climate at every step). Greedy unless `do_sample`; sampling is deterministic for a given `seed`.
-
-        Args:
-            climate: `(B, T, V, lat, lon)` or one window `(T, V, lat, lon)`, normalised like the training data.
-            prompt: one prompt for all windows, or one per window.
-            max_new_tokens: upper bound on generated tokens (generation stops at eos).
-            do_sample: sample instead of greedy decoding.
-            temperature: softmax temperature when sampling.
-            top_p: nucleus sampling threshold (1.0: off).
-            seed: seeds a private generator (the global RNG is untouched).
-
-        Returns:
-            The generated continuations (prompt excluded, special tokens removed).
-
-        Raises:
-            ModelError: no tokenizer (pass `tokenizer=` to from_base).
-            DataError: the number of prompts and climate windows disagree.
-        """
-        if self.tokenizer is None:
-            raise ModelError("this FusionModel has no tokenizer; pass tokenizer=... to FusionModel.from_base")
-        if temperature <= 0 or not 0 < top_p <= 1:
-            raise ConfigError(
-                f"temperature must be > 0 (got {temperature}) and top_p in (0, 1] (got {top_p})"
-            )
-        tok = self.tokenizer
-        x, prompts = batch_windows(climate, prompt, self.device)
-        tokens = self.encoder.encode(x)
-        head = self.encoder.stats_head
-        stats = head(tokens.tokens, x) if head is not None and self.config.readout else None
-        ids, mask = encode_prompts(tok, prompts, self.device, self.readout_ids(stats) if stats is not None else None)
-        embeds, mask, _, _ = self._fuse(ids, mask, tokens, None, stats, insert_readout=False)  # (B, L', H)
-
-        def step(embeds: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> tuple[Tensor, Any]:
-            with self._climate_scope(tokens):
-                out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-                              **{self._cache_kwarg: cache})  # fmt: skip
-            return out.logits[:, -1, :], getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-
-        stops = stop_ids(tok, self.lm.generation_config)
-        pad = int(tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0))
-        rows = decode(embeds, mask, step, lambda nxt: self.step_embeddings(nxt, tokens), stops, pad, max_new_tokens,
-                      do_sample, temperature, top_p, seed)  # fmt: skip
-        return decode_texts(tok, rows, stops)
-
-    def step_embeddings(self, input_ids: Tensor, climate: ClimateTokens) -> Tensor:
-        """Embeddings of newly generated tokens `(B, 1)` -> `(B, 1, H)`, fused as in training (add / xattn)."""
-        return fuse_new_tokens(self.fusion, self._embed(input_ids), climate)
-
     # ----- adapter I/O -----
 
     def save_adapter(
@@ -594,19 +393,3 @@ class FusionModel(nn.Module):
     def fusion_layers(self) -> Iterator[FusionLayer]:
         """The gated-xattn wrappers (empty for the other variants)."""
         return (m for m in self.arch.decoder_layers(self.lm) if isinstance(m, FusionLayer))
-
-
-def _inject_lora(lm: PreTrainedModel, settings: Mapping[str, Any]) -> None:
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError as exc:
-        raise ConfigError("FusionConfig.lora needs peft: pip install 'fusion-trainer[lora]'") from exc
-    inject_adapter_in_model(LoraConfig(**settings), lm)
-
-
-def _untie_lm_head(lm: PreTrainedModel, head: nn.Module, embeddings: nn.Module) -> None:
-    weight = head.weight
-    if isinstance(weight, Tensor) and weight is getattr(embeddings, "weight", None):
-        head.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        lm.config.tie_word_embeddings = False
-        logger.info("train_lm_head: the LM head was tied to the input embeddings; it now has its own copy")

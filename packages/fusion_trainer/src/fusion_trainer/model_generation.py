@@ -1,0 +1,132 @@
+"""Text from a FusionModel: the readout line of the stats head's predictions, and batched generation through the same
+fusion as in training (the decoding loop itself, which knows no model, is `generation.decode`). A mixin of
+`FusionModel`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .encoder import ClimateEncoder, ClimateTokens
+from .errors import ConfigError, ModelError
+from .fusion import fuse_new_tokens
+from .fusion_config import FusionConfig
+from .generation import batch_windows, decode, decode_texts, encode_prompts, stop_ids
+from .readout import readout_values, render_readout
+
+__all__ = ["FusedGeneration"]
+
+
+class FusedGeneration(nn.Module):
+    """`generate` and the readout line of a FusionModel (its `lm`, `encoder`, `fusion`, `config`, `tokenizer`)."""
+
+    lm: PreTrainedModel
+    encoder: ClimateEncoder
+    fusion: nn.Module | None
+    config: FusionConfig
+    tokenizer: PreTrainedTokenizerBase | None
+    _cache_kwarg: str
+
+    if TYPE_CHECKING:
+
+        @property
+        def device(self) -> torch.device: ...
+
+        def _embed(self, input_ids: Tensor) -> Tensor: ...
+
+        def _fuse(
+            self, input_ids: Tensor, attention_mask: Tensor, climate: ClimateTokens, labels: Tensor | None,
+            stats: Tensor | None = None, insert_readout: bool = True,
+        ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]: ...  # fmt: skip
+
+        def _climate_scope(self, climate: ClimateTokens) -> contextlib.AbstractContextManager[None]: ...
+
+    def readout_ids(self, stats: Tensor) -> list[list[int]]:
+        """Token ids of each window's readout line (`readout.render_readout`) from the stats head's predictions."""
+        if self.tokenizer is None:
+            raise ModelError("readout: true needs the tokenizer; pass tokenizer=... to FusionModel.from_base")
+        texts = self.readout_texts(stats)
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def readout_texts(self, stats: Tensor) -> list[str]:
+        """Each window's readout line (`readout.render_readout`) from the stats head's predictions `(B, V, 3)`."""
+        cfg = self.config
+        if cfg.variables is None or cfg.normalization is None:
+            raise ModelError("readout: true needs the dataset's variables and normalization in the FusionConfig")
+        seconds = pd.Timedelta(cfg.window).total_seconds() if cfg.window else 3600.0
+        values = readout_values(stats, cfg.variables, cfg.normalization, seconds)
+        return [render_readout(v) for v in values]
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        pad = None if tok is None else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        return int(pad or 0)
+
+    def generate(
+        self,
+        climate: Tensor | np.ndarray,
+        prompt: str | Sequence[str],
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Generate text for climate windows, batched with left padding and a KV cache.
+
+        Every new token goes through the same fusion as in training (add / xattn apply to it too; gated-xattn blocks
+        see the climate at every step). Greedy unless `do_sample`; sampling is deterministic for a given `seed`.
+
+        Args:
+            climate: `(B, T, V, lat, lon)` or one window `(T, V, lat, lon)`, normalised like the training data.
+            prompt: one prompt for all windows, or one per window.
+            max_new_tokens: upper bound on generated tokens (generation stops at eos).
+            do_sample: sample instead of greedy decoding.
+            temperature: softmax temperature when sampling.
+            top_p: nucleus sampling threshold (1.0: off).
+            seed: seeds a private generator (the global RNG is untouched).
+
+        Returns:
+            The generated continuations (prompt excluded, special tokens removed).
+
+        Raises:
+            ModelError: no tokenizer (pass `tokenizer=` to from_base).
+            DataError: the number of prompts and climate windows disagree.
+        """
+        if self.tokenizer is None:
+            raise ModelError("this FusionModel has no tokenizer; pass tokenizer=... to FusionModel.from_base")
+        if temperature <= 0 or not 0 < top_p <= 1:
+            raise ConfigError(
+                f"temperature must be > 0 (got {temperature}) and top_p in (0, 1] (got {top_p})"
+            )
+        tok = self.tokenizer
+        x, prompts = batch_windows(climate, prompt, self.device)
+        tokens = self.encoder.encode(x)
+        head = self.encoder.stats_head
+        stats = head(tokens.tokens, x) if head is not None and self.config.readout else None
+        ids, mask = encode_prompts(tok, prompts, self.device, self.readout_ids(stats) if stats is not None else None)
+        embeds, mask, _, _ = self._fuse(ids, mask, tokens, None, stats, insert_readout=False)  # (B, L', H)
+
+        def step(embeds: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> tuple[Tensor, Any]:
+            with self._climate_scope(tokens):
+                out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                              **{self._cache_kwarg: cache})  # fmt: skip
+            return out.logits[:, -1, :], getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+        stops = stop_ids(tok, self.lm.generation_config)
+        pad = int(tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0))
+        rows = decode(embeds, mask, step, lambda nxt: self.step_embeddings(nxt, tokens), stops, pad, max_new_tokens,
+                      do_sample, temperature, top_p, seed)  # fmt: skip
+        return decode_texts(tok, rows, stops)
+
+    def step_embeddings(self, input_ids: Tensor, climate: ClimateTokens) -> Tensor:
+        """Embeddings of newly generated tokens `(B, 1)` -> `(B, 1, H)`, fused as in training (add / xattn)."""
+        return fuse_new_tokens(self.fusion, self._embed(input_ids), climate)
