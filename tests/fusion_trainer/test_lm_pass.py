@@ -112,3 +112,32 @@ def test_token_losses_equal_the_full_pass(tmp_path: Path, fusion: str) -> None:
                                              reduction="none").view(target.shape)  # fmt: skip
     got = model.token_losses(batch["input_ids"], batch["attention_mask"], batch["climate"], batch["labels"])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("readout", [False, True])
+def test_generation_over_the_cached_prompt_equals_the_plain_pass(
+    tmp_path_factory: pytest.TempPathFactory, arch: str, readout: bool
+) -> None:
+    """`generate` runs a shared prompt's keys and values from the cache (only its last token, the readout line and
+    the soft tokens run per batch, padded between the two parts): the same tokens as each window alone, unpadded and
+    uncached, and as the plain left-padded pass."""
+    folder = make_tiny_model(arch, tmp_path_factory.getbasetemp() / f"tiny-{arch}")  # type: ignore[arg-type]
+    extra: dict[str, object] = {"prefix_position": "after_prompt", "n_prefix_tokens": 3}
+    if readout:  # readout lines of different lengths: the rows' padding differs
+        extra.update(readout=True, variables=["T2M", "U10M", "V10M"], window="1h",
+                     normalization={v: {"mean": 280.0 if v == "T2M" else 0.0, "std": 5.0} for v in ["T2M", "U10M", "V10M"]})  # fmt: skip
+    torch.manual_seed(0)
+    model = FusionModel.from_base(folder, FusionConfig(fusion="prefix", n_variables=3, **SIZES, **extra),
+                                  dtype=torch.float32).eval()  # fmt: skip
+    climate = torch.randn(4, 2, 3, 5, 6, generator=torch.Generator().manual_seed(1)) * 3
+    prompt = "Example: a mild and calm day.\nDescribe this climate window:\n"
+    cached = model.generate(climate, prompt, max_new_tokens=12)
+    assert model._prompt_cache is not None and model._prompt_cache._key is not None, "the cache was not used"
+    if readout:
+        lengths = {len(ids) for ids in model.readout_ids(model.encoder.stats_head(model.encoder.encode(climate).tokens, climate))}  # type: ignore[misc]  # fmt: skip
+        assert len(lengths) > 1, "the readout lines should differ in length for this test to mean anything"
+    model._prompt_cache = None
+    alone = [model.generate(climate[i : i + 1], prompt, max_new_tokens=12)[0] for i in range(4)]  # no padding at all
+    assert cached == alone
+    assert model.generate(climate, prompt, max_new_tokens=12) == alone  # the plain left-padded pass

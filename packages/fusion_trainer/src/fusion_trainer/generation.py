@@ -55,10 +55,12 @@ def encode_prompts(
     prompts: list[str],
     device: torch.device,
     suffixes: list[list[int]] | None = None,
+    skip: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Left-padded prompt ids `(B, L)` and mask; `suffixes` (the readout lines' ids) follow each prompt."""
+    """Left-padded prompt ids `(B, L)` and mask; `suffixes` (the readout lines' ids) follow each prompt; `skip`
+    leaves out each row's first tokens (a shared prompt whose keys and values are cached)."""
     fallback = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    rows = [list(tok(p)["input_ids"]) or [int(fallback)] for p in prompts]
+    rows = [(list(tok(p)["input_ids"]) or [int(fallback)])[skip:] for p in prompts]
     if suffixes is not None:
         rows = [r + list(extra) for r, extra in zip(rows, suffixes, strict=True)]
     width = max(len(r) for r in rows)
@@ -94,17 +96,19 @@ def decode(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    cache: Any = None,
 ) -> list[list[int]]:
-    """New token ids per row, from the fused prompt embeddings `(B, L, H)` and their left-padded mask `(B, L)`.
+    """New token ids per row, from the fused prompt embeddings `(B, L, H)` and their padded mask `(B, C + L)`.
 
     `step` runs the LM on new embeddings with the cache; `embed_next` fuses the tokens just picked `(B, 1)` into
     `(B, 1, H)`. A row stops at its first stop id (later positions hold `pad`); all stop, or `max_new_tokens`.
+    `cache`: the keys and values of `C` tokens before `embeds` (a cached prompt; `mask` covers them too), or None.
+    Padding may sit anywhere in the mask: positions count attended tokens only.
     """
     device = embeds.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, L), left padding aware
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)[:, -embeds.shape[1] :]  # (B, L), padding aware
     stop_tensor = torch.tensor(sorted(stops), device=device, dtype=torch.long)
-    cache: Any = None
     done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=device)
     out_ids: list[Tensor] = []
     for _ in range(max_new_tokens):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .adapter import ADAPTER_FILE, CONFIG_FILE, read_adapter_config, read_adapter_weights, write_adapter
@@ -198,8 +198,11 @@ class FusionModel(FusedGeneration, TrainableParameters):
         assert isinstance(weight, Tensor)
         return weight.device
 
+    def _embed_module(self) -> nn.Module:
+        return self.arch.input_embeddings(self.lm)
+
     def _embed(self, input_ids: Tensor) -> Tensor:
-        return self.arch.input_embeddings(self.lm)(input_ids)
+        return self._embed_module()(input_ids)
 
     def _fuse(
         self, input_ids: Tensor, attention_mask: Tensor, climate: ClimateTokens, labels: Tensor | None,
@@ -338,9 +341,6 @@ class FusionModel(FusedGeneration, TrainableParameters):
         stats = head(tokens.tokens, climate) if head is not None else None
         return self._loss_only(input_ids, attention_mask, tokens, labels, None, stats, per_token=True)
 
-    # ----- generation -----
-
-    @torch.no_grad()
     # ----- adapter I/O -----
 
     def save_adapter(

@@ -20,6 +20,7 @@ from .errors import ConfigError, ModelError
 from .fusion import fuse_new_tokens
 from .fusion_config import FusionConfig
 from .generation import batch_windows, decode, decode_texts, encode_prompts, stop_ids
+from .lm_pass import PromptCache
 from .readout import readout_values, render_readout
 
 __all__ = ["FusedGeneration"]
@@ -34,6 +35,7 @@ class FusedGeneration(nn.Module):
     config: FusionConfig
     tokenizer: PreTrainedTokenizerBase | None
     _cache_kwarg: str
+    _prompt_cache: PromptCache | None
 
     if TYPE_CHECKING:
 
@@ -41,6 +43,8 @@ class FusedGeneration(nn.Module):
         def device(self) -> torch.device: ...
 
         def _embed(self, input_ids: Tensor) -> Tensor: ...
+
+        def _embed_module(self) -> nn.Module: ...
 
         def _fuse(
             self, input_ids: Tensor, attention_mask: Tensor, climate: ClimateTokens, labels: Tensor | None,
@@ -70,6 +74,7 @@ class FusedGeneration(nn.Module):
         pad = None if tok is None else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         return int(pad or 0)
 
+    @torch.no_grad()
     def generate(
         self,
         climate: Tensor | np.ndarray,
@@ -112,8 +117,20 @@ class FusedGeneration(nn.Module):
         tokens = self.encoder.encode(x)
         head = self.encoder.stats_head
         stats = head(tokens.tokens, x) if head is not None and self.config.readout else None
-        ids, mask = encode_prompts(tok, prompts, self.device, self.readout_ids(stats) if stats is not None else None)
+        suffixes = self.readout_ids(stats) if stats is not None else None
+        cache: Any = None
+        if self._prompt_cache is not None and len(set(prompts)) == 1:
+            # one prompt, nothing in it sees the climate: its keys and values come from the cache (`lm_pass`), and
+            # only its last token, the readout line and the soft tokens run here (padded between the two parts)
+            shared = encode_prompts(tok, prompts[:1], self.device)[0][:, :-1]
+            ids, mask = encode_prompts(tok, prompts, self.device, suffixes, skip=shared.shape[1])
+            if shared.shape[1]:
+                cache = self._prompt_cache.batch(self.lm, shared, self._embed_module(), len(prompts))
+        else:
+            ids, mask = encode_prompts(tok, prompts, self.device, suffixes)
         embeds, mask, _, _ = self._fuse(ids, mask, tokens, None, stats, insert_readout=False)  # (B, L', H)
+        if cache is not None:  # the mask covers the cached prompt too
+            mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared.shape[1]), mask], dim=1)
 
         def step(embeds: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> tuple[Tensor, Any]:
             with self._climate_scope(tokens):
@@ -124,7 +141,7 @@ class FusedGeneration(nn.Module):
         stops = stop_ids(tok, self.lm.generation_config)
         pad = int(tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0))
         rows = decode(embeds, mask, step, lambda nxt: self.step_embeddings(nxt, tokens), stops, pad, max_new_tokens,
-                      do_sample, temperature, top_p, seed)  # fmt: skip
+                      do_sample, temperature, top_p, seed, cache=cache)  # fmt: skip
         return decode_texts(tok, rows, stops)
 
     def step_embeddings(self, input_ids: Tensor, climate: ClimateTokens) -> Tensor:
