@@ -3,17 +3,16 @@
 One function wires the run: distributed set-up, dataset, model (frozen base + trainable fusion), DeepSpeed engine
 with AdamW over the trainable parameters and a warm-up + cosine schedule, the step loop with gradient accumulation,
 periodic evaluation and checkpoints, NaN guard, and the final adapter. It runs the same on one process, under
-`fusion-train --nproc N`, and under `deepspeed`/`torchrun`.
+`fusion-train --nproc N`, and under `deepspeed`/`torchrun`. The loop's steps (resume, one micro-batch, one metrics
+record, a checkpoint) are named functions in `train_steps`.
 """
 
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import math
 import random
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,28 +25,32 @@ from .checkpoint import (
     export_adapter,
     find_latest_checkpoint,
     frozen_digest,
-    load_checkpoint,
-    save_checkpoint,
 )
 from .config import TrainConfig
 from .data import ClimateTextStream, DataPosition, open_shards, render_prompt
-from .errors import CheckpointError, ConfigError, DataError, TrainingError
+from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluate import evaluate_loss
 from .launch import clear_self_env, ensure_dist_env, stale_build_locks
 from .metrics import (
-    MetricsLog,
     RunClock,
     Throughput,
     device_peak_flops,
     flops_per_token,
     log_rank_zero,
-    peak_memory_bytes,
-    repair_jsonl_tail,
 )
 from .model_card import write_model_card
 from .precision import Precision, resolve_precision
 from .ranks import check_shared_run_dir, lost_ranks_error, raised_by_a_collective, set_collective_timeout
-from .runs import PROMPT_FILE
+from .train_steps import (
+    RunState,
+    all_reduce,
+    metrics_record,
+    micro_step,
+    number_weights,
+    resume_state,
+    save_state,
+    write_prompt,
+)
 
 __all__ = ["RunResult", "lr_lambda", "train"]
 
@@ -150,42 +153,10 @@ def _run_precision(config: TrainConfig) -> Precision:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     choice = resolve_precision(config.bf16, device)
-    (any_fp32,) = _all_reduce([0.0 if choice.bf16 else 1.0], device, op="max")
+    (any_fp32,) = all_reduce([0.0 if choice.bf16 else 1.0], device, op="max")
     if choice.bf16 and any_fp32:
         return Precision(False, f"{choice.reason}; another rank chose fp32, so every rank runs fp32")
     return choice
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    keys = ("input_ids", "attention_mask", "labels", "climate_x", "stats")
-    return {k: batch[k].to(device) for k in keys if k in batch}
-
-
-def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(
-            t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
-        )
-    return [float(x) for x in t.tolist()]
-
-
-class _Run:
-    """State of one run on one rank (the step loop lives in `train`)."""
-
-    def __init__(self, config: TrainConfig, run_dir: Path, rank: int, world: int) -> None:
-        self.config, self.run_dir, self.rank, self.world = config, run_dir, rank, world
-        self.metrics = MetricsLog(run_dir, enabled=rank == 0, tensorboard=config.tensorboard)
-        self.keys_file = run_dir / "samples" / f"rank{rank}.jsonl" if config.log_keys else None
-        self.last_checkpoint: Path | None = None
-        self.dataset_version = ""
-
-    def log_keys(self, step: int, keys: list[str]) -> None:
-        if self.keys_file is None:
-            return
-        self.keys_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.keys_file.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, "keys": keys}) + "\n")
 
 
 def train(config: TrainConfig) -> RunResult:
@@ -261,7 +232,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
     resume_from = find_latest_checkpoint(run_dir) if config.resume else None
     if config.resume and resume_from is None:
         raise CheckpointError(f"--resume: {run_dir} holds no complete checkpoint; start without --resume")
-    run = _Run(config, run_dir, rank, world)
+    run = RunState(config, run_dir, rank, world)
     run.dataset_version = data.version
 
     _seed_all(config.seed)
@@ -287,37 +258,10 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         DataPosition(seed=config.seed, lanes=config.data_lanes, length_groups=config.length_groups),
     )
     if resume_from is not None:
-        client = load_checkpoint(engine, resume_from, rank)
-        if client.get("seed") != config.seed or client.get("dataset", data.version) != data.version:
-            raise CheckpointError(
-                f"{resume_from} was trained with seed {client.get('seed')} on dataset version "
-                f"{client.get('dataset')}, this run has seed {config.seed} and version {data.version}: resume with "
-                "the same --seed and --shards, or start a new --out"
-            )
-        step, position = int(client["step"]), DataPosition.from_dict(client["position"])
-        if position.lanes != config.data_lanes:
-            raise ConfigError(
-                f"{resume_from} was trained with data_lanes {position.lanes}, this run has data_lanes "
-                f"{config.data_lanes}; the sample order depends on it: resume with --set data_lanes={position.lanes}, "
-                "or start a new --out"
-            )
-        if position.length_groups != config.length_groups:
-            raise ConfigError(
-                f"{resume_from} was trained with length_groups {position.length_groups}, this run has length_groups "
-                f"{config.length_groups}; the sample order depends on it: resume with --set "
-                f"length_groups={position.length_groups}, or start a new --out"
-            )
-        run.last_checkpoint = resume_from
-        run.metrics.truncate_after(
-            step
-        )  # a killed run may have logged later steps (redone now) or a torn line
-        if run.keys_file is not None:
-            repair_jsonl_tail(run.keys_file)
+        step, position = resume_state(engine, resume_from, config, data.version, run, rank)
     prompt = render_prompt(config.prompt_template, data, config.caption)
     if rank == 0:  # kept so the run can describe raw windows later (runs.load_run)
-        tmp = run_dir / f".{PROMPT_FILE}.tmp"
-        tmp.write_text(prompt, encoding="utf-8")
-        tmp.replace(run_dir / PROMPT_FILE)
+        write_prompt(run_dir, prompt)
     stream = ClimateTextStream(
         data, "train", tokenizer, prompt=prompt, micro_batch=config.micro_batch, max_length=config.max_length,
         rank=rank, world=world, seed=config.seed, start=position, train=True,
@@ -338,14 +282,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         from tqdm import tqdm
 
         progress = tqdm(total=last_step, initial=step, desc="fusion-train", unit="step")
-    digit_weights = None
-    if config.number_loss_weight != 1.0:
-        from .grounding import number_token_mask
-
-        mask = torch.from_numpy(number_token_mask(tokenizer))
-        digit_weights = (1.0 + (config.number_loss_weight - 1.0) * mask.float()).to(device)
-        log_rank_zero(logger, "number tokens (%d in the vocabulary) weigh %.3g in the loss", int(mask.sum()),
-                      config.number_loss_weight)  # fmt: skip
+    digit_weights = number_weights(config, tokenizer, device)
     throughput, losses, clock = Throughput(), [], RunClock(step, last_step)
     window_loss, window_stats, window_steps, val_loss = 0.0, 0.0, 0, None
     rank_skipped, skipped = 0, 0  # bad samples left out: by this rank's stream, over every rank
@@ -354,32 +291,8 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         step_loss, step_stats, step_tokens, step_samples, step_keys = 0.0, 0.0, 0, 0, []
         for _ in range(config.grad_accum):
             batch = next(batches)
-            inputs = _to_device(batch, device)
-            out = engine(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                         climate=inputs["climate_x"], labels=inputs["labels"], token_weights=digit_weights,
-                         logits="none")  # fmt: skip
-            loss = out.loss
-            caption_loss = loss.detach()
-            if config.stats_loss_weight > 0:
-                if "stats" not in inputs:
-                    raise DataError(
-                        f"stats_loss_weight={config.stats_loss_weight} needs every sample's .json stats, but a batch "
-                        f"on rank {rank} has samples without a .json ({', '.join(batch['keys'])}); set "
-                        "stats_loss_weight: 0"
-                    )
-                stats_loss = torch.nn.functional.huber_loss(
-                    out.climate_stats.float(), inputs["stats"], delta=1.0
-                )
-                step_stats += float(stats_loss.detach()) / config.grad_accum
-                loss = loss + config.stats_loss_weight * stats_loss
-            (bad,) = _all_reduce([0.0 if torch.isfinite(loss.detach()).item() else 1.0], device, op="max")
-            if bad:
-                raise TrainingError(
-                    f"loss is {loss.item()} at step {step + 1} (batch keys on rank {rank}: {', '.join(batch['keys'])}); "
-                    f"last good checkpoint: {run.last_checkpoint or 'none'}; lower lr, check the data, or resume"
-                )
-            engine.backward(loss)
-            engine.step()
+            caption_loss, stats_loss = micro_step(engine, batch, config, digit_weights, rank, step, run)
+            step_stats += stats_loss / config.grad_accum
             step_loss += float(caption_loss) / config.grad_accum
             step_tokens += int(batch["attention_mask"].sum())
             step_samples += len(batch["keys"])
@@ -388,7 +301,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
             rank_skipped = int(batch.get("skipped", 0))
         step += 1
         run.log_keys(step, step_keys)
-        mean_loss, mean_stats, tokens, samples, total_skipped = _all_reduce(
+        mean_loss, mean_stats, tokens, samples, total_skipped = all_reduce(
             [step_loss, step_stats, step_tokens, step_samples, rank_skipped], device
         )
         skipped = int(total_skipped)
@@ -404,22 +317,13 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.4f}")
         if step % config.log_every == 0 or step == last_step:
-            sps, tps = throughput.rate()
             lr = float(scheduler.get_last_lr()[0]) if scheduler is not None else config.lr
-            mem = peak_memory_bytes(device)
-            record: dict[str, Any] = {
-                "step": step, "loss": window_loss / window_steps, "lr": lr, "samples_per_s": sps, "tokens_per_s": tps,
-                "peak_memory_mb": mem / 2**20, "mfu": (tps * fpt / (peak * world)) if peak else None,
-                "epoch": position.epoch, "time": time.time(),
-            }  # fmt: skip
-            if config.skip_bad_samples:
-                record["skipped_samples"] = skipped
-            if config.stats_loss_weight > 0:
-                record["stats_loss"] = window_stats / window_steps
+            record = metrics_record(config, step, window_loss / window_steps, window_stats / window_steps, lr,
+                                    throughput, device, fpt, peak, world, position.epoch, skipped)  # fmt: skip
             record["eta_s"], record["precision"] = clock.eta(step), precision.name
             run.metrics.write(record)
             log_rank_zero(logger, "step %d/%d loss %.4f lr %.3g %.1f tok/s mem %.0f MiB", step, config.steps,
-                          record["loss"], lr, tps, record["peak_memory_mb"])  # fmt: skip
+                          record["loss"], lr, record["tokens_per_s"], record["peak_memory_mb"])  # fmt: skip
             if clock.first_report(step):
                 log_rank_zero(logger, "%.2f s/step (%s): about %s to step %d", clock.seconds_per_step(step),
                               precision.name, _minutes(record["eta_s"]), last_step)  # fmt: skip
@@ -427,12 +331,12 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         if config.eval_every and step % config.eval_every == 0 and step != last_step:
             val_loss = _evaluate(engine, data, tokenizer, prompt, config, rank, world, step, run)
         if config.save_every and step % config.save_every == 0 and step != last_step:
-            run.last_checkpoint = _save(engine, run, step, position)
+            run.last_checkpoint = save_state(engine, run, step, position)
     if progress is not None:
         progress.close()
 
     if resume_from is None or step > int(resume_from.name.removeprefix("step")):
-        run.last_checkpoint = _save(engine, run, step, position)
+        run.last_checkpoint = save_state(engine, run, step, position)
     if data.shards("val"):
         val_loss = _evaluate(engine, data, tokenizer, prompt, config, rank, world, step, run)
     digest_end = frozen_digest(engine.module) if config.verify_frozen else None
@@ -459,17 +363,6 @@ def _minutes(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def _save(engine: Any, run: _Run, step: int, position: DataPosition) -> Path:
-    client = {
-        "step": step,
-        "position": position.to_dict(),
-        "seed": run.config.seed,
-        "world": run.world,
-        "dataset": run.dataset_version,
-    }
-    return save_checkpoint(engine, run.run_dir, step, client, run.rank)
-
-
 def _evaluate(
     engine: Any,
     data: Any,
@@ -479,7 +372,7 @@ def _evaluate(
     rank: int,
     world: int,
     step: int,
-    run: _Run,
+    run: RunState,
 ) -> float | None:
     stream = ClimateTextStream(
         data, "val", tokenizer, prompt=prompt, micro_batch=config.micro_batch, max_length=config.max_length,
