@@ -152,3 +152,22 @@ def test_no_import_cycles(package: str) -> None:
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+MODULE_LINES = 400
+OVERSIZE = {  # not split yet (issue 18); each ceiling is today's length and may only come down
+    "merra2_text_data/cli.py": 453, "merra2_text_data/publish.py": 476, "merra2_text_data/pairs.py": 484,
+    "merra2_text_data/synth.py": 478, "merra2_text_data/pipeline.py": 441, "fusion_trainer/base.py": 418,
+    "fusion_trainer/fusion.py": 402, "fusion_trainer/data.py": 454,
+}  # fmt: skip
+
+
+def test_no_module_grows_past_its_ceiling() -> None:
+    """Modules stay under 400 lines; the few not split yet may not grow (a ratchet: lower a ceiling when one shrinks,
+    drop it when the module is under the limit)."""
+    sizes = {f"{package}/{path.relative_to(folder)}": len(path.read_text(encoding="utf-8").splitlines())
+             for package, folder in SOURCES.items() for path in folder.rglob("*.py")}  # fmt: skip
+    over = {name: n for name, n in sizes.items() if n > OVERSIZE.get(name, MODULE_LINES)}
+    assert not over, f"modules over their line ceiling (split them by concept): {over}"
+    stale = {name: (sizes.get(name), cap) for name, cap in OVERSIZE.items() if sizes.get(name, 0) <= MODULE_LINES}
+    assert not stale, f"under {MODULE_LINES} lines now or gone: drop them from OVERSIZE: {stale}"
