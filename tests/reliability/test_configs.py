@@ -26,6 +26,7 @@ BAD_BUILD_TYPES: dict[str, dict[str, Any]] = {
         "cache_dir": ["x"],
         "allow_gaps": "perhaps",
         "allow_partial_days": "some",
+        "hash_granules": "sometimes",
     },
     "subset": {"region": 12, "years": [2019], "start": "yesterday", "end": {"day": 1}, "variables": 7},
     "sample": {
@@ -57,6 +58,7 @@ BAD_BUILD_VALUES: dict[str, dict[str, Any]] = {
         "cache_dir": "",
         "allow_gaps": "perhaps",
         "allow_partial_days": "some",
+        "hash_granules": "sometimes",
     },
     "subset": {
         "region": "atlantis",
