@@ -213,8 +213,7 @@ def _cache_dir(config: BuildConfig) -> Path:
 
 
 def _digest_cache_dir(config: BuildConfig) -> Path:
-    """A local folder for the granule digests (the client's own): the build's cache when it is local and this machine's,
-    else ~/.cache/merra2-text (an object-store cache, or a cache folder that is each worker's own on a cluster)."""
+    """The client's folder for granule digests: a local cache of this machine, else ~/.cache/merra2-text."""
     cache = config.source.cache_location()
     if cache is not None and (config.run.scheduler or not is_local(url_to_fs(str(cache))[0])):
         return Path.home() / ".cache" / "merra2-text"
