@@ -506,8 +506,8 @@ def test_a_local_granule_rewritten_in_place_builds_another_version(
         f"SHA256:{hashlib.sha256(path.read_bytes()).hexdigest()}")  # fmt: skip
 
     reads: list[str] = []
-    real = granule_digests.url_digest
-    monkeypatch.setattr(granule_digests, "url_digest", lambda url: reads.append(url) or real(url))
+    real = granule_digests.file_digest
+    monkeypatch.setattr(granule_digests, "file_digest", lambda url: reads.append(url) or real(url))
     assert plan_build(build_config(granules, out)).version == first.version
     assert reads == [], "unchanged granules were hashed again"
 

@@ -28,10 +28,10 @@ class _SizeMismatch(Exception):
 
 
 
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file's bytes (read 1 MiB at a time)."""
+def file_digest(path: Path | str, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes (a local path or any fsspec URL; read 1 MiB at a time)."""
     digest = hashlib.new(algorithm)
-    with path.open("rb") as fh:
+    with fsspec.open(str(path), "rb") as fh:
         while block := fh.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()

@@ -13,7 +13,6 @@ version (no ETag, no modification time) is hashed on every plan.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,34 +25,25 @@ from pathlib import Path
 
 import fsspec
 
+from .download import file_digest
 from .granules import Granule
 from .tempfiles import temp_sibling
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DIGEST_FILE", "content_digests", "url_digest"]
+__all__ = ["DIGEST_FILE", "content_digests"]
 
 DIGEST_FILE = "granule-digests.json"
-_BLOCK = 1 << 22
-
-
-def url_digest(url: str) -> str:
-    """Hex SHA-256 of the bytes at `url` (a local path or any fsspec URL), read 4 MiB at a time."""
-    digest = hashlib.sha256()
-    with fsspec.open(url, "rb") as fh:
-        while block := fh.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _stamp(url: str) -> str | None:
     """What changes when the bytes at `url` change, short of reading them; None when the store says nothing."""
     fs, path = fsspec.core.url_to_fs(url)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        stat = os.stat(path)  # one stat, no fsspec info call
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
     info = fs.info(path)
     size = info.get("size")
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        stat = os.stat(path)
-        return f"{stat.st_size}:{stat.st_mtime_ns}"
     version = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("LastModified") or info.get(
         "mtime") or info.get("last_modified")  # fmt: skip
     return None if version is None else f"{size}:{version}"
@@ -100,7 +90,7 @@ def content_digests(granules: Sequence[Granule], cache_dir: str | Path | None, w
         done = [0, time.monotonic()]
 
         def one(i: int) -> tuple[int, str]:
-            digest = url_digest(granules[i].url)
+            digest = file_digest(granules[i].url)
             with lock:
                 done[0] += 1
                 if time.monotonic() - done[1] >= log_every_s:
