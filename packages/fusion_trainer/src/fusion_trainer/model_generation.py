@@ -134,8 +134,9 @@ class FusedGeneration(nn.Module):
 
         def step(embeds: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> tuple[Tensor, Any]:
             with self._climate_scope(tokens):
+                # logits at the last position only: the prompt's other positions predict nothing here
                 out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-                              **{self._cache_kwarg: cache})  # fmt: skip
+                              logits_to_keep=1, **{self._cache_kwarg: cache})  # fmt: skip
             return out.logits[:, -1, :], getattr(out, "cache", None) or getattr(out, "past_key_values", None)
 
         stops = stop_ids(tok, self.lm.generation_config)
