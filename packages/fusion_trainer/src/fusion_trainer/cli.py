@@ -251,6 +251,10 @@ def eval_command(
     split: Annotated[str, typer.Option(help="train | val | test")] = "test",
     batch_size: Annotated[int, typer.Option(help="samples per batch")] = 4,
     max_batches: Annotated[int | None, typer.Option(help="cap on batches")] = None,
+    loss_samples: Annotated[
+        int,
+        typer.Option(help="score the losses and gains on N samples spread evenly over the split (0: every sample)"),
+    ] = 0,
     generations: Annotated[
         Path | None, typer.Option(help="score this fusion-generate JSONL instead of generating here")
     ] = None,
@@ -279,7 +283,7 @@ def eval_command(
         result = evaluate_run(
             run, shards, split, batch_size=batch_size, max_batches=max_batches, generations=generations,
             generate_limit=generate_limit or None, max_new_tokens=max_new_tokens, interventions=intervene or (),
-            intervene_limit=intervene_limit,
+            intervene_limit=intervene_limit, loss_samples=loss_samples or None,
         )  # fmt: skip
     except (FusionError, ContractError) as exc:
         raise _fail(exc) from exc

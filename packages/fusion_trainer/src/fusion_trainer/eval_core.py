@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import TrainConfig
@@ -220,6 +221,8 @@ class EvalContext:
     seed: int = 0
     interventions: tuple[str, ...] = ()
     intervene_limit: int = 64
+    loss_samples: int | None = None
+    """Samples spread evenly over the split for the losses and the gains (None: every sample)."""
 
     def generated(self) -> list[dict[str, Any]]:
         """The generations scored (given with --generations, or made here once and kept for every section)."""
@@ -235,11 +238,32 @@ class EvalContext:
         return self.generations
 
     def batches(self) -> Any:
-        """A fresh pass over the split's batches (one process, manifest order)."""
+        """A fresh pass over the split's batches (one process, manifest order); with `loss_samples`, only that many
+        samples, spread evenly over the split (the same ones every pass), batched alike."""
         from .data import ClimateTextStream
 
-        return ClimateTextStream(
+        stream = ClimateTextStream(
             self.dataset, self.split, self.model.tokenizer, prompt=self.prompt, micro_batch=self.batch_size,
             max_length=self.config.max_length, train=False, verify=self.config.verify_shards,
             caption=self.config.caption,
         )  # fmt: skip
+        total = sum(s.samples for s in self.dataset.shards(self.split))
+        if self.loss_samples is None or self.loss_samples >= total:
+            return stream
+        return self._spread(stream, total, self.loss_samples)
+
+    def _spread(self, stream: Any, total: int, count: int) -> Iterator[dict[str, Any]]:
+        """Batches of `count` samples at evenly spaced positions of the split's manifest order."""
+        from .data import epoch_samples
+
+        wanted = {int(i) for i in np.linspace(0, total - 1, count).round()}
+        raws = epoch_samples(self.dataset, self.split, epoch=0, rank=0, world=1, seed=0, shuffle=False)
+        chunk: list[Any] = []
+        for position, raw in enumerate(raws):
+            if position in wanted:
+                chunk.append(raw)
+                if len(chunk) == self.batch_size:
+                    yield stream._collate_raw(chunk)
+                    chunk = []
+        if chunk:
+            yield stream._collate_raw(chunk)

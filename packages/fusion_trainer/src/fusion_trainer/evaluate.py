@@ -146,6 +146,7 @@ def evaluate_run(
     max_new_tokens: int = 96,
     interventions: Sequence[str] = (),
     intervene_limit: int = 64,
+    loss_samples: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a finished run on one split; the dict `fusion-eval` prints as JSON.
 
@@ -158,6 +159,10 @@ def evaluate_run(
         generations: a `fusion-generate` JSONL to score for faithfulness; None: generate `generate_limit` here.
         generate_limit: samples to generate when `generations` is None (None: the whole split).
         max_new_tokens: tokens per generated caption.
+        interventions: shifts such as "T2M=+3" (see `interventions`); a grid permutation runs with them.
+        intervene_limit: windows (spread over the split) the interventions use.
+        loss_samples: samples spread evenly over the split for the losses and the gains (None: every sample); the
+            four passes cost about 4 s per sample for SmolLM2 on 2 CPU cores, so a big split is scored on a spread.
 
     Returns:
         {"run", "dataset", "version", "split", "caption", "fused": {loss, perplexity, ...}, "base": {...},
@@ -184,7 +189,8 @@ def evaluate_run(
                       max_batches=max_batches, generate_limit=generate_limit, max_new_tokens=max_new_tokens,
                       seed=config.seed,
                       generations=read_generations(generations) if generations is not None else None,
-                      interventions=tuple(interventions), intervene_limit=intervene_limit)  # fmt: skip
+                      interventions=tuple(interventions), intervene_limit=intervene_limit,
+                      loss_samples=loss_samples)  # fmt: skip
     result: dict[str, Any] = {
         "run": str(run_dir),
         "dataset": data.reference,

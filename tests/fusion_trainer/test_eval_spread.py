@@ -1,0 +1,40 @@
+"""`fusion-eval --loss-samples N`: the losses and gains are scored on N samples spread evenly over the split (the
+same ones in every pass), not on its first batches in manifest order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from fusion_trainer.config import TrainConfig
+from fusion_trainer.data import epoch_samples, open_shards
+from fusion_trainer.eval_core import EvalContext
+from fusion_trainer.evaluate import evaluate_run
+from fusion_trainer.runs import load_run_for
+from fusion_trainer.train import train
+
+
+def test_loss_samples_spread_over_the_split(make_config: Callable[..., TrainConfig], dataset_ref: str) -> None:
+    config = make_config(steps=1)
+    train(config)
+    data = open_shards(dataset_ref)
+    run = load_run_for(Path(config.out), data)
+    order = [raw.key for raw in epoch_samples(data, "val", epoch=0, rank=0, world=1, seed=0, shuffle=False)]
+    assert len(order) == 8
+
+    def keys(loss_samples: int | None) -> list[str]:
+        ctx = EvalContext(run_dir=Path(config.out), config=run.config, model=run.model, dataset=data, split="val",
+                          prompt=run.prompt, device=torch.device("cpu"), batch_size=2, max_batches=None,
+                          loss_samples=loss_samples)  # fmt: skip
+        return [k for batch in ctx.batches() for k in batch["keys"]]
+
+    spread = [order[int(i)] for i in np.linspace(0, 7, 3).round()]
+    assert keys(3) == spread == [order[0], order[4], order[7]]
+    assert keys(3) == spread  # the same samples on every pass (the gains compare passes)
+    assert keys(None) == keys(50) == order
+
+    result = evaluate_run(Path(config.out), dataset_ref, "val", batch_size=2, generate_limit=2, max_new_tokens=4,
+                          loss_samples=3)  # fmt: skip
+    assert result["fused"]["samples"] == result["base"]["samples"] == 3
