@@ -20,13 +20,13 @@ Rules (also the dataset card's wording):
 - Statistics are computed on that stored array (the aggregated resolution): `mean` is the cos(latitude)-weighted mean
   over grid points and time steps (identical to the hourly one, as buckets are equal-sized means), `min`/`max` are the
   extremes of the stored array. Captions quote these same numbers.
-- Splits (`splits.assign_splits`) and train normalisation (`normalize.NormAccumulator`) live in their own modules.
+- Durations (`durations`), tile ranges (`tiles`), splits (`splits`) and train normalisation (`normalize`) live in
+  their own modules.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,88 +36,21 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from .durations import HOUR, check_time_step, format_duration, parse_duration
 from .errors import BuildError, ConfigError, MissingDataError
+from .tiles import EDGE_TILES, dividing_tiles, tile_ranges
 
 __all__ = [
-    "HOUR",
-    "UNASSIGNED",
-    "SampleData",
-    "SamplePlan",
-    "check_time_step",
-    "extract_sample",
-    "extract_window",
-    "format_duration",
-    "iter_samples",
-    "parse_duration",
-    "plan_samples",
-    "tile_ranges",
-    "dividing_tiles",
-    "EDGE_TILES",
-    "with_split",
-]
+    "EDGE_TILES", "HOUR", "UNASSIGNED", "SampleData", "SamplePlan", "check_time_step", "dividing_tiles", "extract_sample",
+    "extract_window", "format_duration", "iter_samples", "parse_duration", "plan_samples", "tile_ranges", "with_split",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-HOUR = pd.Timedelta(hours=1)
 UNASSIGNED = "unassigned"
 """The split of a plan before `assign_splits`."""
 
-_DURATION_RE = re.compile(r"^\s*(\d+)\s*([hdw])\s*$", re.IGNORECASE)
-_UNIT_HOURS = {"h": 1, "d": 24, "w": 168}
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
-
-
-def parse_duration(text: str | pd.Timedelta) -> pd.Timedelta:
-    """Parse a window, stride or time step such as `1h`, `3h`, `12h`, `1d`, `7d`, `2w` (a whole number of hours).
-
-    Args:
-        text: the duration text (or an already parsed Timedelta, checked the same way).
-
-    Returns:
-        The duration.
-
-    Raises:
-        ConfigError: not `<positive integer><h|d|w>`, naming the value.
-
-    Examples:
-        >>> parse_duration("3h")
-        Timedelta('0 days 03:00:00')
-    """
-    if isinstance(text, pd.Timedelta):
-        td = text
-    else:
-        match = _DURATION_RE.match(str(text))
-        if not match:
-            raise ConfigError(
-                f"duration {text!r} is not understood; write a whole number of h, d or w: 1h, 3h, 1d, 7d"
-            )
-        td = pd.Timedelta(hours=int(match.group(1)) * _UNIT_HOURS[match.group(2).lower()])
-    if td <= pd.Timedelta(0) or td % HOUR != pd.Timedelta(0):
-        raise ConfigError(
-            f"duration {text!r} must be a positive whole number of hours (the source is hourly)"
-        )
-    return td
-
-
-def format_duration(td: pd.Timedelta) -> str:
-    """The short text of a duration: `1d`, `6h` (inverse of `parse_duration`)."""
-    hours = int(td / HOUR)
-    return f"{hours // 24}d" if hours % 24 == 0 else f"{hours}h"
-
-
-def check_time_step(window: str | pd.Timedelta, time_step: str | pd.Timedelta) -> pd.Timedelta:
-    """Check that `time_step` (e.g. 1h, 3h, 1d) divides `window`; return the parsed time step.
-
-    Raises:
-        ConfigError: naming both values when the step is longer than the window or does not divide it.
-    """
-    w, s = parse_duration(window), parse_duration(time_step)
-    if w % s != pd.Timedelta(0):
-        raise ConfigError(
-            f"--time-step {format_duration(s)} does not divide --window {format_duration(w)}; "
-            "choose a time step such as 1h, 3h or 1d that divides the window"
-        )
-    return s
 
 
 @dataclass(frozen=True)
@@ -197,34 +130,6 @@ def _utc(value: Any) -> pd.Timestamp:
 def _utc_index(times: Any) -> pd.DatetimeIndex:
     idx = pd.DatetimeIndex(times)
     return idx.tz_localize("UTC") if idx.tz is None else idx.tz_convert("UTC")
-
-
-EDGE_TILES = ("drop", "keep")
-"""What happens to the partial tile at the north/east edge of a region the tile does not divide (module rules)."""
-
-
-def tile_ranges(n: int, size: int | None, edge_tiles: str = "drop") -> list[tuple[int, int]]:
-    """Index ranges of the tiles along one axis of `n` points (see the module rules for the partial edge tile).
-
-    Raises:
-        ConfigError: `edge_tiles` is not one of `EDGE_TILES`.
-    """
-    if edge_tiles not in EDGE_TILES:
-        raise ConfigError(f"edge_tiles {edge_tiles!r} is not one of {', '.join(EDGE_TILES)}")
-    if size is None:
-        return [(0, n)] if n > 0 else []
-    ranges = [(i, i + size) for i in range(0, n - size + 1, size)]
-    rest = n - len(ranges) * size
-    if edge_tiles == "keep" and rest and 2 * rest >= size:
-        ranges.append((n - rest, n))
-    return ranges
-
-
-def dividing_tiles(n: int, size: int, count: int = 3) -> list[int]:
-    """Tile edges that divide `n` grid points, nearest to `size` first (by ratio; 1 only for a 1-point axis), for
-    messages that suggest one."""
-    divisors = [d for d in range(2, n + 1) if n % d == 0] or [1]
-    return sorted(divisors, key=lambda d: (abs(math.log(d / size)), d))[:count]
 
 
 def _window_starts(
