@@ -14,7 +14,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from .errors import DataError
 
-__all__ = ["batch_windows", "decode", "decode_texts", "encode_prompts", "stop_ids"]
+__all__ = ["batch_windows", "break_ids", "decode", "decode_texts", "encode_prompts", "stop_ids"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,18 @@ def stop_ids(tok: PreTrainedTokenizerBase, generation_config: GenerationConfig |
     """The tokenizer's EOS and the model's generation-config EOS ids."""
     extra = generation_config.eos_token_id if generation_config is not None else None
     return {int(t) for t in {tok.eos_token_id, *np.atleast_1d(extra or []).tolist()} if t is not None}
+
+
+_BREAKS: dict[tuple[int, int], frozenset[int]] = {}
+
+
+def break_ids(tok: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Ids of the tokens whose text holds a line break (one scan of the vocabulary per tokenizer, kept)."""
+    key = (id(tok), len(tok))
+    if key not in _BREAKS:
+        texts = tok.batch_decode([[i] for i in range(len(tok))])
+        _BREAKS[key] = frozenset(i for i, t in enumerate(texts) if "\n" in t)
+    return _BREAKS[key]
 
 
 def encode_prompts(
@@ -127,10 +139,16 @@ def decode(
     return [list(map(int, row)) for row in torch.stack(out_ids, dim=1).tolist()]
 
 
-def decode_texts(tok: PreTrainedTokenizerBase, rows: list[list[int]], stops: set[int]) -> list[str]:
-    """Each row's text up to its first stop id, special tokens removed."""
+def decode_texts(
+    tok: PreTrainedTokenizerBase, rows: list[list[int]], stops: set[int], breaks: frozenset[int] = frozenset()
+) -> list[str]:
+    """Each row's text up to its first stop id, special tokens removed; with `breaks` (`break_ids`), only its first
+    line (the text before the first line break, which may sit inside a token)."""
     texts = []
     for row in rows:
-        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-        texts.append(str(tok.decode(row[:cut], skip_special_tokens=True)))
+        cut = next((i for i, t in enumerate(row) if t in stops or t in breaks), len(row))
+        if cut < len(row) and row[cut] in breaks:
+            cut += 1  # the break's token may carry text before the break
+        text = str(tok.decode(row[:cut], skip_special_tokens=True))
+        texts.append(text.split("\n", 1)[0] if breaks else text)
     return texts

@@ -19,7 +19,7 @@ from .encoder import ClimateEncoder, ClimateTokens
 from .errors import ConfigError, ModelError
 from .fusion import fuse_new_tokens
 from .fusion_config import FusionConfig
-from .generation import batch_windows, decode, decode_texts, encode_prompts, stop_ids
+from .generation import batch_windows, break_ids, decode, decode_texts, encode_prompts, stop_ids
 from .lm_pass import PromptCache
 from .readout import readout_values, render_readout
 
@@ -84,6 +84,7 @@ class FusedGeneration(nn.Module):
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        one_line: bool = False,
     ) -> list[str]:
         """Generate text for climate windows, batched with left padding and a KV cache.
 
@@ -98,6 +99,9 @@ class FusedGeneration(nn.Module):
             temperature: softmax temperature when sampling.
             top_p: nucleus sampling threshold (1.0: off).
             seed: seeds a private generator (the global RNG is untouched).
+            one_line: stop a row at its first line break as at EOS and return the text before it (a caption is one
+                line; without it a row the LM does not end runs on to `max_new_tokens`). Greedy, the text is the
+                first line of what `one_line=False` returns.
 
         Returns:
             The generated continuations (prompt excluded, special tokens removed).
@@ -140,10 +144,11 @@ class FusedGeneration(nn.Module):
             return out.logits[:, -1, :], getattr(out, "cache", None) or getattr(out, "past_key_values", None)
 
         stops = stop_ids(tok, self.lm.generation_config)
+        breaks = break_ids(tok) if one_line else frozenset()
         pad = int(tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0))
-        rows = decode(embeds, mask, step, lambda nxt: self.step_embeddings(nxt, tokens), stops, pad, max_new_tokens,
+        rows = decode(embeds, mask, step, lambda nxt: self.step_embeddings(nxt, tokens), stops | breaks, pad, max_new_tokens,
                       do_sample, temperature, top_p, seed, cache=cache)  # fmt: skip
-        return decode_texts(tok, rows, stops)
+        return decode_texts(tok, rows, stops, breaks)
 
     def step_embeddings(self, input_ids: Tensor, climate: ClimateTokens) -> Tensor:
         """Embeddings of newly generated tokens `(B, 1)` -> `(B, 1, H)`, fused as in training (add / xattn)."""

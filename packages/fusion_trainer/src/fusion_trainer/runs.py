@@ -95,7 +95,8 @@ class FusionRun:
         out: list[str] = []
         for i in range(0, x.shape[0], batch_size):
             chunk = x[i : i + batch_size].to(device)
-            out += self.model.generate(chunk, self.prompt, max_new_tokens=max_new_tokens, do_sample=False)
+            out += self.model.generate(chunk, self.prompt, max_new_tokens=max_new_tokens, do_sample=False,
+                                       one_line=True)
         return out
 
 
