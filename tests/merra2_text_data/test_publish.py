@@ -20,13 +20,8 @@ from climate_text_schema import (
     open_dataset,
 )
 from merra2_text_data.errors import PublishError
-from merra2_text_data.publish import (
-    commit_version,
-    compute_version,
-    manifest_exists,
-    url_to_fs,
-    write_create_only,
-)
+from merra2_text_data.fs import url_to_fs, write_create_only
+from merra2_text_data.publish import commit_version, compute_version, manifest_exists
 from merra2_text_data.shards import SampleRecord, write_shard
 from merra2_text_data.versions import diff, gc, list_versions, tag, verify
 

@@ -12,6 +12,7 @@ import fsspec
 import numpy as np
 import pytest
 from climate_text_schema import SampleError, SampleMeta
+from merra2_text_data.fs import write_atomic
 from merra2_text_data.shards import (
     SampleRecord,
     estimate_sample_bytes,
@@ -19,7 +20,6 @@ from merra2_text_data.shards import (
     pack_by_size,
     read_shard,
     shard_bytes,
-    write_atomic,
     write_shard,
     write_shards,
 )

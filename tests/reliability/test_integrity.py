@@ -331,7 +331,7 @@ def _commit_args(
 ) -> tuple[Any, str, Manifest, pd.DataFrame, pd.DataFrame, str]:
     """commit_version's arguments for the version in `vdir`: its manifest `raw` with another `created_at` (so
     another build's manifest), its index and quarantine, and `card`."""
-    from merra2_text_data.publish import url_to_fs
+    from merra2_text_data.fs import url_to_fs
 
     fs, url = url_to_fs(str(vdir.parents[1]))
     manifest = Manifest.model_validate({**raw, "created_at": created_at, "files": None})
@@ -398,7 +398,7 @@ def test_two_concurrent_commits_of_one_version_one_wins_the_other_fails_cleanly(
 def test_write_create_only_leaves_no_temp_file_when_the_write_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from merra2_text_data.publish import write_create_only
+    from merra2_text_data.fs import write_create_only
 
     fs = fsspec.filesystem("file")
     real = fs.pipe_file
@@ -432,7 +432,7 @@ class _IgnoringStore(_Store):
 def test_a_store_that_ignores_if_none_match_is_refused_before_a_commit() -> None:
     """Some S3-compatible stores accept If-None-Match and ignore it: a manifest would be replaced silently. A probe
     write, once per bucket, detects it."""
-    from merra2_text_data.publish import write_create_only
+    from merra2_text_data.fs import write_create_only
 
     good = _Store(skip_instance_cache=True)
     assert write_create_only(good, "s3://good-bucket/ds/m.json", b"1") is True

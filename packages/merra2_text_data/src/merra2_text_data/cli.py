@@ -307,15 +307,14 @@ def inspect(
     """Summarise a version, show one sample's text, and optionally draw its map (--png FILE)."""
     from climate_text_schema import open_dataset
 
-    from .shards import fs_path, iter_shard
+    from .fs import fs_path
+    from .shards import iter_shard
 
     _setup_logging(verbose)
     ds = open_dataset(ref)
     m = ds.manifest
     typer.echo(f"{m.name} @ {m.version}  (created {m.created_at}, schema {m.schema_version})")
-    typer.echo(
-        f"  samples: {', '.join(f'{s} {n}' for s, n in m.splits.items())}; quarantined {m.quarantined}"
-    )
+    typer.echo(f"  samples: {', '.join(f'{s} {n}' for s, n in m.splits.items())}; quarantined {m.quarantined}")
     typer.echo(f"  window {m.window}, time step {m.time_step}; {len(m.shards)} shard(s), "
                f"{sum(s.bytes for s in m.shards):,} bytes; {len(m.sources)} source granule(s)")  # fmt: skip
     typer.echo(f"  variables: {', '.join(f'{v.name} [{v.units}]' for v in m.variables)}")

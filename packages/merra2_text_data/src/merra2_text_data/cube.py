@@ -40,11 +40,10 @@ from climate_text_schema import join_url
 from . import daystore as _daystore
 from .cube_source import CubeSource
 from .errors import BuildError, GranuleError
+from .fs import fs_path, is_local, url_to_fs
 from .granules import Granule
 from .pairs import SamplePlan
-from .publish import url_to_fs
 from .regions import Region
-from .shards import fs_path, is_local
 
 __all__ = [
     "CUBE_STAGE",

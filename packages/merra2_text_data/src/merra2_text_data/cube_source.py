@@ -6,10 +6,9 @@ import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
+from .fs import is_local, url_to_fs
 from .granules import Granule
-from .publish import url_to_fs
 from .regions import Region
-from .shards import is_local
 
 __all__ = ["CubeSource"]
 

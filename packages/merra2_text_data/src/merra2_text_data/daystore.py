@@ -30,9 +30,8 @@ from climate_text_schema import join_url
 
 from .download import download_granules
 from .errors import BuildError
+from .fs import fs_path, is_local, store_error, url_to_fs, write_create_only
 from .granules import Granule
-from .publish import url_to_fs, write_create_only
-from .shards import fs_path, is_local, store_error
 from .subset import cache_key, open_region
 from .tempfiles import remove_stale_temps, temp_sibling
 

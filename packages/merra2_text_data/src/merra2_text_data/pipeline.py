@@ -67,23 +67,16 @@ from .era5 import (
 from .errors import BuildError, MissingDataError
 from .events import Event, load_storm_events, load_text_table, match_events
 from .fetch import find_granules
+from .fs import fs_path, is_local, url_to_fs
 from .granule_digests import content_digests
 from .granules import Granule, collection_for, missing_days
 from .normalize import NormAccumulator
 from .pairs import SamplePlan, parse_duration, plan_samples
 from .provenance import source_kind, text_sources
-from .publish import (
-    clean_up,
-    commit_version,
-    compute_version,
-    manifest_exists,
-    tag_points_at,
-    url_to_fs,
-    write_tag,
-)
+from .publish import clean_up, commit_version, compute_version, manifest_exists, tag_points_at, write_tag
 from .regions import Region, parse_region
 from .runner import connect, run_tasks
-from .shards import estimate_sample_bytes, fs_path, is_local, pack_by_size
+from .shards import estimate_sample_bytes, pack_by_size
 from .splits import assign_splits, holdout_tiles
 from .tasks import ANOMALY_VARIABLE, STATS_STAGE, ShardTask, units_of
 from .validate import quarantine_frame

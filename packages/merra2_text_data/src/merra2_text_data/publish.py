@@ -26,7 +26,6 @@ import socket
 import time
 from typing import Any
 
-import fsspec
 import pandas as pd
 from climate_text_schema import (
     INDEX_FILE,
@@ -50,7 +49,7 @@ from climate_text_schema import (
 from fsspec import AbstractFileSystem
 
 from .errors import PublishError, StoreError
-from .shards import fs_path, is_local, store_error, write_atomic
+from .fs import fs_path, is_local, write_atomic, write_create_only
 from .tempfiles import is_stale_temp, remove_stale_temps, temp_sibling
 
 __all__ = [
@@ -62,8 +61,6 @@ __all__ = [
     "read_receipts",
     "staging_url",
     "tag_points_at",
-    "url_to_fs",
-    "write_create_only",
     "write_receipt",
     "write_tag",
 ]
@@ -80,14 +77,6 @@ _TAG_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 def is_tag_name(tag: str) -> bool:
     """True for a tag name the contract allows (no path separators, not starting with a dot)."""
     return _TAG_NAME.fullmatch(tag) is not None
-
-
-def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
-    """The fsspec filesystem of `url` and the URL itself (a local path is made absolute)."""
-    if "://" not in url:
-        url = os.path.abspath(os.path.expanduser(url))
-    fs, _ = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return fs, url
 
 
 def compute_version(
@@ -118,104 +107,6 @@ def compute_version(
 def manifest_exists(fs: AbstractFileSystem, dataset_url: str, version: str) -> bool:
     """True when `version` of the dataset is committed (its manifest.json exists)."""
     return bool(fs.exists(fs_path(fs, join_url(version_url(dataset_url, version), MANIFEST_FILE))))
-
-
-def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
-    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-
-
-def write_create_only(fs: AbstractFileSystem, url: str, data: bytes) -> bool:
-    """Write `data` at `url` only if nothing is there yet.
-
-    Local disk: a temp sibling hard-linked onto the name (a link never replaces); the temp file is removed whatever
-    happens. S3: a conditional PUT (`If-None-Match: *`), after a once-per-store probe that the store honours it
-    (`check_conditional_writes`). Elsewhere: check, then write.
-
-    Returns:
-        True if written, False if an object already existed (it is left untouched).
-
-    Raises:
-        StoreError: the write failed; no temp file is left.
-        PublishError: the store ignores conditional writes (an object would be silently replaced).
-    """
-    path = fs_path(fs, url)
-    if is_local(fs):
-        parent = path.rsplit("/", 1)[0]
-        tmp = temp_sibling(path)
-        try:
-            fs.makedirs(parent, exist_ok=True)
-            fs.pipe_file(tmp, data)
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            raise store_error(url, exc) from exc
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        return True
-    protocols = _protocols(fs)
-    if "s3" in protocols or "s3a" in protocols:
-        check_conditional_writes(fs, path)
-        try:
-            fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            return False
-        except Exception as exc:
-            raise store_error(url, exc) from exc
-        return True
-    if fs.exists(path):  # no conditional write on this store: check, then write
-        return False
-    try:
-        fs.pipe_file(path, data)
-    except Exception as exc:
-        raise store_error(url, exc) from exc
-    return True
-
-
-_CONDITIONAL_OK: set[str] = set()
-"""Buckets (filesystem class, options digest, `protocol://bucket`) whose store was seen to refuse a second create-only PUT of one key."""
-
-
-def check_conditional_writes(fs: AbstractFileSystem, path: str) -> None:
-    """Once per bucket: write a probe object create-only twice; the second write must be refused.
-
-    Some S3-compatible stores accept `If-None-Match: *` and ignore it, so a create-only manifest write would replace
-    a published one silently. Such a store is refused here, before anything is committed to it.
-
-    Raises:
-        PublishError: the store replaced the probe (it ignores conditional writes).
-        StoreError: the probe could not be written.
-    """
-    lead = "/" if path.startswith("/") else ""
-    bucket = path.lstrip("/").split("/", 1)[0]
-    where = f"{_protocols(fs)[0]}://{bucket}"
-    options = hashlib.sha256(repr(sorted(fs.storage_options.items())).encode()).hexdigest()[:16]
-    key = (
-        f"{type(fs).__name__} {options} {where}"  # the same bucket name on another endpoint is another store
-    )
-    if key in _CONDITIONAL_OK:
-        return
-    probe = f"{lead}{bucket}/.merra2-text-probe/{temp_sibling('create-only').rsplit('/', 1)[-1]}"
-    try:
-        fs.pipe_file(probe, b"1", mode="create")
-        try:
-            fs.pipe_file(probe, b"2", mode="create")
-            replaced = True
-        except FileExistsError:
-            replaced = False
-    except Exception as exc:
-        raise store_error(f"{where}/{probe.lstrip('/').split('/', 1)[1]}", exc) from exc
-    finally:
-        with contextlib.suppress(Exception):
-            fs.rm_file(probe)
-    if replaced:
-        raise PublishError(
-            f"the store of {where} ignores conditional writes (If-None-Match: *): a second create-only PUT of a probe "
-            "object replaced it, so a published manifest could be overwritten silently. Publish to a store that "
-            "honours If-None-Match (AWS S3, MinIO, recent Ceph) or to a local folder"
-        )
-    _CONDITIONAL_OK.add(key)
 
 
 def write_tag(fs: AbstractFileSystem, dataset_url: str, tag: str, version: str) -> None:

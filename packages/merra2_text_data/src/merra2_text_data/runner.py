@@ -13,7 +13,8 @@ import xarray as xr
 
 from .config import BuildConfig
 from .cube_source import CubeSource
-from .publish import read_receipts, url_to_fs
+from .fs import url_to_fs
+from .publish import read_receipts
 
 __all__ = ["connect", "run_tasks"]
 

@@ -46,21 +46,17 @@ from climate_text_schema import (
 )
 from fsspec import AbstractFileSystem
 
-from .errors import StoreError
-from .tempfiles import temp_sibling
+from .fs import fs_path, write_atomic
 
 __all__ = [
     "SampleRecord",
     "ShardContent",
     "encode_sample",
     "estimate_sample_bytes",
-    "fs_path",
-    "is_local",
     "iter_shard",
     "pack_by_size",
     "read_shard",
     "shard_bytes",
-    "write_atomic",
     "write_shard",
     "write_shards",
 ]
@@ -90,58 +86,6 @@ class ShardContent:
     keys: list[str] = field(default_factory=list)
     sha256: str = ""
     bytes: int = 0
-
-
-def fs_path(fs: AbstractFileSystem, url: str) -> str:
-    """The filesystem-internal path of a URL (strips `s3://`, `file://`)."""
-    return str(fs._strip_protocol(url))
-
-
-def is_local(fs: AbstractFileSystem) -> bool:
-    """True for the local-disk filesystem (where rename is atomic and hard links exist)."""
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return "file" in protocols or "local" in protocols
-
-
-def store_error(url: str, exc: Exception) -> StoreError:
-    """The error of a failed write to the store: names the object and the way out."""
-    return StoreError(
-        f"writing {url} failed ({type(exc).__name__}: {exc}); the store is unreachable, throttling or refusing the "
-        "write: check it and your credentials, then rerun the same command (what is already stored is kept)"
-    )
-
-
-def write_atomic(fs: AbstractFileSystem, url: str, data: bytes) -> None:
-    """Write `data` at `url` so that a reader sees either nothing (or the old object) or all of it.
-
-    Local disk: a temp sibling, then rename. Object stores: one PUT to the final key.
-
-    Raises:
-        StoreError: the write failed (after the store client's own retries); nothing partial is visible.
-    """
-    try:
-        _write_atomic(fs, url, data)
-    except StoreError:
-        raise
-    except Exception as exc:
-        raise store_error(url, exc) from exc
-
-
-def _write_atomic(fs: AbstractFileSystem, url: str, data: bytes) -> None:
-    path = fs_path(fs, url)
-    if is_local(fs):
-        parent = path.rsplit("/", 1)[0]
-        fs.makedirs(parent, exist_ok=True)
-        tmp = temp_sibling(path)
-        try:
-            fs.pipe_file(tmp, data)
-            fs.mv(tmp, path)
-        except BaseException:
-            if fs.exists(tmp):
-                fs.rm_file(tmp)
-            raise
-    else:
-        fs.pipe_file(path, data)
 
 
 def _encode_meta(meta: SampleMeta) -> bytes:

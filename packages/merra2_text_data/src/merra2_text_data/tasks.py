@@ -32,9 +32,10 @@ from .cube import days_of, open_cube
 from .cube_source import CubeSource
 from .errors import PublishError
 from .events import Event
+from .fs import url_to_fs
 from .normalize import NormAccumulator
 from .pairs import SamplePlan, iter_samples
-from .publish import manifest_exists, url_to_fs, write_receipt
+from .publish import manifest_exists, write_receipt
 from .regions import REGIONS, parse_region
 from .shards import SampleRecord, write_shard
 from .text import describe_region, make_caption

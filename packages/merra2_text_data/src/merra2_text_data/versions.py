@@ -34,8 +34,9 @@ from climate_text_schema import (
 from fsspec import AbstractFileSystem
 
 from .errors import PublishError
-from .publish import is_tag_name, url_to_fs, write_tag
-from .shards import fs_path, read_shard
+from .fs import fs_path, url_to_fs
+from .publish import is_tag_name, write_tag
+from .shards import read_shard
 
 __all__ = [
     "DiffReport",
