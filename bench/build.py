@@ -119,7 +119,7 @@ def _run(kind: str, args: dict[str, Any]) -> tuple[float, float, float]:
 
 def _granules(folder: Path, region: str, days: int) -> Path:
     from merra2_text_data.regions import parse_region
-    from merra2_text_data.synth import write_synthetic_granules
+    from merra2_text_data.source.synth import write_synthetic_granules
 
     target = folder / f"granules-{days}d"
     if not target.exists():

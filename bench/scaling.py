@@ -69,8 +69,9 @@ def _child_build(args: dict[str, Any]) -> None:
 
 def _child_global_day(args: dict[str, Any]) -> None:
     """One worker's cost of one global day: the cube task, then the shard tasks, in this process."""
-    from merra2_text_data import BuildConfig, pipeline, tasks
-    from merra2_text_data.cube import stage_cube
+    from merra2_text_data import BuildConfig, pipeline
+    from merra2_text_data.run import tasks
+    from merra2_text_data.run.cube import stage_cube
 
     day = str(START)
     cfg = BuildConfig.from_options(region="globe", start=day, end=day, source=args["granules"], window="1d",
@@ -98,7 +99,7 @@ def _child_global_day(args: dict[str, Any]) -> None:
 
 def _global_day(work: Path) -> dict[str, Any]:
     from merra2_text_data.regions import parse_region
-    from merra2_text_data.synth import write_synthetic_granules
+    from merra2_text_data.source.synth import write_synthetic_granules
 
     folder = work / "granules-globe-1d"
     if not folder.exists():
@@ -124,7 +125,7 @@ def _s3(work: Path, region: str, days: int) -> tuple[Any, str]:
     import boto3
     import s3fs
     from merra2_text_data.regions import parse_region
-    from merra2_text_data.synth import write_synthetic_granules
+    from merra2_text_data.source.synth import write_synthetic_granules
     from moto.server import ThreadedMotoServer
 
     folder = work / f"granules-{days}d"

@@ -64,7 +64,7 @@ def build_dataset(
     hourly windows (`DEMO_DATASET`)."""
     from merra2_text_data import BuildConfig, build
     from merra2_text_data.regions import parse_region
-    from merra2_text_data.synth import write_synthetic_granules
+    from merra2_text_data.source.synth import write_synthetic_granules
 
     tag = (
         ""

@@ -10,7 +10,7 @@ from typing import Any
 import typer
 from merra2_text_data import BuildConfig
 from merra2_text_data.cli import app
-from merra2_text_data.config_sections import parse_size
+from merra2_text_data.config.sections import parse_size
 
 NO_DEFAULT = {"region", "years", "start", "end", "scheduler", "events", "text_table", "config", "set_"}
 """Options that have no default value (what to build; optional inputs)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from merra2_text_data.config import BuildConfig
+from merra2_text_data.config.build import BuildConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_YAMLS = sorted((ROOT / "pipelines").glob("build-*.yaml"))

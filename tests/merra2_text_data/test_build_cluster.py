@@ -93,7 +93,7 @@ class _GranuleOpens:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import h5py
-        from merra2_text_data import download
+        from merra2_text_data.source import download
 
         self.calls: list[str] = []
         original = h5py.File.__init__
@@ -240,7 +240,7 @@ def test_a_client_killed_mid_build_resumes_to_the_local_version(
         if proc.poll() is None:
             proc.kill()
     assert not fs.exists(f"{s3_bucket}/out/{NAME}/versions/{version}/manifest.json"), "killed before its commit"
-    caplog.set_level("INFO", logger="merra2_text_data.runner")
+    caplog.set_level("INFO", logger="merra2_text_data.run.runner")
     ref = build(BuildConfig.from_options(**_options(source=s3_granules, out=f"{s3_bucket}/out",
                                                     cache=f"{s3_bucket}/cache",
                                                     scheduler=cluster.scheduler_address)))  # fmt: skip

@@ -26,7 +26,7 @@ from climate_text_schema import open_dataset
 from earthaccess.auth import Auth
 from merra2_text_data.cli import app
 from merra2_text_data.regions import parse_region
-from merra2_text_data.synth import write_synthetic_granules
+from merra2_text_data.source.synth import write_synthetic_granules
 from typer.testing import CliRunner
 
 runner = CliRunner()

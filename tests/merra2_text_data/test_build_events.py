@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from climate_text_schema import open_dataset
 from merra2_text_data.cli import app
-from merra2_text_data.events import load_storm_events
+from merra2_text_data.samples.events import load_storm_events
 from typer.testing import CliRunner
 
 runner = CliRunner()

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from climate_text_schema import Manifest, open_dataset, sample_features
 from merra2_text_data import BuildConfig, build
-from merra2_text_data.card import front_matter, make_card, size_category
-from merra2_text_data.coverage import compute_coverage
 from merra2_text_data.regions import parse_region
-from merra2_text_data.synth import write_synthetic_granules
+from merra2_text_data.samples.coverage import compute_coverage
+from merra2_text_data.source.synth import write_synthetic_granules
+from merra2_text_data.store.card import front_matter, make_card, size_category
 
 BBOX = "-100,40,-97,42"
 """5 x 5 MERRA-2 grid points (lat 40..42 step 0.5, lon -100..-97.5 step 0.625)."""

@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from climate_text_schema import open_dataset
 from merra2_text_data import BuildConfig, build, verify
-from merra2_text_data import tasks as tasks_mod
-from merra2_text_data.climatology import DayOfYearClimatology, spans_several_years
 from merra2_text_data.regions import parse_region
-from merra2_text_data.synth import write_synthetic_granules
-from merra2_text_data.text import parse_caption_numbers
+from merra2_text_data.run import tasks as tasks_mod
+from merra2_text_data.samples.climatology import DayOfYearClimatology, spans_several_years
+from merra2_text_data.samples.text import parse_caption_numbers
+from merra2_text_data.source.synth import write_synthetic_granules
 
 BBOX = "-100,40,-98,41"
 YEARS = (2018, 2019, 2020)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from climate_text_schema import DEFAULT_VARIABLES
-from merra2_text_data.config import BuildConfig, parse_size
+from merra2_text_data.config.build import BuildConfig, parse_size
 from merra2_text_data.errors import ConfigError
 
 

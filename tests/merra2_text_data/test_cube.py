@@ -1,4 +1,4 @@
-"""The cube of a build on the workers (`merra2_text_data.cube`): one zarr store per day behind a create-only marker,
+"""The cube of a build on the workers (`merra2_text_data.run.cube`): one zarr store per day behind a create-only marker,
 equal to the local cube; a second build reads no granule; two writers of one day commit once; the client's skeleton
 has the plan's coordinates and no readable data."""
 
@@ -13,15 +13,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
-from merra2_text_data import cube as cube_mod
-from merra2_text_data import daystore
-from merra2_text_data.cube import CubeSource, day_tasks, days_of, open_cube, skeleton_cube
 from merra2_text_data.errors import BuildError
-from merra2_text_data.fetch import find_granules
-from merra2_text_data.pairs import SamplePlan
 from merra2_text_data.regions import parse_region
-from merra2_text_data.subset import open_region
-from merra2_text_data.synth import write_synthetic_granules
+from merra2_text_data.run import cube as cube_mod
+from merra2_text_data.run import daystore
+from merra2_text_data.run.cube import CubeSource, day_tasks, days_of, open_cube, skeleton_cube
+from merra2_text_data.samples.pairs import SamplePlan
+from merra2_text_data.source.fetch import find_granules
+from merra2_text_data.source.subset import open_region
+from merra2_text_data.source.synth import write_synthetic_granules
 
 REGION = parse_region("-100,35,-96,38")
 START, END = dt.date(2020, 2, 28), dt.date(2020, 3, 1)

@@ -20,7 +20,7 @@ import pytest
 from climate_text_schema import SampleMeta, open_dataset
 from merra2_text_data import BuildConfig, build
 from merra2_text_data.regions import parse_region
-from merra2_text_data.synth import write_synthetic_granules
+from merra2_text_data.source.synth import write_synthetic_granules
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "datasets.md"
 RECIPES = {"open_dataset", "webdataset", "webdataset-s3", "datasets", "datasets-folder", "pyarrow"}

@@ -19,9 +19,9 @@ import xarray as xr
 import zarr
 from climate_text_schema import open_dataset
 from merra2_text_data import BuildConfig, build
-from merra2_text_data.era5 import ERA5_ATTRIBUTION, era5_source_info, open_era5
 from merra2_text_data.errors import ConfigError, GranuleError, MissingDataError
 from merra2_text_data.regions import parse_region
+from merra2_text_data.source.era5 import ERA5_ATTRIBUTION, era5_source_info, open_era5
 
 BIN = Path(sys.executable).parent
 HOURS_1940 = pd.Timestamp("1940-01-01")

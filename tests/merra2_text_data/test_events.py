@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from merra2_text_data import events as events_mod
 from merra2_text_data.errors import ConfigError
-from merra2_text_data.events import EVENT_COLUMNS, load_storm_events, load_text_table, match_events
-from merra2_text_data.pairs import SamplePlan, plan_samples
+from merra2_text_data.samples import events as events_mod
+from merra2_text_data.samples.events import EVENT_COLUMNS, load_storm_events, load_text_table, match_events
+from merra2_text_data.samples.pairs import SamplePlan, plan_samples
 
 SAMPLE = "noaa-storm-events/StormEvents_details_d2019_c20190617_sample300.csv"
 FULL = "noaa-storm-events/StormEvents_details-ftp_v1.0_d2019_c20190617.csv.gz"

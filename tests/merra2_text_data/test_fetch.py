@@ -21,7 +21,8 @@ import pytest
 import requests
 import responses
 from merra2_text_data.errors import ConfigError, CredentialsError, GranuleError, MissingDataError
-from merra2_text_data.fetch import (
+from merra2_text_data.regions import REGIONS
+from merra2_text_data.source.fetch import (
     COLLECTIONS,
     Granule,
     collection_for,
@@ -32,7 +33,6 @@ from merra2_text_data.fetch import (
     parse_granule_name,
     search_earthaccess,
 )
-from merra2_text_data.regions import REGIONS
 
 FIXTURES = Path(__file__).parent / "cmr_fixtures"
 BOTH = ["M2T1NXSLV", "M2T1NXFLX"]
@@ -119,7 +119,7 @@ def test_find_granules_in_nested_folders_with_gaps(tmp_path: Path) -> None:
 def test_duplicate_streams_keep_the_reprocessed_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _touch(tmp_path, "MERRA2_400.tavg1_2d_slv_Nx.20200915.nc4")
     _touch(tmp_path, "MERRA2_401.tavg1_2d_slv_Nx.20200915.nc4")
-    with caplog.at_level(logging.WARNING, logger="merra2_text_data.fetch"):
+    with caplog.at_level(logging.WARNING, logger="merra2_text_data.source.fetch"):
         granules, missing = find_granules(tmp_path, ["M2T1NXSLV"], date(2020, 9, 15), date(2020, 9, 15))
     assert [g.file_name for g in granules] == ["MERRA2_401.tavg1_2d_slv_Nx.20200915.nc4"] and missing == []
     assert "MERRA2_400.tavg1_2d_slv_Nx.20200915.nc4" in caplog.text

@@ -7,7 +7,7 @@ from datetime import date
 from pathlib import Path
 
 import pytest
-from merra2_text_data.fetch import find_granules
+from merra2_text_data.source.fetch import find_granules
 
 
 def _touch(path: Path) -> None:
@@ -21,7 +21,7 @@ def test_stray_files_are_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCa
     _touch(tmp_path / "notes.txt")
     _touch(tmp_path / ".DS_Store")  # hidden files are not worth a warning
     _touch(tmp_path / "MERRA2_400.tavg1_2d_rad_Nx.20190101.nc4")  # a granule of another collection: no warning
-    with caplog.at_level(logging.WARNING, logger="merra2_text_data.fetch"):
+    with caplog.at_level(logging.WARNING, logger="merra2_text_data.source.fetch"):
         granules, missing = find_granules(tmp_path, ["M2T1NXSLV"], date(2019, 1, 1), date(2019, 1, 2))
     assert [g.file_name for g in granules] == ["MERRA2_400.tavg1_2d_slv_Nx.20190101.nc4"]
     assert missing == [date(2019, 1, 2)]
@@ -33,7 +33,7 @@ def test_stray_files_are_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCa
 
 def test_a_clean_folder_warns_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _touch(tmp_path / "MERRA2_400.tavg1_2d_slv_Nx.20190101.nc4")
-    with caplog.at_level(logging.WARNING, logger="merra2_text_data.fetch"):
+    with caplog.at_level(logging.WARNING, logger="merra2_text_data.source.fetch"):
         find_granules(tmp_path, ["M2T1NXSLV"], date(2019, 1, 1), date(2019, 1, 1))
     assert not caplog.records
 
@@ -42,7 +42,7 @@ def test_many_stray_files_are_counted(tmp_path: Path, caplog: pytest.LogCaptureF
     for i in range(13):
         _touch(tmp_path / f"extra-{i:02d}.csv")
     _touch(tmp_path / "MERRA2_400.tavg1_2d_slv_Nx.20190101.nc4")
-    with caplog.at_level(logging.WARNING, logger="merra2_text_data.fetch"):
+    with caplog.at_level(logging.WARNING, logger="merra2_text_data.source.fetch"):
         find_granules(tmp_path, ["M2T1NXSLV"], date(2019, 1, 1), date(2019, 1, 1))
     [warning] = [r.getMessage() for r in caplog.records]
     assert "13 file(s)" in warning and "extra-09.csv and 3 more" in warning and "extra-10.csv" not in warning

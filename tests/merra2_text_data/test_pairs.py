@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import xarray as xr
 from climate_text_schema.sample import KEY_PATTERN
-from merra2_text_data import pairs
 from merra2_text_data.errors import BuildError, ConfigError, MissingDataError
-from merra2_text_data.normalize import NormAccumulator
-from merra2_text_data.pairs import (
+from merra2_text_data.samples import pairs
+from merra2_text_data.samples.normalize import NormAccumulator
+from merra2_text_data.samples.pairs import (
     SamplePlan,
     check_time_step,
     extract_sample,
@@ -24,7 +24,7 @@ from merra2_text_data.pairs import (
     plan_samples,
     tile_ranges,
 )
-from merra2_text_data.splits import assign_splits
+from merra2_text_data.samples.splits import assign_splits
 
 MakeCube = Callable[..., xr.Dataset]
 
@@ -326,7 +326,7 @@ def test_norm_accumulator_floor_and_errors() -> None:
 
 
 def test_holdout_tiles_go_to_test_at_every_time() -> None:
-    from merra2_text_data.splits import holdout_tiles
+    from merra2_text_data.samples.splits import holdout_tiles
 
     plans = _daily_plans(10, tile=(2, 2))  # 4 tiles x 10 days
     held = holdout_tiles(plans, 0.25, seed=3)

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from climate_text_schema import DEFAULT_VARIABLES, decode_meta, open_dataset
 from merra2_text_data import BuildConfig, build, verify
-from merra2_text_data import tasks as tasks_mod
 from merra2_text_data.errors import MissingDataError, SampleValidationError
 from merra2_text_data.regions import parse_region
-from merra2_text_data.synth import write_synthetic_granules
+from merra2_text_data.run import tasks as tasks_mod
+from merra2_text_data.source.synth import write_synthetic_granules
 
 BBOX = "-105,35,-95,45"
 START, END = dt.date(2019, 1, 1), dt.date(2019, 1, 5)

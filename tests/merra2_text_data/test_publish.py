@@ -21,9 +21,9 @@ from climate_text_schema import (
 )
 from merra2_text_data.errors import PublishError
 from merra2_text_data.fs import url_to_fs, write_create_only
-from merra2_text_data.publish import commit_version, compute_version, manifest_exists
-from merra2_text_data.shards import SampleRecord, write_shard
-from merra2_text_data.versions import diff, gc, list_versions, tag, verify
+from merra2_text_data.store.publish import commit_version, compute_version, manifest_exists
+from merra2_text_data.store.shards import SampleRecord, write_shard
+from merra2_text_data.store.versions import diff, gc, list_versions, tag, verify
 
 SOURCES = [SourceInfo(granule="M2T1NXSLV.5.12.4:MERRA2_400.tavg1_2d_slv_Nx.20190101.nc4",
                       file="MERRA2_400.tavg1_2d_slv_Nx.20190101.nc4", bytes=1234, checksum=None)]  # fmt: skip

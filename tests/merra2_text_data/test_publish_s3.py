@@ -12,7 +12,7 @@ import pytest
 import s3fs
 from climate_text_schema import decode_climate, decode_meta, open_dataset
 from merra2_text_data.errors import PublishError
-from merra2_text_data.versions import gc, list_versions, verify
+from merra2_text_data.store.versions import gc, list_versions, verify
 
 _spec = importlib.util.spec_from_file_location(
     "_publish_helpers", Path(__file__).with_name("test_publish.py")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from climate_text_schema import SampleError, SampleMeta
 from merra2_text_data.fs import write_atomic
-from merra2_text_data.shards import (
+from merra2_text_data.store.shards import (
     SampleRecord,
     estimate_sample_bytes,
     iter_shard,

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import xarray as xr
 from merra2_text_data.errors import ConfigError, GranuleError, MissingDataError
-from merra2_text_data.fetch import Granule, find_granules
 from merra2_text_data.regions import REGIONS, parse_region
-from merra2_text_data.subset import cache_key, open_region
-from merra2_text_data.synth import write_synthetic_granules
+from merra2_text_data.source.fetch import Granule, find_granules
+from merra2_text_data.source.subset import cache_key, open_region
+from merra2_text_data.source.synth import write_synthetic_granules
 
 BOTH = ["M2T1NXSLV", "M2T1NXFLX"]
 REAL_DAY = date(2021, 1, 10)
@@ -292,7 +292,7 @@ def test_cache_key_tracks_the_inputs(granules: list[Granule]) -> None:
 
 def test_a_failed_cache_write_leaves_nothing_behind(granules: list[Granule], tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    import merra2_text_data.subset as subset
+    import merra2_text_data.source.subset as subset
 
     def broken(granule: Granule, *args: object) -> np.ndarray:
         raise GranuleError(f"{granule.file_name}: simulated read failure")

@@ -14,9 +14,9 @@ import pytest
 import xarray as xr
 from climate_text_schema import FILL_VALUE, KNOWN_VARIABLES
 from merra2_text_data.errors import ConfigError
-from merra2_text_data.fetch import find_granules, parse_granule_name
 from merra2_text_data.regions import REGIONS, Region, parse_region
-from merra2_text_data.synth import FLX_VARIABLES, SLV_VARIABLES, write_synthetic_granules
+from merra2_text_data.source.fetch import find_granules, parse_granule_name
+from merra2_text_data.source.synth import FLX_VARIABLES, SLV_VARIABLES, write_synthetic_granules
 
 BOTH = ["M2T1NXSLV", "M2T1NXFLX"]
 

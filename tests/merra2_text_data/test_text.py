@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 import xarray as xr
 from climate_text_schema.captions import template_index
-from merra2_text_data.climatology import AnomalyInfo, DayOfYearClimatology
 from merra2_text_data.errors import BuildError, ConfigError
-from merra2_text_data.events import Event
-from merra2_text_data.pairs import iter_samples, plan_samples
-from merra2_text_data.text import (
+from merra2_text_data.samples.climatology import AnomalyInfo, DayOfYearClimatology
+from merra2_text_data.samples.events import Event
+from merra2_text_data.samples.pairs import iter_samples, plan_samples
+from merra2_text_data.samples.text import (
     N_TEMPLATES,
     compass_direction,
     describe_region,

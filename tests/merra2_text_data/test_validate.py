@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import xarray as xr
 from merra2_text_data.errors import SampleValidationError
-from merra2_text_data.pairs import SampleData, extract_sample, plan_samples
-from merra2_text_data.validate import (
+from merra2_text_data.samples.pairs import SampleData, extract_sample, plan_samples
+from merra2_text_data.samples.validate import (
     QUARANTINE_COLUMNS,
     quarantine_frame,
     quarantine_row,

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from climate_text_schema import open_dataset
 from merra2_text_data import BuildConfig, build, plan_build
-from merra2_text_data import text as text_mod
-from merra2_text_data.publish import compute_version
 from merra2_text_data.regions import parse_region
-from merra2_text_data.synth import write_synthetic_granules
+from merra2_text_data.samples import text as text_mod
+from merra2_text_data.source.synth import write_synthetic_granules
+from merra2_text_data.store.publish import compute_version
 
 BBOX = "-100,38,-96,42"
 START, END = dt.date(2019, 3, 1), dt.date(2019, 3, 2)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import s3fs
-from merra2_text_data.versions import list_versions, tag
+from merra2_text_data.store.versions import list_versions, tag
 
 _spec = importlib.util.spec_from_file_location("_publish_helpers", Path(__file__).with_name("test_publish.py"))
 assert _spec is not None and _spec.loader is not None

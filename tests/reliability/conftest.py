@@ -25,7 +25,7 @@ from click.testing import Result
 from merra2_text_data import BuildConfig
 from merra2_text_data.cli import app
 from merra2_text_data.regions import parse_region
-from merra2_text_data.synth import write_synthetic_granules
+from merra2_text_data.source.synth import write_synthetic_granules
 from typer.testing import CliRunner
 
 from tests.tar_helpers import tar_bytes

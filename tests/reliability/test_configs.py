@@ -14,7 +14,7 @@ import pytest
 import yaml
 from fusion_trainer.config import TrainConfig
 from fusion_trainer.errors import ConfigError as TrainConfigError
-from merra2_text_data.config import _SECTIONS, BuildConfig
+from merra2_text_data.config.build import _SECTIONS, BuildConfig
 from merra2_text_data.errors import ConfigError
 
 from .conftest import cli, run_tool

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from climate_text_schema import decode_climate, open_dataset
 from merra2_text_data.regions import parse_region
-from merra2_text_data.synth import write_synthetic_granules
+from merra2_text_data.source.synth import write_synthetic_granules
 
 from .conftest import BBOX, DATASET, START, build_args, cli, granule, read_members
 
@@ -128,8 +128,8 @@ def test_corruption_anywhere_is_an_error_or_changes_nothing(granule_source: Path
     """Sixteen bytes inverted at offsets across a whole granule: each read either fails naming the file or gives
     exactly the pristine values (the bytes were never used: free space, an unread variable). Never other values,
     never a hang (a hang ends the test process after two minutes, with the stack of the stuck read)."""
-    from merra2_text_data.fetch import find_granules
-    from merra2_text_data.subset import open_region
+    from merra2_text_data.source.fetch import find_granules
+    from merra2_text_data.source.subset import open_region
 
     folder = tmp_path / "g"
     folder.mkdir()

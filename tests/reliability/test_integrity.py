@@ -37,9 +37,9 @@ from fsspec.implementations.memory import MemoryFileSystem
 from fusion_trainer.checkpoint import checkpoint_tensor_names, load_checkpoint
 from fusion_trainer.data import DEFAULT_PROMPT, ClimateTextStream, epoch_samples, open_shards, render_prompt
 from fusion_trainer.errors import CheckpointError, DataError
-from merra2_text_data.cmr import _granule_from_umm
 from merra2_text_data.errors import ConfigError, CredentialsError, GranuleError, PublishError, StoreError
-from merra2_text_data.fetch import Granule, download_granules
+from merra2_text_data.source.cmr import _granule_from_umm
+from merra2_text_data.source.fetch import Granule, download_granules
 
 from .conftest import BBOX, DATASET, START, build_config, cli, granule, republish_shard, rewrite_manifest
 
@@ -140,8 +140,8 @@ def test_a_shard_is_bounded_by_the_contract(
     which the builder's config, the builder's writer and every manifest reader enforce."""
     from climate_text_schema import MAX_SHARD_BYTES, SampleError, SampleMeta
     from merra2_text_data import BuildConfig
-    from merra2_text_data import shards as writer
-    from merra2_text_data.shards import SampleRecord, write_shard
+    from merra2_text_data.store import shards as writer
+    from merra2_text_data.store.shards import SampleRecord, write_shard
 
     with pytest.raises(ConfigError, match="largest shard"):
         BuildConfig.from_options(region=BBOX, start="2019-01-01", end="2019-01-02", shard_size="2GiB")
@@ -342,7 +342,7 @@ def _commit_args(
 def test_a_second_build_of_a_committed_version_rewrites_nothing(dataset: tuple[Path, str]) -> None:
     """A second commit of a committed version id overwrote index.parquet and README.md (the create-only manifest
     write only logged INFO). Now it raises before any write and the published bytes stay as they were."""
-    from merra2_text_data.publish import commit_version
+    from merra2_text_data.store.publish import commit_version
 
     vdir, ref = dataset
     before = _published(vdir)
@@ -359,7 +359,7 @@ def test_a_second_build_of_a_committed_version_rewrites_nothing(dataset: tuple[P
 def test_two_concurrent_commits_of_one_version_one_wins_the_other_fails_cleanly(
     dataset: tuple[Path, str],
 ) -> None:
-    from merra2_text_data.publish import commit_version
+    from merra2_text_data.store.publish import commit_version
 
     vdir, _ = dataset
     saved = _manifest(vdir)
@@ -495,8 +495,8 @@ def test_a_local_granule_rewritten_in_place_builds_another_version(
     Now the plan hashes the bytes of local and fsspec granules (SHA-256, kept in the cache by size and mtime or
     ETag): the id changes with the content, an S3 copy of the same files plans the same id, and an unchanged file is
     not read again."""
-    from merra2_text_data import granule_digests
     from merra2_text_data.pipeline import plan_build
+    from merra2_text_data.source import digests as granule_digests
 
     out = tmp_path / "out"
     first = plan_build(build_config(granules, out))
@@ -542,7 +542,7 @@ def test_a_granule_ur_naming_a_path_is_refused(tmp_path: Path) -> None:
 
 
 def test_the_earthdata_token_only_travels_over_https(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from merra2_text_data.download import _refuse_plain_http_redirect
+    from merra2_text_data.source.download import _refuse_plain_http_redirect
 
     monkeypatch.setenv("EARTHDATA_TOKEN", "MARKER-TOKEN")
     record = {"umm": {

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from climate_text_schema import open_dataset
 from merra2_text_data.regions import parse_region
-from merra2_text_data.synth import write_synthetic_granules
+from merra2_text_data.source.synth import write_synthetic_granules
 
 from .conftest import BBOX, BIN, TINY_TRAIN, VARIABLES, last_json, run_tool, tool_env
 from .test_secrets import MARKERS, _leaks

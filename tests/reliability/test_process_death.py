@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from climate_text_schema import open_dataset
-from merra2_text_data.versions import gc
+from merra2_text_data.store.versions import gc
 
 from .conftest import BIN, DATASET, TINY_TRAIN, build_args, cli, last_json, run_tool, tool_env
 
@@ -64,7 +64,8 @@ def _phase(out: Path, cache: Path) -> str:
 
 _KILL_AT_WRITE = """
 import os, signal, sys
-from merra2_text_data import cli, publish, shards
+from merra2_text_data import cli
+from merra2_text_data.store import publish, shards
 
 at, after, count = int(sys.argv[1]), sys.argv[2] == "after", [0]
 

@@ -88,7 +88,7 @@ def test_login_without_network_names_no_secret(
     so, and neither it nor the debug log holds a marker."""
     import earthaccess
     from merra2_text_data.errors import CredentialsError
-    from merra2_text_data.fetch import login_earthaccess
+    from merra2_text_data.source.fetch import login_earthaccess
 
     for key, value in MARKERS.items():
         monkeypatch.setenv(key, value)

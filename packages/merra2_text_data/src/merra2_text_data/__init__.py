@@ -27,7 +27,7 @@ from .errors import (
 from .version import __version__
 
 if TYPE_CHECKING:
-    from .config import (
+    from .config.build import (
         BuildConfig,
         PublishConfig,
         RunConfig,
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     )
     from .pipeline import build, plan_build
     from .regions import REGIONS, Region, parse_region
-    from .versions import (
+    from .store.versions import (
         DiffReport,
         GcReport,
         VerifyReport,
@@ -54,13 +54,13 @@ if TYPE_CHECKING:
 _LAZY = {
     **dict.fromkeys(
         ("BuildConfig", "PublishConfig", "RunConfig", "SampleConfig", "ShardConfig", "SourceConfig", "SubsetConfig"),
-        "config",
+        "config.build",
     ),
     **dict.fromkeys(("build", "plan_build"), "pipeline"),
     **dict.fromkeys(("REGIONS", "Region", "parse_region"), "regions"),
     **dict.fromkeys(
         ("DiffReport", "GcReport", "VerifyReport", "VersionInfo", "diff", "gc", "list_versions", "tag", "verify"),
-        "versions",
+        "store.versions",
     ),
 }
 """Names imported on first use: the builder's modules pull in pandas, xarray and dask, which `--help` never needs."""

@@ -189,7 +189,7 @@ def build(
 
       merra2-text build --config pipelines/build-conus.yaml --set sample.tile=16x16 --workers 4
     """
-    from .config import BuildConfig
+    from .config.build import BuildConfig
     from .pipeline import build as run_build
 
     _setup_logging(verbose)
@@ -262,7 +262,7 @@ def era5_sample(
     Example: merra2-text era5-sample --out era5/ && merra2-text build --source era5:era5/era5_sample.zarr
     --region globe60 --start 2026-03-24 --end 2026-03-31 --window 1h --tile 11x15
     """
-    from .era5_sample import fetch_era5_sample
+    from .source.era5_sample import fetch_era5_sample
 
     _setup_logging(verbose)
     typer.echo(f"era5:{fetch_era5_sample(out)}")
@@ -284,9 +284,9 @@ def synth(
 
     Example: merra2-text synth --out granules/ --region=-105,35,-95,45 --start 2019-01-01 --end 2019-01-05
     """
-    from .config import BuildConfig
+    from .config.build import BuildConfig
     from .regions import parse_region
-    from .synth import write_synthetic_granules
+    from .source.synth import write_synthetic_granules
 
     _setup_logging(verbose)
     cfg = BuildConfig.from_options(region=region, years=years, start=start, end=end)
@@ -308,7 +308,7 @@ def inspect(
     from climate_text_schema import open_dataset
 
     from .fs import fs_path
-    from .shards import iter_shard
+    from .store.shards import iter_shard
 
     _setup_logging(verbose)
     ds = open_dataset(ref)
@@ -361,7 +361,7 @@ def versions(
     verbose: Verbose = 0,
 ) -> None:
     """List the versions (oldest first) and tags of a dataset."""
-    from .versions import list_versions
+    from .store.versions import list_versions
 
     _setup_logging(verbose)
     for v in list_versions(dataset):
@@ -374,7 +374,7 @@ def versions(
 @_errors
 def verify(ref: Annotated[str, typer.Argument(help="A dataset reference.")], verbose: Verbose = 0) -> None:
     """Re-read every shard (sha256, sizes, sample counts, member names) and the index; exit 1 on any mismatch."""
-    from .versions import verify as run_verify
+    from .store.versions import verify as run_verify
 
     _setup_logging(verbose)
     report = run_verify(ref)
@@ -397,7 +397,7 @@ def tag(
     verbose: Verbose = 0,
 ) -> None:
     """Point a tag at a version; prints the tag's reference."""
-    from .versions import tag as run_tag
+    from .store.versions import tag as run_tag
 
     _setup_logging(verbose)
     typer.echo(run_tag(ref, name))
@@ -411,7 +411,7 @@ def diff(
     verbose: Verbose = 0,
 ) -> None:
     """Show how two versions differ: config, samples per split, keys added and removed."""
-    from .versions import diff as run_diff
+    from .store.versions import diff as run_diff
 
     _setup_logging(verbose)
     d = run_diff(ref_a, ref_b)
@@ -431,7 +431,7 @@ def gc(
     verbose: Verbose = 0,
 ) -> None:
     """List objects no manifest references (shards of dead builds, temp files); --delete removes them."""
-    from .versions import gc as run_gc
+    from .store.versions import gc as run_gc
 
     _setup_logging(verbose)
     report = run_gc(dataset, delete=delete)

@@ -46,16 +46,26 @@ from climate_text_schema import (
     open_dataset,
 )
 
-from . import cube as _cube
-from . import tasks as _tasks
-from . import text as _text
-from .card import make_card
-from .climatology import DayOfYearClimatology, spans_several_years
-from .cmr import search_earthaccess
-from .config import BuildConfig
-from .cube_source import CubeSource
-from .download import download_granules
-from .era5 import (
+from .config.build import BuildConfig
+from .errors import BuildError, MissingDataError
+from .fs import fs_path, is_local, url_to_fs
+from .regions import Region, parse_region
+from .run import cube as _cube
+from .run import tasks as _tasks
+from .run.cube_source import CubeSource
+from .run.runner import connect, run_tasks
+from .run.tasks import ANOMALY_VARIABLE, STATS_STAGE, ShardTask, units_of
+from .samples import text as _text
+from .samples.climatology import DayOfYearClimatology, spans_several_years
+from .samples.events import Event, load_storm_events, load_text_table, match_events
+from .samples.normalize import NormAccumulator
+from .samples.pairs import SamplePlan, parse_duration, plan_samples
+from .samples.splits import assign_splits, holdout_tiles
+from .samples.validate import quarantine_frame
+from .source.cmr import search_earthaccess
+from .source.digests import content_digests
+from .source.download import download_granules
+from .source.era5 import (
     ERA5_ATTRIBUTION,
     describe_spacing,
     era5_days,
@@ -64,22 +74,19 @@ from .era5 import (
     is_era5,
     open_era5,
 )
-from .errors import BuildError, MissingDataError
-from .events import Event, load_storm_events, load_text_table, match_events
-from .fetch import find_granules
-from .fs import fs_path, is_local, url_to_fs
-from .granule_digests import content_digests
-from .granules import Granule, collection_for, missing_days
-from .normalize import NormAccumulator
-from .pairs import SamplePlan, parse_duration, plan_samples
-from .provenance import source_kind, text_sources
-from .publish import clean_up, commit_version, compute_version, manifest_exists, tag_points_at, write_tag
-from .regions import Region, parse_region
-from .runner import connect, run_tasks
-from .shards import estimate_sample_bytes, pack_by_size
-from .splits import assign_splits, holdout_tiles
-from .tasks import ANOMALY_VARIABLE, STATS_STAGE, ShardTask, units_of
-from .validate import quarantine_frame
+from .source.fetch import find_granules
+from .source.granules import Granule, collection_for, missing_days
+from .source.provenance import source_kind, text_sources
+from .store.card import make_card
+from .store.publish import (
+    clean_up,
+    commit_version,
+    compute_version,
+    manifest_exists,
+    tag_points_at,
+    write_tag,
+)
+from .store.shards import estimate_sample_bytes, pack_by_size
 from .version import __version__
 
 __all__ = ["BuildPlan", "ProgressHook", "ShardTask", "build", "plan_build"]
@@ -214,7 +221,7 @@ def _digest_cache_dir(config: BuildConfig) -> Path:
 
 
 def _open_cube(plan: BuildPlan, show_progress: bool) -> tuple[xr.Dataset, list[Granule]]:
-    from .subset import open_region
+    from .source.subset import open_region
 
     cfg = plan.config
     start, end = cfg.subset.period()
