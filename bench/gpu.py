@@ -3,7 +3,7 @@
 The base is built on the meta device from `fusion_trainer.preset_config("llama-3-8b")` (no download: random weights),
 then materialised on the GPU (`to_empty` + normal(0, initializer_range) weights, unit norms, rotary tables rebuilt),
 wrapped in a `FusionModel` (xattn: one gated cross-attention at the input, so the backward pass runs through the whole
-frozen base) and trained with the step of `fusion_trainer.train`: `deepspeed.initialize` with the DeepSpeed config of
+frozen base) and trained with the step of `fusion_trainer.training.train`: `deepspeed.initialize` with the DeepSpeed config of
 `TrainConfig.deepspeed_config` (ZeRO-2, bf16, AdamW over the trainable parameters only), forward, finite check,
 `engine.backward`, `engine.step`. Batches are random token ids (sequence length 512, the prompt's first 64 positions
 masked out of the loss) and random normalised climate windows (24 hourly steps x 11 variables x 16 x 16).
@@ -127,15 +127,15 @@ def make_batch(
 
 
 class DeepSpeedStep:
-    """The step of fusion_trainer.train on a DeepSpeed engine built from TrainConfig's DeepSpeed config."""
+    """The step of fusion_trainer.training.train on a DeepSpeed engine built from TrainConfig's DeepSpeed config."""
 
     name = "deepspeed"
 
     def __init__(self, model: Any, micro_batch: int, zero: int) -> None:
         import deepspeed
         from fusion_trainer.config import TrainConfig
-        from fusion_trainer.launch import ensure_dist_env
-        from fusion_trainer.train import _param_groups, _promote_scalar_params
+        from fusion_trainer.training.launch import ensure_dist_env
+        from fusion_trainer.training.train import _param_groups, _promote_scalar_params
 
         ensure_dist_env()
         if not torch.distributed.is_initialized():

@@ -38,10 +38,10 @@ def main() -> None:
     opts = parser.parse_args()
     import torch
     from fusion_trainer.config import TrainConfig
-    from fusion_trainer.data import ClimateTextStream, open_shards, render_prompt
+    from fusion_trainer.data.stream import ClimateTextStream, open_shards, render_prompt
     from fusion_trainer.grounding import number_token_mask
     from fusion_trainer.precision import resolve_precision
-    from fusion_trainer.train import _load_model
+    from fusion_trainer.training.train import _load_model
     from stream import build_dataset
     from train import DEMO_DATASET, ROOT
 

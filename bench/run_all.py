@@ -109,7 +109,7 @@ def main() -> None:
     print(f"{os.cpu_count()} CPU(s) ({_cpu_model()}), load average {load:.2f} at the start\n", flush=True)
     smollm2: list[str] = []
     if chosen & {"stream", "train"}:
-        from fusion_trainer.base import fetch_smollm2
+        from fusion_trainer.model.base import fetch_smollm2
 
         smollm2 = [str(fetch_smollm2(tmp / "smollm2"))]
 

@@ -4,7 +4,7 @@ One dataset is built first (not timed) from synthetic MERRA-2 granules with `mer
 -105,30,-90.625,45.5, 11 variables, `--window 1d --time-step 1h --tile 8x8`: samples of 24 x 11 x 8 x 8 float32 and a
 caption), with the regional zarr v3 cache kept. Then, each in the same process, one after the other:
 
-- `ours`: `fusion_trainer.data.ClimateTextStream` (shard shuffle, sha256 check of every shard, shuffle buffer,
+- `ours`: `fusion_trainer.data.stream.ClimateTextStream` (shard shuffle, sha256 check of every shard, shuffle buffer,
   `.npy` decode with allow_pickle=False, contract checks, normalisation with the manifest's statistics, tokenisation
   with the base's tokenizer, padding and label masking, collation) through a torch DataLoader (0 workers, as the
   trainer's default), micro-batch 8;
@@ -97,7 +97,7 @@ def tokenizer_for(path: str | None, work: Path) -> tuple[Any, str]:
     from transformers import AutoTokenizer
 
     if path is None:
-        from fusion_trainer.base import make_tiny_model
+        from fusion_trainer.model.base import make_tiny_model
 
         path = str(make_tiny_model("llama", work / "tiny-llama"))
     tok = AutoTokenizer.from_pretrained(path)
@@ -121,7 +121,7 @@ def cold_epoch(ref: str, tokenizer: Any, cache_dir: Path | None) -> Callable[[],
     """One epoch of a fresh stream (empty in-memory token cache), as the first epoch of a run: with `cache_dir`, the
     caption ids of an earlier run are read from disk (`token_cache_dir`); without, every caption is tokenised."""
     from fusion_trainer.config import DEFAULT_PROMPT_TEMPLATE
-    from fusion_trainer.data import ClimateTextStream, open_shards, render_prompt
+    from fusion_trainer.data.stream import ClimateTextStream, open_shards, render_prompt
 
     ds = open_shards(ref)
     prompt = render_prompt(DEFAULT_PROMPT_TEMPLATE, ds)
@@ -170,7 +170,7 @@ def ours_epoch(
 ) -> Callable[[], int]:
     import torch
     from fusion_trainer.config import DEFAULT_PROMPT_TEMPLATE
-    from fusion_trainer.data import ClimateTextStream, open_shards, render_prompt
+    from fusion_trainer.data.stream import ClimateTextStream, open_shards, render_prompt
 
     ds = open_shards(ref)
     stream = ClimateTextStream(

@@ -1,11 +1,11 @@
-"""Training benchmark: our step (`fusion_trainer.train`) vs the Hugging Face `Trainer`, same DeepSpeed config.
+"""Training benchmark: our step (`fusion_trainer.training.train`) vs the Hugging Face `Trainer`, same DeepSpeed config.
 
 Both sides train the same `FusionModel` (same base, fusion config, dtype and seed) on the same dataset (built as in
 `bench/stream.py`: synthetic MERRA-2, 24 x 11 x 8 x 8 windows with captions) with the same micro-batch and the same
 DeepSpeed config (`TrainConfig.deepspeed_config`: ZeRO-2, AdamW with torch_adam, clipping 1.0, bf16 as configured), on
 one rank. Each run is a fresh child process (`bench/_child.py`: its own peak RSS, VmHWM from /proc, else `os.wait4`):
 
-- `ours`: `fusion_trainer.train.train(TrainConfig(...))`; steady-state samples/s from the wall-clock times of its
+- `ours`: `fusion_trainer.training.train.train(TrainConfig(...))`; steady-state samples/s from the wall-clock times of its
   `metrics.jsonl` records (the first interval, with warm-up, dropped);
 - `hf`: `transformers.Trainer` with `TrainingArguments(deepspeed=<the same dict>)` on a map-style dataset of the same
   samples, decoded, normalised and tokenised once up front by our own functions (so its data loading is cheaper than
@@ -78,7 +78,7 @@ kinds the demo prompt alone is 390 SmolLM2 tokens, near the demo's max_length)."
 
 
 def _env() -> None:
-    from fusion_trainer.launch import free_port
+    from fusion_trainer.training.launch import free_port
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     os.environ.update(MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
@@ -147,7 +147,7 @@ def _tokenizer(model: str) -> Any:
 
 def _train_stream(ds: Any, tok: Any, cfg: Any, **extra: Any) -> Any:
     """The train split streamed with a run config's prompt, micro-batch, max_length and caption (+ `extra`)."""
-    from fusion_trainer.data import ClimateTextStream, render_prompt
+    from fusion_trainer.data.stream import ClimateTextStream, render_prompt
 
     return ClimateTextStream(ds, "train", tok, prompt=render_prompt(cfg.prompt_template, ds, cfg.caption),
                              micro_batch=cfg.micro_batch, max_length=cfg.max_length, caption=cfg.caption,
@@ -174,7 +174,7 @@ def _child_runtime(args: dict[str, Any]) -> None:
     with a one-parameter model in place of the fusion model."""
     import deepspeed
     import torch
-    from fusion_trainer.data import open_shards
+    from fusion_trainer.data.stream import open_shards
 
     _env()
     base_rss = own_peak_rss_mib()
@@ -204,10 +204,10 @@ def _checkpoint_bytes(model: str) -> int:
 
 def _child_ours(args: dict[str, Any]) -> None:
     import torch
-    from fusion_trainer.data import open_shards
+    from fusion_trainer.data.stream import open_shards
     from fusion_trainer.metrics import read_metrics
     from fusion_trainer.precision import resolve_precision
-    from fusion_trainer.train import train
+    from fusion_trainer.training.train import train
 
     base_rss = own_peak_rss_mib()
     cfg = _config(args, "ours")
@@ -221,7 +221,7 @@ def _child_ours(args: dict[str, Any]) -> None:
 
     # the data pipeline alone, same settings, per batch
     from fusion_trainer.config import FusionConfig
-    from fusion_trainer.model import FusionModel
+    from fusion_trainer.model.fusion_model import FusionModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = _tokenizer(args["model"])
@@ -263,7 +263,7 @@ def _child_ours(args: dict[str, Any]) -> None:
 
 def _child_hf(args: dict[str, Any]) -> None:
     import torch
-    from fusion_trainer.data import (
+    from fusion_trainer.data.stream import (
         collate,
         decode_sample,
         encode_sample,
@@ -271,9 +271,9 @@ def _child_hf(args: dict[str, Any]) -> None:
         open_shards,
     )
     from fusion_trainer.grounding import number_token_mask
-    from fusion_trainer.model import FusionModel
+    from fusion_trainer.model.fusion_model import FusionModel
     from fusion_trainer.precision import resolve_precision
-    from fusion_trainer.train import _load_model, _promote_scalar_params
+    from fusion_trainer.training.train import _load_model, _promote_scalar_params
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     _env()
@@ -377,7 +377,7 @@ def main() -> None:
     if opts.child:
         dispatch_child({"ours": _child_ours, "hf": _child_hf, "runtime": _child_runtime}, opts.child)
         return
-    from fusion_trainer.base import fetch_smollm2, make_tiny_model
+    from fusion_trainer.model.base import fetch_smollm2, make_tiny_model
     from stream import build_dataset
 
     work = Path(opts.work or tempfile.mkdtemp(prefix="merra2-train-bench-"))

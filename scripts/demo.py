@@ -276,8 +276,8 @@ def report(
     seed_metrics: Sequence[dict[str, Any]] = (),
 ) -> None:  # fmt: skip
     """Write OUT/REPORT.md and its figures."""
-    from fusion_trainer.data import open_shards
-    from fusion_trainer.report import write_report
+    from fusion_trainer.data.stream import open_shards
+    from fusion_trainer.evaluation.report import write_report
 
     gens = [json.loads(x) for x in (plan.out / "generations.jsonl").read_text().splitlines() if x.strip()]
     dataset = open_shards(ref)
@@ -301,7 +301,7 @@ def _num(x: float | None, digits: int = 2) -> str:
 
 def compare(plan: Plan, stages: Stages, ref: str, base: Path, variants: Sequence[str], steps: int) -> Path:
     """Train every variant for `steps` steps with the demo's settings and tabulate their metrics."""
-    from fusion_trainer.report import metrics_table
+    from fusion_trainer.evaluation.report import metrics_table
 
     budget = replace(plan, out=plan.out / "compare", steps=steps, eval_every=steps)
     scored = ("t2m_mean_c", "wind_speed_m_s", "wind_dir_deg", "slp_hpa", "precip_mm")

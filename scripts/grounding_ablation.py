@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from fusion_trainer.config import FusionConfig
-from fusion_trainer.data import decode_sample, epoch_samples, open_shards, render_prompt
+from fusion_trainer.data.stream import decode_sample, epoch_samples, open_shards, render_prompt
 from fusion_trainer.grounding import caption_target, number_token_mask, parse_caption_numbers
-from fusion_trainer.model import FusionModel
+from fusion_trainer.model.fusion_model import FusionModel
 
 ROOT = Path(__file__).resolve().parents[1]
 name = sys.argv[1]

@@ -70,7 +70,8 @@ def test_fusion_eval_and_generate_without_credentials(
 ) -> None:
     """Both read the dataset after loading the run; the error the store raises there is what they report."""
     from botocore.exceptions import NoCredentialsError
-    from fusion_trainer import cli, evaluate, generate
+    from fusion_trainer import cli
+    from fusion_trainer.evaluation import evaluate, generate
 
     def no_credentials(*args: Any, **kwargs: Any) -> Any:
         raise NoCredentialsError()

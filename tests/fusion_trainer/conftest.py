@@ -148,7 +148,7 @@ def write_dataset(
 def open_stream(ref: str, tokenizer: Any, *, seed: int, **kw: Any) -> Any:
     """A `ClimateTextStream` of `ref` (split `train` unless `split=`) with the default prompt, micro-batch 2 and
     max_length 256; any other keyword goes to the stream."""
-    from fusion_trainer.data import DEFAULT_PROMPT, ClimateTextStream, open_shards, render_prompt
+    from fusion_trainer.data.stream import DEFAULT_PROMPT, ClimateTextStream, open_shards, render_prompt
 
     ds = open_shards(ref)
     opts: dict[str, Any] = dict(

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from fusion_trainer import FusionConfig, FusionModel, ModelError
-from fusion_trainer.base import (
+from fusion_trainer.errors import ConfigError
+from fusion_trainer.model.base import (
     SMOLLM2_GGUF,
     SMOLLM2_WHEEL,
     default_cache_dir,
@@ -19,7 +20,6 @@ from fusion_trainer.base import (
     load_base,
     make_tiny_model,
 )
-from fusion_trainer.errors import ConfigError
 from transformers import AutoTokenizer
 
 

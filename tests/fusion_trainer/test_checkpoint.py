@@ -9,17 +9,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fusion_trainer.checkpoint import (
+from fusion_trainer.config import FusionConfig, TrainConfig
+from fusion_trainer.errors import CheckpointError
+from fusion_trainer.model.fusion_model import FusionModel
+from fusion_trainer.training.checkpoint import (
     checkpoint_tensor_names,
     export_adapter,
     find_latest_checkpoint,
     frozen_digest,
     load_checkpoint,
 )
-from fusion_trainer.config import FusionConfig, TrainConfig
-from fusion_trainer.errors import CheckpointError
-from fusion_trainer.model import FusionModel
-from fusion_trainer.train import train
+from fusion_trainer.training.train import train
 from safetensors.torch import load_file
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fusion_trainer.data import (
+from fusion_trainer.data.stream import (
     DEFAULT_PROMPT,
     ClimateTextStream,
     DataPosition,
@@ -203,7 +203,7 @@ def test_a_pickled_climate_member_is_refused(
 
 def test_collate_refuses_samples_of_different_shapes() -> None:
     """One batch, one climate shape: a dataset that mixes shapes (edge tiles kept) is refused with the way out."""
-    from fusion_trainer.data import Sample, collate
+    from fusion_trainer.data.stream import Sample, collate
 
     full = Sample("a", "s", np.ones((2, 3, 4, 5), dtype=np.float32), "x")
     same = Sample("b", "s", np.full((2, 3, 4, 5), 2.0, dtype=np.float32), "y")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from fusion_trainer import ConfigError, FusionConfig
-from fusion_trainer.encoder import Attention, ClimateEncoder, sincos_embedding
 from fusion_trainer.errors import DataError
+from fusion_trainer.model.encoder import Attention, ClimateEncoder, sincos_embedding
 
 
 def _encoder(**kw: object) -> ClimateEncoder:

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from fusion_trainer.config import TrainConfig
-from fusion_trainer.data import epoch_samples, open_shards
-from fusion_trainer.eval_core import EvalContext
-from fusion_trainer.evaluate import evaluate_run
+from fusion_trainer.data.stream import epoch_samples, open_shards
+from fusion_trainer.evaluation.core import EvalContext
+from fusion_trainer.evaluation.evaluate import evaluate_run
 from fusion_trainer.runs import load_run_for
-from fusion_trainer.train import train
+from fusion_trainer.training.train import train
 
 
 def test_loss_samples_spread_over_the_split(make_config: Callable[..., TrainConfig], dataset_ref: str) -> None:

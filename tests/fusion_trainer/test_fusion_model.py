@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 from fusion_trainer import FusionConfig, FusionModel, ModelError
-from fusion_trainer.base import load_base, make_tiny_model
 from fusion_trainer.errors import DataError
-from fusion_trainer.fusion import FusionLayer, climate_context, insert_prefix, prefix_at
+from fusion_trainer.model.base import load_base, make_tiny_model
+from fusion_trainer.model.fusion import FusionLayer, climate_context, insert_prefix, prefix_at
 from safetensors.torch import load_file
 
 ARCHS = ("llama", "gpt2", "gpt_neo")

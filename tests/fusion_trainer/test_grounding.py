@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from fusion_trainer.errors import DataError
-from fusion_trainer.eval_core import _derangement, grounding_gain
+from fusion_trainer.evaluation.core import _derangement, grounding_gain
 from fusion_trainer.grounding import (
     baseline_values,
     caption_target,
@@ -234,7 +234,7 @@ def test_grounding_gain_sees_the_climate_of_a_prefix_model(
     # a fresh prefix model's soft tokens depend on the climate, so the caption's loss must change with it; scoring
     # without labels once put an after-prompt prefix behind the caption, where it changed nothing (gain exactly 0)
     from fusion_trainer import FusionConfig, FusionModel
-    from fusion_trainer.data import ClimateTextStream, open_shards
+    from fusion_trainer.data.stream import ClimateTextStream, open_shards
 
     ds = open_shards(dataset_ref)
     torch.manual_seed(0)
@@ -249,7 +249,7 @@ def test_grounding_gain_sees_the_climate_of_a_prefix_model(
 
 
 def test_weighted_loss_is_plain_loss_at_weight_one_and_favours_digits_above() -> None:
-    from fusion_trainer.model import caption_loss
+    from fusion_trainer.model.fusion_model import caption_loss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 12)
@@ -267,7 +267,7 @@ def test_weighted_loss_is_plain_loss_at_weight_one_and_favours_digits_above() ->
 
 
 def test_stream_trains_on_the_chosen_caption_form(make_dataset: Callable[..., str], tokenizer: Any) -> None:
-    from fusion_trainer.data import ClimateTextStream, open_shards
+    from fusion_trainer.data.stream import ClimateTextStream, open_shards
     from fusion_trainer.errors import ConfigError
 
     ds = open_shards(make_dataset())

@@ -1,4 +1,4 @@
-"""The baseline ladder (fusion_trainer.baselines) on a hand-made index, and the interventions' arithmetic."""
+"""The baseline ladder (fusion_trainer.evaluation.baselines) on a hand-made index, and the interventions' arithmetic."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from climate_text_schema.captions import caption_quantities, render_facet
-from fusion_trainer.baselines import fit_ridge, ladder, location_of, predict_ridge
 from fusion_trainer.errors import ConfigError
-from fusion_trainer.interventions import (
+from fusion_trainer.evaluation.baselines import fit_ridge, ladder, location_of, predict_ridge
+from fusion_trainer.evaluation.interventions import (
     apply_intervention,
     intervention_report,
     parse_intervention,

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 from fusion_trainer import FusionConfig, FusionModel
-from fusion_trainer.base import make_tiny_model
 from fusion_trainer.config import TrainConfig
-from fusion_trainer.data import ClimateTextStream, DataPosition
+from fusion_trainer.data.stream import ClimateTextStream, DataPosition
 from fusion_trainer.errors import ConfigError
+from fusion_trainer.model.base import make_tiny_model
 
 from .conftest import open_stream
 
@@ -174,7 +174,7 @@ def test_training_with_length_groups_resumes_exactly(
 ) -> None:
     import json
 
-    from fusion_trainer.train import train
+    from fusion_trainer.training.train import train
 
     def keys(run: Path) -> list[list[str]]:
         return [

@@ -1,4 +1,4 @@
-"""The loss without the frozen base's wasted work (`forward(logits="none")`, fusion_trainer.lm_pass) equals the loss of
+"""The loss without the frozen base's wasted work (`forward(logits="none")`, fusion_trainer.model.lm_pass) equals the loss of
 the plain pass, gradients included: logits only at target positions, and a constant prompt's cached pass."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from fusion_trainer import FusionConfig, FusionModel
-from fusion_trainer.base import make_tiny_model
-from fusion_trainer.lm_pass import shared_prompt_length
+from fusion_trainer.model.base import make_tiny_model
+from fusion_trainer.model.lm_pass import shared_prompt_length
 
 SIZES = {"d_encoder": 32, "encoder_heads": 4, "n_heads": 4, "encoder_depth": 1, "gate_init": 0.5}
 

@@ -11,9 +11,9 @@ from typing import Any
 import yaml
 from climate_text_schema import Manifest
 from fusion_trainer.config import TrainConfig
-from fusion_trainer.evaluate import evaluate_run
-from fusion_trainer.model_card import write_model_card
-from fusion_trainer.train import train
+from fusion_trainer.evaluation.evaluate import evaluate_run
+from fusion_trainer.evaluation.model_card import write_model_card
+from fusion_trainer.training.train import train
 
 
 def _front_matter(card: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fusion_trainer.generation import break_ids, decode, decode_texts
+from fusion_trainer.model.decoding import break_ids, decode, decode_texts
 
 
 def test_break_ids_are_the_tokens_with_a_line_break(tokenizer: Any) -> None:

@@ -101,7 +101,7 @@ def test_auto_is_the_default_and_reaches_deepspeed(monkeypatch: pytest.MonkeyPat
 def test_training_prints_the_choice_and_the_time_left(
     monkeypatch: pytest.MonkeyPatch, make_config: Callable[..., TrainConfig], caplog: pytest.LogCaptureFixture
 ) -> None:
-    from fusion_trainer.train import train
+    from fusion_trainer.training.train import train
 
     _cpu(monkeypatch, onednn=False)
     config = make_config(bf16="auto", steps=4, log_every=2, eval_every=0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from fusion_trainer import FusionConfig, FusionModel, UnsupportedArchitectureError
 from fusion_trainer.errors import ConfigError
-from fusion_trainer.registry import (
+from fusion_trainer.model.registry import (
     ARCHITECTURES,
     architecture_for,
     estimate_memory,

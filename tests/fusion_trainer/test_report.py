@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fusion_trainer.data import open_shards
-from fusion_trainer.report import metrics_table, write_report
+from fusion_trainer.data.stream import open_shards
+from fusion_trainer.evaluation.report import metrics_table, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -11,7 +11,7 @@ import torch
 from fusion_trainer.config import TrainConfig
 from fusion_trainer.errors import CheckpointError, ConfigError
 from fusion_trainer.metrics import read_metrics
-from fusion_trainer.train import train
+from fusion_trainer.training.train import train
 from safetensors.torch import load_file
 
 from .conftest import TINY_FUSION

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from fusion_trainer import CheckpointError, DataError, load_run
-from fusion_trainer.train import train
+from fusion_trainer.training.train import train
 
 
 @pytest.mark.parametrize("fusion", [{"fusion": "xattn"}, {"fusion": "prefix", "readout": True, "n_prefix_tokens": 2}])

@@ -11,11 +11,11 @@ import pytest
 import torch
 from climate_text_schema import META_MEMBER
 from fusion_trainer import FusionConfig, FusionModel
-from fusion_trainer.base import make_tiny_model
 from fusion_trainer.config import TrainConfig
-from fusion_trainer.data import ClimateTextStream, epoch_samples, open_shards
+from fusion_trainer.data.stream import ClimateTextStream, epoch_samples, open_shards
 from fusion_trainer.metrics import read_metrics
-from fusion_trainer.train import train
+from fusion_trainer.model.base import make_tiny_model
+from fusion_trainer.training.train import train
 
 SMALL = {"n_variables": 3, "d_encoder": 32, "encoder_heads": 4, "encoder_depth": 1, "n_prefix_tokens": 4}
 

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 from climate_text_schema import SampleError
-from fusion_trainer.data import (
+from fusion_trainer.data.decode import _load_climate
+from fusion_trainer.data.stream import (
     DEFAULT_PROMPT,
     ClimateTextStream,
-    _load_climate,
-    _tar_members,
     collate,
     decode_sample,
     encode_sample,
@@ -25,6 +24,7 @@ from fusion_trainer.data import (
     open_shards,
     render_prompt,
 )
+from fusion_trainer.data.tar_reader import _tar_members
 
 
 def _archive(fmt: int) -> bytes:

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from fusion_trainer import data as data_module
-from fusion_trainer import lanes as lanes_module
-from fusion_trainer.data import (
+from fusion_trainer.data import lanes as lanes_module
+from fusion_trainer.data import stream as data_module
+from fusion_trainer.data.stream import (
     ClimateTextStream,
     DataPosition,
     epoch_samples,

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fusion_trainer.data import ClimateTextStream
-from fusion_trainer.token_cache import TokenCache, batch_encoder, tokenizer_fingerprint
+from fusion_trainer.data.stream import ClimateTextStream
+from fusion_trainer.data.token_cache import TokenCache, batch_encoder, tokenizer_fingerprint
 
 from .conftest import open_stream
 

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from fusion_trainer.checkpoint import checkpoint_tensor_names, frozen_digest
 from fusion_trainer.config import FusionConfig, TrainConfig
-from fusion_trainer.data import open_shards
+from fusion_trainer.data.stream import open_shards
 from fusion_trainer.metrics import read_metrics
-from fusion_trainer.model import FusionModel
-from fusion_trainer.train import lr_lambda, train
+from fusion_trainer.model.fusion_model import FusionModel
+from fusion_trainer.training.checkpoint import checkpoint_tensor_names, frozen_digest
+from fusion_trainer.training.train import lr_lambda, train
 from safetensors.torch import load_file
 
 
@@ -119,7 +119,7 @@ def test_deepspeed_config_is_generated_and_user_file_merged(
 
 
 def test_trainable_parameter_groups(make_config: Callable[..., TrainConfig]) -> Any:
-    from fusion_trainer.train import _param_groups
+    from fusion_trainer.training.train import _param_groups
 
     model = _fresh_model(make_config())
     groups = _param_groups(model, 0.1)

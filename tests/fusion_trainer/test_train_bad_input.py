@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from fusion_trainer.config import TrainConfig
-from fusion_trainer.data import open_shards
+from fusion_trainer.data.stream import open_shards
 from fusion_trainer.errors import ConfigError, DataError, ModelError, TrainingError
-from fusion_trainer.train import train
+from fusion_trainer.training.train import train
 
 
 def _version_dir(ref: str) -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from fusion_trainer.checkpoint import checkpoint_tensor_names
+from fusion_trainer.training.checkpoint import checkpoint_tensor_names
 
 BIN = Path(sys.executable).parent
 TINY = ["--set", "fusion.d_encoder=32", "--set", "fusion.encoder_heads=4", "--set", "fusion.n_heads=4",

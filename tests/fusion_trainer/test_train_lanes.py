@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 from fusion_trainer.config import TrainConfig
-from fusion_trainer.data import DEFAULT_PROMPT, ClimateTextStream, open_shards, render_prompt
+from fusion_trainer.data.stream import DEFAULT_PROMPT, ClimateTextStream, open_shards, render_prompt
 from fusion_trainer.errors import ConfigError
 from fusion_trainer.metrics import read_metrics
-from fusion_trainer.train import train
+from fusion_trainer.training.train import train
 from safetensors.torch import load_file
 
 

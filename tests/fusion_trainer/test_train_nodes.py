@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fusion_trainer.launch import NodeLayout, build_launch_command, free_port
+from fusion_trainer.training.launch import NodeLayout, build_launch_command, free_port
 from safetensors.numpy import load_file
 
 BIN = Path(sys.executable).parent
@@ -262,7 +262,7 @@ def test_launch_commands_of_each_layout(tmp_path: Path) -> None:
     )
     assert pdsh[pdsh.index("--master_port") + 1] == "29500"
 
-    from fusion_trainer.launch import _write_hostfile
+    from fusion_trainer.training.launch import _write_hostfile
 
     written = Path(_write_hostfile(NodeLayout(nnodes=3, node_rank=0, master_addr="h"), 2))
     try:

@@ -34,9 +34,15 @@ from climate_text_schema import (
     open_dataset,
 )
 from fsspec.implementations.memory import MemoryFileSystem
-from fusion_trainer.checkpoint import checkpoint_tensor_names, load_checkpoint
-from fusion_trainer.data import DEFAULT_PROMPT, ClimateTextStream, epoch_samples, open_shards, render_prompt
+from fusion_trainer.data.stream import (
+    DEFAULT_PROMPT,
+    ClimateTextStream,
+    epoch_samples,
+    open_shards,
+    render_prompt,
+)
 from fusion_trainer.errors import CheckpointError, DataError
+from fusion_trainer.training.checkpoint import checkpoint_tensor_names, load_checkpoint
 from merra2_text_data.errors import ConfigError, CredentialsError, GranuleError, PublishError, StoreError
 from merra2_text_data.source.cmr import _granule_from_umm
 from merra2_text_data.source.fetch import Granule, download_granules
@@ -595,7 +601,7 @@ def test_credentials_in_urls_never_reach_an_error_or_the_run_config(
 ) -> None:
     """`s3://user:pw@host/...` and `https://user:pw@...` appeared in error lines and in RUN_DIR/config.yaml."""
     from fusion_trainer.config import TrainConfig
-    from fusion_trainer.train import _prepare_run_dir
+    from fusion_trainer.training.train import _prepare_run_dir
 
     url = "file://user:SECRET-PW@localhost/nothing/ds@latest"
     res = cli("verify", url)

@@ -255,7 +255,7 @@ def test_a_build_lock_left_by_a_killed_compile_is_removed(
     """A process killed while DeepSpeed compiles its CPU op leaves torch's extension `lock`; every later run would
     wait on it forever without a word. fusion-train removes such a lock (older than 10 minutes, no live process
     working in its build folder) and says so; a lock whose folder a live process works in is only named."""
-    from fusion_trainer.launch import stale_build_locks
+    from fusion_trainer.training.launch import stale_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     old = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
@@ -271,7 +271,7 @@ def test_a_build_lock_left_by_a_killed_compile_is_removed(
         os.utime(lock, (time.time() - 3600, time.time() - 3600))
     compiler = subprocess.Popen(["sleep", "60"], cwd=busy.parent)  # stands for a compile still running there
     try:
-        with caplog.at_level("WARNING", logger="fusion_trainer.launch"):
+        with caplog.at_level("WARNING", logger="fusion_trainer.training.launch"):
             assert stale_build_locks() == [str(busy), str(old)]
     finally:
         compiler.kill()

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fusion_trainer.data import DEFAULT_PROMPT, ClimateTextStream, open_shards, render_prompt
+from fusion_trainer.data.stream import DEFAULT_PROMPT, ClimateTextStream, open_shards, render_prompt
 from fusion_trainer.errors import DataError
 from fusion_trainer.metrics import read_metrics
 
@@ -190,7 +190,7 @@ def test_a_bad_sample_is_named_or_skipped_and_counted(
         _epoch(_stream(ref, tokenizer))
     assert "train-000000.tar" in str(info.value) and shown_key in str(info.value)
 
-    caplog.set_level(logging.WARNING, logger="fusion_trainer.data")
+    caplog.set_level(logging.WARNING, logger="fusion_trainer.data.stream")
     stream = _stream(ref, tokenizer, skip=True)
     keys, skipped = _epoch(stream)
     assert skipped == 1 and len(keys) == stream.batches_per_epoch == len(clean_keys), "the epoch stays full"

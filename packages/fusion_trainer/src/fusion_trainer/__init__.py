@@ -22,27 +22,27 @@ from .fusion_config import FusionConfig
 from .version import __version__
 
 if TYPE_CHECKING:
-    from .base import fetch_smollm2, fingerprint_base, load_base, make_tiny_model
-    from .encoder import ClimateEncoder, ClimateTokens
-    from .model import FusionModel
-    from .registry import MemoryEstimate, architecture_for, preset_config, supported_architectures
+    from .model.base import fetch_smollm2, fingerprint_base, load_base, make_tiny_model
+    from .model.encoder import ClimateEncoder, ClimateTokens
+    from .model.fusion_model import FusionModel
+    from .model.registry import MemoryEstimate, architecture_for, preset_config, supported_architectures
     from .runs import FusionRun, load_run
 
 
 _LAZY = {
-    "FusionModel": "model",
-    "ClimateEncoder": "encoder",
-    "ClimateTokens": "encoder",
-    "MemoryEstimate": "registry",
-    "architecture_for": "registry",
-    "preset_config": "registry",
-    "supported_architectures": "registry",
+    "FusionModel": "model.fusion_model",
+    "ClimateEncoder": "model.encoder",
+    "ClimateTokens": "model.encoder",
+    "MemoryEstimate": "model.registry",
+    "architecture_for": "model.registry",
+    "preset_config": "model.registry",
+    "supported_architectures": "model.registry",
     "FusionRun": "runs",
     "load_run": "runs",
-    "fetch_smollm2": "base",
-    "fingerprint_base": "base",
-    "load_base": "base",
-    "make_tiny_model": "base",
+    "fetch_smollm2": "model.base",
+    "fingerprint_base": "model.base",
+    "load_base": "model.base",
+    "make_tiny_model": "model.base",
 }
 
 __all__ = [

@@ -132,7 +132,7 @@ def train_command(
     """Train the fusion part of a frozen LM on a climate-text dataset with DeepSpeed ZeRO."""
     _setup_logging(log_level)
     from .config import TrainConfig
-    from .launch import NodeLayout, under_launcher
+    from .training.launch import NodeLayout, under_launcher
 
     overrides = list(set_ or []) + ([f"fusion.fusion={fusion}"] if fusion else [])
     flags: dict[str, Any] = dict(
@@ -153,7 +153,7 @@ def train_command(
         # RANK/WORLD_SIZE of pods) is in the environment
         if layout.multi_node or (cfg.nproc > 1 and not under_launcher()):
             raise typer.Exit(_launch(cfg, layout, log_level))
-        from .train import train
+        from .training.train import train
 
         result = train(cfg)
     except (FusionError, ContractError) as exc:
@@ -181,7 +181,7 @@ def train_command(
 
 def _launch(cfg: Any, layout: Any, log_level: str) -> int:
     """Start this node's ranks (`launch_local`) on the resolved config; return the launcher's exit code."""
-    from .launch import launch_local
+    from .training.launch import launch_local
 
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -211,9 +211,9 @@ def _dry_run(cfg: Any, nnodes: int = 1) -> str:
     """The resolved config, the trainable parameter count and the per-rank memory, without loading weights."""
     from transformers import AutoConfig
 
-    from .data import open_shards
+    from .data.stream import open_shards
     from .errors import ModelError
-    from .model import FusionModel
+    from .model.fusion_model import FusionModel
 
     data = open_shards(cfg.shards)
     manifest = data.manifest
@@ -277,7 +277,7 @@ def eval_command(
     against the same location's other times), numeric faithfulness, the baseline ladder, interventions, and the
     science goals checked against them."""
     _setup_logging(log_level)
-    from .evaluate import evaluate_run
+    from .evaluation.evaluate import evaluate_run
 
     try:
         result = evaluate_run(
@@ -307,7 +307,7 @@ def generate_command(
 ) -> None:
     """Generate a text per sample: one JSON line with key, reference and generated text."""
     _setup_logging(log_level)
-    from .generate import generate_run
+    from .evaluation.generate import generate_run
 
     try:
         rows = generate_run(

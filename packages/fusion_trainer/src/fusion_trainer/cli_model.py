@@ -77,7 +77,7 @@ def fetch_command(
     def action() -> Path:
         if name not in _FETCHABLE:
             raise ConfigError(f"unknown base {name!r}; fetchable: {', '.join(_FETCHABLE)}")
-        from .base import fetch_smollm2
+        from .model.base import fetch_smollm2
 
         return fetch_smollm2(out, cache_dir=cache_dir, show_progress=progress)
 
@@ -96,7 +96,7 @@ def tiny_command(
     def action() -> Path:
         if arch not in _TINY:
             raise ConfigError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(_TINY)}")
-        from .base import make_tiny_model
+        from .model.base import make_tiny_model
 
         return make_tiny_model(arch, out, seed=seed)  # type: ignore[arg-type]
 
@@ -111,7 +111,7 @@ def _model_root() -> None:
 def _hf_config(model: str | None, preset: str | None) -> Any:
     from transformers import AutoConfig
 
-    from .registry import preset_config
+    from .model.registry import preset_config
 
     if (model is None) == (preset is None):
         raise ConfigError(
@@ -187,7 +187,7 @@ def info_command(
     def action() -> dict[str, Any]:
         import torch
 
-        from .model import FusionModel
+        from .model.fusion_model import FusionModel
 
         if dtype not in ("bf16", "fp32"):
             raise ConfigError(f"--dtype must be bf16 or fp32, got {dtype!r}")

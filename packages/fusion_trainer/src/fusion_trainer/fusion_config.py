@@ -85,7 +85,7 @@ class FusionConfig(BaseModel):
     readout: bool = False
     """prefix: write the stats head's reading of the window (the caption's quantities: temperatures, wind, pressure,
     precipitation) as a text line after the prompt, before the soft tokens, for the LM to copy from
-    (`fusion_trainer.readout`). Turns on `stats_head` with its direct features (the window's own per-variable mean,
+    (`fusion_trainer.model.readout`). Turns on `stats_head` with its direct features (the window's own per-variable mean,
     minimum and maximum). Needs `stats_loss_weight` > 0 to train the head."""
     gradient_checkpointing: bool = False
     """Recompute the frozen decoder layers in the backward pass (less activation memory, ~30% more compute)."""

@@ -22,7 +22,7 @@ from .config import TrainConfig
 from .errors import CheckpointError, ConfigError, DataError
 
 if TYPE_CHECKING:
-    from .model import FusionModel
+    from .model.fusion_model import FusionModel
 
 __all__ = ["PROMPT_FILE", "FusionRun", "load_run", "load_run_for"]
 
@@ -111,7 +111,7 @@ def load_run(run_dir: str | Path, prompt: str | None = None) -> FusionRun:
         CheckpointError: RUN_DIR has no config.yaml, no final/ adapter (the run did not finish) or no prompt.
         ModelError: the adapter does not fit the base model.
     """
-    from .model import FusionModel
+    from .model.fusion_model import FusionModel
     from .precision import resolve_precision
 
     run_dir = Path(run_dir)
@@ -141,7 +141,7 @@ def load_run(run_dir: str | Path, prompt: str | None = None) -> FusionRun:
 
 def load_run_for(run_dir: Path, data: Any) -> FusionRun:
     """`load_run`, with the prompt rendered from the dataset for a run that kept no prompt.txt (older runs)."""
-    from .data import render_prompt
+    from .data.stream import render_prompt
 
     if (Path(run_dir) / PROMPT_FILE).exists():
         return load_run(run_dir)

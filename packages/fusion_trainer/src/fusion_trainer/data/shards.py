@@ -1,0 +1,299 @@
+"""Reading a dataset's shards and dealing them out: one shard's samples, checked whole first (`iter_shard`), the balanced
+assignment of shards to ranks, the seeded shuffle buffer, and one rank's epoch (`epoch_samples`).
+
+The sample order of an epoch is a pure function of (seed, epoch, rank, world): see `epoch_samples`. The lane cut of
+a rank's epoch (DataLoader workers reading disjoint shards) is in `lanes.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import random
+import tarfile
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import replace
+from typing import Any
+
+from climate_text_schema import (
+    CLIMATE_MEMBER,
+    MAX_SHARD_BYTES,
+    META_MEMBER,
+    READ_SIZE,
+    TEXT_MEMBER,
+    ContractError,
+    OpenedDataset,
+    SampleError,
+    ShardInfo,
+    check_sample_key,
+    member_suffix_problem,
+    open_dataset,
+)
+from climate_text_schema.captions import check_text_format
+from webdataset.tariterators import group_by_keys
+
+from fusion_trainer.errors import DataError
+
+from .decode import decode_sample
+from .samples import BadSampleHook, RawSample
+from .tar_reader import _tar_members
+
+__all__ = [
+    "assign_shards", "epoch_samples", "iter_shard", "open_shards", "per_rank_samples", "shuffle_samples",
+]  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+_MEMBERS = (CLIMATE_MEMBER, TEXT_MEMBER, META_MEMBER)
+
+
+def open_shards(ref: str, storage_options: dict[str, Any] | None = None) -> OpenedDataset:
+    """Resolve a dataset reference through the shared contract.
+
+    Args:
+        ref: a version folder, a manifest.json URL or `ROOT/NAME@TAG` on any fsspec store.
+        storage_options: fsspec options (default: the standard environment, e.g. AWS_ENDPOINT_URL).
+
+    Returns:
+        The opened dataset (manifest + shard URLs).
+
+    Raises:
+        DataError: the reference is malformed or resolves to nothing, the schema version is unsupported, the
+            manifest is damaged, or its captions are in a text format this trainer does not read; the message is the
+            contract's, which names the reference and the way out.
+    """
+    try:
+        ds = open_dataset(ref, storage_options)
+        check_text_format(ds.manifest.config.get("text_format"), f"dataset {ds.version_url}")
+        return ds
+    except ContractError as exc:
+        raise DataError(f"--shards {ref}: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise DataError(f"--shards {ref}: cannot read the dataset ({type(exc).__name__}: {exc})") from exc
+
+
+def _group_problem(group: dict[str, Any], key: str, url: str) -> str | None:
+    """Why a group of tar members is not a sample (a key that is a path, a missing member), or None."""
+    try:
+        check_sample_key(key, f"shard {url}")
+    except SampleError as exc:
+        return str(exc)
+    for suffix in sorted(k for k in group if not k.startswith("__")):
+        problem = member_suffix_problem(f"{key}.{suffix}", f"shard {url}")
+        if problem is not None:  # the rule `merra2-text verify` applies: never silently left out
+            return problem
+    missing = [m for m in _MEMBERS if m not in group]
+    if missing:
+        return f"shard {url}: sample {key!r} lacks member(s) {', '.join(missing)}"
+    return None
+
+
+def iter_shard(
+    ds: OpenedDataset, shard: ShardInfo, verify: bool = True, on_bad: BadSampleHook | None = None
+) -> Generator[RawSample, None, None]:
+    """The samples of one shard, handed out only once the whole shard has passed its checks.
+
+    The shard is read whole into memory (at most `MAX_SHARD_BYTES`, which the manifest contract and the builder
+    enforce), its size and (if `verify`) sha256 are compared with the manifest, then its members are parsed and its
+    sample count compared: no sample of a shard that fails a check is ever yielded, however early its reader stops
+    (an evaluation pass, a cut epoch, `generate --limit`). Members are only read into memory, never extracted: a
+    member named like a path (`../../x.txt`) is refused by name.
+
+    Args:
+        ds: the opened dataset.
+        shard: one of its shards.
+        verify: check the sha256 (size and sample count are always checked).
+        on_bad: called for a sample whose key is a path or that lacks a member, which is then left out; None:
+            raise.
+
+    Raises:
+        DataError: the shard is missing, unreadable, truncated or fails its checks; a bad sample without `on_bad`.
+    """
+    url = ds.url_of(shard.path)
+    if (
+        shard.bytes > MAX_SHARD_BYTES
+    ):  # the manifest contract refuses it too; a ShardInfo built by hand may not
+        raise DataError(
+            f"shard {url}: {shard.bytes} bytes is over the contract's {MAX_SHARD_BYTES}; re-publish it"
+        )
+    try:
+        with ds.fs.open(ds.fs._strip_protocol(url), "rb") as fh:
+            data = _read_bounded(
+                fh, shard.bytes + 1
+            )  # one byte more than listed: a longer object is caught too
+    except FileNotFoundError as exc:
+        raise DataError(f"shard {url} listed in the manifest does not exist: re-publish the dataset") from exc
+    except OSError as exc:
+        raise DataError(f"shard {url} cannot be read ({type(exc).__name__}: {exc}); check the store") from exc
+    problems = []
+    if len(data) != shard.bytes:
+        more = "more than " if len(data) > shard.bytes else ""
+        problems.append(f"{more}{len(data)} bytes where the manifest lists {shard.bytes}")
+    elif verify and (digest := hashlib.sha256(data).hexdigest()) != shard.sha256:
+        problems.append(f"sha256 {digest} where the manifest lists {shard.sha256}")
+    if problems:
+        raise DataError(
+            f"shard {url} fails its checks ({'; '.join(problems)}): it is truncated or was altered"
+        )
+    try:
+        groups = list(group_by_keys(_tar_members(io.BytesIO(data), url, limit=shard.bytes)))
+    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+        raise DataError(
+            f"shard {url} is truncated or corrupt ({type(exc).__name__}: {exc}); re-publish it"
+        ) from exc
+    del data
+    if len(groups) != shard.samples:
+        raise DataError(
+            f"shard {url} fails its checks ({len(groups)} samples where the manifest lists {shard.samples}): it is "
+            "truncated or was altered"
+        )
+    for group in groups:
+        key = str(group["__key__"])
+        problem = _group_problem(group, key, url)
+        if problem is not None:
+            if on_bad is None:
+                raise DataError(problem)
+            on_bad(shard.path, key, problem)
+            continue
+        yield RawSample(key=key, shard=shard.path, members={m: group[m] for m in _MEMBERS})
+
+
+def _read_bounded(fh: Any, limit: int) -> bytes:
+    """Up to `limit` bytes of `fh`, in `READ_SIZE` reads (a store may return short reads)."""
+    parts, n = [], 0
+    while n < limit:
+        part = fh.read(min(READ_SIZE << 4, limit - n))
+        if not part:
+            break
+        parts.append(part)
+        n += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def assign_shards(shards: list[ShardInfo], world: int, rng: random.Random) -> list[list[ShardInfo]] | None:
+    """Shuffle shards and deal each to the rank with the fewest samples so far; None when a rank would get none."""
+    if len(shards) < world:
+        return None
+    order = list(shards)
+    rng.shuffle(order)
+    out: list[list[ShardInfo]] = [[] for _ in range(world)]
+    counts = [0] * world
+    for shard in order:
+        r = min(range(world), key=lambda i: (counts[i], i))
+        out[r].append(shard)
+        counts[r] += shard.samples
+    return out if all(counts) else None
+
+
+def per_rank_samples(ds: OpenedDataset, split: str, world: int) -> int:
+    """Samples every rank sees per epoch: floor(total / world) from the manifest's counts."""
+    total = sum(s.samples for s in ds.shards(split))
+    return total // world
+
+
+def shuffle_samples(samples: Iterator[RawSample], bufsize: int, rng: random.Random) -> Iterator[RawSample]:
+    """A seeded shuffle buffer: fill `bufsize`, then emit a random element per incoming sample."""
+    if bufsize <= 1:
+        yield from samples
+        return
+    buf: list[RawSample] = []
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) >= bufsize:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _take_cycled(make: Callable[[], Iterator[RawSample]], n: int) -> Iterator[RawSample]:
+    """Exactly `n` samples: the stream, restarted from its beginning as often as needed, cut at `n`."""
+    produced = 0
+    while produced < n:
+        before = produced
+        for sample in make():
+            yield sample
+            produced += 1
+            if produced >= n:
+                return
+        if produced == before:
+            raise DataError("a rank's shards hold no samples; the dataset is empty")
+
+
+def _rank_shards(
+    shards: list[ShardInfo], *, epoch: int, rank: int, world: int, seed: int, shuffle: bool
+) -> list[ShardInfo] | None:
+    """The shards one rank reads in one epoch, in reading order; None: strided (every rank reads every shard)."""
+    rng = random.Random(seed + epoch)
+    if world == 1:
+        return rng.sample(shards, len(shards)) if shuffle else list(shards)
+    if shuffle:
+        assigned = assign_shards(shards, world, rng)
+        return None if assigned is None else assigned[rank]
+    return None
+
+
+def epoch_samples(
+    ds: OpenedDataset,
+    split: str,
+    *,
+    epoch: int,
+    rank: int,
+    world: int,
+    seed: int,
+    shuffle: bool,
+    shuffle_buffer: int = 256,
+    verify: bool = True,
+    on_bad: BadSampleHook | None = None,
+) -> Iterator[RawSample]:
+    """The raw samples one rank sees in one epoch: exactly `per_rank_samples` of them, disjoint across ranks.
+
+    Training (`shuffle`): shards are shuffled with `seed + epoch` and dealt to ranks, balanced by sample count; a
+    rank short of samples cycles its own shards, one with extra is cut. Evaluation, or fewer shards than ranks: every
+    rank reads every shard in manifest order and keeps every `world`-th sample.
+
+    With `on_bad`, every sample is decoded here (`decode_sample`) and a bad one is reported to `on_bad` and left out
+    before the count is cut, so the epoch stays full; the samples come back decoded.
+    """
+    shards = ds.shards(split)
+    n = per_rank_samples(ds, split, world)
+    if n == 0:
+        return
+    mine = _rank_shards(shards, epoch=epoch, rank=rank, world=world, seed=seed, shuffle=shuffle)
+    if mine is None:  # evaluation, or fewer shards than ranks: strided over every shard
+
+        def make() -> Iterator[RawSample]:
+            for i, sample in enumerate(s for shard in shards for s in _read(ds, shard, verify, on_bad)):
+                if i % world == rank:
+                    yield sample
+
+    else:
+
+        def make() -> Iterator[RawSample]:
+            return (s for shard in mine for s in _read(ds, shard, verify, on_bad))
+
+    def shuffled() -> Iterator[RawSample]:
+        if not shuffle:
+            return make()
+        return shuffle_samples(make(), shuffle_buffer, random.Random(f"{seed}/{epoch}/{rank}"))
+
+    yield from _take_cycled(shuffled, n)
+
+
+def _read(
+    ds: OpenedDataset, shard: ShardInfo, verify: bool, on_bad: BadSampleHook | None
+) -> Iterator[RawSample]:
+    """One shard's samples; with `on_bad`, decoded, the bad ones reported and left out."""
+    samples = iter_shard(ds, shard, verify, on_bad)
+    if on_bad is None:
+        yield from samples
+        return
+    for raw in samples:
+        try:
+            decoded = decode_sample(raw, ds)
+        except DataError as exc:
+            on_bad(raw.shard, raw.key, str(exc))
+            continue
+        yield replace(raw, members={}, decoded=decoded)

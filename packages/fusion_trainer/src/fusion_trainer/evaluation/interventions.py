@@ -1,0 +1,173 @@
+"""Interventions: change the window in physical units and see whether the generated numbers follow.
+
+A model that reads the window moves its number by the shift (slope about 1); a model that recognises the place and
+time does not (slope about 0). Shifts (`parse_intervention`):
+
+- `T2M=+3`, `SLP=-500`, any variable `V=+d`: add d (the variable's units: K, Pa, ...) to that variable of every grid
+  point and time step, nothing else. The quantity read back is the one the variable drives (`DRIVES`): T2M ->
+  mean 2 m temperature (°C, so the slope is per K), SLP -> pressure (hPa per Pa x 100), ...
+- `WIND=+2`: scale the U10M and V10M fields of each window by one factor so that the mean vector's speed rises by
+  2 m/s (its direction kept); read back: the wind speed.
+- `permute`: the same random permutation of the grid points for every variable and time step of a window (its
+  plain mean, minimum and maximum are unchanged; the area weighting moves the mean a little): how far each generated
+  number moves, in its own error measure.
+
+The slope of each sample is the least-squares slope of its generated value on the shifts (0 included); reported:
+median, mean and the pooled slope with a 95% bootstrap interval clustered by time window.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from climate_text_schema.caption_reading import parse_caption_numbers
+from climate_text_schema.captions import QUANTITIES
+
+from fusion_trainer.errors import ConfigError
+from fusion_trainer.scores import cluster_bootstrap, errors
+
+__all__ = ["DRIVES", "Intervention", "apply_intervention", "intervention_report", "parse_intervention", "permute_grid"]
+
+logger = logging.getLogger(__name__)
+
+DRIVES: dict[str, tuple[str, float]] = {
+    "T2M": ("t2m_mean_c", 1.0),
+    "T2MDEW": ("dewpoint_c", 1.0),
+    "SLP": ("slp_hpa", 0.01),
+    "QV2M": ("qv_g_kg", 1000.0),
+    "WIND": ("wind_speed_m_s", 1.0),
+}
+"""Variable -> (the caption quantity it drives, quantity units per variable unit)."""
+_SHIFT = re.compile(r"^\s*([A-Za-z0-9]+)\s*=\s*([+-]?\d+(?:\.\d+)?)\s*$")
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One shift: `variable` by `delta` in its physical units (`WIND`: the mean wind speed in m/s)."""
+
+    variable: str
+    delta: float
+
+    @property
+    def label(self) -> str:
+        """`T2M=+3`."""
+        return f"{self.variable}={self.delta:+g}"
+
+
+def parse_intervention(text: str, variables: Sequence[str]) -> Intervention:
+    """Parse `V=+d` (or `WIND=+d`) against the run's variables.
+
+    Raises:
+        ConfigError: malformed text, an unknown variable, or a variable whose caption quantity is not read back.
+    """
+    match = _SHIFT.match(text)
+    if not match:
+        raise ConfigError(f"--intervene {text!r}: write VARIABLE=+DELTA in its units, e.g. T2M=+3, SLP=-500, WIND=+2")
+    name, delta = match.group(1).upper(), float(match.group(2))
+    if name == "WIND":
+        if not {"U10M", "V10M"} <= set(variables):
+            raise ConfigError(f"--intervene {text!r}: WIND needs U10M and V10M; the run has {list(variables)}")
+    elif name not in variables:
+        raise ConfigError(f"--intervene {text!r}: {name} is not one of the run's variables {list(variables)}")
+    if name not in DRIVES:
+        raise ConfigError(f"--intervene {text!r}: no caption number follows {name}; shift one of {sorted(DRIVES)}")
+    return Intervention(name, delta)
+
+
+def apply_intervention(climate: np.ndarray, variables: Sequence[str], shift: Intervention) -> np.ndarray:
+    """A shifted copy of windows `(B, T, V, H, W)` in physical units (module docstring)."""
+    x = np.array(climate, dtype=np.float32, copy=True)
+    if shift.variable != "WIND":
+        x[:, :, list(variables).index(shift.variable)] += np.float32(shift.delta)
+        return x
+    iu, iv = list(variables).index("U10M"), list(variables).index("V10M")
+    u, v = x[:, :, iu].mean(axis=(1, 2, 3)), x[:, :, iv].mean(axis=(1, 2, 3))  # (B,)
+    speed = np.hypot(u, v)
+    factor = np.where(speed > 1e-3, (speed + shift.delta) / np.maximum(speed, 1e-3), 1.0).astype(np.float32)
+    factor = np.maximum(factor, 0.0)
+    x[:, :, iu] *= factor[:, None, None, None]
+    x[:, :, iv] *= factor[:, None, None, None]
+    return x
+
+
+def permute_grid(climate: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Each window's grid points in a random order (one permutation per window, the same for every variable/step)."""
+    x = np.array(climate, dtype=np.float32, copy=True)
+    b, t, v, h, w = x.shape
+    rng = np.random.default_rng(seed)
+    flat = x.reshape(b, t, v, h * w)
+    for i in range(b):
+        flat[i] = flat[i][..., rng.permutation(h * w)]
+    return flat.reshape(b, t, v, h, w)
+
+
+def _slopes(deltas: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per-sample least-squares slope of `values` `(B, S)` on `deltas` `(S,)`, NaN where fewer than 2 parse."""
+    out = np.full(values.shape[0], np.nan)
+    for i, row in enumerate(values):
+        ok = np.isfinite(row)
+        if ok.sum() >= 2 and np.ptp(deltas[ok]) > 0:
+            out[i] = np.polyfit(deltas[ok], row[ok], 1)[0]
+    return out
+
+
+def intervention_report(
+    describe: Callable[[np.ndarray], list[str]],
+    climate: np.ndarray,
+    variables: Sequence[str],
+    clusters: Sequence[str],
+    shifts: Sequence[Intervention],
+    permute: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Generate for the windows as they are, shifted, and permuted; report the slopes and the movement.
+
+    Args:
+        describe: windows `(B, T, V, H, W)` in physical units -> captions (`FusionRun.describe`).
+        climate: the windows, physical units.
+        variables: their variable names.
+        clusters: each window's time window (for the bootstrap).
+        shifts: the shifts to apply (several deltas per variable give the slope).
+        permute: also permute each window's grid.
+        seed: the permutation and bootstrap seed.
+    """
+    base_texts = describe(climate)
+    base = [parse_caption_numbers(t) for t in base_texts]
+    report: dict[str, Any] = {"samples": int(climate.shape[0]), "slopes": {}, "permute": None}
+    by_var: dict[str, list[Intervention]] = {}
+    for s in shifts:
+        by_var.setdefault(s.variable, []).append(s)
+    for var, group in by_var.items():
+        quantity, per_unit = DRIVES[var]
+        deltas = np.array([0.0] + [s.delta * per_unit for s in group])
+        values = np.full((climate.shape[0], len(deltas)), np.nan)
+        values[:, 0] = [p.get(quantity, math.nan) for p in base]
+        for j, shift in enumerate(group, start=1):
+            texts = describe(apply_intervention(climate, variables, shift))
+            values[:, j] = [parse_caption_numbers(t).get(quantity, math.nan) for t in texts]
+        slopes = _slopes(deltas, values)
+        ok = np.isfinite(slopes)
+        report["slopes"][var] = {
+            "quantity": quantity, "shifts": [s.label for s in group], "quantity_shifts": deltas[1:].tolist(),
+            "median": float(np.median(slopes[ok])) if ok.any() else None,
+            "mean": float(slopes[ok].mean()) if ok.any() else None,
+            "ci95": list(cluster_bootstrap(slopes[ok], np.asarray(clusters)[ok], seed=seed)) if ok.any() else None,
+            "samples": int(ok.sum()),
+            "per_shift_mean_change": [float(np.nanmean(values[:, j] - values[:, 0])) for j in range(1, len(deltas))],
+        }  # fmt: skip
+    if permute:
+        moved = [parse_caption_numbers(t) for t in describe(permute_grid(climate, seed))]
+        out: dict[str, Any] = {}
+        for q, spec in QUANTITIES.items():
+            pairs = [(b[q], m[q]) for b, m in zip(base, moved, strict=True) if q in b and q in m]
+            if pairs:
+                a, c = np.array(pairs).T
+                out[q] = {"mean_change": float(errors(c, a, spec.kind).mean()), "samples": len(pairs)}
+        report["permute"] = out
+    return report

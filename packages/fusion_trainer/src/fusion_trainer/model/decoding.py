@@ -1,0 +1,154 @@
+"""Decoding for `FusionModel.generate`: left-padded prompts, a KV-cached loop over any fused step function, greedy or
+seeded temperature / top-p sampling. It knows nothing of the model: the model hands it a step and an embedder."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from fusion_trainer.errors import DataError
+
+__all__ = ["batch_windows", "break_ids", "decode", "decode_texts", "encode_prompts", "stop_ids"]
+
+logger = logging.getLogger(__name__)
+
+Step = Callable[[Tensor, Tensor, Tensor, Any], tuple[Tensor, Any]]
+"""`(embeds (B, L, H), mask (B, L), positions (B, L), cache) -> (last logits (B, vocab), cache)`."""
+
+
+def batch_windows(
+    climate: Tensor | np.ndarray, prompt: str | Sequence[str], device: torch.device
+) -> tuple[Tensor, list[str]]:
+    """The climate as `(B, T, V, H, W)` and one prompt per window (one prompt or one window is broadcast).
+
+    Raises:
+        DataError: the numbers of prompts and windows disagree.
+    """
+    x = torch.as_tensor(climate, dtype=torch.float32, device=device)
+    x = x[None] if x.ndim == 4 else x  # (B, T, V, H, W)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if len(prompts) == 1 and x.shape[0] > 1:
+        prompts = prompts * x.shape[0]
+    elif x.shape[0] == 1 and len(prompts) > 1:
+        x = x.expand(len(prompts), *x.shape[1:])
+    if len(prompts) != x.shape[0]:
+        raise DataError(
+            f"{len(prompts)} prompts for {x.shape[0]} climate windows; give one prompt or one per window"
+        )
+    return x, prompts
+
+
+def stop_ids(tok: PreTrainedTokenizerBase, generation_config: GenerationConfig | None) -> set[int]:
+    """The tokenizer's EOS and the model's generation-config EOS ids."""
+    extra = generation_config.eos_token_id if generation_config is not None else None
+    return {int(t) for t in {tok.eos_token_id, *np.atleast_1d(extra or []).tolist()} if t is not None}
+
+
+_BREAKS: dict[tuple[int, int], frozenset[int]] = {}
+
+
+def break_ids(tok: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Ids of the tokens whose text holds a line break (one scan of the vocabulary per tokenizer, kept)."""
+    key = (id(tok), len(tok))
+    if key not in _BREAKS:
+        texts = tok.batch_decode([[i] for i in range(len(tok))])
+        _BREAKS[key] = frozenset(i for i, t in enumerate(texts) if "\n" in t)
+    return _BREAKS[key]
+
+
+def encode_prompts(
+    tok: PreTrainedTokenizerBase,
+    prompts: list[str],
+    device: torch.device,
+    suffixes: list[list[int]] | None = None,
+    skip: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Left-padded prompt ids `(B, L)` and mask; `suffixes` (the readout lines' ids) follow each prompt; `skip`
+    leaves out each row's first tokens (a shared prompt whose keys and values are cached)."""
+    fallback = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    rows = [(list(tok(p)["input_ids"]) or [int(fallback)])[skip:] for p in prompts]
+    if suffixes is not None:
+        rows = [r + list(extra) for r, extra in zip(rows, suffixes, strict=True)]
+    width = max(len(r) for r in rows)
+    pad = int(tok.pad_token_id if tok.pad_token_id is not None else fallback)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # (B, L), left padded
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)  # (B, L)
+    return ids, mask
+
+
+def _pick_next(
+    logits: Tensor, do_sample: bool, temperature: float, top_p: float, gen: torch.Generator | None
+) -> Tensor:
+    if not do_sample:
+        return logits.argmax(dim=-1)  # (B,)
+    probs = torch.softmax(logits / temperature, dim=-1)  # (B, vocab)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)  # (B,)
+
+
+def decode(
+    embeds: Tensor,
+    mask: Tensor,
+    step: Step,
+    embed_next: Callable[[Tensor], Tensor],
+    stops: set[int],
+    pad: int,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    cache: Any = None,
+) -> list[list[int]]:
+    """New token ids per row, from the fused prompt embeddings `(B, L, H)` and their padded mask `(B, C + L)`.
+
+    `step` runs the LM on new embeddings with the cache; `embed_next` fuses the tokens just picked `(B, 1)` into
+    `(B, 1, H)`. A row stops at its first stop id (later positions hold `pad`); all stop, or `max_new_tokens`.
+    `cache`: the keys and values of `C` tokens before `embeds` (a cached prompt; `mask` covers them too), or None.
+    Padding may sit anywhere in the mask: positions count attended tokens only.
+    """
+    device = embeds.device
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)[:, -embeds.shape[1] :]  # (B, L), padding aware
+    stop_tensor = torch.tensor(sorted(stops), device=device, dtype=torch.long)
+    done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=device)
+    out_ids: list[Tensor] = []
+    for _ in range(max_new_tokens):
+        logits, cache = step(embeds, mask, positions, cache)
+        nxt = _pick_next(logits.float(), do_sample, temperature, top_p, gen)  # (B,)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        out_ids.append(nxt)
+        done |= torch.isin(nxt, stop_tensor)
+        if bool(done.all()):
+            break
+        embeds = embed_next(nxt[:, None])  # (B, 1, H)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, L+k)
+        positions = positions[:, -1:] + 1  # (B, 1)
+    if not out_ids:
+        return [[] for _ in range(embeds.shape[0])]
+    return [list(map(int, row)) for row in torch.stack(out_ids, dim=1).tolist()]
+
+
+def decode_texts(
+    tok: PreTrainedTokenizerBase, rows: list[list[int]], stops: set[int], breaks: frozenset[int] = frozenset()
+) -> list[str]:
+    """Each row's text up to its first stop id, special tokens removed; with `breaks` (`break_ids`), only its first
+    line (the text before the first line break, which may sit inside a token)."""
+    texts = []
+    for row in rows:
+        cut = next((i for i, t in enumerate(row) if t in stops or t in breaks), len(row))
+        if cut < len(row) and row[cut] in breaks:
+            cut += 1  # the break's token may carry text before the break
+        text = str(tok.decode(row[:cut], skip_special_tokens=True))
+        texts.append(text.split("\n", 1)[0] if breaks else text)
+    return texts

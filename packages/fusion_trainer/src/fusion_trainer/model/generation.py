@@ -1,0 +1,156 @@
+"""Text from a FusionModel: the readout line of the stats head's predictions, and batched generation through the same
+fusion as in training (the decoding loop itself, which knows no model, is `generation.decode`). A mixin of
+`FusionModel`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fusion_trainer.errors import ConfigError, ModelError
+from fusion_trainer.fusion_config import FusionConfig
+
+from .decoding import batch_windows, break_ids, decode, decode_texts, encode_prompts, stop_ids
+from .encoder import ClimateEncoder, ClimateTokens
+from .fusion import fuse_new_tokens
+from .lm_pass import PromptCache
+from .readout import readout_values, render_readout
+
+__all__ = ["FusedGeneration"]
+
+
+class FusedGeneration(nn.Module):
+    """`generate` and the readout line of a FusionModel (its `lm`, `encoder`, `fusion`, `config`, `tokenizer`)."""
+
+    lm: PreTrainedModel
+    encoder: ClimateEncoder
+    fusion: nn.Module | None
+    config: FusionConfig
+    tokenizer: PreTrainedTokenizerBase | None
+    _cache_kwarg: str
+    _prompt_cache: PromptCache | None
+
+    if TYPE_CHECKING:
+
+        @property
+        def device(self) -> torch.device: ...
+
+        def _embed(self, input_ids: Tensor) -> Tensor: ...
+
+        def _embed_module(self) -> nn.Module: ...
+
+        def _fuse(
+            self, input_ids: Tensor, attention_mask: Tensor, climate: ClimateTokens, labels: Tensor | None,
+            stats: Tensor | None = None, insert_readout: bool = True,
+        ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]: ...  # fmt: skip
+
+        def _climate_scope(self, climate: ClimateTokens) -> contextlib.AbstractContextManager[None]: ...
+
+    def readout_ids(self, stats: Tensor) -> list[list[int]]:
+        """Token ids of each window's readout line (`readout.render_readout`) from the stats head's predictions."""
+        if self.tokenizer is None:
+            raise ModelError("readout: true needs the tokenizer; pass tokenizer=... to FusionModel.from_base")
+        texts = self.readout_texts(stats)
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def readout_texts(self, stats: Tensor) -> list[str]:
+        """Each window's readout line (`readout.render_readout`) from the stats head's predictions `(B, V, 3)`."""
+        cfg = self.config
+        if cfg.variables is None or cfg.normalization is None:
+            raise ModelError("readout: true needs the dataset's variables and normalization in the FusionConfig")
+        seconds = pd.Timedelta(cfg.window).total_seconds() if cfg.window else 3600.0
+        values = readout_values(stats, cfg.variables, cfg.normalization, seconds)
+        return [render_readout(v) for v in values]
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        pad = None if tok is None else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        return int(pad or 0)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        climate: Tensor | np.ndarray,
+        prompt: str | Sequence[str],
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        one_line: bool = False,
+    ) -> list[str]:
+        """Generate text for climate windows, batched with left padding and a KV cache.
+
+        Every new token goes through the same fusion as in training (add / xattn apply to it too; gated-xattn blocks
+        see the climate at every step). Greedy unless `do_sample`; sampling is deterministic for a given `seed`.
+
+        Args:
+            climate: `(B, T, V, lat, lon)` or one window `(T, V, lat, lon)`, normalised like the training data.
+            prompt: one prompt for all windows, or one per window.
+            max_new_tokens: upper bound on generated tokens (generation stops at eos).
+            do_sample: sample instead of greedy decoding.
+            temperature: softmax temperature when sampling.
+            top_p: nucleus sampling threshold (1.0: off).
+            seed: seeds a private generator (the global RNG is untouched).
+            one_line: stop a row at its first line break as at EOS and return the text before it (a caption is one
+                line; without it a row the LM does not end runs on to `max_new_tokens`). Greedy, the text is the
+                first line of what `one_line=False` returns.
+
+        Returns:
+            The generated continuations (prompt excluded, special tokens removed).
+
+        Raises:
+            ModelError: no tokenizer (pass `tokenizer=` to from_base).
+            DataError: the number of prompts and climate windows disagree.
+        """
+        if self.tokenizer is None:
+            raise ModelError("this FusionModel has no tokenizer; pass tokenizer=... to FusionModel.from_base")
+        if temperature <= 0 or not 0 < top_p <= 1:
+            raise ConfigError(
+                f"temperature must be > 0 (got {temperature}) and top_p in (0, 1] (got {top_p})"
+            )
+        tok = self.tokenizer
+        x, prompts = batch_windows(climate, prompt, self.device)
+        tokens = self.encoder.encode(x)
+        head = self.encoder.stats_head
+        stats = head(tokens.tokens, x) if head is not None and self.config.readout else None
+        suffixes = self.readout_ids(stats) if stats is not None else None
+        cache: Any = None
+        if self._prompt_cache is not None and len(set(prompts)) == 1:
+            # one prompt, nothing in it sees the climate: its keys and values come from the cache (`lm_pass`), and
+            # only its last token, the readout line and the soft tokens run here (padded between the two parts)
+            shared = encode_prompts(tok, prompts[:1], self.device)[0][:, :-1]
+            ids, mask = encode_prompts(tok, prompts, self.device, suffixes, skip=shared.shape[1])
+            if shared.shape[1]:
+                cache = self._prompt_cache.batch(self.lm, shared, self._embed_module(), len(prompts))
+        else:
+            ids, mask = encode_prompts(tok, prompts, self.device, suffixes)
+        embeds, mask, _, _ = self._fuse(ids, mask, tokens, None, stats, insert_readout=False)  # (B, L', H)
+        if cache is not None:  # the mask covers the cached prompt too
+            mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared.shape[1]), mask], dim=1)
+
+        def step(embeds: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> tuple[Tensor, Any]:
+            with self._climate_scope(tokens):
+                # logits at the last position only: the prompt's other positions predict nothing here
+                out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                              logits_to_keep=1, **{self._cache_kwarg: cache})  # fmt: skip
+            return out.logits[:, -1, :], getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+        stops = stop_ids(tok, self.lm.generation_config)
+        breaks = break_ids(tok) if one_line else frozenset()
+        pad = int(tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0))
+        rows = decode(embeds, mask, step, lambda nxt: self.step_embeddings(nxt, tokens), stops | breaks, pad, max_new_tokens,
+                      do_sample, temperature, top_p, seed, cache=cache)  # fmt: skip
+        return decode_texts(tok, rows, stops, breaks)
+
+    def step_embeddings(self, input_ids: Tensor, climate: ClimateTokens) -> Tensor:
+        """Embeddings of newly generated tokens `(B, 1)` -> `(B, 1, H)`, fused as in training (add / xattn)."""
+        return fuse_new_tokens(self.fusion, self._embed(input_ids), climate)
