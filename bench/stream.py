@@ -97,7 +97,7 @@ def tokenizer_for(path: str | None, work: Path) -> tuple[Any, str]:
     from transformers import AutoTokenizer
 
     if path is None:
-        from fusion_trainer.model.base import make_tiny_model
+        from fusion_trainer.model.tiny import make_tiny_model
 
         path = str(make_tiny_model("llama", work / "tiny-llama"))
     tok = AutoTokenizer.from_pretrained(path)

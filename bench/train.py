@@ -377,7 +377,8 @@ def main() -> None:
     if opts.child:
         dispatch_child({"ours": _child_ours, "hf": _child_hf, "runtime": _child_runtime}, opts.child)
         return
-    from fusion_trainer.model.base import fetch_smollm2, make_tiny_model
+    from fusion_trainer.model.base import fetch_smollm2
+    from fusion_trainer.model.tiny import make_tiny_model
     from stream import build_dataset
 
     work = Path(opts.work or tempfile.mkdtemp(prefix="merra2-train-bench-"))

@@ -75,7 +75,7 @@ def s3_bucket(s3_endpoint: str) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama with a small tokenizer (`fusion_trainer.model.base.make_tiny_model`), one per session."""
+    """A tiny random Llama with a small tokenizer (`fusion_trainer.model.tiny.make_tiny_model`), one per session."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), seed=0)
 
 

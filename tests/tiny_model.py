@@ -38,7 +38,7 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
     Returns:
         The model folder, loadable with `FusionModel.from_base` or `--model`.
     """
-    from fusion_trainer.model.base import make_tiny_model
+    from fusion_trainer.model.tiny import make_tiny_model
 
     return make_tiny_model("llama", folder, seed=seed)
 

@@ -18,8 +18,8 @@ from fusion_trainer.model.base import (
     fetch_smollm2,
     fingerprint_base,
     load_base,
-    make_tiny_model,
 )
+from fusion_trainer.model.tiny import make_tiny_model
 from transformers import AutoTokenizer
 
 

@@ -12,8 +12,10 @@ import pytest
 import torch
 from fusion_trainer import FusionConfig, FusionModel, ModelError
 from fusion_trainer.errors import DataError
-from fusion_trainer.model.base import load_base, make_tiny_model
-from fusion_trainer.model.fusion import FusionLayer, climate_context, insert_prefix, prefix_at
+from fusion_trainer.model.base import load_base
+from fusion_trainer.model.fusion import FusionLayer, climate_context
+from fusion_trainer.model.prefix import insert_prefix, prefix_at
+from fusion_trainer.model.tiny import make_tiny_model
 from safetensors.torch import load_file
 
 ARCHS = ("llama", "gpt2", "gpt_neo")

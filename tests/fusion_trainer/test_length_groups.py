@@ -14,7 +14,7 @@ from fusion_trainer import FusionConfig, FusionModel
 from fusion_trainer.config import TrainConfig
 from fusion_trainer.data.stream import ClimateTextStream, DataPosition
 from fusion_trainer.errors import ConfigError
-from fusion_trainer.model.base import make_tiny_model
+from fusion_trainer.model.tiny import make_tiny_model
 
 from .conftest import open_stream
 

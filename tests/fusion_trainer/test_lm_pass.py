@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from fusion_trainer import FusionConfig, FusionModel
-from fusion_trainer.model.base import make_tiny_model
 from fusion_trainer.model.lm_pass import shared_prompt_length
+from fusion_trainer.model.tiny import make_tiny_model
 
 SIZES = {"d_encoder": 32, "encoder_heads": 4, "n_heads": 4, "encoder_depth": 1, "gate_init": 0.5}
 

@@ -9,8 +9,8 @@ import torch
 from climate_text_schema.caption_reading import parse_caption_numbers
 from climate_text_schema.captions import caption_quantities
 from fusion_trainer import ConfigError, FusionConfig, FusionModel
-from fusion_trainer.model.base import make_tiny_model
 from fusion_trainer.model.readout import insert_tokens, readout_values, render_readout
+from fusion_trainer.model.tiny import make_tiny_model
 
 VARIABLES = ["T2M", "U10M", "V10M", "SLP", "PRECTOT"]
 NORM = {"T2M": {"mean": 285.0, "std": 10.0}, "U10M": {"mean": 0.0, "std": 5.0}, "V10M": {"mean": 0.0, "std": 5.0},

@@ -14,7 +14,7 @@ from fusion_trainer import FusionConfig, FusionModel
 from fusion_trainer.config import TrainConfig
 from fusion_trainer.data.stream import ClimateTextStream, epoch_samples, open_shards
 from fusion_trainer.metrics import read_metrics
-from fusion_trainer.model.base import make_tiny_model
+from fusion_trainer.model.tiny import make_tiny_model
 from fusion_trainer.training.train import train
 
 SMALL = {"n_variables": 3, "d_encoder": 32, "encoder_heads": 4, "encoder_depth": 1, "n_prefix_tokens": 4}

@@ -22,10 +22,11 @@ from .fusion_config import FusionConfig
 from .version import __version__
 
 if TYPE_CHECKING:
-    from .model.base import fetch_smollm2, fingerprint_base, load_base, make_tiny_model
+    from .model.base import fetch_smollm2, fingerprint_base, load_base
     from .model.encoder import ClimateEncoder, ClimateTokens
     from .model.fusion_model import FusionModel
     from .model.registry import MemoryEstimate, architecture_for, preset_config, supported_architectures
+    from .model.tiny import make_tiny_model
     from .runs import FusionRun, load_run
 
 
@@ -42,7 +43,7 @@ _LAZY = {
     "fetch_smollm2": "model.base",
     "fingerprint_base": "model.base",
     "load_base": "model.base",
-    "make_tiny_model": "model.base",
+    "make_tiny_model": "model.tiny",
 }
 
 __all__ = [

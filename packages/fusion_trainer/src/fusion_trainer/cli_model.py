@@ -96,7 +96,7 @@ def tiny_command(
     def action() -> Path:
         if arch not in _TINY:
             raise ConfigError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(_TINY)}")
-        from .model.base import make_tiny_model
+        from .model.tiny import make_tiny_model
 
         return make_tiny_model(arch, out, seed=seed)  # type: ignore[arg-type]
 

@@ -35,11 +35,11 @@ from .fusion import (
     build_fusion,
     climate_scope,
     fuse_inputs,
-    prefix_at,
 )
 from .generation import FusedGeneration
 from .lm_pass import FusionOutput, PromptCache, caption_loss, shared_prompt_length, target_loss
 from .params import TrainableParameters, inject_lora, untie_lm_head
+from .prefix import prefix_at
 from .readout import insert_tokens
 from .registry import architecture_for
 
