@@ -220,7 +220,6 @@ def _child_ours(args: dict[str, Any]) -> None:
     first_mark_s = marks[0][1] - t_start  # start-up + the first log_every steps
 
     # the data pipeline alone, same settings, per batch
-    from fusion_trainer.config import FusionConfig
     from fusion_trainer.model.fusion_model import FusionModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -242,9 +241,7 @@ def _child_ours(args: dict[str, Any]) -> None:
 
     # the memory model, from the same model built on the meta device
     norm = {v: s.model_dump() for v, s in ds.manifest.normalization.items()}
-    stats = {"stats_head": True} if cfg.stats_loss_weight > 0 else {}
-    fusion = FusionConfig(**{**cfg.fusion, **stats, "variables": ds.manifest.variable_names, "normalization": norm,
-                             "window": ds.manifest.window})  # fmt: skip
+    fusion = cfg.fusion_config(ds.manifest.variable_names, norm, ds.manifest.window)  # the model training builds
     dtype = torch.bfloat16 if bf16 else torch.float32
     with torch.device("meta"):
         meta_model = FusionModel(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args["model"]),

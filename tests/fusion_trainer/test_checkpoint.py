@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 
 def _model(config: TrainConfig) -> FusionModel:
-    fusion = FusionConfig(**config.fusion, n_variables=3)
+    fusion = FusionConfig(**config.fusion.model_dump(), n_variables=3)
     return FusionModel.from_base(config.model, fusion, dtype=torch.float32)
 
 

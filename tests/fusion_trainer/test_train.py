@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 def _fresh_model(config: TrainConfig) -> FusionModel:
     manifest = open_shards(config.shards).manifest
     fusion = FusionConfig(
-        **config.fusion,
+        **config.fusion.model_dump(),
         variables=manifest.variable_names,
         normalization={v: s.model_dump() for v, s in manifest.normalization.items()},
     )

@@ -87,7 +87,7 @@ def test_set_overrides_and_yaml(tmp_path: Path) -> None:
     path = tmp_path / "train.yaml"
     path.write_text("shards: a\nmodel: b\nout: c\nfusion:\n  fusion: add\n")
     cfg = TrainConfig.from_yaml(path, ["lr=3e-4", "fusion.d_encoder=64"], steps=7)
-    assert cfg.lr == 3e-4 and cfg.fusion == {"fusion": "add", "d_encoder": 64} and cfg.steps == 7
+    assert cfg.lr == 3e-4 and cfg.fusion.fusion == "add" and cfg.fusion.d_encoder == 64 and cfg.steps == 7
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         TrainConfig.from_yaml(path, ["lr"])
 
@@ -110,7 +110,7 @@ def test_every_train_pipeline_is_a_valid_config(path: Path) -> None:
     from fusion_trainer.config import FusionConfig
 
     config = TrainConfig.from_yaml(path)
-    FusionConfig(**config.fusion, n_variables=11)
+    FusionConfig(**config.fusion.model_dump(), n_variables=11)
     config.deepspeed_config(world=config.nproc)  # the global batch checks out
     assert config.steps >= config.warmup_steps
 
@@ -118,3 +118,22 @@ def test_every_train_pipeline_is_a_valid_config(path: Path) -> None:
 def test_the_pipelines_folder_has_the_three_train_configs() -> None:
     names = {p.name for p in (Path(__file__).resolve().parents[2] / "pipelines").glob("train-*.yaml")}
     assert {"train-tiny.yaml", "train-smollm2.yaml", "train-llama3-8b.yaml"} <= names
+
+
+def test_fusion_settings_are_typed_and_the_model_config_is_built_once() -> None:
+    import yaml
+    from fusion_trainer.config import FusionSettings
+
+    raw = {"shards": "x", "model": "m", "out": "o", "stats_loss_weight": 0.5,
+           "fusion": {"fusion": "prefix", "d_encoder": 64, "encoder_heads": 4}}  # fmt: skip
+    cfg = TrainConfig.load(raw)
+    assert isinstance(cfg.fusion, FusionSettings) and cfg.fusion.n_prefix_tokens == 32
+    norm = {"T2M": {"mean": 280.0, "std": 10.0}, "U10M": {"mean": 0.0, "std": 5.0}}
+    model_config = cfg.fusion_config(["T2M", "U10M"], norm, "1h")
+    assert (model_config.n_variables, model_config.d_encoder, model_config.window) == (2, 64, "1h")
+    assert model_config.stats_head  # from stats_loss_weight, in training and --dry-run alike
+    assert TrainConfig.load(yaml.safe_load(cfg.to_yaml())).fusion == cfg.fusion  # RUN_DIR/config.yaml round trip
+    with pytest.raises(ConfigError, match=r"fusion: encoder_heads: 3 does not divide d_encoder=64"):
+        TrainConfig.load({**raw, "fusion": {"d_encoder": 64, "encoder_heads": 3}})
+    with pytest.raises(ConfigError, match=r"fusion.variables: Extra inputs are not permitted"):
+        TrainConfig.load({**raw, "fusion": {"variables": ["T2M"]}})  # the dataset gives them

@@ -18,7 +18,7 @@ from .errors import (
     TrainingError,
     UnsupportedArchitectureError,
 )
-from .fusion_config import FusionConfig
+from .fusion_config import FusionConfig, FusionSettings
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "FusionConfig",
+    "FusionSettings",
     "FusionError",
     "FusionModel",
     "FusionRun",

@@ -1,7 +1,8 @@
 """TrainConfig: one training run (`fusion-train`), with field docstrings; validation messages name the key.
 
-The model's own config, FusionConfig, lives in `fusion_config` and is re-exported here (with `FusionKind` and
-`FUSION_KINDS`), so `from fusion_trainer.config import FusionConfig, TrainConfig` keeps working.
+The model's own config lives in `fusion_config` (`FusionSettings`, the architecture a run chooses, is
+`TrainConfig.fusion`; `FusionConfig` adds the dataset's metadata) and is re-exported here with `FusionKind` and
+`FUSION_KINDS`, so `from fusion_trainer.config import FusionConfig, TrainConfig` keeps working.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
-from .fusion_config import FUSION_KINDS, FusionConfig, FusionKind
+from .fusion_config import FUSION_KINDS, FusionConfig, FusionKind, FusionSettings
 
-__all__ = ["DEFAULT_PROMPT_TEMPLATE", "FUSION_KINDS", "FusionConfig", "FusionKind", "TrainConfig"]
+__all__ = ["DEFAULT_PROMPT_TEMPLATE", "FUSION_KINDS", "FusionConfig", "FusionKind", "FusionSettings", "TrainConfig"]
 
 DEFAULT_PROMPT_TEMPLATE = "Example: {example}\nDescribe this climate window ({variables}):\n"
 """`{example}`: a one-shot caption whose numbers are the train means; `{variables}`: the variable names."""
@@ -36,10 +37,10 @@ class TrainConfig(BaseModel):
     shards: str = Field(description="dataset reference: version folder, manifest.json URL or ROOT/NAME@TAG")
     model: str = Field(description="base causal LM: a local folder (save_pretrained layout) or a hub id")
     out: str = Field(description="RUN_DIR (local path): config.yaml, metrics.jsonl, checkpoints/, final/")
-    fusion: dict[str, Any] = Field(
-        default_factory=dict,
-        description="FusionConfig fields (fusion, encoder sizes, ...); n_variables, variables and normalization "
-        "come from the dataset",
+    fusion: FusionSettings = Field(
+        default_factory=FusionSettings,
+        description="the model's architecture (fusion variant, encoder sizes, ...: FusionSettings); the variables, "
+        "normalization and window come from the dataset (`fusion_config`)",
     )
     zero: int = Field(default=2, ge=0, le=3, description="ZeRO stage 0, 1, 2 or 3")
     steps: int = Field(
@@ -202,16 +203,6 @@ class TrainConfig(BaseModel):
             ) from None
         return value
 
-    @field_validator("fusion")
-    @classmethod
-    def _fusion_ok(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if value:
-            try:
-                FusionConfig(**{"n_variables": 1, **value})
-            except (ValueError, TypeError) as exc:
-                raise ValueError(str(exc)) from None
-        return value
-
     @model_validator(mode="after")
     def _check_relations(self) -> TrainConfig:
         problems = []
@@ -307,8 +298,8 @@ class TrainConfig(BaseModel):
             ConfigError: `fusion` does not fit the dataset.
         """
         stats = {"stats_head": True} if self.stats_loss_weight > 0 else {}
-        return FusionConfig(**{**self.fusion, **stats, "variables": list(variables), "normalization": normalization,
-                               "window": window})  # fmt: skip
+        return FusionConfig(**{**self.fusion.model_dump(), **stats, "variables": list(variables),
+                               "normalization": normalization, "window": window})  # fmt: skip
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (what RUN_DIR/config.yaml holds)."""

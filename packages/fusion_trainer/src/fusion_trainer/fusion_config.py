@@ -1,5 +1,9 @@
-"""FusionConfig: the model's config (encoder sizes, fusion variant, prefix, readout, LoRA), validated with messages
-that name the key; `FusionKind` names the variants once."""
+"""The model's config in two layers, validated with messages that name the key; `FusionKind` names the variants once.
+
+`FusionSettings` is the architecture a training config chooses (encoder sizes, fusion variant, prefix, readout, LoRA):
+`TrainConfig.fusion`. `FusionConfig` is those settings plus what the dataset gives (variables, normalization, window)
+and the base: the complete config a FusionModel is built from and saves as `fusion_config.json`.
+"""
 
 from __future__ import annotations
 
@@ -30,15 +34,11 @@ def _format_validation_error(model: str, exc: ValidationError) -> str:
     return f"invalid {model}, {len(lines)} problem(s):\n" + "\n".join(lines)
 
 
-class FusionConfig(BaseModel):
-    """The trainable part of a FusionModel: the climate encoder and how its tokens reach the frozen LM.
+class FusionSettings(BaseModel):
+    """The architecture of a FusionModel's trainable part, without the dataset's metadata: `TrainConfig.fusion`.
 
-    `FusionConfig(fusion="xattn", n_variables=V)` is complete; every other field has a default. All problems are
-    collected and raised once as `ConfigError`, each line naming the key.
-
-    Examples:
-        >>> FusionConfig(fusion="prefix", n_variables=4).n_prefix_tokens
-        32
+    `TrainConfig.fusion_config` adds the dataset's variables, normalization and window, giving the `FusionConfig`.
+    Validated inside `TrainConfig`, whose `ConfigError` lists every problem under `fusion.`.
     """
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
@@ -47,8 +47,6 @@ class FusionConfig(BaseModel):
     """add: pooled climate added to every text embedding (tanh gate); xattn: one gated cross-attention at the input;
     prefix: soft climate tokens prepended (LLaVA); gated-xattn: gated cross-attention + FFN before every k-th layer
     (Flamingo)."""
-    n_variables: int | None = Field(default=None, ge=1)
-    """Number of climate variables (the `variable` axis of the climate array). Taken from `variables` if omitted."""
     d_encoder: int = Field(default=256, ge=8)
     """Width of the climate encoder and of the climate tokens."""
     encoder_depth: int = Field(default=2, ge=0)
@@ -89,6 +87,46 @@ class FusionConfig(BaseModel):
     minimum and maximum). Needs `stats_loss_weight` > 0 to train the head."""
     gradient_checkpointing: bool = False
     """Recompute the frozen decoder layers in the backward pass (less activation memory, ~30% more compute)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> FusionSettings:
+        problems = self._settings_problems()
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _settings_problems(self) -> list[str]:
+        """The architecture's problems, one line each naming its key; sets `stats_head` where `readout` needs it."""
+        problems: list[str] = []
+        if self.d_encoder % self.encoder_heads:
+            problems.append(
+                f"encoder_heads: {self.encoder_heads} does not divide d_encoder={self.d_encoder}; "
+                "pick heads that divide it (e.g. 4 or 8 for 256)"
+            )
+        if self.lora is not None:
+            problems.extend(_lora_problems(self.lora))
+        if self.readout and self.fusion != "prefix":
+            problems.append(f"readout: true needs fusion: prefix (got {self.fusion!r}); the line goes before the "
+                            "soft tokens")  # fmt: skip
+        if self.readout and not self.stats_head:
+            object.__setattr__(self, "stats_head", True)
+        return problems
+
+
+class FusionConfig(FusionSettings):
+    """The trainable part of a FusionModel: the climate encoder and how its tokens reach the frozen LM, with the
+    dataset's metadata.
+
+    `FusionConfig(fusion="xattn", n_variables=V)` is complete; every other field has a default. All problems are
+    collected and raised once as `ConfigError`, each line naming the key.
+
+    Examples:
+        >>> FusionConfig(fusion="prefix", n_variables=4).n_prefix_tokens
+        32
+    """
+
+    n_variables: int | None = Field(default=None, ge=1)
+    """Number of climate variables (the `variable` axis of the climate array). Taken from `variables` if omitted."""
     variables: list[str] | None = None
     """Metadata: the variable names in climate-array order (from the dataset manifest)."""
     normalization: dict[str, NormStats] | None = None
@@ -113,7 +151,7 @@ class FusionConfig(BaseModel):
             raise ConfigError(_format_validation_error("FusionConfig", exc)) from exc
 
     @model_validator(mode="after")
-    def _check_together(self) -> FusionConfig:
+    def _check(self) -> FusionConfig:  # replaces FusionSettings._check: every problem in one message
         problems: list[str] = []
         if self.n_variables is None:
             if self.variables is None:
@@ -131,18 +169,7 @@ class FusionConfig(BaseModel):
             missing = [v for v in self.variables if v not in self.normalization]
             if missing:
                 problems.append(f"normalization: no mean/std for {missing}; give one entry per variable")
-        if self.d_encoder % self.encoder_heads:
-            problems.append(
-                f"encoder_heads: {self.encoder_heads} does not divide d_encoder={self.d_encoder}; "
-                "pick heads that divide it (e.g. 4 or 8 for 256)"
-            )
-        if self.lora is not None:
-            problems.extend(_lora_problems(self.lora))
-        if self.readout and self.fusion != "prefix":
-            problems.append(f"readout: true needs fusion: prefix (got {self.fusion!r}); the line goes before the "
-                            "soft tokens")  # fmt: skip
-        if self.readout and not self.stats_head:
-            object.__setattr__(self, "stats_head", True)
+        problems.extend(self._settings_problems())
         if problems:
             raise ValueError("\n".join(problems))
         return self
