@@ -141,7 +141,7 @@ def load_run(run_dir: str | Path, prompt: str | None = None) -> FusionRun:
 
 def load_run_for(run_dir: Path, data: Any) -> FusionRun:
     """`load_run`, with the prompt rendered from the dataset for a run that kept no prompt.txt (older runs)."""
-    from .data.stream import render_prompt
+    from .data.prompt import render_prompt
 
     if (Path(run_dir) / PROMPT_FILE).exists():
         return load_run(run_dir)

@@ -6,18 +6,16 @@ Parsing only: each command builds a config or reference and calls the library. E
 
 from __future__ import annotations
 
-import functools
 import logging
-import sys
 import textwrap
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from climate_text_schema import DEFAULT_VARIABLES, ContractError
+from climate_text_schema import DEFAULT_VARIABLES
 
-from .errors import ConfigError, Merra2TextError, VerifyError
+from .cli_support import _display_ref, _draw, _errors, _setup_logging, _stderr_console
+from .errors import VerifyError
 
 __all__ = ["app", "main"]
 
@@ -37,62 +35,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(
-        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
-    )
-    from climate_text_schema import redact_log_records
-
-    redact_log_records()  # passwords in URLs never reach a log line
-
-
-def _fail(message: str, code: int) -> None:
-    from climate_text_schema import redact_credentials
-
-    typer.echo(f"error: {redact_credentials(message)}", err=True)
-    raise typer.Exit(code)
-
-
-def _error_line(exc: Exception) -> tuple[str, int] | None:
-    """The one-line message and exit code of an expected error (None: a bug, let the traceback show)."""
-    from climate_text_schema import credentials_message
-
-    missing = credentials_message(exc)  # botocore's NoCredentialsError and friends, here or as a cause
-    if missing is not None:
-        return missing, 1
-    if isinstance(exc, ConfigError):
-        return str(exc), 2
-    if isinstance(exc, Merra2TextError | ContractError):
-        return str(exc), 1
-    if isinstance(exc, OSError):
-        return f"{type(exc).__name__}: {exc}; check the path or URL and your permissions/credentials", 1
-    return None
-
-
-def _errors(func: F) -> F:
-    """Turn every expected error into one message on stderr and a non-zero exit code (2: usage, 1: failure)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except KeyboardInterrupt:
-            _fail("interrupted; rerun the same command to resume", 130)
-        except Exception as exc:
-            line = _error_line(exc)
-            if line is None:
-                raise
-            _fail(*line)
-
-    return wrapper  # type: ignore[return-value]
-
 
 Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="Show the log (-vv: debug).")]
 
@@ -224,22 +166,6 @@ def build(
     typer.echo(_display_ref(ref, cfg.publish.out))
 
 
-def _stderr_console() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _display_ref(ref: str, out: str) -> str:
-    """Show a local reference in the form the user wrote `--out` (./datasets/conus@v rather than an absolute path)."""
-    if "://" in out:
-        return ref
-    root = str(Path(out).expanduser().resolve())
-    if ref.startswith(root + "/"):
-        return out.rstrip("/") + ref[len(root) :]
-    return ref
-
-
 @app.command()
 @_errors
 def regions() -> None:
@@ -285,14 +211,13 @@ def synth(
     Example: merra2-text synth --out granules/ --region=-105,35,-95,45 --start 2019-01-01 --end 2019-01-05
     """
     from .config.build import BuildConfig
-    from .regions import parse_region
     from .source.synth import write_synthetic_granules
 
     _setup_logging(verbose)
     cfg = BuildConfig.from_options(region=region, years=years, start=start, end=end)
     first, last = cfg.subset.period()
     paths = write_synthetic_granules(
-        out, parse_region(region), first, last, seed=seed, show_progress=not quiet
+        out, cfg.subset.parsed_region, first, last, seed=seed, show_progress=not quiet
     )
     typer.echo(f"wrote {len(paths)} granules to {out}")
 
@@ -327,29 +252,6 @@ def inspect(
     if png is not None:
         _draw(sample, m.variable_names, png)
         typer.echo(f"\nmap written to {png}")
-
-
-def _draw(sample: dict[str, Any], variables: list[str], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    meta, array = sample["meta"], sample["climate"]
-    field = array[:, 0].mean(axis=0)
-    fig, ax = plt.subplots(figsize=(8, 6.5))
-    lon = np.unwrap(np.deg2rad(np.asarray(meta.lon))) * 180 / np.pi
-    mesh = ax.pcolormesh(lon, meta.lat, field, shading="nearest", cmap="RdYlBu_r")
-    fig.colorbar(mesh, ax=ax, label=f"{variables[0]} window mean [{meta.units[0]}]")
-    ax.set_xlabel("longitude (°E)")
-    ax.set_ylabel("latitude (°N)")
-    ax.set_title(f"{sample['key']}  {meta.time_start} .. {meta.time_end}", fontsize=9)
-    fig.text(0.02, 0.01, textwrap.fill(sample["text"], 120), fontsize=7, va="bottom")
-    fig.subplots_adjust(bottom=0.3)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
 
 
 @app.command()

@@ -23,8 +23,8 @@ sample (a member named like a path, an array that is not a plain numeric .npy, a
 metadata, a missing member) stops it too, naming the shard and the sample, unless `skip_bad_samples`: then it is
 logged, counted (`batch["skipped"]`) and left out before the epoch is cut, so every rank still sees its full epoch.
 
-This module holds the stream (`ClimateTextStream`, `DataPosition`, `render_prompt`); its stages live in
-`shards.py` (reading and checking a shard, dealing shards to ranks, the shuffle buffer, one rank's epoch),
+This module holds the stream (`ClimateTextStream`, `DataPosition`); the prompt is `prompt.py` (`render_prompt`); its
+stages live in `shards.py` (reading and checking a shard, dealing shards to ranks, the shuffle buffer, one rank's epoch),
 `tar_reader.py` (the tar member reader), `lanes.py` (the lane cut), `decode.py` (contract checks, normalisation,
 window statistics), `collate.py` (caption token ids, label masking, stacking) and `samples.py` (the records passed
 along). Every name of `__all__` is importable from here, as before the split.
@@ -43,12 +43,12 @@ import numpy as np
 import torch
 from climate_text_schema import TEXT_MEMBER, OpenedDataset
 
-from fusion_trainer.config import DEFAULT_PROMPT_TEMPLATE
 from fusion_trainer.errors import ConfigError, DataError
 
 from .collate import _batch, _stack_climate, collate, encode_sample, encode_texts
 from .decode import _decode, _norm_arrays, decode_sample
 from .lanes import lane_samples
+from .prompt import DEFAULT_PROMPT, render_prompt
 from .samples import BadSampleHook, RawSample, Sample
 from .shards import assign_shards, epoch_samples, iter_shard, open_shards, per_rank_samples, shuffle_samples
 from .token_cache import TokenCache, batch_encoder
@@ -60,10 +60,6 @@ __all__ = [
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_PROMPT = DEFAULT_PROMPT_TEMPLATE
-"""Prompt template: `{example}` is a one-shot caption built from the train means, `{variables}` the variable names."""
-
 
 @dataclass(frozen=True)
 class DataPosition:
@@ -89,58 +85,6 @@ class DataPosition:
             epoch=int(raw["epoch"]), consumed=int(raw["consumed"]), seed=int(raw["seed"]),
             lanes=int(raw.get("lanes", 1)), length_groups=int(raw.get("length_groups", 1)),
         )  # fmt: skip
-
-
-def render_prompt(template: str, ds: OpenedDataset, caption: str = "full") -> str:
-    """Fill the prompt template from the manifest: one-shot examples whose numbers come from the train statistics.
-
-    `{example}` lists the train mean of every variable in its units; `{caption_example}` is a caption in template 0's
-    phrasing whose numbers are the train means (the range: mean -/+ one std), cut to the `caption` form the run trains
-    on (`grounding.caption_target`); `{readout_example}` is the readout line of those same numbers
-    (`readout.render_readout`), for runs with `fusion.readout`. `{cold_caption_example}` and
-    `{cold_readout_example}` are the same for a window two standard deviations colder (its temperatures often below
-    zero, so the LM sees negative numbers copied too), the wind reversed and pressure one std lower.
-    """
-    import pandas as pd
-    from climate_text_schema.caption_reading import caption_target
-    from climate_text_schema.captions import caption_quantities, render_facet
-
-    from fusion_trainer.model.readout import render_readout
-
-    manifest = ds.manifest
-    parts = []
-    for v in manifest.variables:
-        stats = manifest.normalization.get(v.name)
-        if stats is not None:
-            parts.append(f"mean {v.name} {stats.mean:.4g} {v.units}")
-    example = "; ".join(parts) + "."
-    seconds = pd.Timedelta(manifest.window).total_seconds()
-    form = "numbers" if caption == "full" else caption
-
-    def texts(shift: dict[str, float], flip: bool) -> tuple[str, str]:
-        stats = {}
-        for v, s in manifest.normalization.items():
-            m = -s.mean if flip and v in ("U10M", "V10M") else s.mean
-            m += shift.get(v, 0.0) * s.std
-            stats[v] = {"mean": m, "min": m - s.std, "max": m + s.std}
-        values = caption_quantities(stats, seconds)
-        text = " ".join(
-            t for f in ("temp", "dew", "q", "wind", "slp", "precip") if (t := render_facet(f, values))
-        )
-        return render_readout(values), caption_target(text, form) if text else ""
-
-    readout, caption_text = texts({}, False)
-    cold_readout, cold_caption = texts({"T2M": -2.0, "T2MDEW": -2.0, "SLP": -1.0}, True)
-    try:
-        return template.format(
-            example=example, variables=", ".join(manifest.variable_names), readout_example=readout,
-            caption_example=caption_text, cold_readout_example=cold_readout, cold_caption_example=cold_caption,
-        )  # fmt: skip
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(
-            f"prompt_template {template!r} is invalid ({exc}): use only {{example}}, {{caption_example}}, "
-            "{readout_example}, {cold_caption_example}, {cold_readout_example} and {variables}"
-        ) from exc
 
 
 class ClimateTextStream(torch.utils.data.IterableDataset):

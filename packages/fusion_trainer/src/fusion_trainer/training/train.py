@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from fusion_trainer.config import TrainConfig
-from fusion_trainer.data.stream import ClimateTextStream, DataPosition, open_shards, render_prompt
+from fusion_trainer.data.prompt import render_prompt
+from fusion_trainer.data.stream import ClimateTextStream, DataPosition, open_shards
 from fusion_trainer.errors import CheckpointError, ConfigError, TrainingError
 from fusion_trainer.evaluation.evaluate import evaluate_loss
 from fusion_trainer.evaluation.model_card import write_model_card

@@ -132,18 +132,17 @@ class BuildConfig(_Section):
         """The dataset name: `publish.name`, else the named region, else `bbox`."""
         if self.publish.name:
             return self.publish.name
-        from merra2_text_data.regions import REGIONS, parse_region
+        from merra2_text_data.regions import REGIONS
 
-        region = parse_region(self.subset.region)
+        region = self.subset.parsed_region
         if region.name in REGIONS:
             return region.name
         return "bbox" + "_".join(f"{v:g}" for v in region.bbox)
 
     def resolved(self) -> dict[str, Any]:
         """The canonical dict of everything that defines the data (manifest `config`, version digest)."""
-        from merra2_text_data.regions import parse_region
 
-        region = parse_region(self.subset.region)
+        region = self.subset.parsed_region
         start, end = self.subset.period()
         return {
             "name": self.dataset_name(),

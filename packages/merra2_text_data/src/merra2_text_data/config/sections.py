@@ -9,11 +9,22 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pandas as pd
 from climate_text_schema import DEFAULT_VARIABLES, KNOWN_VARIABLES, MAX_SHARD_BYTES
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
+
+if TYPE_CHECKING:
+    from merra2_text_data.regions import Region
 
 __all__ = [
     "FIRST_YEAR",
@@ -201,15 +212,29 @@ class SubsetConfig(_Section):
             raise ValueError("give years (2019 or 2018-2020) or both start and end (YYYY-MM-DD)")
         if self.start is not None and self.end is not None and self.end < self.start:
             raise ValueError(f"end {self.end} is before start {self.start}")
-        return self
+        from merra2_text_data.regions import parse_region
 
-    def period(self) -> tuple[dt.date, dt.date]:
-        """The first and last day (both inclusive)."""
+        self._region = parse_region(self.region)  # parsed once here (and again on assignment), read everywhere
         if self.years is not None:
             first, _, last = self.years.partition("-")
-            return dt.date(int(first), 1, 1), min(dt.date(int(last or first), 12, 31), dt.date.today())
-        assert self.start is not None and self.end is not None
-        return self.start, self.end
+            self._period = dt.date(int(first), 1, 1), min(dt.date(int(last or first), 12, 31), dt.date.today())
+        else:
+            assert self.start is not None and self.end is not None  # checked above
+            self._period = self.start, self.end
+        return self
+
+    _region: Region = PrivateAttr()
+    _period: tuple[dt.date, dt.date] = PrivateAttr()
+
+    @property
+    def parsed_region(self) -> Region:
+        """`region` parsed (a `Region`: name and bbox), once per validation."""
+        return self._region
+
+    def period(self) -> tuple[dt.date, dt.date]:
+        """The first and last day (both inclusive), computed once per validation (a build that runs past midnight on
+        the last day of `years` keeps the period it started with)."""
+        return self._period
 
 
 class SampleConfig(_Section):

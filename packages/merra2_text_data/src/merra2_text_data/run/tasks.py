@@ -29,7 +29,7 @@ from climate_text_schema import KNOWN_VARIABLES, SampleMeta, ShardInfo, version_
 from merra2_text_data.config.build import BuildConfig
 from merra2_text_data.errors import PublishError
 from merra2_text_data.fs import url_to_fs
-from merra2_text_data.regions import REGIONS, parse_region
+from merra2_text_data.regions import REGIONS
 from merra2_text_data.samples.climatology import DayOfYearClimatology
 from merra2_text_data.samples.events import Event
 from merra2_text_data.samples.normalize import NormAccumulator
@@ -141,7 +141,7 @@ def run_task(
     fs, _ = url_to_fs(config.publish.out)
     cube = _cube_of(task, cube)
     variables = list(config.subset.variables)
-    region = parse_region(config.subset.region)
+    region = config.subset.parsed_region
     words = REGIONS[region.name].describe() if region.name in REGIONS else region.describe()
     units = units_of(cube, variables)
     records: list[SampleRecord] = []

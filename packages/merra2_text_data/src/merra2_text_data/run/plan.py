@@ -1,0 +1,150 @@
+"""The build's plan (`plan_build`): the granules resolved, the gaps checked, the version id computed, before any
+granule's content is read; and where the plan keeps its caches. `pipeline.build` executes it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from climate_text_schema import SourceInfo, join_url
+
+from merra2_text_data.config.build import BuildConfig
+from merra2_text_data.errors import MissingDataError
+from merra2_text_data.fs import fs_path, is_local, url_to_fs
+from merra2_text_data.regions import Region
+from merra2_text_data.samples import text as _text
+from merra2_text_data.source.cmr import search_earthaccess
+from merra2_text_data.source.digests import content_digests
+from merra2_text_data.source.era5 import era5_days, era5_source_info, era5_url, is_era5
+from merra2_text_data.source.fetch import find_granules
+from merra2_text_data.source.granules import Granule, collection_for, missing_days
+from merra2_text_data.store.publish import compute_version
+
+__all__ = ["BuildPlan", "plan_build"]
+
+
+@dataclass
+class BuildPlan:
+    """Everything decided before samples are computed."""
+
+    config: BuildConfig
+    region: Region
+    name: str
+    dataset_url: str
+    version: str
+    granules: list[Granule]
+    sources: list[SourceInfo]
+    gaps: list[str]
+    inputs: dict[str, str]
+
+
+def _ranges(days: Sequence[dt.date]) -> str:
+    out: list[str] = []
+    days = sorted(days)
+    i = 0
+    while i < len(days):
+        j = i
+        while j + 1 < len(days) and days[j + 1] - days[j] == dt.timedelta(days=1):
+            j += 1
+        out.append(str(days[i]) if i == j else f"{days[i]}..{days[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def _file_digest(path: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise MissingDataError(
+            f"input file {path} cannot be read ({exc}); check the path given to --events"
+        ) from exc
+
+
+def plan_build(config: BuildConfig) -> BuildPlan:
+    """Resolve the granules and compute the version id (cheap: reads no granule content).
+
+    Raises:
+        MissingDataError: days are missing from the source (listed) and `allow_gaps` is off, or nothing is found.
+    """
+    region = config.subset.parsed_region
+    start, end = config.subset.period()
+    source = config.source.source
+    if is_era5(source):
+        return _plan_era5(config, region)
+    collections = sorted({collection_for(v) for v in config.subset.variables})
+    if source == "earthaccess":
+        granules = search_earthaccess(collections, start, end, region)
+        missing = missing_days(granules, collections, start, end)
+    else:
+        granules, missing = find_granules(source, collections, start, end)
+        if config.source.hash_granules:
+            granules = content_digests(granules, _digest_cache_dir(config))
+    if not granules:
+        raise MissingDataError(
+            f"no {'/'.join(collections)} granules for {start}..{end} in {source}; check --source and the period "
+            "(make test files with `merra2-text synth`)"
+        )
+    if missing and not config.source.allow_gaps:
+        raise MissingDataError(
+            f"{len(missing)} day(s) lack a granule of {'/'.join(collections)} in {source}: {_ranges(missing)}; "
+            "add the files, shorten the period, or pass --allow-gaps to build around them"
+        )
+    sources = [SourceInfo(granule=g.granule_id or g.file_name, file=g.file_name, bytes=g.size, checksum=g.checksum)
+               for g in granules]  # fmt: skip
+    return _finish_plan(config, region, granules, sources, [str(d) for d in missing])
+
+
+def _plan_era5(config: BuildConfig, region: Region) -> BuildPlan:
+    """The plan of an `era5:URL` build: the store's identity and the days of the period it has no step on."""
+    url = era5_url(config.source.source)
+    start, end = config.subset.period()
+    have = set(era5_days(url))
+    missing = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+    missing = [d for d in missing if d not in have]
+    if len(missing) == (end - start).days + 1:
+        raise MissingDataError(f"ERA5 store {url} has no step in {start}..{end}; it covers {min(have, default='-')} "
+                               f"..{max(have, default='-')}: change --start/--end or --years")  # fmt: skip
+    if missing and not config.source.allow_gaps:
+        raise MissingDataError(
+            f"{len(missing)} day(s) of {start}..{end} have no step in ERA5 store {url}: {_ranges(missing)}; shorten "
+            "the period, or pass --allow-gaps to build around them"
+        )
+    sources = [era5_source_info(url, config.subset.variables)]
+    return _finish_plan(config, region, [], sources, [str(d) for d in missing])
+
+
+def _finish_plan(config: BuildConfig, region: Region, granules: list[Granule], sources: list[SourceInfo],
+                 gaps: list[str]) -> BuildPlan:  # fmt: skip
+    inputs = {f"events:{Path(p).name}": _file_digest(p) for p in config.sample.events}
+    if config.sample.text_table:
+        inputs[f"text_table:{Path(config.sample.text_table).name}"] = _file_digest(config.sample.text_table)
+    _, out = url_to_fs(config.publish.out)
+    name = config.dataset_name()
+    version = compute_version(_data_config(config, gaps), sources, inputs)
+    return BuildPlan(config, region, name, join_url(out, name), version, granules, sources, gaps,
+                     inputs)  # fmt: skip
+
+
+def _data_config(config: BuildConfig, gaps: list[str]) -> dict[str, Any]:
+    """What the version id hashes and the manifest records as `config`: the resolved build config, the missing days
+    built around, and the caption format of this builder (`text.TEXT_FORMAT`, read at call time)."""
+    return {**config.resolved(), "gaps": gaps, "text_format": _text.TEXT_FORMAT}
+
+
+def _cache_dir(config: BuildConfig) -> Path:
+    if config.source.cache_location():
+        return Path(str(config.source.cache_location())).expanduser()
+    fs, out = url_to_fs(config.publish.out)
+    return Path(fs_path(fs, out)) / ".cache" if is_local(fs) else Path.home() / ".cache" / "merra2-text"
+
+
+def _digest_cache_dir(config: BuildConfig) -> Path:
+    """The client's folder for granule digests: a local cache of this machine, else ~/.cache/merra2-text."""
+    cache = config.source.cache_location()
+    if cache is not None and (config.run.scheduler or not is_local(url_to_fs(str(cache))[0])):
+        return Path.home() / ".cache" / "merra2-text"
+    return _cache_dir(config)
