@@ -47,7 +47,7 @@ from .fs import url_to_fs
 from .run import cube as _cube
 from .run import tasks as _tasks
 from .run.cube_source import CubeSource
-from .run.plan import BuildPlan, _cache_dir, _data_config, plan_build
+from .run.plan import BuildPlan, cache_dir, data_config, plan_build
 from .run.runner import connect, run_tasks
 from .run.tasks import ANOMALY_VARIABLE, STATS_STAGE, ShardTask, units_of
 from .samples.climatology import DayOfYearClimatology, spans_several_years
@@ -92,7 +92,7 @@ def _open_cube(plan: BuildPlan, show_progress: bool) -> tuple[xr.Dataset, list[G
     start, end = cfg.subset.period()
     if is_era5(cfg.source.source):  # already a zarr store: read lazily from it, no regional cache needed
         return open_era5(era5_url(cfg.source.source), cfg.subset.variables, plan.region, start, end), []
-    cache = _cache_dir(cfg)
+    cache = cache_dir(cfg)
     granules = plan.granules
     if cfg.source.source == "earthaccess":
         granules = download_granules(granules, cache / "granules", show_progress=show_progress)
@@ -260,7 +260,7 @@ def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
         else:
             cube, granules = _open_cube(plan, show)
             read, where = cube, None
-            kind = "era5" if is_era5(config.source.source) else source_kind(granules, _cache_dir(config))
+            kind = "era5" if is_era5(config.source.source) else source_kind(granules, cache_dir(config))
         tasks, samples = _plan_tasks(plan, cube)
         logger.info(
             "plan: %d samples in %d shard task(s), version %s", len(samples), len(tasks), plan.version
@@ -288,7 +288,7 @@ def build(config: BuildConfig, progress: ProgressHook | None = None) -> str:
         schema_version=SCHEMA_VERSION, name=plan.name, version=plan.version,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         builder=BuilderInfo(package="merra2-text-data", version=__version__),
-        config=_data_config(config, plan.gaps),
+        config=data_config(config, plan.gaps),
         variables=_variable_infos(cube, variables, units),
         window=config.sample.window, time_step=config.sample.time_step,
         splits={s: int((index["split"] == s).sum()) for s in SPLITS if (index["split"] == s).any()},

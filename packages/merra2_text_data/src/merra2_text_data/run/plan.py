@@ -24,7 +24,7 @@ from merra2_text_data.source.fetch import find_granules
 from merra2_text_data.source.granules import Granule, collection_for, missing_days
 from merra2_text_data.store.publish import compute_version
 
-__all__ = ["BuildPlan", "plan_build"]
+__all__ = ["BuildPlan", "cache_dir", "data_config", "plan_build"]
 
 
 @dataclass
@@ -32,7 +32,6 @@ class BuildPlan:
     """Everything decided before samples are computed."""
 
     config: BuildConfig
-    region: Region
     name: str
     dataset_url: str
     version: str
@@ -40,6 +39,11 @@ class BuildPlan:
     sources: list[SourceInfo]
     gaps: list[str]
     inputs: dict[str, str]
+
+    @property
+    def region(self) -> Region:
+        """The build's region, as the config parsed it."""
+        return self.config.subset.parsed_region
 
 
 def _ranges(days: Sequence[dt.date]) -> str:
@@ -70,14 +74,13 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     Raises:
         MissingDataError: days are missing from the source (listed) and `allow_gaps` is off, or nothing is found.
     """
-    region = config.subset.parsed_region
     start, end = config.subset.period()
     source = config.source.source
     if is_era5(source):
-        return _plan_era5(config, region)
+        return _plan_era5(config)
     collections = sorted({collection_for(v) for v in config.subset.variables})
     if source == "earthaccess":
-        granules = search_earthaccess(collections, start, end, region)
+        granules = search_earthaccess(collections, start, end, config.subset.parsed_region)
         missing = missing_days(granules, collections, start, end)
     else:
         granules, missing = find_granules(source, collections, start, end)
@@ -95,10 +98,10 @@ def plan_build(config: BuildConfig) -> BuildPlan:
         )
     sources = [SourceInfo(granule=g.granule_id or g.file_name, file=g.file_name, bytes=g.size, checksum=g.checksum)
                for g in granules]  # fmt: skip
-    return _finish_plan(config, region, granules, sources, [str(d) for d in missing])
+    return _finish_plan(config, granules, sources, [str(d) for d in missing])
 
 
-def _plan_era5(config: BuildConfig, region: Region) -> BuildPlan:
+def _plan_era5(config: BuildConfig) -> BuildPlan:
     """The plan of an `era5:URL` build: the store's identity and the days of the period it has no step on."""
     url = era5_url(config.source.source)
     start, end = config.subset.period()
@@ -114,28 +117,28 @@ def _plan_era5(config: BuildConfig, region: Region) -> BuildPlan:
             "the period, or pass --allow-gaps to build around them"
         )
     sources = [era5_source_info(url, config.subset.variables)]
-    return _finish_plan(config, region, [], sources, [str(d) for d in missing])
+    return _finish_plan(config, [], sources, [str(d) for d in missing])
 
 
-def _finish_plan(config: BuildConfig, region: Region, granules: list[Granule], sources: list[SourceInfo],
-                 gaps: list[str]) -> BuildPlan:  # fmt: skip
+def _finish_plan(
+    config: BuildConfig, granules: list[Granule], sources: list[SourceInfo], gaps: list[str]
+) -> BuildPlan:
     inputs = {f"events:{Path(p).name}": _file_digest(p) for p in config.sample.events}
     if config.sample.text_table:
         inputs[f"text_table:{Path(config.sample.text_table).name}"] = _file_digest(config.sample.text_table)
     _, out = url_to_fs(config.publish.out)
     name = config.dataset_name()
-    version = compute_version(_data_config(config, gaps), sources, inputs)
-    return BuildPlan(config, region, name, join_url(out, name), version, granules, sources, gaps,
-                     inputs)  # fmt: skip
+    version = compute_version(data_config(config, gaps), sources, inputs)
+    return BuildPlan(config, name, join_url(out, name), version, granules, sources, gaps, inputs)
 
 
-def _data_config(config: BuildConfig, gaps: list[str]) -> dict[str, Any]:
+def data_config(config: BuildConfig, gaps: list[str]) -> dict[str, Any]:
     """What the version id hashes and the manifest records as `config`: the resolved build config, the missing days
     built around, and the caption format of this builder (`text.TEXT_FORMAT`, read at call time)."""
     return {**config.resolved(), "gaps": gaps, "text_format": _text.TEXT_FORMAT}
 
 
-def _cache_dir(config: BuildConfig) -> Path:
+def cache_dir(config: BuildConfig) -> Path:
     if config.source.cache_location():
         return Path(str(config.source.cache_location())).expanduser()
     fs, out = url_to_fs(config.publish.out)
@@ -147,4 +150,4 @@ def _digest_cache_dir(config: BuildConfig) -> Path:
     cache = config.source.cache_location()
     if cache is not None and (config.run.scheduler or not is_local(url_to_fs(str(cache))[0])):
         return Path.home() / ".cache" / "merra2-text"
-    return _cache_dir(config)
+    return cache_dir(config)
