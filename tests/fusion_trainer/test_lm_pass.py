@@ -3,7 +3,11 @@ the plain pass, gradients included: logits only at target positions, and a const
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -141,3 +145,57 @@ def test_generation_over_the_cached_prompt_equals_the_plain_pass(
     alone = [model.generate(climate[i : i + 1], prompt, max_new_tokens=12)[0] for i in range(4)]  # no padding at all
     assert cached == alone
     assert model.generate(climate, prompt, max_new_tokens=12) == alone  # the plain left-padded pass
+
+
+@pytest.mark.parametrize("fusion", ["xattn", "gated-xattn"])
+def test_compiled_base_layers_give_the_same_loss_and_gradients(
+    tmp_path_factory: pytest.TempPathFactory, fusion: str
+) -> None:
+    """`compile_base: true` (compile_base_layers) changes the kernels, not the numbers: the lean loss and every
+    trainable gradient match the eager model's (gated-xattn's fusion blocks stay eager); state-dict keys stay."""
+    from fusion_trainer.model.fusion import FusionLayer, compile_base_layers
+
+    folder = make_tiny_model("llama", tmp_path_factory.getbasetemp() / "tiny-llama")
+    config = FusionConfig(fusion=fusion, n_variables=3, every_n_layers=1, **SIZES)
+    losses, grads = [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = FusionModel.from_base(folder, config, dtype=torch.float32)
+        layers = model.arch.decoder_layers(model.lm)
+        if compiled:
+            assert compile_base_layers(layers) == len(layers)
+            inner = [layer.layer if isinstance(layer, FusionLayer) else layer for layer in layers]
+            assert all(m._compiled_call_impl is not None for m in inner)
+            keys = set(model.state_dict())
+            torch._dynamo.reset()  # compile afresh (an earlier test may have compiled the same layer code)
+            torch._dynamo.utils.counters.clear()
+        loss = model(**_batch(model.lm.config.vocab_size), logits="none").loss
+        if compiled:  # the layers really ran compiled (dynamo captured frames), the fusion blocks did not break them
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(_grads(model))
+        if compiled:
+            assert set(model.state_dict()) == keys and not any("_orig_mod" in k for k in keys), "keys unchanged"
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-6)
+    assert set(grads[1]) == set(grads[0]) and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_training_with_compile_base_follows_the_eager_run(
+    make_config: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """`compile_base: true` through the trainer (DeepSpeed, the lean loss): the same losses step by step as eager."""
+    from fusion_trainer.training.train import train
+
+    losses = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        config = make_config(f"run-{compiled}", steps=3, eval_every=0, compile_base=compiled)
+        with caplog.at_level(logging.INFO, logger="fusion_trainer"):
+            train(config)
+        records = [json.loads(x) for x in (Path(config.out) / "metrics.jsonl").read_text().splitlines()]
+        losses.append([r["loss"] for r in records if "loss" in r])
+    assert "decoder layers of the base compiled" in caplog.text
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)

@@ -121,7 +121,7 @@ BAD_TRAIN_TYPES: dict[str, Any] = {
     "seed": "s", "eval_every": "often", "eval_batches": "all", "save_every": [], "log_every": {}, "resume": "perhaps",
     "nproc": "n", "dist_timeout_s": "long", "deepspeed": 5, "prompt_template": 5, "number_loss_weight": "heavy", "stats_loss_weight": "some", "caption": 4,
     "max_length": "long", "num_workers": "w", "data_lanes": "l", "length_groups": "g", "token_cache_dir": 5, "shuffle_buffer": "b", "verify_shards": "x", "verify_frozen": "x",
-    "log_keys": "x", "tensorboard": "x", "show_progress": "x", "skip_bad_samples": "x",
+    "log_keys": "x", "tensorboard": "x", "show_progress": "x", "skip_bad_samples": "x", "compile_base": "x",
 }  # fmt: skip
 """A wrong type for every TrainConfig field."""
 
@@ -134,6 +134,7 @@ BAD_TRAIN_VALUES: dict[str, Any] = {
     "stats_loss_weight": -1.0, "caption": "poem", "max_length": 8, "num_workers": -1, "data_lanes": 0,
     "length_groups": 0, "token_cache_dir": [], "shuffle_buffer": -1, "verify_shards": "x",
     "verify_frozen": "x", "log_keys": "x", "tensorboard": "x", "show_progress": "x", "skip_bad_samples": "x",
+    "compile_base": "x",
 }  # fmt: skip
 """A wrong value (mostly of the right type) for every TrainConfig field."""
 

@@ -238,6 +238,11 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     digest_start = frozen_digest(model) if config.verify_frozen else None
+    if config.compile_base:
+        from fusion_trainer.model.fusion import compile_base_layers
+
+        compiled = compile_base_layers(model.arch.decoder_layers(model.lm))
+        log_rank_zero(logger, "compile_base: %d decoder layers of the base compiled", compiled)
     log_rank_zero(logger, "model: %d trainable, %d frozen parameters; world %d; ZeRO %d", n_trainable, n_frozen, world,
                   config.zero)  # fmt: skip
 
