@@ -1,26 +1,35 @@
-"""GPU profile: `xattn` fusion on a Llama-3-8B-shaped frozen base, DeepSpeed ZeRO-2, bf16, one GPU.
+"""GPU profile: a fusion variant on a Llama-3-8B-shaped frozen base, DeepSpeed ZeRO-2, bf16, one GPU.
 
 The base is built on the meta device from `fusion_trainer.preset_config("llama-3-8b")` (no download: random weights),
 then materialised on the GPU (`to_empty` + normal(0, initializer_range) weights, unit norms, rotary tables rebuilt),
-wrapped in a `FusionModel` (xattn: one gated cross-attention at the input, so the backward pass runs through the whole
-frozen base) and trained with the step of `fusion_trainer.training.train`: `deepspeed.initialize` with the DeepSpeed config of
+wrapped in a `FusionModel` (`--fusion`: xattn, one gated cross-attention at the input; gated-xattn, Flamingo blocks
+before every 4th layer from layer 0; prefix, 32 soft tokens after the prompt, whose pass is cached) and trained with
+the step of `fusion_trainer.training.train`: `deepspeed.initialize` with the DeepSpeed config of
 `TrainConfig.deepspeed_config` (ZeRO-2, bf16, AdamW over the trainable parameters only), forward, finite check,
-`engine.backward`, `engine.step`. Batches are random token ids (sequence length 512, the prompt's first 64 positions
-masked out of the loss) and random normalised climate windows (24 hourly steps x 11 variables x 16 x 16).
+`engine.backward`, `engine.step`. `--path lean` (the default) is the trainer's forward (`logits="none"`: logits only
+where a labelled token is predicted, the constant prompt's pass cached where the variant allows it); `--path full`
+is the plain forward (logits everywhere, no cache), the path before those savings, for a side-by-side figure.
+Batches: random token ids (sequence length 512) whose first 64 positions are one constant prompt shared by every row
+and masked out of the loss, and random normalised climate windows (24 hourly steps x 11 variables x 16 x 16).
 
 It prints, and writes as JSON with `--json`:
-- tokens/s over the timed steps (after warm-up), each step ending in `torch.cuda.synchronize()`;
-- model FLOPs utilisation: tokens/s x (4 x frozen + 6 x trainable parameters) / the device's dense bf16 peak
-  (`fusion_trainer.metrics`: 989 TFLOP/s for H100/H200), and the same over a measured bf16 matmul rate;
+- tokens/s over the timed steps (after warm-up), each step ending in `torch.cuda.synchronize()`; a token is one of
+  the sample's 512 text tokens (the prompt included, soft tokens not), so variants compare per sample;
+- MFU over the work a frozen-base step must do (`required_flops`: the formula is in its docstring), against the
+  device's dense bf16 peak (`fusion_trainer.metrics`: 989 TFLOP/s for H100/H200) and a measured bf16 matmul rate;
+  also the older per-token figure (4 x frozen + 6 x trainable parameters) for continuity;
 - peak GPU memory (allocated and reserved) against the model-state estimate of `FusionModel.memory_estimate`.
 
-`--tiny` runs the same code path on a small Llama (CPU or GPU) in seconds: the check to run before the GPU.
+`--compile` compiles each decoder layer of the frozen base with `torch.compile`, as the trainer's `compile_base:
+true` does (`fusion_trainer.model.fusion.compile_base_layers`). `--tiny` runs the same code path on a small Llama (CPU
+or GPU) in seconds, and checks that the lean and the full path give the same loss: the check to run before the GPU.
 `--engine torch` (or `auto` when DeepSpeed is not importable) replaces DeepSpeed with torch AdamW on the trainable
 parameters (fp32 trainable, bf16 base); the output says which engine ran.
 
 Usage:
     python bench/gpu.py --tiny                               # CPU smoke run of the whole path
-    python bench/gpu.py --json gpu.json --profile prof.txt   # on one H100/H200 (about 2-3 minutes)
+    python bench/gpu.py --json gpu.json --profile prof.txt   # on one H100/H200 (about a minute)
+    bash bench/gpu_suite.sh OUTDIR                           # every variant and path, one process each (~6 min)
 """
 
 from __future__ import annotations
@@ -39,6 +48,49 @@ logger = logging.getLogger("bench.gpu")
 
 PROMPT_TOKENS = 64
 CLIMATE_SHAPE = (24, 11, 16, 16)  # (T, V, lat, lon): one day of hourly steps, 11 variables, a 16x16 tile
+
+
+def required_flops(
+    lm_config: Any, fusion: str, path: str, seq: int, prompt: int, n_soft: int, trainable: int
+) -> dict[str, float]:
+    """FLOPs one sample's training step must do on a frozen base, by the formula below (multiply-add = 2 FLOPs).
+
+    With d the hidden size, n the decoder layers, P_layer one layer's parameters, P_head the LM head's (d x vocab),
+    T the tokens the LM runs over, C the sum over those tokens of the keys each attends to (causal), Y the positions
+    that predict a labelled token and W the trainable parameters:
+        forward   2 n P_layer T  +  4 n d C  +  2 P_head Y
+        backward  2 n P_layer T  +  8 n d C  +  2 P_head Y     (input gradients only: the base is frozen; attention's
+                                                                backward is two matmuls per forward matmul)
+        trainable 6 W T                                        (an upper bound: the encoder runs once a sample)
+    Every variant here feeds the climate in at or below layer 0, so the backward runs through all n layers for all T
+    tokens. The embedding lookup and the elementwise work (norms, activations, rotary) are not counted.
+
+    The lean path: for `prefix` (after the prompt, cached) T = seq - prompt + n_soft and each token also attends to
+    the prompt's cached keys; for the others T = seq. Y = seq - prompt (every caption token is labelled). The full
+    path computes logits at every position (Y = T) and, for `prefix`, runs the prompt too (T = seq + n_soft): work a
+    frozen-base step need not do, so for it `required` keeps the lean path's count and `done` counts what it does.
+    """
+    d, n = int(lm_config.hidden_size), int(lm_config.num_hidden_layers)
+    heads, kv = int(lm_config.num_attention_heads), int(lm_config.num_key_value_heads)
+    head_dim = int(getattr(lm_config, "head_dim", None) or d // heads)
+    inter, vocab = int(lm_config.intermediate_size), int(lm_config.vocab_size)
+    p_layer = d * heads * head_dim * 2 + d * kv * head_dim * 2 + 3 * d * inter  # q, o, k, v, gate/up/down
+    p_head = d * vocab
+
+    def count(tokens: int, cached: int, targets: int) -> float:
+        keys = sum(cached + i for i in range(1, tokens + 1))  # C: causal, after `cached` keys
+        fwd = 2 * n * p_layer * tokens + 4 * n * d * keys + 2 * p_head * targets
+        bwd = 2 * n * p_layer * tokens + 8 * n * d * keys + 2 * p_head * targets
+        return float(fwd + bwd + 6 * trainable * tokens)
+
+    targets = seq - prompt
+    if fusion == "prefix":
+        required = count(seq - prompt + n_soft, prompt, targets)
+        done = required if path == "lean" else count(seq + n_soft, 0, seq + n_soft)
+    else:
+        required = count(seq, 0, targets)
+        done = required if path == "lean" else count(seq, 0, seq)
+    return {"required": required, "done": done}
 
 
 def tiny_config() -> Any:
@@ -96,8 +148,8 @@ def check_materialised(lm: torch.nn.Module, hf_config: Any, device: torch.device
     print("materialised model checked against a normally built one: same logits", flush=True)
 
 
-def build_model(tiny: bool, device: torch.device, seed: int) -> Any:
-    """The FusionModel (xattn) on a meta-built, materialised Llama base; trainable modules on `device`."""
+def build_model(tiny: bool, device: torch.device, seed: int, fusion: str = "xattn") -> Any:
+    """The FusionModel (`fusion`) on a meta-built, materialised Llama base; trainable modules on `device`."""
     from fusion_trainer import FusionConfig, FusionModel, preset_config
     from transformers import AutoModelForCausalLM
 
@@ -108,7 +160,7 @@ def build_model(tiny: bool, device: torch.device, seed: int) -> Any:
     if tiny:
         check_materialised(lm, hf_config, device)
     heads = 8 if tiny else 32
-    config = FusionConfig(fusion="xattn", n_variables=CLIMATE_SHAPE[1], n_heads=heads)
+    config = FusionConfig(fusion=fusion, n_variables=CLIMATE_SHAPE[1], n_heads=heads)
     torch.manual_seed(seed)
     model = FusionModel(lm, config)
     model.to(device)  # the encoder and fusion module (created in fp32 on the CPU); the base is already there
@@ -118,10 +170,13 @@ def build_model(tiny: bool, device: torch.device, seed: int) -> Any:
 def make_batch(
     batch: int, seq: int, vocab: int, device: torch.device, gen: torch.Generator
 ) -> dict[str, Any]:
-    """Random token ids (prompt masked from the loss) and random normalised climate windows."""
+    """Random token ids after one constant prompt (the same in every row, masked from the loss) and random
+    normalised climate windows."""
+    prompt = min(PROMPT_TOKENS, seq // 2)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen, device=device)  # (B, L)
+    ids[:, :prompt] = ids[:1, :prompt]  # the prompt every sample shares, as in the trainer's batches
     labels = ids.clone()
-    labels[:, : min(PROMPT_TOKENS, seq // 2)] = -100
+    labels[:, :prompt] = -100
     climate = torch.randn((batch, *CLIMATE_SHAPE), generator=gen, device=device)  # (B, T, V, H, W)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "climate": climate}
 
@@ -131,7 +186,7 @@ class DeepSpeedStep:
 
     name = "deepspeed"
 
-    def __init__(self, model: Any, micro_batch: int, zero: int) -> None:
+    def __init__(self, model: Any, micro_batch: int, zero: int, logits: str = "none") -> None:
         import deepspeed
         from fusion_trainer.config import TrainConfig
         from fusion_trainer.training.launch import ensure_dist_env
@@ -149,9 +204,10 @@ class DeepSpeedStep:
             model=model, model_parameters=_param_groups(model, 0.0), config=self.ds_config
         )
         self.engine.train()
+        self.logits = logits
 
     def __call__(self, batch: dict[str, Any]) -> float:
-        out = self.engine(**batch)
+        out = self.engine(**batch, logits=self.logits)
         loss = out.loss
         if not bool(torch.isfinite(loss.detach()).item()):
             raise RuntimeError(f"loss is {loss.item()}")
@@ -165,8 +221,9 @@ class TorchStep:
 
     name = "torch-adamw"
 
-    def __init__(self, model: Any, micro_batch: int, zero: int) -> None:
+    def __init__(self, model: Any, micro_batch: int, zero: int, logits: str = "none") -> None:
         self.model = model
+        self.logits = logits
         self.ds_config = None
         params = [p for p in model.parameters() if p.requires_grad]
         fused = bool(params) and params[0].is_cuda
@@ -174,7 +231,7 @@ class TorchStep:
         model.train()
 
     def __call__(self, batch: dict[str, Any]) -> float:
-        loss = self.model(**batch).loss
+        loss = self.model(**batch, logits=self.logits).loss
         if not bool(torch.isfinite(loss.detach()).item()):
             raise RuntimeError(f"loss is {loss.item()}")
         loss.backward()
@@ -182,6 +239,18 @@ class TorchStep:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return float(loss.detach())
+
+
+def check_paths(model: Any, batch: dict[str, Any]) -> dict[str, float]:
+    """The lean path's loss (`logits="none"`) and the full path's on one batch, no gradient: they must agree."""
+    with torch.no_grad():
+        lean = float(model(**batch, logits="none").loss)
+        full = float(model(**batch, logits="all").loss)
+    diff = abs(lean - full)
+    print(f"lean path loss {lean:.6f}, full path {full:.6f}: |difference| {diff:.2e}", flush=True)
+    if not diff <= 1e-2 * max(1.0, abs(full)):
+        raise RuntimeError(f"the lean and the full path disagree: {lean} vs {full}")
+    return {"lean": lean, "full": full, "abs_diff": diff}
 
 
 def sync(device: torch.device) -> None:
@@ -246,6 +315,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--profile", type=Path, default=None, help="write a torch profiler table here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fusion", choices=["xattn", "gated-xattn", "prefix"], default="xattn")
+    parser.add_argument("--path", choices=["lean", "full"], default="lean",
+                        help="lean: the trainer's forward (logits='none'); full: logits everywhere, no prompt cache")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer of the base")
     opts = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -255,16 +328,25 @@ def main() -> None:
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "tiny": opts.tiny, "seq": opts.seq, "zero": opts.zero,
+        "fusion": opts.fusion, "path": opts.path, "compile": opts.compile, "prompt_tokens": PROMPT_TOKENS,
     }  # fmt: skip
     import transformers
 
     result["transformers"] = transformers.__version__
     t0 = time.perf_counter()
-    model = build_model(opts.tiny, device, opts.seed)
+    model = build_model(opts.tiny, device, opts.seed, opts.fusion)
     counts = model.num_parameters()
     est = model.memory_estimate(world_size=1, zero_stage=opts.zero)
     result.update(build_s=time.perf_counter() - t0, parameters=counts, model_state_estimate=est.as_dict())
     print(f"model built in {result['build_s']:.1f} s: {counts}", flush=True)
+    vocab = int(model.lm.config.vocab_size)
+    gen = torch.Generator(device=device).manual_seed(opts.seed)
+    if opts.tiny:
+        result["lean_vs_full_loss"] = check_paths(model, make_batch(4, opts.seq, vocab, device, gen))
+    if opts.compile:  # what TrainConfig.compile_base does in training
+        from fusion_trainer.model.fusion import compile_base_layers
+
+        compile_base_layers(model.arch.decoder_layers(model.lm))
 
     engine_cls: Any = TorchStep
     if opts.engine in ("auto", "deepspeed"):
@@ -278,18 +360,20 @@ def main() -> None:
                 raise SystemExit(f"--engine deepspeed: cannot import deepspeed ({exc})") from exc
             print(f"deepspeed not importable ({exc}); falling back to torch AdamW", flush=True)
     t0 = time.perf_counter()
-    step = engine_cls(model, opts.micro_batch[0], opts.zero)
+    step = engine_cls(model, opts.micro_batch[0], opts.zero, "none" if opts.path == "lean" else "all")
     result.update(engine=engine_cls.name, engine_init_s=time.perf_counter() - t0, ds_config=step.ds_config)
     print(f"engine {engine_cls.name} ready in {result['engine_init_s']:.1f} s", flush=True)
 
     from fusion_trainer.metrics import device_peak_flops, flops_per_token
 
     fpt = flops_per_token(counts["trainable"], counts["frozen"])
+    n_soft = model.config.n_prefix_tokens if opts.fusion == "prefix" else 0
+    flops = required_flops(model.lm.config, opts.fusion, opts.path, opts.seq, min(PROMPT_TOKENS, opts.seq // 2),
+                           n_soft, counts["trainable"])  # fmt: skip
     peak = device_peak_flops(device)
     measured_peak = matmul_rate(device, 8192 if device.type == "cuda" else 512)
-    result.update(flops_per_token=fpt, peak_bf16_flops=peak, measured_matmul_flops=measured_peak)
-    vocab = int(model.lm.config.vocab_size)
-    gen = torch.Generator(device=device).manual_seed(opts.seed)
+    result.update(flops_per_token=fpt, flops_per_sample=flops, peak_bf16_flops=peak,
+                  measured_matmul_flops=measured_peak)  # fmt: skip
     runs = []
     for mb in opts.micro_batch:
         if device.type == "cuda":
@@ -304,17 +388,21 @@ def main() -> None:
             continue
         mean_s = sum(t["step_s"]) / len(t["step_s"])
         tps = mb * opts.seq / mean_s
+        sps = mb / mean_s
         run = {
             "micro_batch": mb, "step_s_mean": mean_s, "step_s_min": min(t["step_s"]), "tokens_per_s": tps,
-            "samples_per_s": mb / mean_s, "mfu": tps * fpt / peak if peak else None,
-            "mfu_vs_measured_matmul": tps * fpt / measured_peak, "losses": t["losses"],
+            "samples_per_s": sps, "required_flop_s": sps * flops["required"], "done_flop_s": sps * flops["done"],
+            "mfu": sps * flops["required"] / peak if peak else None,
+            "mfu_vs_measured_matmul": sps * flops["required"] / measured_peak,
+            "mfu_4n6w_per_token": tps * fpt / peak if peak else None, "losses": t["losses"],
         }  # fmt: skip
         if device.type == "cuda":
             run["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             run["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         runs.append(run)
         mfu = f"{run['mfu']:.3f}" if run["mfu"] is not None else "n/a"
-        print(f"micro-batch {mb} x seq {opts.seq}: {mean_s * 1000:.1f} ms/step, {tps:,.0f} tokens/s, MFU {mfu} "
+        print(f"{opts.fusion} {opts.path}{' compiled' if opts.compile else ''} micro-batch {mb} x seq {opts.seq}: "
+              f"{mean_s * 1000:.1f} ms/step, {tps:,.0f} tokens/s, MFU {mfu} "
               f"(vs measured matmul {run['mfu_vs_measured_matmul']:.3f}), peak "
               f"{run.get('peak_allocated_gib', float('nan')):.1f} GiB allocated", flush=True)  # fmt: skip
     result["runs"] = runs
