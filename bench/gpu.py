@@ -62,8 +62,8 @@ def required_flops(
         backward  2 n P_layer T  +  8 n d C  +  2 P_head Y     (input gradients only: the base is frozen; attention's
                                                                 backward is two matmuls per forward matmul)
         trainable 6 W T                                        (an approximation: the encoder's parameters run over
-                                                                the window's patches, not the text; 0.2-0.4 % of the
-                                                                total for the 8B xattn and prefix models)
+                                                                the window's patches, not the text; the whole term
+                                                                is 0.75 % of the 8B xattn total, 0.4 % of prefix's)
     Every variant here feeds the climate in at or below layer 0, so the backward runs through all n layers for all T
     tokens. The embedding lookup, the elementwise work (norms, activations, rotary) and the fusion's own attention over
     the climate tokens are not counted. `lm_forward_matmuls` is the forward's first and last terms for the path run
