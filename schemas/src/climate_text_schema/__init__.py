@@ -20,6 +20,7 @@ from .errors import (
     ReferenceError_,
     SampleError,
     SchemaVersionError,
+    quiet_session_teardown,
     redact_credentials,
     redact_log_records,
 )
@@ -181,6 +182,7 @@ __all__ = [
     "parse_reference",
     "parse_tag",
     "redact_credentials",
+    "quiet_session_teardown",
     "redact_log_records",
     "register_webdataset_fsspec",
     "resolve_version_url",

@@ -6,6 +6,7 @@ import logging
 import re
 
 __all__ = [
+    "quiet_session_teardown",
     "redact_credentials",
     "ContractError",
     "DatasetNotFoundError",
@@ -72,6 +73,32 @@ class RedactingFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return redact_credentials(self.inner.format(record))
+
+
+class _SessionTeardownNoise(logging.Filter):
+    """asyncio's "Task exception was never retrieved" for an S3 client session that s3fs closes at garbage
+    collection on another event loop ("... attached to a different loop"): teardown of a connection pool after the
+    work is done or has failed, never a lost write (every write is awaited, and a version is committed only when its
+    manifest is). Demoted to DEBUG, so a failing command's stderr is its one `error:` line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not (
+            record.getMessage().startswith("Task exception was never retrieved")
+            and isinstance(exc, RuntimeError)
+            and "attached to a different loop" in str(exc)
+        ):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def quiet_session_teardown() -> None:
+    """Demote asyncio's reports of S3 sessions torn down on another loop to DEBUG (`_SessionTeardownNoise`); the
+    command lines call it after configuring logging. Idempotent."""
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _SessionTeardownNoise) for f in log.filters):
+        log.addFilter(_SessionTeardownNoise())
 
 
 def redact_log_records() -> None:

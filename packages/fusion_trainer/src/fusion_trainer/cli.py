@@ -42,9 +42,10 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper() if rank == 0 else "WARNING", format=fmt, stream=sys.stderr, force=True
     )
-    from climate_text_schema import redact_log_records
+    from climate_text_schema import quiet_session_teardown, redact_log_records
 
     redact_log_records()  # passwords in URLs never reach a log line
+    quiet_session_teardown()  # an S3 session's teardown on another loop is not an error line
 
 
 def _fail(exc: BaseException | str) -> typer.Exit:

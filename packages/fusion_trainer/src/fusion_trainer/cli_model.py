@@ -45,9 +45,10 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    from climate_text_schema import redact_log_records
+    from climate_text_schema import quiet_session_teardown, redact_log_records
 
     redact_log_records()  # passwords in URLs never reach a log line
+    quiet_session_teardown()  # an S3 session's teardown on another loop is not an error line
 
 
 def _run(action: Callable[[], T]) -> T:
