@@ -409,3 +409,46 @@ def test_memory_estimate_does_not_allocate(tiny_dirs: dict[str, Path]) -> None:
     assert est.frozen_bytes == counts["frozen"] * 4
     assert est.trainable_bytes == est.gradient_bytes == counts["trainable"] * 4
     assert est.optimizer_bytes == counts["trainable"] * 8  # fp32 weights: two fp32 moments
+
+
+@pytest.mark.parametrize("kind", ["prefix", "xattn", "gated-xattn"])
+def test_the_growing_cache_generates_exactly_what_the_plain_cache_does(
+    tiny_dirs: dict[str, Path], kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GrowingLayer writes each new token in place instead of concatenating: the same tokens and the same logits as
+    transformers' DynamicLayer, for the prompt-cached path (prefix) and the others, with left padding and a capacity
+    that has to grow past its first 64 positions."""
+    from fusion_trainer.model import decoding, generation
+
+    model = _trained(tiny_dirs, kind)
+    climate = torch.randn(3, 2, 3, 6, 6)
+    prompts = ["Wind", "The temperature over the plains is", "Snow"] if kind != "prefix" else "The mean temperature"
+    kw: dict[str, Any] = {"max_new_tokens": 80}
+    grown = model.generate(climate, prompts, **kw)
+    sampled = model.generate(climate, prompts, do_sample=True, seed=3, **kw)
+    monkeypatch.setattr(generation, "growing_cache", lambda config, cache=None: cache)  # transformers' own cache
+    assert model.generate(climate, prompts, **kw) == grown
+    assert model.generate(climate, prompts, do_sample=True, seed=3, **kw) == sampled
+    assert any(len(model.tokenizer(t)["input_ids"]) > 40 for t in grown), "long enough to grow the buffers"  # type: ignore[misc]
+    assert decoding.growing_cache(model.lm.config).layer_class_to_replicate in (None, decoding.GrowingLayer)
+
+
+def test_a_growing_layer_holds_what_a_dynamic_layer_holds() -> None:
+    from fusion_trainer.model.decoding import GrowingLayer
+    from transformers.cache_utils import DynamicLayer
+
+    g = torch.Generator().manual_seed(0)
+    plain, grown = DynamicLayer(), GrowingLayer()
+    steps = [40, 1, 1, 30, 1]  # a prompt, then tokens; 40 + 1 + 1 + 30 > 64 forces a reallocation
+    rows = 2
+    for i, n in enumerate(steps):
+        k, v = torch.randn(rows, 3, n, 4, generator=g), torch.randn(rows, 3, n, 4, generator=g)
+        want, got = plain.update(k, v), grown.update(k, v)
+        assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+        if i == 2:  # the batch operations of transformers' Cache replace the tensors: the buffer must follow
+            plain.batch_repeat_interleave(2)
+            grown.batch_repeat_interleave(2)
+            rows *= 2
+            plain.crop(-1)
+            grown.crop(-1)
+    assert grown.get_seq_length() == plain.get_seq_length() == 40 + 1 + 1 - 1 + 30 + 1

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fusion_trainer.errors import ConfigError, ModelError
 from fusion_trainer.fusion_config import FusionConfig
 
-from .decoding import batch_windows, break_ids, decode, decode_texts, encode_prompts, stop_ids
+from .decoding import batch_windows, break_ids, decode, decode_texts, encode_prompts, growing_cache, stop_ids
 from .encoder import ClimateEncoder, ClimateTokens
 from .fusion import fuse_new_tokens
 from .lm_pass import PromptCache
@@ -147,6 +147,7 @@ class FusedGeneration(nn.Module):
         stops = stop_ids(tok, self.lm.generation_config)
         breaks = break_ids(tok) if one_line else frozenset()
         pad = int(tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0))
+        cache = growing_cache(self.lm.config, cache)  # each step writes its token in place (no copy of the cache)
         rows = decode(embeds, mask, step, lambda nxt: self.step_embeddings(nxt, tokens), stops | breaks, pad, max_new_tokens,
                       do_sample, temperature, top_p, seed, cache=cache)  # fmt: skip
         return decode_texts(tok, rows, stops, breaks)
