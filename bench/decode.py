@@ -18,23 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def decode(lm: Any, cache: Any, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[float]]:
@@ -66,6 +55,7 @@ def main() -> None:
     opts = parser.parse_args()
     from fusion_trainer import preset_config
     from fusion_trainer.model.decoding import growing_cache
+    from fusion_trainer.precision import cpu_model
     from transformers import AutoModelForCausalLM, DynamicCache
 
     torch.manual_seed(0)
@@ -85,7 +75,7 @@ def main() -> None:
     same = torch.equal(first["dynamic"], first["growing"])
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "cpu": _cpu_model(), "threads": torch.get_num_threads(), "loadavg": list(os.getloadavg()), "rows": opts.rows,
+        "cpu": cpu_model(), "threads": torch.get_num_threads(), "loadavg": list(os.getloadavg()), "rows": opts.rows,
         "prompt": opts.prompt, "steps": opts.steps, "rounds": opts.rounds, "step_s_median": med,
         "dynamic/growing": med["dynamic"] / med["growing"], "same_tokens": same,
     }  # fmt: skip
