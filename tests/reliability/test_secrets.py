@@ -116,24 +116,16 @@ def test_login_without_network_names_no_secret(
 
 
 @pytest.mark.parametrize("package", ["merra2_text_data", "fusion_trainer"])
-def test_log_lines_never_show_a_password_in_a_url(package: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_log_lines_never_show_a_password_in_a_url(
+    package: str, capsys: pytest.CaptureFixture[str], root_logging: logging.Logger
+) -> None:
     """Every command line's logging redacts URL passwords at every level (INFO lines echo URLs too)."""
     import importlib
-    import logging
 
     cli = importlib.import_module(f"{package}.cli")
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
     cli._setup_logging(2 if package == "merra2_text_data" else "DEBUG")
-    try:
-        logging.getLogger(f"{package}.probe").info("reading s3://AKIA:SECRET-PW@minio:9000/bucket/ds@latest")
-        logging.getLogger(f"{package}.probe").debug("GET https://user:hunter2@example.org/x")
-    finally:  # leave no handler on this test's (soon closed) captured stderr for later tests
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved[0]:
-            root.addHandler(handler)
-        root.setLevel(saved[1])
+    logging.getLogger(f"{package}.probe").info("reading s3://AKIA:SECRET-PW@minio:9000/bucket/ds@latest")
+    logging.getLogger(f"{package}.probe").debug("GET https://user:hunter2@example.org/x")
     err = capsys.readouterr().err
     assert "s3://AKIA:***@minio:9000/bucket/ds@latest" in err and "https://user:***@example.org/x" in err, err
     assert "SECRET-PW" not in err and "hunter2" not in err

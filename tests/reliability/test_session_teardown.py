@@ -38,29 +38,20 @@ TEARDOWN = "Task <Task pending name='Task-7'> got Future <Future pending> attach
     [("merra2_text_data.cli", 0, 2), ("fusion_trainer.cli", "WARNING", "DEBUG"), ("fusion_trainer.cli_model", False, None)],
 )  # fmt: skip
 def test_session_teardown_on_another_loop_is_not_an_error_line(
-    module: str, quiet: object, loud: object, capsys: pytest.CaptureFixture[str]
+    module: str, quiet: object, loud: object, capsys: pytest.CaptureFixture[str], root_logging: logging.Logger
 ) -> None:
     cli = importlib.import_module(module)
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    try:
-        for handler in list(root.handlers):  # a fresh process's root logger: cli_model's basicConfig has no force=True
-            root.removeHandler(handler)
-        cli._setup_logging(quiet)
-        capsys.readouterr()
+    for handler in list(root_logging.handlers):  # a fresh process's root logger: cli_model's basicConfig has no force
+        root_logging.removeHandler(handler)
+    cli._setup_logging(quiet)
+    capsys.readouterr()
+    _unretrieved_task_error(TEARDOWN)
+    assert capsys.readouterr().err == ""
+    _unretrieved_task_error("a real failure in a task")  # not teardown: still reported
+    err = capsys.readouterr().err
+    assert "Task exception was never retrieved" in err and "a real failure in a task" in err, err
+    if loud is not None:
+        cli._setup_logging(loud)
         _unretrieved_task_error(TEARDOWN)
-        assert capsys.readouterr().err == ""
-        _unretrieved_task_error("a real failure in a task")  # not teardown: still reported
         err = capsys.readouterr().err
-        assert "Task exception was never retrieved" in err and "a real failure in a task" in err, err
-        if loud is not None:
-            cli._setup_logging(loud)
-            _unretrieved_task_error(TEARDOWN)
-            err = capsys.readouterr().err
-            assert "DEBUG" in err and "attached to a different loop" in err, err
-    finally:  # leave no handler on this test's (soon closed) captured stderr for later tests
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved[0]:
-            root.addHandler(handler)
-        root.setLevel(saved[1])
+        assert "DEBUG" in err and "attached to a different loop" in err, err
