@@ -3,25 +3,20 @@ own peak RSS (not the parent's), environment, stderr log and failures."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import textwrap
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from tests.script_module import load_script
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
 def child_mod() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_bench_child", BENCH / "_child.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH / "_child.py", "_bench_child")
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ backward of a frozen layer costing one forward (input gradients only)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -13,18 +11,15 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tests.script_module import load_script
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 MATMULS = {"aten.mm", "aten.addmm", "aten.bmm"}
 
 
 @pytest.fixture(scope="module")
 def gpu_mod() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_bench_gpu", BENCH / "gpu.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH / "gpu.py", "_bench_gpu")
 
 
 @pytest.mark.parametrize("fusion", ["xattn", "gated-xattn", "prefix"])

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import threading
 import time
 from pathlib import Path
@@ -12,16 +10,13 @@ from types import ModuleType
 
 import pytest
 
+from tests.script_module import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _demo_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts/demo.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "scripts/demo.py", "demo_script")
 
 
 def _write(run: Path, *records: dict[str, object]) -> None:
