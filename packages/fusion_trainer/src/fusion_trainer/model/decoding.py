@@ -89,16 +89,17 @@ def encode_prompts(
 class GrowingLayer(DynamicLayer):
     """A `DynamicLayer` whose keys and values are views of buffers with room to spare (the capacity doubles when
     full), so a decode step writes its one new token in place. `DynamicLayer.update` concatenates, copying the whole
-    cache of every layer at every step: 44 % of a SmolLM2-135M decode step at 64 rows and about 300 cached tokens
-    (torch profiler, docs/performance.md). Same values, same shapes: generation is bit-identical (tested)."""
+    cache of every layer at every step: a SmolLM2-135M decode step at 64 rows and about 300 cached tokens runs 1.23x
+    faster without that copy (bench/decode.py, docs/performance.md). Same values, same shapes: generation is
+    bit-identical (tested). A tensor replaced from outside (`batch_repeat_interleave`, `batch_select_indices`) is
+    copied into fresh buffers at the next update."""
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, new = self.get_seq_length(), key_states.shape[-2]
         kbuf: Tensor | None = getattr(self, "_kbuf", None)
-        stale = bool(n) and (kbuf is None or self.keys is None or self.keys.data_ptr() != kbuf.data_ptr())  # e.g. after
-        # batch_repeat_interleave or batch_select_indices, which replace the tensors
+        stale = bool(n) and (kbuf is None or self.keys is None or self.keys.data_ptr() != kbuf.data_ptr())
         if kbuf is None or stale or n + new > kbuf.shape[-2] or kbuf.shape[:-2] != key_states.shape[:-2]:
             room = max(2 * (n + new), 64)
             kbuf = key_states.new_empty(*key_states.shape[:-2], room, key_states.shape[-1])
