@@ -50,6 +50,11 @@ PROMPT_TOKENS = 64
 CLIMATE_SHAPE = (24, 11, 16, 16)  # (T, V, lat, lon): one day of hourly steps, 11 variables, a 16x16 tile
 
 
+def prompt_length(seq: int) -> int:
+    """Tokens of the constant prompt at sequence length `seq`: PROMPT_TOKENS, at most half the sequence."""
+    return min(PROMPT_TOKENS, seq // 2)
+
+
 def required_flops(
     lm_config: Any, fusion: str, path: str, seq: int, prompt: int, n_soft: int, trainable: int
 ) -> dict[str, float]:
@@ -177,7 +182,7 @@ def make_batch(
 ) -> dict[str, Any]:
     """Random token ids after one constant prompt (the same in every row, masked from the loss) and random
     normalised climate windows."""
-    prompt = min(PROMPT_TOKENS, seq // 2)
+    prompt = prompt_length(seq)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen, device=device)  # (B, L)
     ids[:, :prompt] = ids[:1, :prompt]  # the prompt every sample shares, as in the trainer's batches
     labels = ids.clone()
@@ -333,7 +338,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "tiny": opts.tiny, "seq": opts.seq, "zero": opts.zero,
-        "fusion": opts.fusion, "path": opts.path, "compile": opts.compile, "prompt_tokens": PROMPT_TOKENS,
+        "fusion": opts.fusion, "path": opts.path, "compile": opts.compile, "prompt_tokens": prompt_length(opts.seq),
     }  # fmt: skip
     import transformers
 
@@ -373,7 +378,7 @@ def main() -> None:
 
     fpt = flops_per_token(counts["trainable"], counts["frozen"])
     n_soft = model.config.n_prefix_tokens if opts.fusion == "prefix" else 0
-    flops = required_flops(model.lm.config, opts.fusion, opts.path, opts.seq, min(PROMPT_TOKENS, opts.seq // 2),
+    flops = required_flops(model.lm.config, opts.fusion, opts.path, opts.seq, prompt_length(opts.seq),
                            n_soft, counts["trainable"])  # fmt: skip
     peak = device_peak_flops(device)
     measured_peak = matmul_rate(device, 8192 if device.type == "cuda" else 512)

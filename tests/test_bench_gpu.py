@@ -44,7 +44,7 @@ def test_the_formula_counts_the_lm_forward_the_step_runs(gpu_mod: ModuleType, fu
     assert bool(blocks) == (fusion == "gated-xattn")
     counted = matmuls("FusionModel.lm") - sum(matmuls(name) for name in blocks)
     n_soft = model.config.n_prefix_tokens if fusion == "prefix" else 0
-    formula = gpu_mod.required_flops(model.lm.config, fusion, path, seq, gpu_mod.PROMPT_TOKENS, n_soft, 0)
+    formula = gpu_mod.required_flops(model.lm.config, fusion, path, seq, gpu_mod.prompt_length(seq), n_soft, 0)
     assert counted == batch * formula["lm_forward_matmuls"]
     assert formula["done"] >= formula["required"] and (formula["done"] > formula["required"]) == (path == "full")
 
