@@ -190,3 +190,41 @@ def test_folders_import_only_downwards(package: str) -> None:
     upward = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
                     if floor(a) is not None and floor(b) is not None and floor(b) < floor(a))  # type: ignore[operator]
     assert not upward, f"imports that run up the folders of {package}: {upward}"
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _private_imports(package_dir: Path) -> list[str]:
+    """Every `from <own module> import _name` and `<own module>._name` in a package: a name one module keeps to
+    itself, reached from another (at module level or inside a function)."""
+    found = []
+    for path in sorted(package_dir.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        modules: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in SOURCES):
+                for alias in node.names:
+                    if _private(alias.name):
+                        found.append(f"{path.name}:{node.lineno} from {node.module or '.'} import {alias.name}")
+                    else:
+                        modules.add(alias.asname or alias.name)
+            elif isinstance(node, ast.Import):
+                modules.update(a.asname or a.name.split(".")[0] for a in node.names if a.name.split(".")[0] in SOURCES)
+        for node in ast.walk(tree):
+            reach = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+            if reach and _private(node.attr):  # type: ignore[union-attr]
+                found.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr}")  # type: ignore[union-attr]
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(SOURCES))
+def test_no_module_reaches_for_another_modules_private_names(package: str) -> None:
+    """A name with a leading underscore is its module's own; a helper that another module needs is public there."""
+    assert _private_imports(SOURCES[package]) == []
+
+
+def test_the_private_name_check_finds_one(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("from .b import _helper\nfrom . import b\nx = b._other\ny = b.fine\n")
+    assert _private_imports(tmp_path) == ["a.py:1 from b import _helper", "a.py:3 b._other"]

@@ -24,7 +24,7 @@ from fusion_trainer.data.stream import (
     open_shards,
     render_prompt,
 )
-from fusion_trainer.data.tar_reader import _tar_members
+from fusion_trainer.data.tar_reader import tar_members
 
 
 def _archive(fmt: int) -> bytes:
@@ -81,7 +81,7 @@ def test_tar_members_match_tarfile(fmt: int) -> None:
     """Regular files only (directories, links and webdataset's __meta__ skipped), long and non-ASCII names (GNU L,
     pax path), ustar's prefix field, empty members."""
     data = _ustar_archive() if fmt == tarfile.USTAR_FORMAT else _archive(fmt)
-    got = list(_tar_members(io.BytesIO(data), "mem://x.tar"))
+    got = list(tar_members(io.BytesIO(data), "mem://x.tar"))
     assert [(m["fname"], m["data"]) for m in got] == _tarfile_members(data)
     assert len(got) >= 3 and all(m["__url__"] == "mem://x.tar" for m in got)
 
@@ -89,21 +89,21 @@ def test_tar_members_match_tarfile(fmt: int) -> None:
 def test_tar_members_refuse_damage() -> None:
     data = bytearray(_ustar_archive())
     with pytest.raises(EOFError):
-        list(_tar_members(io.BytesIO(bytes(data[:700])), "x"))  # cut inside the second member
+        list(tar_members(io.BytesIO(bytes(data[:700])), "x"))  # cut inside the second member
     with pytest.raises(EOFError):
-        list(_tar_members(io.BytesIO(bytes(data[: 512 * 2])), "x"))  # no end-of-archive blocks
+        list(tar_members(io.BytesIO(bytes(data[: 512 * 2])), "x"))  # no end-of-archive blocks
     data[3] ^= 0x20  # a name byte: the header checksum no longer matches
     with pytest.raises(tarfile.HeaderError, match="checksum"):
-        list(_tar_members(io.BytesIO(bytes(data)), "x"))
+        list(tar_members(io.BytesIO(bytes(data)), "x"))
     with pytest.raises(tarfile.HeaderError):
-        list(_tar_members(io.BytesIO(b"not a tar at all" * 64), "x"))
+        list(tar_members(io.BytesIO(b"not a tar at all" * 64), "x"))
     huge = bytearray(_ustar_archive())
     huge[124:136] = b"77777777777\0"  # a size of 8 GiB in the first header, checksum fixed up
     huge[148:156] = b"        "
     huge[148:156] = b"%06o\0 " % sum(huge[:512])
     with pytest.raises(tarfile.HeaderError, match="out of bounds"):
-        list(_tar_members(io.BytesIO(bytes(huge)), "x", limit=len(huge)))
-    assert [m["fname"] for m in _tar_members(io.BytesIO(_ustar_archive()), "x", limit=10_240)][0] == "a.txt"
+        list(tar_members(io.BytesIO(bytes(huge)), "x", limit=len(huge)))
+    assert [m["fname"] for m in tar_members(io.BytesIO(_ustar_archive()), "x", limit=10_240)][0] == "a.txt"
 
 
 @pytest.mark.parametrize(

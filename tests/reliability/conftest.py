@@ -96,7 +96,7 @@ def last_json(stdout: str) -> Any:
 
 @pytest.fixture
 def root_logging() -> Iterator[logging.Logger]:
-    """The root logger, its handlers and level put back afterwards: a command line's `_setup_logging` leaves a
+    """The root logger, its handlers and level put back afterwards: a command line's `setup_logging` leaves a
     handler on this test's (soon closed) captured stderr, which later tests must not inherit."""
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)

@@ -123,7 +123,7 @@ def test_log_lines_never_show_a_password_in_a_url(
     import importlib
 
     cli = importlib.import_module(f"{package}.cli")
-    cli._setup_logging(2 if package == "merra2_text_data" else "DEBUG")
+    cli.setup_logging(2 if package == "merra2_text_data" else "DEBUG")
     logging.getLogger(f"{package}.probe").info("reading s3://AKIA:SECRET-PW@minio:9000/bucket/ds@latest")
     logging.getLogger(f"{package}.probe").debug("GET https://user:hunter2@example.org/x")
     err = capsys.readouterr().err

@@ -43,7 +43,7 @@ def test_session_teardown_on_another_loop_is_not_an_error_line(
     cli = importlib.import_module(module)
     for handler in list(root_logging.handlers):  # a fresh process's root logger: cli_model's basicConfig has no force
         root_logging.removeHandler(handler)
-    cli._setup_logging(quiet)
+    cli.setup_logging(quiet)
     capsys.readouterr()
     _unretrieved_task_error(TEARDOWN)
     assert capsys.readouterr().err == ""
@@ -51,7 +51,7 @@ def test_session_teardown_on_another_loop_is_not_an_error_line(
     err = capsys.readouterr().err
     assert "Task exception was never retrieved" in err and "a real failure in a task" in err, err
     if loud is not None:
-        cli._setup_logging(loud)
+        cli.setup_logging(loud)
         _unretrieved_task_error(TEARDOWN)
         err = capsys.readouterr().err
         assert "DEBUG" in err and "attached to a different loop" in err, err

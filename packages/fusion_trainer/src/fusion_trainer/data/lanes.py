@@ -15,7 +15,7 @@ from climate_text_schema import OpenedDataset, ShardInfo
 from fusion_trainer.errors import DataError
 
 from .samples import RawSample
-from .shards import _rank_shards, iter_shard, per_rank_samples, shuffle_samples
+from .shards import iter_shard, per_rank_samples, rank_shards, shuffle_samples
 
 __all__ = ["lane_samples"]
 
@@ -50,7 +50,7 @@ def lane_samples(
     """
     shards = ds.shards(split)
     batches = per_rank_samples(ds, split, world) // micro_batch
-    mine = _rank_shards(shards, epoch=epoch, rank=rank, world=world, seed=seed, shuffle=True)
+    mine = rank_shards(shards, epoch=epoch, rank=rank, world=world, seed=seed, shuffle=True)
     sizes = [len(range(lane_, batches, lanes)) * micro_batch for lane_ in range(lanes)]
     pieces = _lane_pieces(_segments(shards, mine, rank, world), sizes)[lane]
     rng = random.Random(f"{seed}/{epoch}/{rank}/lane{lane}of{lanes}")

@@ -37,7 +37,7 @@ from fusion_trainer.errors import DataError
 
 from .decode import decode_sample
 from .samples import BadSampleHook, RawSample
-from .tar_reader import _tar_members
+from .tar_reader import tar_members
 
 __all__ = [
     "assign_shards", "epoch_samples", "iter_shard", "open_shards", "per_rank_samples", "shuffle_samples",
@@ -137,7 +137,7 @@ def iter_shard(
             f"shard {url} fails its checks ({'; '.join(problems)}): it is truncated or was altered"
         )
     try:
-        groups = list(group_by_keys(_tar_members(io.BytesIO(data), url, limit=shard.bytes)))
+        groups = list(group_by_keys(tar_members(io.BytesIO(data), url, limit=shard.bytes)))
     except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
         raise DataError(
             f"shard {url} is truncated or corrupt ({type(exc).__name__}: {exc}); re-publish it"
@@ -222,7 +222,7 @@ def _take_cycled(make: Callable[[], Iterator[RawSample]], n: int) -> Iterator[Ra
             raise DataError("a rank's shards hold no samples; the dataset is empty")
 
 
-def _rank_shards(
+def rank_shards(
     shards: list[ShardInfo], *, epoch: int, rank: int, world: int, seed: int, shuffle: bool
 ) -> list[ShardInfo] | None:
     """The shards one rank reads in one epoch, in reading order; None: strided (every rank reads every shard)."""
@@ -261,7 +261,7 @@ def epoch_samples(
     n = per_rank_samples(ds, split, world)
     if n == 0:
         return
-    mine = _rank_shards(shards, epoch=epoch, rank=rank, world=world, seed=seed, shuffle=shuffle)
+    mine = rank_shards(shards, epoch=epoch, rank=rank, world=world, seed=seed, shuffle=shuffle)
     if mine is None:  # evaluation, or fewer shards than ranks: strided over every shard
 
         def make() -> Iterator[RawSample]:

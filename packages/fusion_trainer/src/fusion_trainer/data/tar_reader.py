@@ -55,7 +55,7 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
-def _tar_members(stream: Any, url: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
+def tar_members(stream: Any, url: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
     """The regular files of an uncompressed tar stream (ustar, GNU or pax) as webdataset's `{fname, data}` dicts.
 
     A lean replacement for `tarfile` in streaming mode (which costs about as much as the rest of the sample): each

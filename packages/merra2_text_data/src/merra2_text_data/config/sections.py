@@ -87,11 +87,11 @@ def _duration(value: str) -> pd.Timedelta:
     return parse_duration(value)
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class SourceConfig(_Section):
+class SourceConfig(Section):
     """Where the MERRA-2 granules come from."""
 
     source: Annotated[str, _text("'earthaccess', a folder/URL of MERRA-2 granules, or era5:URL")] = (
@@ -124,7 +124,7 @@ class SourceConfig(_Section):
         return self.cache or self.cache_dir
 
 
-class SubsetConfig(_Section):
+class SubsetConfig(Section):
     """Which region, period and variables."""
 
     region: str
@@ -196,6 +196,8 @@ class SubsetConfig(_Section):
     @field_validator("region")
     @classmethod
     def _region_ok(cls, value: str) -> str:
+        """Checked here, in the field's own validator, so a bad region is reported under `subset.region` beside
+        every other problem (tests/merra2_text_data/test_config.py); the model validator below keeps the result."""
         from merra2_text_data.regions import parse_region
 
         try:
@@ -237,7 +239,7 @@ class SubsetConfig(_Section):
         return self._period
 
 
-class SampleConfig(_Section):
+class SampleConfig(Section):
     """How the climate cube is cut into samples and split, and how text is made."""
 
     window: str = "1d"
@@ -343,7 +345,7 @@ class SampleConfig(_Section):
         return {**{y: "val" for y in self.val_years}, **{y: "test" for y in self.test_years}}
 
 
-class ShardConfig(_Section):
+class ShardConfig(Section):
     """How samples are packed into WebDataset shards."""
 
     shard_size: int = 256_000_000
@@ -367,7 +369,7 @@ class ShardConfig(_Section):
         return value
 
 
-class PublishConfig(_Section):
+class PublishConfig(Section):
     """Where and under which name the version is published."""
 
     out: Annotated[str, _text("a folder or URL such as ./datasets or s3://bucket/prefix")] = "./datasets"
@@ -387,7 +389,7 @@ class PublishConfig(_Section):
         return value
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     """How the build runs (never changes the data)."""
 
     workers: int = Field(default=0, ge=0)

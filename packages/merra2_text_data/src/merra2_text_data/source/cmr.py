@@ -14,11 +14,11 @@ from .granules import (
     COLLECTIONS,
     VERSION,
     Granule,
-    _check_request,
-    _deduplicate,
-    _hash_name,
-    _plain_http,
+    check_request,
+    deduplicate,
+    hash_name,
     parse_granule_name,
+    plain_http,
 )
 
 __all__ = ["login_earthaccess", "search_earthaccess"]
@@ -95,7 +95,7 @@ def _granule_from_umm(record: dict[str, Any], collection: str) -> Granule:
     https = [u for u in links if u.startswith("https://")]
     if not (https or links):
         raise GranuleError(f"the CMR record {ur} has no 'GET DATA' link to download {name}")
-    if not https and any(_plain_http(u) for u in links):
+    if not https and any(plain_http(u) for u in links):
         raise GranuleError(
             f"the CMR record {ur} offers {name} over plain http only: the Earthdata token is only ever sent over "
             "https; download it yourself and build with --source"
@@ -103,7 +103,7 @@ def _granule_from_umm(record: dict[str, Any], collection: str) -> Granule:
     infos = umm.get("DataGranule", {}).get("ArchiveAndDistributionInformation", [])
     info = next((i for i in infos if i.get("Name") == name), infos[0] if infos else {})
     checksum = info.get("Checksum")
-    if checksum and _hash_name(str(checksum.get("Algorithm", ""))) is None:
+    if checksum and hash_name(str(checksum.get("Algorithm", ""))) is None:
         logger.warning("%s: CMR checksum algorithm %r is not one this reader checks; only the size is checked",
                        name, checksum.get("Algorithm"))  # fmt: skip
     return Granule(collection, day, stream, name, (https or links)[0], _record_size(info),
@@ -131,7 +131,7 @@ def search_earthaccess(
     """
     import earthaccess
 
-    _check_request(collections, start, end)
+    check_request(collections, start, end)
     found: list[Granule] = []
     for collection in collections:
         kwargs: dict[str, Any] = {"short_name": collection, "version": VERSION,
@@ -149,5 +149,5 @@ def search_earthaccess(
             if start <= granule.day <= end:
                 found.append(granule)
         logger.info("CMR: %d granules of %s for %s..%s", len(records), collection, start, end)
-    return _deduplicate(found)
+    return deduplicate(found)
 

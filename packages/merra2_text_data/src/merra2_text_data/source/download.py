@@ -17,7 +17,7 @@ import fsspec
 from merra2_text_data.errors import CredentialsError, GranuleError
 
 from .cmr import login_earthaccess
-from .granules import Granule, _hash_name, _plain_http
+from .granules import Granule, hash_name, plain_http
 
 __all__ = ["download_granules", "file_digest"]
 
@@ -43,7 +43,7 @@ def _checksum_problem(granule: Granule, path: Path) -> str | None:
     if not granule.checksum or ":" not in granule.checksum:
         return None
     algorithm, _, expected = granule.checksum.partition(":")
-    name = _hash_name(algorithm)
+    name = hash_name(algorithm)
     if name is None:
         return None
     found = file_digest(path, name)
@@ -74,7 +74,7 @@ def _mark_verified(granule: Granule, target: Path) -> None:
 def _refuse_plain_http_redirect(response: Any, *args: Any, **kwargs: Any) -> Any:
     """A requests response hook: never follow a redirect of an authenticated download to plain http."""
     location = str(response.headers.get("Location", "")) if getattr(response, "is_redirect", False) else ""
-    if _plain_http(location):
+    if plain_http(location):
         raise CredentialsError(
             f"the download of {response.url.split('?', 1)[0]} redirects to plain http ({location.split('?', 1)[0]}): "
             "the Earthdata token is only ever sent over https; not following it"
@@ -199,7 +199,7 @@ def download_granules(
         else:
             todo.append((g, target))
     if todo and session is None and any(g.url.startswith(("http://", "https://")) for g, _ in todo):
-        plain = [g.file_name for g, _ in todo if _plain_http(g.url)]
+        plain = [g.file_name for g, _ in todo if plain_http(g.url)]
         if plain:
             raise CredentialsError(
                 f"{plain[0]} (and {len(plain) - 1} more) would be downloaded over plain http with the Earthdata "

@@ -21,14 +21,14 @@ from merra2_text_data.errors import ConfigError, GranuleError
 from .cmr import login_earthaccess, search_earthaccess
 from .download import download_granules
 from .granules import (
-    _GRADS_RE,
     COLLECTIONS,
+    GRADS_RE,
     VERSION,
     Collection,
     Granule,
-    _check_request,
-    _deduplicate,
+    check_request,
     collection_for,
+    deduplicate,
     granule_name,
     missing_days,
     parse_granule_name,
@@ -82,7 +82,7 @@ def find_granules(
         ConfigError: unknown collection, end before start, or the source does not exist.
         GranuleError: a GrADS-variant file is the only file for a requested collection and day.
     """
-    _check_request(collections, start, end)
+    check_request(collections, start, end)
     fs, root = fsspec.core.url_to_fs(str(source))
     if not fs.isdir(root):
         raise ConfigError(f"granule source {source} is not an existing folder: check the path or URL")
@@ -96,7 +96,7 @@ def find_granules(
         try:
             stream, product, day = parse_granule_name(name)
         except GranuleError as exc:
-            grads_match = _GRADS_RE.match(name)
+            grads_match = GRADS_RE.match(name)
             if grads_match and grads_match["product"] in wanted:
                 day = datetime.strptime(grads_match["ymd"], "%Y%m%d").date()
                 if start <= day <= end:
@@ -115,7 +115,7 @@ def find_granules(
                              None, f"{collection}.{VERSION}:{name}"))  # fmt: skip
     if stray:
         _warn_stray(source, stray)
-    granules = _deduplicate(found)
+    granules = deduplicate(found)
     have = {(g.collection, g.day) for g in granules}
     for collection, day, grads_error in grads:
         if (collection, day) not in have:

@@ -75,7 +75,7 @@ COLLECTIONS: dict[str, Collection] = {
 _NAME_RE = re.compile(
     r"^MERRA2_(?P<stream>\d{3})\.(?P<product>\w+)\.(?P<ymd>\d{8})(?:\.nc4|\.SUB\.nc4|\.SUB\.nc)$"
 )
-_GRADS_RE = re.compile(r"^MERRA-2\.(?P<product>\w+)\.(?P<ymd>\d{8})(?:\.SUB)?\.nc4?$")
+GRADS_RE = re.compile(r"^MERRA-2\.(?P<product>\w+)\.(?P<ymd>\d{8})(?:\.SUB)?\.nc4?$")
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def parse_granule_name(name: str) -> tuple[str, str, date]:
             variant `MERRA-2.<product>.<date>.SUB.nc4` (lowercase variables, `hours since` time), which is rejected.
     """
     base = name.rsplit("/", 1)[-1]
-    if _GRADS_RE.match(base):
+    if GRADS_RE.match(base):
         raise GranuleError(
             f"{base} is a GrADS Data Server export of MERRA-2 (lowercase variable names, 'hours since' time, "
             "point subsets): this reader does not support it; download the GES DISC granule "
@@ -159,7 +159,7 @@ def _choose(candidates: list[Granule]) -> Granule:
     return best
 
 
-def _deduplicate(granules: Iterable[Granule]) -> list[Granule]:
+def deduplicate(granules: Iterable[Granule]) -> list[Granule]:
     groups: dict[tuple[str, date], list[Granule]] = {}
     for g in granules:
         groups.setdefault((g.collection, g.day), []).append(g)
@@ -179,7 +179,7 @@ def missing_days(
     return [d for d in _days(start, end) if any((c, d) not in have for c in collections)]
 
 
-def _check_request(collections: Sequence[str], start: date, end: date) -> None:
+def check_request(collections: Sequence[str], start: date, end: date) -> None:
     unknown = [c for c in collections if c not in COLLECTIONS]
     if unknown:
         raise ConfigError(f"unknown collection(s) {unknown}: supported are {sorted(COLLECTIONS)}")
@@ -192,12 +192,12 @@ _HASHES = {"MD5": "md5", "SHA1": "sha1", "SHA256": "sha256", "SHA384": "sha384",
 """CMR `Checksum.Algorithm` values (`MD5`, `SHA-256`, ...) without dashes -> hashlib names."""
 
 
-def _hash_name(algorithm: str) -> str | None:
+def hash_name(algorithm: str) -> str | None:
     return _HASHES.get(algorithm.upper().replace("-", "").replace("_", ""))
 
 
 
-def _plain_http(url: str) -> bool:
+def plain_http(url: str) -> bool:
     """True for an `http://` URL to another machine (a loopback address, such as a local mirror, is not a network)."""
     if not url.lower().startswith("http://"):
         return False

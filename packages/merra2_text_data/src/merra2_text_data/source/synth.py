@@ -25,7 +25,7 @@ from climate_text_schema import FILL_VALUE, KNOWN_VARIABLES
 from merra2_text_data.errors import ConfigError
 from merra2_text_data.regions import Region, grid_points
 from merra2_text_data.source.granules import COLLECTIONS, VERSION, granule_name
-from merra2_text_data.source.synth_weather import _EPOCH, _systems, _World
+from merra2_text_data.source.synth_weather import EPOCH, World, draw_systems
 
 __all__ = ["FLX_VARIABLES", "SLV_VARIABLES", "synthetic_stream", "write_synthetic_granules"]
 
@@ -156,10 +156,10 @@ def write_synthetic_granules(
         raise ConfigError(f"seed {seed} is negative: use an integer >= 0")
     lat, lon = grid_points(region)
     lon = np.sort(lon)  # the grid's own storage order, as an index-range subsetter writes it
-    world = _World(seed, lat, lon)
-    t_first = (datetime(start.year, start.month, start.day) - _EPOCH).total_seconds() / 3600.0
-    t_last = (datetime(end.year, end.month, end.day) - _EPOCH).total_seconds() / 3600.0 + 24.0
-    systems = _systems(seed, t_first, t_last)
+    world = World(seed, lat, lon)
+    t_first = (datetime(start.year, start.month, start.day) - EPOCH).total_seconds() / 3600.0
+    t_last = (datetime(end.year, end.month, end.day) - EPOCH).total_seconds() / 3600.0 + 24.0
+    systems = draw_systems(seed, t_first, t_last)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     days = [start + timedelta(days=i) for i in range((end - start).days + 1)]

@@ -1,8 +1,8 @@
 """The synthetic weather behind `synth.py`'s granules: every field a function of absolute (time, lat, lon) and the seed.
 
 A climatology (latitude gradient, terrain, land and sea, seasonal and diurnal cycles by local solar time) plus
-travelling systems with compact support (`_systems`: lows and highs, severe storms, tropical cyclones, convective
-cells, heat-wave ridges); `_World.day` evaluates one day of every variable on a grid. `synth.py` writes the files.
+travelling systems with compact support (`draw_systems`: lows and highs, severe storms, tropical cyclones, convective
+cells, heat-wave ridges); `World.day` evaluates one day of every variable on a grid. `synth.py` writes the files.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from datetime import date, datetime
 import numpy as np
 
 _RE, _OMEGA, _G, _RD, _RHO = 6.371e6, 7.292e-5, 9.80665, 287.04, 1.2
-_EPOCH = datetime(1980, 1, 1)
+EPOCH = datetime(1980, 1, 1)
 _YEAR_D, _JUL15_D = 365.2422, 196.0
 _SLOT_OFFSET = 10_000_000
 
@@ -68,7 +68,7 @@ def _season(lat_sign: np.ndarray | float, t_days: np.ndarray | float) -> np.ndar
 _SYSTEM_FIELDS = ("tb", "life", "lat", "lon", "amp", "rad", "u", "v", "temp", "moist", "rain", "conv")
 
 
-def _systems(seed: int, t_first: float, t_last: float) -> dict[str, np.ndarray]:
+def draw_systems(seed: int, t_first: float, t_last: float) -> dict[str, np.ndarray]:
     """All systems alive at some hour of t_first..t_last (hours since 1980-01-01), drawn per (family, time slot)."""
     cols: dict[str, list[np.ndarray]] = {k: [] for k in _SYSTEM_FIELDS}
     for index, fam in enumerate(_FAMILIES):
@@ -128,7 +128,7 @@ def _waves(seed: int, key: int, lat: np.ndarray, lon: np.ndarray, k: int, n: tup
     return _Waves(np.cos(theta), np.sin(theta), np.full(k, std * np.sqrt(2.0 / k)), omega)
 
 
-class _World:
+class World:
     """The static fields of the synthetic planet on one grid, and the hourly weather on it."""
 
     def __init__(self, seed: int, lat_deg: np.ndarray, lon_deg: np.ndarray) -> None:
@@ -256,7 +256,7 @@ class _World:
 
     def day(self, day: date, systems: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The 24 hourly means of `day` (stamped HH:30) of every synthetic variable, float64 (time, lat, lon)."""
-        h0 = (datetime(day.year, day.month, day.day) - _EPOCH).total_seconds() / 3600.0 + 0.5
+        h0 = (datetime(day.year, day.month, day.day) - EPOCH).total_seconds() / 3600.0 + 0.5
         hours = h0 + np.arange(24.0)
         acc = self._accumulate(hours, systems)
         cosph = np.cos(2 * np.pi * (hours / 24.0 - _JUL15_D) / _YEAR_D)[:, None, None]
