@@ -72,6 +72,9 @@ class Plan:
     """Test samples (spread over the split) for the losses and gains of the main run; None: `eval_batches`."""
     seed_loss_samples: int | None = None
     """The same for each extra seed; None: 8 batches."""
+    seed_interventions: tuple[str, ...] = ()
+    """The shifts each extra seed is scored on (one per variable gives its slope), with the grid permutation; none:
+    no interventions for the extra seeds."""
     max_new_tokens: int = 110
     train_budget_s: float = 1200.0
     """The training stage's share of the demo's time; a run estimated far past it gets a warning that says what to
@@ -85,11 +88,13 @@ INTERVENTIONS = ("T2M=-6", "T2M=-3", "T2M=+3", "T2M=+6", "SLP=-1000", "SLP=-500"
 FULL = Plan(
     ROOT / "demo-output", "2026-03-24", "2026-03-31", steps=60, generate=None, eval_batches=None, eval_every=30,
     region="globe60", seeds=3, seed_generate=128, interventions=INTERVENTIONS, intervene_limit=24,
-    loss_samples=96, seed_loss_samples=32, train_budget_s=600.0,
+    loss_samples=96, seed_loss_samples=96, seed_interventions=("T2M=+3", "SLP=+500", "WIND=+2"), train_budget_s=600.0,
 )  # fmt: skip
 """60 steps: chosen on val (docs/results.md, run 6: val loss 0.174 at step 60, every val-scored goal met). The
-whole test split is generated for seed 0; the losses and gains (four passes, about 4 s a sample on 2 CPU cores) and
-the extra seeds use samples spread evenly over it."""
+whole test split is generated for seed 0; the losses and gains (four passes, about 4 s a sample on 2 CPU cores in
+fp32) and the extra seeds' captions use samples spread evenly over it. Every seed is scored on every goal: the same
+96 loss samples (fewer left the same-place gain undecided: 1.3-1.4 standard errors on 32), and the same 24 time
+windows for the interventions (the extra seeds one shift per variable, and the permutation)."""
 QUICK = Plan(
     ROOT / "demo-output/quick",
     "2019-01-01",
@@ -107,7 +112,8 @@ QUICK = Plan(
 )
 TINY = Plan(ROOT / "demo-output/tiny", "2019-01-01", "2019-01-08", steps=4, generate=3, eval_batches=2, eval_every=2,
             region="-105,35,-95,45", source="synth", build_config="pipelines/demo-build-synth.yaml", base="tiny",
-            build_set=("sample.tile=null",), interventions=("T2M=+3",), intervene_limit=2, max_new_tokens=48,
+            build_set=("sample.tile=null",), interventions=("T2M=+3",), seed_interventions=("T2M=+3",),
+            intervene_limit=2, max_new_tokens=48,
             train_set=("fusion.d_encoder=32", "fusion.encoder_heads=4", "fusion.n_prefix_tokens=4", "bf16=false",
                        "micro_batch=2", "num_workers=0", "warmup_steps=0", "max_length=1024"))  # fmt: skip
 """A few seconds of training on a tiny random Llama (the end-to-end test)."""
@@ -228,7 +234,7 @@ def train_eval(plan: Plan, stages: Stages, ref: str, base: Path, run: Path, extr
     """Train (resuming a partial run), generate and evaluate one run; returns fusion-eval's JSON.
 
     `full`: the whole evaluation (the plan's generation, interventions); else the extra seeds' lighter one (their own
-    generation of `seed_generate` samples, the ladder, no interventions).
+    generation of `seed_generate` samples, the ladder, `seed_interventions`).
     """
     tag = f" {label}" if label else ""
     args = ["fusion-train", "--config", "pipelines/demo-train.yaml", "--shards", ref, "--model", str(base),
@@ -263,9 +269,10 @@ def train_eval(plan: Plan, stages: Stages, ref: str, base: Path, run: Path, extr
         eval_args += ["--loss-samples", str(loss_samples)]
     elif plan.eval_batches or not full:
         eval_args += ["--max-batches", str(plan.eval_batches or 8)]
-    if full:
-        for shift in plan.interventions:
-            eval_args += ["--intervene", shift]
+    shifts = plan.interventions if full else plan.seed_interventions
+    for shift in shifts:
+        eval_args += ["--intervene", shift]
+    if shifts:
         eval_args += ["--intervene-limit", str(plan.intervene_limit), "--max-new-tokens", str(plan.max_new_tokens)]
     stages.run(f"eval{tag}", metrics.exists(), lambda: sh(eval_args, stdout=metrics))
     return dict(json.loads(metrics.read_text()))
@@ -305,8 +312,8 @@ def compare(plan: Plan, stages: Stages, ref: str, base: Path, variants: Sequence
 
     budget = replace(plan, out=plan.out / "compare", steps=steps, eval_every=steps)
     scored = ("t2m_mean_c", "wind_speed_m_s", "wind_dir_deg", "slp_hpa", "precip_mm")
-    lines = ["| variant | test loss | base loss | gain (caption) | " + " | ".join(scored) + " | parsed | train s |",
-             "|" + "---|" * (6 + len(scored))]  # fmt: skip
+    lines = ["| variant | test loss | base loss | gain (caption) | " + " | ".join(scored)
+             + " | slope T2M | slope SLP | slope WIND | parsed | train s |", "|" + "---|" * (9 + len(scored))]  # fmt: skip
     for variant in variants:
         run = budget.out / variant / "run"
         fit = VARIANT_SETTINGS[variant]
@@ -316,6 +323,8 @@ def compare(plan: Plan, stages: Stages, ref: str, base: Path, variants: Sequence
         faith = m["faithfulness"]["quantities"]
         g = m["grounding_gain"]
         errors = [_num((faith.get(q) or {}).get("mae")) for q in scored]
+        slopes = (m.get("interventions") or {}).get("slopes") or {}
+        errors += [_num((slopes.get(v) or {}).get("median")) for v in ("T2M", "SLP", "WIND")]
         parsed = min((faith.get(q) or {}).get("parsed_fraction", 0.0) for q in scored if q in faith) if faith else 0
         lines.append(
             f"| {variant} | {m['fused']['loss']:.4f} | {m['base']['loss']:.4f} | {_num(g['caption']['gain'], 4)} | "

@@ -89,4 +89,6 @@ def test_compare_tabulates_each_variant(tmp_path: Path) -> None:
     for variant in ("add", "gated-xattn"):
         metrics = json.loads((out / f"compare/{variant}/metrics-{variant}.json").read_text())
         assert metrics["fusion"] == variant and "grounding_gain" in metrics
+        slope = metrics["interventions"]["slopes"]["T2M"]  # each variant is scored on the extra seeds' shifts
+        assert slope["shifts"] == ["T2M=+3"] and metrics["interventions"]["permute"] is not None
         assert (out / f"compare/{variant}/run/final/adapter.safetensors").exists()
