@@ -333,7 +333,8 @@ def compare(plan: Plan, stages: Stages, ref: str, base: Path, variants: Sequence
         print("\n".join(f"  {r}" for r in map(str, metrics_table(m))), flush=True)
     out = budget.out / "results.md"
     out.write_text(f"Each variant: {steps} steps, settings of pipelines/demo-train.yaml, dataset {ref}; errors on "
-                   f"{plan.seed_generate or 'all'} test samples (°C, m/s, degrees, hPa, log1p mm).\n\n"
+                   f"{plan.seed_generate or 'all'} test samples (°C, m/s, degrees, hPa, log1p mm); slopes: the median over "
+                   f"{budget.intervene_limit} test windows of the generated number's change per unit of shift.\n\n"
                    + "\n".join(lines) + "\n")  # fmt: skip
     print(out.read_text(), flush=True)
     return out
