@@ -148,6 +148,16 @@ def test_faithfulness_rewards_right_numbers_and_not_the_mean() -> None:
     shifted = faithfulness(level, truth, base)["t2m_mean_c"]
     assert shifted["beats_baseline"] and not shifted["beats_best_constant"] and not shifted["grounded"]
     assert shifted["distinct_outputs"] == 1
+    assert good["median_error"] == pytest.approx(0.0, abs=0.051) and good["gross_fraction"] == 0.0
+    # one miscopied number (a dropped digit: 4.0 for 40.0) decides the mean error; the median and the gross share
+    # say it is one output
+    slip = {k: f"The area-weighted mean 2 m temperature was {truth['t2m_mean_c'].to_dict()[k]:.1f} °C, ranging from "
+               f"0.0 °C to 1.0 °C." for k in ("k2", "k3")}  # fmt: skip
+    slip["k4"] = "The area-weighted mean 2 m temperature was 4.0 °C, ranging from 0.0 °C to 1.0 °C."
+    one = faithfulness(slip, truth, base)["t2m_mean_c"]
+    assert one["mae"] == pytest.approx(12.0, abs=0.05) and one["median_error"] == pytest.approx(0.0, abs=0.051)
+    assert one["baseline_mae"] == pytest.approx(20.0)  # the train mean 10 against 20, 30, 40
+    assert one["gross_fraction"] == pytest.approx(1 / 3)  # |4 - 40| = 36 > 20: that one output only
     # right numbers in too few outputs do not count
     sparse = {"k3": right["k3"], "k4": "nonsense", "k0": "nonsense"}
     m = faithfulness(sparse, truth, base)["t2m_mean_c"]

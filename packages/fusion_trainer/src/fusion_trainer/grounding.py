@@ -123,9 +123,11 @@ def faithfulness(
 
     Returns:
         {quantity: {"kind", "n", "parsed", "parsed_fraction", "mae", "baseline_mae", "baseline_mae_all",
-        "best_constant_mae", "corr", "distinct_outputs", "beats_baseline", "beats_best_constant", "grounded"
-        (, "hit_rates", "baseline_hit_rates")}}: `mae` (the mean error of the kind) over the
-        parsed outputs, `baseline_mae` of the train constant over the SAME samples, `baseline_mae_all` over every
+        "best_constant_mae", "corr", "distinct_outputs", "beats_baseline", "beats_best_constant", "grounded",
+        "median_error", "gross_fraction" (, "hit_rates", "baseline_hit_rates")}}: `mae` (the mean error of the kind)
+        over the parsed outputs, `median_error` their median error, `gross_fraction` the share of them whose error is
+        larger than `baseline_mae` (worse than saying the train mean would be on average: a miscopied number, where
+        the mean error is decided by a few such outputs), `baseline_mae` of the train constant over the SAME samples, `baseline_mae_all` over every
         scored sample; `best_constant_mae` is the error of the best single value in hindsight, which no output that
         ignores the climate can beat. `beats_baseline`: at least `min_parsed` of the outputs parse and
         `mae < baseline_mae`; `grounded`: that and `mae < best_constant_mae` too. `_consistency`: the fraction of
@@ -151,7 +153,8 @@ def faithfulness(
         pred = np.array([parsed[k][q] for k in keys], dtype=np.float64)
         true = truth.loc[keys, q].to_numpy(dtype=np.float64) if keys else np.zeros(0)
         kind = spec.kind
-        mae = float(errors(pred, true, kind).mean()) if keys else None
+        errs = errors(pred, true, kind)
+        mae = float(errs.mean()) if keys else None
         base = np.full_like(true, baseline[q])
         base_mae = float(errors(base, true, kind).mean()) if keys else None
         const_mae = float(errors(np.full_like(true, best_constant(true, kind)), true, kind).mean()) if keys else None
@@ -174,6 +177,8 @@ def faithfulness(
             "beats_baseline": beats,
             "beats_best_constant": beats_const,
             "grounded": beats and beats_const,
+            "median_error": float(np.median(errs)) if keys else None,
+            "gross_fraction": float((errs > base_mae).mean()) if keys and base_mae is not None else None,
         }
         if kind == "precip":
             row["hit_rates"] = hit_rates(pred, true)
