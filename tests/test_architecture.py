@@ -213,9 +213,9 @@ def _private_imports(package_dir: Path) -> list[str]:
             elif isinstance(node, ast.Import):
                 modules.update(a.asname or a.name.split(".")[0] for a in node.names if a.name.split(".")[0] in SOURCES)
         for node in ast.walk(tree):
-            reach = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
-            if reach and _private(node.attr):  # type: ignore[union-attr]
-                found.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr}")  # type: ignore[union-attr]
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                    and _private(node.attr)):  # fmt: skip
+                found.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr}")
     return found
 
 

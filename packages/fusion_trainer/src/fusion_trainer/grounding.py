@@ -127,10 +127,10 @@ def faithfulness(
         "median_error", "gross_fraction" (, "hit_rates", "baseline_hit_rates")}}: `mae` (the mean error of the kind)
         over the parsed outputs, `median_error` their median error, `gross_fraction` the share of them whose error is
         larger than `baseline_mae` (worse than saying the train mean would be on average: a miscopied number, where
-        the mean error is decided by a few such outputs), `baseline_mae` of the train constant over the SAME samples, `baseline_mae_all` over every
-        scored sample; `best_constant_mae` is the error of the best single value in hindsight, which no output that
-        ignores the climate can beat. `beats_baseline`: at least `min_parsed` of the outputs parse and
-        `mae < baseline_mae`; `grounded`: that and `mae < best_constant_mae` too. `_consistency`: the fraction of
+        the mean error is decided by a few such outputs), `baseline_mae` of the train constant over the SAME samples,
+        `baseline_mae_all` over every scored sample; `best_constant_mae` is the error of the best single value in
+        hindsight, which no output that ignores the climate can beat. `beats_baseline`: at least `min_parsed` of the
+        outputs parse and `mae < baseline_mae`; `grounded`: that and `mae < best_constant_mae` too. `_consistency`: the fraction of
         outputs with min <= mean <= max temperature.
 
     Raises:
