@@ -130,8 +130,8 @@ def faithfulness(
         the mean error is decided by a few such outputs), `baseline_mae` of the train constant over the SAME samples,
         `baseline_mae_all` over every scored sample; `best_constant_mae` is the error of the best single value in
         hindsight, which no output that ignores the climate can beat. `beats_baseline`: at least `min_parsed` of the
-        outputs parse and `mae < baseline_mae`; `grounded`: that and `mae < best_constant_mae` too. `_consistency`: the fraction of
-        outputs with min <= mean <= max temperature.
+        outputs parse and `mae < baseline_mae`; `grounded`: that and `mae < best_constant_mae` too. `_consistency`:
+        the fraction of outputs with min <= mean <= max temperature.
 
     Raises:
         DataError: a generated key is not in the index.
