@@ -138,10 +138,14 @@ class FusedGeneration(nn.Module):
             mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared.shape[1]), mask], dim=1)
 
         def step(embeds: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> tuple[Tensor, Any]:
+            # logits at the last position only: the prompt's other positions predict nothing here. Given as an index,
+            # not as `logits_to_keep=1`: transformers slices that as `[:, -1:]`, a strided view of the prompt's hidden
+            # states, and matmul turns a strided (B, 1, H) input into a batched product with the LM head's weight
+            # copied once per row (at 64 rows of SmolLM2: 1.8e9 values, 6 s of a 26 s batch; docs/performance.md)
+            last = torch.tensor([embeds.shape[1] - 1], device=embeds.device)
             with self._climate_scope(tokens):
-                # logits at the last position only: the prompt's other positions predict nothing here
                 out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-                              logits_to_keep=1, **{self._cache_kwarg: cache})  # fmt: skip
+                              logits_to_keep=last, **{self._cache_kwarg: cache})  # fmt: skip
             return out.logits[:, -1, :], getattr(out, "cache", None) or getattr(out, "past_key_values", None)
 
         stops = stop_ids(tok, self.lm.generation_config)
