@@ -263,6 +263,7 @@ def train_eval(plan: Plan, stages: Stages, ref: str, base: Path, run: Path, extr
     stages.run(f"generate{tag}", gens.exists(), lambda: sh(generate + (["--limit", str(limit)] if limit else [])))
     metrics = run.parent / f"metrics{suffix}.json"
     eval_args = ["fusion-eval", "--run", str(run), "--shards", ref, "--split", "test", "--batch-size", "16",
+                 "--generate-batch-size", "64",
                  "--generations", str(gens), "--log-level", "INFO"]  # fmt: skip
     loss_samples = plan.loss_samples if full else plan.seed_loss_samples
     if loss_samples:

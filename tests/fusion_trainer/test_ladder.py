@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from climate_text_schema.captions import caption_quantities, render_facet
-from fusion_trainer.errors import ConfigError
+from fusion_trainer.errors import ConfigError, ModelError
 from fusion_trainer.evaluation.baselines import fit_ridge, ladder, location_of, predict_ridge
 from fusion_trainer.evaluation.interventions import (
     apply_intervention,
@@ -153,6 +153,25 @@ def test_a_reader_has_slope_one_and_a_lookup_slope_zero() -> None:
     assert reads["slopes"]["SLP"]["median"] == pytest.approx(1.0, abs=0.05)  # hPa per hPa
     assert reads["slopes"]["WIND"]["median"] == pytest.approx(1.0, abs=0.06)
     assert reads["permute"]["t2m_mean_c"]["mean_change"] == pytest.approx(0.0, abs=0.06)
-    frozen = _reader(x)
-    lookup = intervention_report(lambda w: frozen[: len(w)], x, VARIABLES, clusters, shifts)
+    frozen = _reader(x)  # a lookup: each window's caption whatever its values (the variants follow each other)
+    lookup = intervention_report(lambda w: [frozen[i % len(x)] for i in range(len(w))], x, VARIABLES, clusters, shifts)
     assert lookup["slopes"]["T2M"]["median"] == pytest.approx(0.0) and lookup["samples"] == 4
+
+
+def test_the_variants_are_described_in_whole_calls_of_at_most_max_windows() -> None:
+    x = _windows()
+    shifts = [parse_intervention(t, VARIABLES) for t in ("T2M=-3", "T2M=+3", "SLP=+500", "WIND=+2")]
+    calls: list[int] = []
+
+    def counted(windows: np.ndarray) -> list[str]:
+        calls.append(len(windows))
+        return _reader(windows)
+
+    together = intervention_report(counted, x, VARIABLES, ["a", "a", "b", "b"], shifts)
+    assert calls == [24]  # the windows as they are, four shifts and the permutation: 6 x 4 windows, one call
+    calls.clear()
+    apart = intervention_report(counted, x, VARIABLES, ["a", "a", "b", "b"], shifts, max_windows=9)
+    assert calls == [8, 8, 8]  # two variants a call
+    assert apart == together
+    with pytest.raises(ModelError, match="3 texts for 24 windows"):
+        intervention_report(lambda w: _reader(w)[:3], x, VARIABLES, ["a", "a", "b", "b"], shifts)

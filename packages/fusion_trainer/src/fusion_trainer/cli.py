@@ -250,7 +250,10 @@ def eval_command(
     run: Annotated[Path, typer.Option(help="RUN_DIR of a finished fusion-train run")],
     shards: Annotated[str, typer.Option(help="dataset REF")],
     split: Annotated[str, typer.Option(help="train | val | test")] = "test",
-    batch_size: Annotated[int, typer.Option(help="samples per batch")] = 4,
+    batch_size: Annotated[int, typer.Option(help="samples per batch of the losses and gains")] = 4,
+    generate_batch_size: Annotated[
+        int, typer.Option(help="windows per generate call (the captions made here, the interventions)")
+    ] = 64,
     max_batches: Annotated[int | None, typer.Option(help="cap on batches")] = None,
     loss_samples: Annotated[
         int,
@@ -285,6 +288,7 @@ def eval_command(
             run, shards, split, batch_size=batch_size, max_batches=max_batches, generations=generations,
             generate_limit=generate_limit or None, max_new_tokens=max_new_tokens, interventions=intervene or (),
             intervene_limit=intervene_limit, loss_samples=loss_samples or None,
+            generate_batch_size=generate_batch_size,
         )  # fmt: skip
     except (FusionError, ContractError) as exc:
         raise _fail(exc) from exc

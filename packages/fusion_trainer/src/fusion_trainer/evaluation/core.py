@@ -223,6 +223,8 @@ class EvalContext:
     intervene_limit: int = 64
     loss_samples: int | None = None
     """Samples spread evenly over the split for the losses and the gains (None: every sample)."""
+    generate_batch_size: int = 64
+    """Windows per generate call (the faithfulness captions made here, the interventions)."""
 
     def generated(self) -> list[dict[str, Any]]:
         """The generations scored (given with --generations, or made here once and kept for every section)."""
@@ -231,7 +233,7 @@ class EvalContext:
 
             self.generations = list(
                 iter_generations(
-                    self.model, self.dataset, self.prompt, self.split, self.generate_limit, self.batch_size,
+                    self.model, self.dataset, self.prompt, self.split, self.generate_limit, self.generate_batch_size,
                     self.max_new_tokens, self.config.caption,
                 )
             )  # fmt: skip

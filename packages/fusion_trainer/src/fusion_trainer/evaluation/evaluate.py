@@ -148,6 +148,7 @@ def evaluate_run(
     interventions: Sequence[str] = (),
     intervene_limit: int = 64,
     loss_samples: int | None = None,
+    generate_batch_size: int = 64,
 ) -> dict[str, Any]:
     """Evaluate a finished run on one split; the dict `fusion-eval` prints as JSON.
 
@@ -164,6 +165,7 @@ def evaluate_run(
         intervene_limit: windows (spread over the split) the interventions use.
         loss_samples: samples spread evenly over the split for the losses and the gains (None: every sample); the
             four passes cost about 4 s per sample for SmolLM2 on 2 CPU cores, so a big split is scored on a spread.
+        generate_batch_size: windows per generate call (the captions made here, the interventions).
 
     Returns:
         {"run", "dataset", "version", "split", "caption", "fused": {loss, perplexity, ...}, "base": {...},
@@ -191,7 +193,7 @@ def evaluate_run(
                       seed=config.seed,
                       generations=read_generations(generations) if generations is not None else None,
                       interventions=tuple(interventions), intervene_limit=intervene_limit,
-                      loss_samples=loss_samples)  # fmt: skip
+                      loss_samples=loss_samples, generate_batch_size=generate_batch_size)  # fmt: skip
     result: dict[str, Any] = {
         "run": str(run_dir),
         "dataset": data.reference,

@@ -18,6 +18,7 @@ median, mean and the pooled slope with a 95% bootstrap interval clustered by tim
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -29,7 +30,7 @@ import numpy as np
 from climate_text_schema.caption_reading import parse_caption_numbers
 from climate_text_schema.captions import QUANTITIES
 
-from fusion_trainer.errors import ConfigError
+from fusion_trainer.errors import ConfigError, ModelError
 from fusion_trainer.scores import cluster_bootstrap, errors
 
 __all__ = ["DRIVES", "Intervention", "apply_intervention", "intervention_report", "parse_intervention", "permute_grid"]
@@ -125,6 +126,7 @@ def intervention_report(
     shifts: Sequence[Intervention],
     permute: bool = True,
     seed: int = 0,
+    max_windows: int = 320,
 ) -> dict[str, Any]:
     """Generate for the windows as they are, shifted, and permuted; report the slopes and the movement.
 
@@ -136,21 +138,38 @@ def intervention_report(
         shifts: the shifts to apply (several deltas per variable give the slope).
         permute: also permute each window's grid.
         seed: the permutation and bootstrap seed.
+        max_windows: at most this many windows (the variants of `climate` side by side) per `describe` call.
     """
-    base_texts = describe(climate)
-    base = [parse_caption_numbers(t) for t in base_texts]
-    report: dict[str, Any] = {"samples": int(climate.shape[0]), "slopes": {}, "permute": None}
     by_var: dict[str, list[Intervention]] = {}
     for s in shifts:
         by_var.setdefault(s.variable, []).append(s)
+    ordered = [s for group in by_var.values() for s in group]
+    variants: list[Callable[[], np.ndarray]] = [lambda: climate]
+    variants += [functools.partial(apply_intervention, climate, variables, s) for s in ordered]
+    if permute:
+        variants.append(functools.partial(permute_grid, climate, seed))
+    # several variants a call, so `describe` fills whole batches (the demo's 13 variants of 24 windows: 5 batches of
+    # 64 instead of 26 of at most 16), at most `max_windows` windows at once (a copy of each is in memory)
+    n = climate.shape[0]
+    per_call = max(1, max_windows // max(n, 1))
+    texts: list[str] = []
+    for i in range(0, len(variants), per_call):
+        windows = np.concatenate([make() for make in variants[i : i + per_call]], axis=0)
+        got = describe(windows)
+        if len(got) != len(windows):
+            raise ModelError(f"describe returned {len(got)} texts for {len(windows)} windows; it must give one each")
+        texts += got
+    parsed = [[parse_caption_numbers(t) for t in texts[i * n : (i + 1) * n]] for i in range(len(variants))]
+    base = parsed[0]
+    shifted = dict(zip(ordered, parsed[1 : 1 + len(ordered)], strict=True))
+    report: dict[str, Any] = {"samples": int(n), "slopes": {}, "permute": None}
     for var, group in by_var.items():
         quantity, per_unit = DRIVES[var]
         deltas = np.array([0.0] + [s.delta * per_unit for s in group])
-        values = np.full((climate.shape[0], len(deltas)), np.nan)
+        values = np.full((n, len(deltas)), np.nan)
         values[:, 0] = [p.get(quantity, math.nan) for p in base]
         for j, shift in enumerate(group, start=1):
-            texts = describe(apply_intervention(climate, variables, shift))
-            values[:, j] = [parse_caption_numbers(t).get(quantity, math.nan) for t in texts]
+            values[:, j] = [p.get(quantity, math.nan) for p in shifted[shift]]
         slopes = _slopes(deltas, values)
         ok = np.isfinite(slopes)
         report["slopes"][var] = {
@@ -162,7 +181,7 @@ def intervention_report(
             "per_shift_mean_change": [float(np.nanmean(values[:, j] - values[:, 0])) for j in range(1, len(deltas))],
         }  # fmt: skip
     if permute:
-        moved = [parse_caption_numbers(t) for t in describe(permute_grid(climate, seed))]
+        moved = parsed[-1]
         out: dict[str, Any] = {}
         for q, spec in QUANTITIES.items():
             pairs = [(b[q], m[q]) for b, m in zip(base, moved, strict=True) if q in b and q in m]

@@ -145,8 +145,9 @@ def interventions_section(ctx: EvalContext) -> dict[str, Any]:
 
     def describe(windows: np.ndarray) -> list[str]:
         out: list[str] = []
-        for i in range(0, len(windows), ctx.batch_size):
-            chunk = torch.from_numpy(((windows[i : i + ctx.batch_size] - mean) / std).astype(np.float32)).to(ctx.device)
+        size = ctx.generate_batch_size
+        for i in range(0, len(windows), size):
+            chunk = torch.from_numpy(((windows[i : i + size] - mean) / std).astype(np.float32)).to(ctx.device)
             out += ctx.model.generate(chunk, ctx.prompt, max_new_tokens=ctx.max_new_tokens, do_sample=False,
                                      one_line=True)
         return out
