@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from fusion_trainer import FusionConfig, FusionModel
-from fusion_trainer.model.lm_pass import shared_prompt_length
+from fusion_trainer.model.lm_pass import LeanCausalLM, shared_prompt_length
 from fusion_trainer.model.tiny import make_tiny_model
 
 SIZES = {"d_encoder": 32, "encoder_heads": 4, "n_heads": 4, "encoder_depth": 1, "gate_init": 0.5}
@@ -199,3 +199,24 @@ def test_training_with_compile_base_follows_the_eager_run(
         losses.append([r["loss"] for r in records if "loss" in r])
     assert "decoder layers of the base compiled" in caplog.text
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neo"])
+@pytest.mark.parametrize("prompt", [9, 0])
+def test_the_lean_base_loss_equals_the_plain_models(tmp_path_factory: pytest.TempPathFactory, arch: str,
+                                                    prompt: int) -> None:  # fmt: skip
+    """fusion-eval's base loss: the shared prompt cached (all but its last token) and logits at the targets only give
+    transformers' own loss; with no shared prompt (prompt 0: captions from the first token) the plain pass runs."""
+    from transformers import AutoModelForCausalLM
+
+    folder = make_tiny_model(arch, tmp_path_factory.getbasetemp() / f"tiny-{arch}")  # type: ignore[arg-type]
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    b = _batch(lm.config.vocab_size, prompt=prompt)
+    lean = LeanCausalLM(lm)
+    with torch.no_grad():
+        plain = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+    for _ in range(2):  # the second batch reuses the cached prompt
+        got = lean(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        assert torch.allclose(got, plain, atol=1e-5), (float(got), float(plain))
+    cached = lean._prompt._key
+    assert (cached is not None and len(cached[0]) == prompt - 1) if prompt else cached is None

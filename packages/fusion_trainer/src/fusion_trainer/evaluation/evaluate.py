@@ -56,12 +56,14 @@ def fused_loss_section(ctx: EvalContext) -> dict[str, Any]:
 def base_loss_section(ctx: EvalContext) -> dict[str, Any]:
     """The frozen base alone (no climate) on the same prompts and captions, loaded fresh from the base path."""
     from fusion_trainer.model.base import load_base
+    from fusion_trainer.model.lm_pass import LeanCausalLM
 
     dtype = next(ctx.model.parameters()).dtype
     base: Any = load_base(ctx.config.model, dtype=dtype)[0]
     base.to(ctx.device)
     base.eval()
-    res = evaluate_loss(base, ctx.batches(), ctx.device, ctx.max_batches, use_climate=False)
+    # the lean pass (the shared prompt cached, logits at the targets only): the same loss as `base(...)`, to rounding
+    res = evaluate_loss(LeanCausalLM(base), ctx.batches(), ctx.device, ctx.max_batches, use_climate=False)
     return {
         "base": {"loss": res.loss, "perplexity": res.perplexity, "tokens": res.tokens, "samples": res.samples}
     }

@@ -17,6 +17,7 @@ Two exact savings, both used only for the loss (`FusionModel.forward(..., logits
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,10 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-__all__ = ["FusionOutput", "PromptCache", "caption_loss", "predictor_positions", "shared_prompt_length", "target_loss"]
+__all__ = [
+    "FusionOutput", "LeanCausalLM", "PromptCache", "caption_loss", "predictor_positions", "shared_prompt_length",
+    "target_loss",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +140,38 @@ class PromptCache:
         if batch_size > 1:
             fresh.batch_repeat_interleave(batch_size)
         return fresh
+
+
+class LeanCausalLM:
+    """A frozen causal LM's caption loss the lean way (what `fusion-eval` scores the base with): logits only where a
+    labelled token is predicted, and the prompt every row shares from a `PromptCache`, all but its last token (which
+    predicts the first caption token, so it runs with the rest). The loss is transformers' (the plain mean
+    cross-entropy over the labelled tokens), to floating-point rounding (tested to 1e-5).
+
+    Called as the plain model is for a loss: `lean(input_ids=..., attention_mask=..., labels=...)` -> `.loss`.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        self.lm = lm
+        self._prompt = PromptCache()
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+    @torch.no_grad()
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> CausalLMOutputWithPast:
+        embed = self.lm.get_input_embeddings()  # type: ignore[operator]
+        shared = max(shared_prompt_length(input_ids, attention_mask, labels) - 1, 0)
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if shared:
+            cache = self._prompt.batch(self.lm, input_ids[:1, :shared], embed, input_ids.shape[0])
+            input_ids, attention_mask, labels = input_ids[:, shared:], attention_mask[:, shared:], labels[:, shared:]
+            positions = shared + torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+            full = torch.cat([torch.ones_like(attention_mask[:, :1]).expand(-1, shared), attention_mask], dim=1)
+            kwargs = {self._cache_kwarg: cache, "use_cache": True, "position_ids": positions.expand(len(input_ids), -1)}
+            attention_mask = full
+        loss = target_loss(self.lm, {"inputs_embeds": embed(input_ids), "attention_mask": attention_mask, **kwargs},
+                           labels, None, None, offset_ok=False)  # fmt: skip
+        assert isinstance(loss, Tensor)
+        return CausalLMOutputWithPast(loss=loss)
 
 
 def caption_loss(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
