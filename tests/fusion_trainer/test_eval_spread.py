@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from fusion_trainer.config import TrainConfig
 from fusion_trainer.data.stream import epoch_samples, open_shards
@@ -38,3 +39,38 @@ def test_loss_samples_spread_over_the_split(make_config: Callable[..., TrainConf
     result = evaluate_run(Path(config.out), dataset_ref, "val", batch_size=2, generate_limit=2, max_new_tokens=4,
                           loss_samples=3)  # fmt: skip
     assert result["fused"]["samples"] == result["base"]["samples"] == 3
+
+
+def test_the_own_climate_pass_runs_once_for_the_loss_and_both_gains(
+    make_config: Callable[..., TrainConfig], dataset_ref: str
+) -> None:
+    """The fused loss and both grounding gains share one pass with each sample's own climate: the fused loss is the
+    same as `evaluate_loss`'s, and `token_losses` runs once per batch for it plus once per batch for each shuffle."""
+    from fusion_trainer.evaluation.core import evaluate_loss, grounding_gain
+    from fusion_trainer.evaluation.evaluate import fused_loss_section
+
+    config = make_config(steps=1)
+    train(config)
+    data = open_shards(dataset_ref)
+    run = load_run_for(Path(config.out), data)
+    ctx = EvalContext(run_dir=Path(config.out), config=run.config, model=run.model, dataset=data, split="val",
+                      prompt=run.prompt, device=torch.device("cpu"), batch_size=3, max_batches=None)  # fmt: skip
+    batches = len(list(ctx.batches()))  # 8 samples: 3 batches
+    calls = 0
+    inner = run.model.token_losses
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return inner(*args, **kwargs)
+
+    run.model.token_losses = counted  # type: ignore[method-assign]
+    fused = fused_loss_section(ctx)["fused"]
+    reference = evaluate_loss(run.model, ctx.batches(), torch.device("cpu"))
+    assert fused["loss"] == pytest.approx(reference.loss, rel=1e-5)
+    assert (fused["tokens"], fused["samples"]) == (reference.tokens, reference.samples) == (fused["tokens"], 8)
+    assert calls == batches
+    shared = grounding_gain(run.model, ctx.batches(), ctx.device, own_losses=ctx.own_token_losses)
+    assert calls == 2 * batches  # the shuffled passes only
+    alone = grounding_gain(run.model, ctx.batches(), ctx.device)
+    assert alone == shared

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,12 +123,14 @@ def grounding_gain(
     seed: int = 0,
     group_of: Callable[[str], str] | None = None,
     cluster_of: Callable[[str], str] | None = None,
+    own_losses: Callable[[dict[str, Any]], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """How much the model's caption loss depends on the climate it is given.
 
     `group_of(key)` restricts the swap to samples of one group (e.g. the same location at other times: the gain then
     measures "which numbers", not "which place"); `cluster_of(key)` makes `stderr` clustered (e.g. by time window:
-    the standard error of the cluster means of the paired differences).
+    the standard error of the cluster means of the paired differences). `own_losses(batch)` gives the batch's token
+    losses with its own climate when another pass has them already (`EvalContext.own_token_losses`).
 
     Each sample is scored twice: with its own climate and with the climate of another sample of the split (a seeded
     derangement, so no sample keeps its own). The gain is the shuffled loss minus the own loss, token-weighted, over
@@ -160,7 +162,10 @@ def grounding_gain(
         for batch in held:
             n = len(batch["keys"])
             swapped = torch.stack([climates[other[start + j]] for j in range(n)])
-            own = _token_losses(model, batch, batch["climate_x"], device).cpu().double()
+            if own_losses is not None:
+                own = own_losses(batch).double()
+            else:
+                own = _token_losses(model, batch, batch["climate_x"], device).cpu().double()
             shuf = _token_losses(model, batch, swapped, device).cpu().double()
             target = batch["labels"][:, 1:]
             valid = target != -100
@@ -225,6 +230,16 @@ class EvalContext:
     """Samples spread evenly over the split for the losses and the gains (None: every sample)."""
     generate_batch_size: int = 64
     """Windows per generate call (the faithfulness captions made here, the interventions)."""
+    _own: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def own_token_losses(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's token losses `(B, L-1)` with its own climate (`_token_losses`), computed once per batch and kept:
+        the fused loss and both grounding gains score the same batches (`batches` gives the same ones every pass)."""
+        key = tuple(batch["keys"])
+        if key not in self._own:
+            with torch.no_grad():
+                self._own[key] = _token_losses(self.model, batch, batch["climate_x"], self.device).cpu()
+        return self._own[key]
 
     def generated(self) -> list[dict[str, Any]]:
         """The generations scored (given with --generations, or made here once and kept for every section)."""

@@ -7,6 +7,7 @@ section (e.g. grounding metrics) by writing another `section(ctx) -> dict` and l
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,17 @@ logger = logging.getLogger(__name__)
 
 
 def fused_loss_section(ctx: EvalContext) -> dict[str, Any]:
-    """Caption loss and perplexity of the fused model (climate in)."""
-    res = evaluate_loss(ctx.model, ctx.batches(), ctx.device, ctx.max_batches)
+    """Caption loss and perplexity of the fused model (climate in): the token-weighted mean of the token losses both
+    grounding gains compare their shuffled passes with (`EvalContext.own_token_losses`, one pass for the three)."""
+    total, tokens, samples = 0.0, 0, 0
+    for i, batch in enumerate(ctx.batches()):
+        if ctx.max_batches is not None and i >= ctx.max_batches:
+            break
+        total += float(ctx.own_token_losses(batch).double().sum())
+        tokens += int((batch["labels"][:, 1:] != -100).sum())
+        samples += len(batch["keys"])
+    loss = total / tokens if tokens else math.nan
+    res = LossResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=tokens, samples=samples)
     if res.tokens == 0:
         from fusion_trainer.errors import DataError
 
@@ -71,7 +81,9 @@ def base_loss_section(ctx: EvalContext) -> dict[str, Any]:
 
 def grounding_gain_section(ctx: EvalContext) -> dict[str, Any]:
     """Loss with another sample's climate minus loss with the sample's own climate (see `grounding_gain`)."""
-    return {"grounding_gain": grounding_gain(ctx.model, ctx.batches(), ctx.device, ctx.max_batches, ctx.seed)}
+    gain = grounding_gain(ctx.model, ctx.batches(), ctx.device, ctx.max_batches, ctx.seed,
+                          own_losses=ctx.own_token_losses)  # fmt: skip
+    return {"grounding_gain": gain}
 
 
 def faithfulness_section(ctx: EvalContext) -> dict[str, Any]:

@@ -166,7 +166,8 @@ def same_place_gain_section(ctx: EvalContext) -> dict[str, Any]:
     where = location_of(index)
     starts = pd.Series(pd.to_datetime(index["time_start"]).astype(str).to_numpy(), index=index["key"].astype(str))
     gain = grounding_gain(ctx.model, ctx.batches(), ctx.device, ctx.max_batches, ctx.seed,
-                          group_of=lambda k: str(where[k]), cluster_of=lambda k: str(starts[k]))  # fmt: skip
+                          group_of=lambda k: str(where[k]), cluster_of=lambda k: str(starts[k]),
+                          own_losses=ctx.own_token_losses)  # fmt: skip
     return {"same_place_gain": gain}
 
 
