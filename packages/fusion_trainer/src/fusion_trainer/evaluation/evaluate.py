@@ -65,6 +65,7 @@ def fused_loss_section(ctx: EvalContext) -> dict[str, Any]:
 
 def base_loss_section(ctx: EvalContext) -> dict[str, Any]:
     """The frozen base alone (no climate) on the same prompts and captions, loaded fresh from the base path."""
+    from fusion_trainer.model.attention import use_grouped_sdpa
     from fusion_trainer.model.base import load_base
     from fusion_trainer.model.lm_pass import LeanCausalLM
 
@@ -72,6 +73,7 @@ def base_loss_section(ctx: EvalContext) -> dict[str, Any]:
     base: Any = load_base(ctx.config.model, dtype=dtype)[0]
     base.to(ctx.device)
     base.eval()
+    use_grouped_sdpa(base)  # the same attention as the fused model's LM (`model.attention`)
     # the lean pass (the shared prompt cached, logits at the targets only): the same loss as `base(...)`, to rounding
     res = evaluate_loss(LeanCausalLM(base), ctx.batches(), ctx.device, ctx.max_batches, use_climate=False)
     return {

@@ -28,6 +28,7 @@ from fusion_trainer.errors import ConfigError, DataError, ModelError
 from fusion_trainer.fusion_config import FusionConfig
 
 from .adapter import ADAPTER_FILE, CONFIG_FILE, read_adapter_config, read_adapter_weights, write_adapter
+from .attention import use_grouped_sdpa
 from .base import fingerprint_base, load_base
 from .encoder import ClimateEncoder, ClimateTokens
 from .fusion import (
@@ -93,6 +94,7 @@ class FusionModel(FusedGeneration, TrainableParameters):
                 f"pick a divisor of {hidden}"
             )
         lm.eval()
+        use_grouped_sdpa(lm)  # grouped-query heads without copies of the keys and values (`attention`)
         for param in lm.parameters():
             param.requires_grad_(False)
         assert not any(p.requires_grad for p in lm.parameters()), (
