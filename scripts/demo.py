@@ -258,12 +258,13 @@ def train_eval(plan: Plan, stages: Stages, ref: str, base: Path, run: Path, extr
     suffix = f"-{label}" if label else ""
     gens = run.parent / f"generations{suffix}.jsonl"
     limit = plan.generate if full else plan.seed_generate
-    generate = ["fusion-generate", "--run", str(run), "--shards", ref, "--split", "test", "--batch-size", "64",
+    # batch 128: 1.13x the captions a second of batch 64 on 2 CPU cores (docs/performance.md, "Generation: batch size")
+    generate = ["fusion-generate", "--run", str(run), "--shards", ref, "--split", "test", "--batch-size", "128",
                 "--max-new-tokens", str(plan.max_new_tokens), "--out", str(gens), "--log-level", "INFO"]  # fmt: skip
     stages.run(f"generate{tag}", gens.exists(), lambda: sh(generate + (["--limit", str(limit)] if limit else [])))
     metrics = run.parent / f"metrics{suffix}.json"
     eval_args = ["fusion-eval", "--run", str(run), "--shards", ref, "--split", "test", "--batch-size", "16",
-                 "--generate-batch-size", "64",
+                 "--generate-batch-size", "128",
                  "--generations", str(gens), "--log-level", "INFO"]  # fmt: skip
     loss_samples = plan.loss_samples if full else plan.seed_loss_samples
     if loss_samples:
