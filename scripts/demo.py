@@ -91,8 +91,8 @@ FULL = Plan(
     loss_samples=96, seed_loss_samples=96, seed_interventions=("T2M=+3", "SLP=+500", "WIND=+2"), train_budget_s=600.0,
 )  # fmt: skip
 """60 steps: chosen on val (docs/results.md, run 6: val loss 0.174 at step 60, every val-scored goal met). The
-whole test split is generated for seed 0; the losses and gains (four passes, about 4 s a sample on 2 CPU cores in
-fp32) and the extra seeds' captions use samples spread evenly over it. Every seed is scored on every goal: the same
+whole test split is generated for seed 0; the losses and gains (four passes, about 0.8 s a sample on 2 CPU cores
+in bf16) and the extra seeds' captions use samples spread evenly over it. Every seed is scored on every goal: the same
 96 loss samples (fewer left the same-place gain undecided: 1.3-1.4 standard errors on 32), and the same 24 time
 windows for the interventions (the extra seeds one shift per variable, and the permutation)."""
 QUICK = Plan(
@@ -258,7 +258,7 @@ def train_eval(plan: Plan, stages: Stages, ref: str, base: Path, run: Path, extr
     suffix = f"-{label}" if label else ""
     gens = run.parent / f"generations{suffix}.jsonl"
     limit = plan.generate if full else plan.seed_generate
-    # batch 128: 1.13x the captions a second of batch 64 on 2 CPU cores (docs/performance.md, "Generation: batch size")
+    # batch 128: 1.03-1.14x the captions a second of batch 64 on 2 CPU cores (docs/performance.md, "Generation: batch size")
     generate = ["fusion-generate", "--run", str(run), "--shards", ref, "--split", "test", "--batch-size", "128",
                 "--max-new-tokens", str(plan.max_new_tokens), "--out", str(gens), "--log-level", "INFO"]  # fmt: skip
     stages.run(f"generate{tag}", gens.exists(), lambda: sh(generate + (["--limit", str(limit)] if limit else [])))

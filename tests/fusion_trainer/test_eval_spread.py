@@ -45,9 +45,12 @@ def test_the_own_climate_pass_runs_once_for_the_loss_and_both_gains(
     make_config: Callable[..., TrainConfig], dataset_ref: str
 ) -> None:
     """The fused loss and both grounding gains share one pass with each sample's own climate: the fused loss is the
-    same as `evaluate_loss`'s, and `token_losses` runs once per batch for it plus once per batch for each shuffle."""
+    same as `evaluate_loss`'s, and through the three sections `token_losses` runs once per batch for it plus once per
+    batch for each swap; the gains are what they are without the shared pass."""
+    from fusion_trainer.errors import ConfigError
     from fusion_trainer.evaluation.core import evaluate_loss, grounding_gain
-    from fusion_trainer.evaluation.evaluate import fused_loss_section
+    from fusion_trainer.evaluation.evaluate import fused_loss_section, grounding_gain_section
+    from fusion_trainer.evaluation.sections import same_place_gain_section
 
     config = make_config(steps=1)
     train(config)
@@ -66,11 +69,15 @@ def test_the_own_climate_pass_runs_once_for_the_loss_and_both_gains(
 
     run.model.token_losses = counted  # type: ignore[method-assign]
     fused = fused_loss_section(ctx)["fused"]
+    gain = grounding_gain_section(ctx)["grounding_gain"]
+    same_place = same_place_gain_section(ctx)["same_place_gain"]
+    assert calls == 3 * batches  # the own pass once, then each swap
     reference = evaluate_loss(run.model, ctx.batches(), torch.device("cpu"))
     assert fused["loss"] == pytest.approx(reference.loss, rel=1e-5)
     assert (fused["tokens"], fused["samples"]) == (reference.tokens, reference.samples) == (fused["tokens"], 8)
-    assert calls == batches
-    shared = grounding_gain(run.model, ctx.batches(), ctx.device, own_losses=ctx.own_token_losses)
-    assert calls == 2 * batches  # the shuffled passes only
-    alone = grounding_gain(run.model, ctx.batches(), ctx.device)
-    assert alone == shared
+    assert gain == grounding_gain(run.model, ctx.batches(), ctx.device)  # computed alone, own pass included
+    assert gain["caption"]["own"] == pytest.approx(fused["loss"], rel=1e-9)
+    assert same_place["caption"]["own"] == gain["caption"]["own"]
+    for flags in ({"batch_size": 0}, {"generate_batch_size": -1}):
+        with pytest.raises(ConfigError, match="give 1 or more"):
+            evaluate_run(Path(config.out), dataset_ref, "val", **flags)  # type: ignore[arg-type]

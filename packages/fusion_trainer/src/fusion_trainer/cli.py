@@ -252,8 +252,9 @@ def eval_command(
     split: Annotated[str, typer.Option(help="train | val | test")] = "test",
     batch_size: Annotated[int, typer.Option(help="samples per batch of the losses and gains")] = 4,
     generate_batch_size: Annotated[
-        int, typer.Option(help="windows per generate call (the captions made here, the interventions)")
-    ] = 64,
+        int | None,
+        typer.Option(help="windows per generate call (the captions made here, the interventions); default: --batch-size"),
+    ] = None,
     max_batches: Annotated[int | None, typer.Option(help="cap on batches")] = None,
     loss_samples: Annotated[
         int,

@@ -70,9 +70,8 @@ def evaluate_loss(
             else:
                 out = model(input_ids=ids, attention_mask=mask, labels=labels)
             n = _label_tokens(labels)
-            total += torch.tensor(
-                [float(out.loss) * n, n, len(batch["keys"])], dtype=torch.float64, device=device
-            )
+            loss_sum = float(out.loss) * n if n else 0.0  # a batch without labelled tokens has a NaN loss: skip it
+            total += torch.tensor([loss_sum, n, len(batch["keys"])], dtype=torch.float64, device=device)
     if all_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
     loss_sum, tokens, samples = (float(x) for x in total.tolist())
@@ -229,7 +228,8 @@ class EvalContext:
     loss_samples: int | None = None
     """Samples spread evenly over the split for the losses and the gains (None: every sample)."""
     generate_batch_size: int = 64
-    """Windows per generate call (the faithfulness captions made here, the interventions)."""
+    """Windows per generate call (the faithfulness captions made here, the interventions); `evaluate_run` passes
+    `--generate-batch-size`, or `--batch-size` without it."""
     _own: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def own_token_losses(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -54,6 +54,7 @@ def grouped_sdpa(
         or attention_mask.shape[1] != 1
         or attention_mask.shape[2] != q_len
         or key.shape[1] * groups != heads
+        or value.shape[-1] != dim
         or kwargs.get("position_bias") is not None
         or kwargs.get("softcap") is not None
     )

@@ -1,6 +1,7 @@
 """The frozen LM's pass in training, without the work a frozen base leaves undone (docs/performance.md, "Training").
 
-Two exact savings, both used only for the loss (`FusionModel.forward(..., logits="none")`):
+Two exact savings, both used only for the loss (`FusionModel.forward(..., logits="none")`, and `LeanCausalLM`, the
+frozen base's caption loss that `fusion-eval` scores):
 
 - **Logits at target positions only.** The LM head (576 x 49,152 for SmolLM2: about a fifth of a forward) runs only
   at the positions that predict a labelled token, through transformers' `logits_to_keep` (a tensor of positions,
