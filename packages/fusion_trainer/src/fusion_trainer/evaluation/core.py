@@ -34,6 +34,12 @@ def _label_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != -100).sum())  # the LM predicts token t+1 from t
 
 
+def _loss_result(loss_sum: float, tokens: float, samples: float) -> LossResult:
+    """The token-weighted mean of a loss summed over `tokens` tokens (NaN without any), with its perplexity."""
+    loss = loss_sum / tokens if tokens else float("nan")
+    return LossResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=int(tokens), samples=int(samples))
+
+
 def evaluate_loss(
     model: Callable[..., Any],
     batches: Iterable[dict[str, Any]],
@@ -74,11 +80,7 @@ def evaluate_loss(
             total += torch.tensor([loss_sum, n, len(batch["keys"])], dtype=torch.float64, device=device)
     if all_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
-    loss_sum, tokens, samples = (float(x) for x in total.tolist())
-    loss = loss_sum / tokens if tokens else float("nan")
-    return LossResult(
-        loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=int(tokens), samples=int(samples)
-    )
+    return _loss_result(*(float(x) for x in total.tolist()))
 
 
 def _token_losses(
@@ -240,6 +242,18 @@ class EvalContext:
             with torch.no_grad():
                 self._own[key] = _token_losses(self.model, batch, batch["climate_x"], self.device).cpu()
         return self._own[key]
+
+    def own_loss(self) -> LossResult:
+        """The fused model's caption loss over `batches` (up to `max_batches`): the token-weighted mean of
+        `own_token_losses`, the pass both grounding gains compare their swapped ones with."""
+        loss_sum, tokens, samples = 0.0, 0, 0
+        for i, batch in enumerate(self.batches()):
+            if self.max_batches is not None and i >= self.max_batches:
+                break
+            loss_sum += float(self.own_token_losses(batch).double().sum())
+            tokens += _label_tokens(batch["labels"])
+            samples += len(batch["keys"])
+        return _loss_result(loss_sum, tokens, samples)
 
     def generated(self) -> list[dict[str, Any]]:
         """The generations scored (given with --generations, or made here once and kept for every section)."""

@@ -7,7 +7,6 @@ section (e.g. grounding metrics) by writing another `section(ctx) -> dict` and l
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,16 +35,8 @@ logger = logging.getLogger(__name__)
 
 def fused_loss_section(ctx: EvalContext) -> dict[str, Any]:
     """Caption loss and perplexity of the fused model (climate in): the token-weighted mean of the token losses both
-    grounding gains compare their shuffled passes with (`EvalContext.own_token_losses`, one pass for the three)."""
-    total, tokens, samples = 0.0, 0, 0
-    for i, batch in enumerate(ctx.batches()):
-        if ctx.max_batches is not None and i >= ctx.max_batches:
-            break
-        total += float(ctx.own_token_losses(batch).double().sum())
-        tokens += int((batch["labels"][:, 1:] != -100).sum())
-        samples += len(batch["keys"])
-    loss = total / tokens if tokens else math.nan
-    res = LossResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=tokens, samples=samples)
+    grounding gains compare their shuffled passes with (`EvalContext.own_loss`, one pass for the three)."""
+    res = ctx.own_loss()
     if res.tokens == 0:
         from fusion_trainer.errors import DataError
 
