@@ -13,7 +13,6 @@ loss and the cached prompt pass), `adapter.py` (the adapter files). FusionModel 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -27,6 +26,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from fusion_trainer.errors import ConfigError, DataError, ModelError
 from fusion_trainer.fusion_config import FusionConfig
 
+from . import lm_pass
 from .adapter import ADAPTER_FILE, CONFIG_FILE, read_adapter_config, read_adapter_weights, write_adapter
 from .attention import use_grouped_sdpa
 from .base import fingerprint_base, load_base
@@ -118,9 +118,7 @@ class FusionModel(FusedGeneration, TrainableParameters):
             stats_direct=config.readout,
         )
         self.fusion = build_fusion(config, hidden, self.arch.decoder_layers(lm))
-        self._cache_kwarg = (
-            "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-        )
+        self._cache_kwarg = lm_pass.cache_kwarg(lm)
         # the constant prompt's pass is cached where nothing in it can change (lm_pass.PromptCache)
         cacheable = config.fusion == "prefix" and config.prefix_position == "after_prompt"
         self._prompt_cache = (
@@ -316,9 +314,8 @@ class FusionModel(FusedGeneration, TrainableParameters):
         embeds, mask, fused_labels, text_positions = self._fuse(input_ids, attention_mask, tokens, labels, stats)
         if shared:
             assert text_positions is not None and bool((text_positions[:, 0] > 0).all()), "soft tokens lead the rest"
-            positions = shared + torch.arange(mask.shape[1], device=mask.device)[None].expand(mask.shape[0], -1)
+            positions, mask = lm_pass.after_cached_prompt(shared, mask)
             cache.update(position_ids=positions, use_cache=True)
-            mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared), mask], dim=1)
         else:
             cache["use_cache"] = False
         with self._climate_scope(tokens):

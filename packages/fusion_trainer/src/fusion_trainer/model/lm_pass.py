@@ -28,11 +28,24 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 __all__ = [
-    "FusionOutput", "LeanCausalLM", "PromptCache", "caption_loss", "predictor_positions", "shared_prompt_length",
-    "target_loss",
+    "FusionOutput", "LeanCausalLM", "PromptCache", "after_cached_prompt", "cache_kwarg", "caption_loss",
+    "predictor_positions", "shared_prompt_length", "target_loss",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
+
+
+def cache_kwarg(lm: nn.Module) -> str:
+    """The name the LM's forward takes its KV cache under (`cache` in newer transformers models, else
+    `past_key_values`)."""
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
+def after_cached_prompt(shared: int, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """For a pass that continues `shared` cached prompt tokens: the position ids of its `(B, L)` tokens and the mask
+    `(B, shared + L)` that covers the cached prompt too (fully attended)."""
+    positions = shared + torch.arange(mask.shape[1], device=mask.device)[None].expand(mask.shape[0], -1)
+    return positions, torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared), mask], dim=1)
 
 
 def shared_prompt_length(input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> int:
@@ -155,7 +168,7 @@ class LeanCausalLM:
     def __init__(self, lm: nn.Module) -> None:
         self.lm = lm
         self._prompt = PromptCache()
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        self._cache_kwarg = cache_kwarg(lm)
 
     @torch.no_grad()
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> CausalLMOutputWithPast:
@@ -165,10 +178,8 @@ class LeanCausalLM:
         if shared:
             cache = self._prompt.batch(self.lm, input_ids[:1, :shared], embed, input_ids.shape[0])
             input_ids, attention_mask, labels = input_ids[:, shared:], attention_mask[:, shared:], labels[:, shared:]
-            positions = shared + torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-            full = torch.cat([torch.ones_like(attention_mask[:, :1]).expand(-1, shared), attention_mask], dim=1)
-            kwargs = {self._cache_kwarg: cache, "use_cache": True, "position_ids": positions.expand(len(input_ids), -1)}
-            attention_mask = full
+            positions, attention_mask = after_cached_prompt(shared, attention_mask)
+            kwargs = {self._cache_kwarg: cache, "use_cache": True, "position_ids": positions}
         loss = target_loss(self.lm, {"inputs_embeds": embed(input_ids), "attention_mask": attention_mask, **kwargs},
                            labels, None, None, offset_ok=False)  # fmt: skip
         assert isinstance(loss, Tensor)
