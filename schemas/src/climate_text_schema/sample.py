@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import json
 import re
-from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -203,12 +201,15 @@ def decode_text(data: bytes, key: str = "?") -> str:
 
 
 def decode_meta(data: bytes, key: str = "?") -> SampleMeta:
-    """Decode and validate a `.json` member."""
+    """Decode and validate a `.json` member.
+
+    Parsed and validated in one call of pydantic's own JSON parser: 4x faster than `json.loads` and
+    `model_validate` on a member of 11 variables' statistics (docs/performance.md, "Streaming"), with the same
+    result."""
     try:
-        raw: Any = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SampleError(f"sample {key!r}: json member is not valid JSON ({exc})") from exc
-    try:
-        return SampleMeta.model_validate(raw)
+        return SampleMeta.model_validate_json(data)
     except ValidationError as exc:
+        invalid = [e for e in exc.errors() if e["type"] == "json_invalid"]
+        if invalid:
+            raise SampleError(f"sample {key!r}: json member is not valid JSON ({invalid[0]['msg']})") from exc
         raise SampleError(f"sample {key!r}: json member breaks the contract:\n{exc}") from exc
