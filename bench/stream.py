@@ -170,7 +170,7 @@ def ours_epoch(
 ) -> Callable[[], int]:
     import torch
     from fusion_trainer.config import DEFAULT_PROMPT_TEMPLATE
-    from fusion_trainer.data.stream import ClimateTextStream, open_shards, render_prompt
+    from fusion_trainer.data.stream import ClimateTextStream, as_built, open_shards, render_prompt
 
     ds = open_shards(ref)
     stream = ClimateTextStream(
@@ -179,7 +179,7 @@ def ours_epoch(
     )  # fmt: skip
     per_epoch = stream.batches_per_epoch
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0
+        stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0, collate_fn=as_built
     )
     batches = iter(loader)
 

@@ -45,7 +45,7 @@ from climate_text_schema import TEXT_MEMBER, OpenedDataset
 
 from fusion_trainer.errors import ConfigError, DataError
 
-from .collate import batch_dict, collate, encode_sample, encode_texts, stack_climate
+from .collate import as_built, batch_dict, collate, encode_sample, encode_texts, stack_climate
 from .decode import decode_sample, decode_with_norm, norm_arrays
 from .lanes import lane_samples
 from .prompt import DEFAULT_PROMPT, render_prompt
@@ -54,7 +54,7 @@ from .shards import assign_shards, epoch_samples, iter_shard, open_shards, per_r
 from .token_cache import TokenCache, batch_encoder
 
 __all__ = [
-    "DEFAULT_PROMPT", "ClimateTextStream", "DataPosition", "RawSample", "Sample", "assign_shards",
+    "DEFAULT_PROMPT", "ClimateTextStream", "as_built", "DataPosition", "RawSample", "Sample", "assign_shards",
     "collate", "decode_sample", "encode_sample", "encode_texts", "epoch_samples", "iter_shard", "lane_samples",
     "open_shards", "per_rank_samples", "render_prompt", "shuffle_samples",
 ]  # fmt: skip
@@ -259,7 +259,7 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
             text = (
                 raw.decoded.text
                 if raw.decoded is not None
-                else raw.members[TEXT_MEMBER].decode("utf-8").strip()
+                else bytes(raw.members[TEXT_MEMBER]).decode("utf-8").strip()
             )
         except (KeyError, UnicodeDecodeError):
             return ""

@@ -23,7 +23,7 @@ import torch
 
 from fusion_trainer.config import TrainConfig
 from fusion_trainer.data.prompt import render_prompt
-from fusion_trainer.data.stream import ClimateTextStream, DataPosition, open_shards
+from fusion_trainer.data.stream import ClimateTextStream, DataPosition, as_built, open_shards
 from fusion_trainer.errors import CheckpointError, ConfigError, TrainingError
 from fusion_trainer.evaluation.evaluate import evaluate_loss
 from fusion_trainer.evaluation.model_card import write_model_card
@@ -270,7 +270,9 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         skip_bad_samples=config.skip_bad_samples, lanes=config.data_lanes, stats=config.stats_loss_weight > 0,
         length_groups=config.length_groups, token_cache_dir=config.token_cache_dir,
     )  # fmt: skip
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=config.num_workers, collate_fn=as_built
+    )
     batches: Iterator[dict[str, Any]] = iter(loader)
     peak = device_peak_flops(device)
     fpt = flops_per_token(n_trainable, n_frozen)
