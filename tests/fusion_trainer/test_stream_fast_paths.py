@@ -24,7 +24,8 @@ from fusion_trainer.data.stream import (
     open_shards,
     render_prompt,
 )
-from fusion_trainer.data.tar_reader import tar_members
+from fusion_trainer.data.tar_reader import tar_members, tar_samples
+from webdataset.tariterators import group_by_keys
 
 
 def _archive(fmt: int) -> bytes:
@@ -81,7 +82,7 @@ def test_tar_members_match_tarfile(fmt: int) -> None:
     """Regular files only (directories, links and webdataset's __meta__ skipped), long and non-ASCII names (GNU L,
     pax path), ustar's prefix field, empty members."""
     data = _ustar_archive() if fmt == tarfile.USTAR_FORMAT else _archive(fmt)
-    got = list(tar_members(io.BytesIO(data), "mem://x.tar"))
+    got = list(tar_members(data, "mem://x.tar"))
     assert [(m["fname"], m["data"]) for m in got] == _tarfile_members(data)
     assert len(got) >= 3 and all(m["__url__"] == "mem://x.tar" for m in got)
 
@@ -89,21 +90,66 @@ def test_tar_members_match_tarfile(fmt: int) -> None:
 def test_tar_members_refuse_damage() -> None:
     data = bytearray(_ustar_archive())
     with pytest.raises(EOFError):
-        list(tar_members(io.BytesIO(bytes(data[:700])), "x"))  # cut inside the second member
+        list(tar_members(bytes(data[:700]), "x"))  # cut inside the second member
     with pytest.raises(EOFError):
-        list(tar_members(io.BytesIO(bytes(data[: 512 * 2])), "x"))  # no end-of-archive blocks
+        list(tar_members(bytes(data[: 512 * 2]), "x"))  # no end-of-archive blocks
     data[3] ^= 0x20  # a name byte: the header checksum no longer matches
     with pytest.raises(tarfile.HeaderError, match="checksum"):
-        list(tar_members(io.BytesIO(bytes(data)), "x"))
+        list(tar_members(bytes(data), "x"))
     with pytest.raises(tarfile.HeaderError):
-        list(tar_members(io.BytesIO(b"not a tar at all" * 64), "x"))
+        list(tar_members(b"not a tar at all" * 64, "x"))
     huge = bytearray(_ustar_archive())
     huge[124:136] = b"77777777777\0"  # a size of 8 GiB in the first header, checksum fixed up
     huge[148:156] = b"        "
     huge[148:156] = b"%06o\0 " % sum(huge[:512])
     with pytest.raises(tarfile.HeaderError, match="out of bounds"):
-        list(tar_members(io.BytesIO(bytes(huge)), "x", limit=len(huge)))
-    assert [m["fname"] for m in tar_members(io.BytesIO(_ustar_archive()), "x", limit=10_240)][0] == "a.txt"
+        list(tar_members(bytes(huge), "x", limit=len(huge)))
+    assert [m["fname"] for m in tar_members(_ustar_archive(), "x", limit=10_240)][0] == "a.txt"
+
+
+def _named_archive(names: list[str]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i, name in enumerate(names):
+            payload = f"{i}:{name}".encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["a.climate.npy", "a.txt", "a.json", "b.climate.npy", "b.TXT", "b.json"],  # suffixes lower-cased
+        ["a.txt", "noext", "a.json", "dir/c.d.e", ".hidden", "a.txt"],  # no suffix skipped; a key seen again later
+        ["x/y.z/w.txt", "x/y.z/w.json", "k" * 120 + ".txt", "k" * 120 + ".json", "t\u00e9st.txt"],
+    ],
+)
+def test_tar_samples_group_like_webdataset(names: list[str]) -> None:
+    data = _named_archive(names)
+    expected = list(group_by_keys(tar_members(data, "mem://x.tar")))
+    assert tar_samples(data, "mem://x.tar") == expected
+    assert len(expected) >= 2
+
+
+def test_tar_samples_refuse_a_duplicate_member() -> None:
+    data = _named_archive(["a.txt", "a.json", "a.txt"])
+    with pytest.raises(ValueError, match="duplicate file name"):
+        tar_samples(data, "x")
+    with pytest.raises(ValueError, match="duplicate file name"):
+        list(group_by_keys(tar_members(data, "x")))
+
+
+def test_a_bad_checksum_is_found_in_any_header() -> None:
+    """The checksums are checked after the walk, all at once: a damaged last header is caught as surely as the
+    first, and nothing is handed out."""
+    data = bytearray(_named_archive(["a.txt", "a.json", "b.txt", "b.json"]))
+    last = 512 * 6  # the fourth member: each is one header block and one data block
+    assert data[last + 156 : last + 157] == b"0"
+    data[last + 5] ^= 0x01
+    with pytest.raises(tarfile.HeaderError, match="checksum"):
+        tar_samples(bytes(data), "x")
 
 
 @pytest.mark.parametrize(

@@ -64,7 +64,7 @@ _NPY_HEADER = re.compile(
 """The header `np.save` writes for a C-order little-endian float32 4-D array (.npy format 1.0)."""
 
 
-def _load_climate(data: bytes, key: str) -> np.ndarray:
+def _load_climate(data: bytes | memoryview, key: str) -> np.ndarray:
     """`decode_climate`, with a fast path for exactly what `np.save` writes for the contract's arrays.
 
     The fast path reads the raw float32 values after a header that matches `_NPY_HEADER` and a size that matches its
@@ -78,7 +78,7 @@ def _load_climate(data: bytes, key: str) -> np.ndarray:
             count = math.prod(shape)
             if len(data) == end + 4 * count:
                 return np.frombuffer(data, dtype="<f4", count=count, offset=end).reshape(shape)
-    return decode_climate(data, key)
+    return decode_climate(bytes(data), key)
 
 
 def decode_with_norm(
@@ -91,8 +91,8 @@ def decode_with_norm(
     n_variables = len(ds.manifest.variables)
     try:
         array = _load_climate(raw.members[CLIMATE_MEMBER], raw.key)
-        text = decode_text(raw.members[TEXT_MEMBER], raw.key).strip()
-        meta = decode_meta(raw.members[META_MEMBER], raw.key) if META_MEMBER in raw.members else None
+        text = decode_text(bytes(raw.members[TEXT_MEMBER]), raw.key).strip()
+        meta = decode_meta(bytes(raw.members[META_MEMBER]), raw.key) if META_MEMBER in raw.members else None
     except ContractError as exc:
         raise DataError(f"shard {raw.shard}: {exc}") from exc
     if meta is not None and meta.key != raw.key:

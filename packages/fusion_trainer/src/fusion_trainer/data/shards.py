@@ -8,7 +8,6 @@ a rank's epoch (DataLoader workers reading disjoint shards) is in `lanes.py`.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import random
 import tarfile
@@ -31,13 +30,12 @@ from climate_text_schema import (
     open_dataset,
 )
 from climate_text_schema.captions import check_text_format
-from webdataset.tariterators import group_by_keys
 
 from fusion_trainer.errors import DataError
 
 from .decode import decode_sample
 from .samples import BadSampleHook, RawSample
-from .tar_reader import tar_members
+from .tar_reader import tar_samples
 
 __all__ = [
     "assign_shards", "epoch_samples", "iter_shard", "open_shards", "per_rank_samples", "shuffle_samples",
@@ -98,7 +96,10 @@ def iter_shard(
     enforce), its size and (if `verify`) sha256 are compared with the manifest, then its members are parsed and its
     sample count compared: no sample of a shard that fails a check is ever yielded, however early its reader stops
     (an evaluation pass, a cut epoch, `generate --limit`). Members are only read into memory, never extracted: a
-    member named like a path (`../../x.txt`) is refused by name.
+    member named like a path (`../../x.txt`) is refused by name. A sample's climate member is a view into the
+    shard's bytes (no copy), so those bytes stay in memory while any sample of the shard does, in the shuffle buffer
+    for instance: about two shards at the peak, as before (the copies of a shard's members used to live beside its
+    bytes while they were parsed).
 
     Args:
         ds: the opened dataset.
@@ -137,12 +138,11 @@ def iter_shard(
             f"shard {url} fails its checks ({'; '.join(problems)}): it is truncated or was altered"
         )
     try:
-        groups = list(group_by_keys(tar_members(io.BytesIO(data), url, limit=shard.bytes)))
+        groups = tar_samples(data, url, limit=shard.bytes)
     except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
         raise DataError(
             f"shard {url} is truncated or corrupt ({type(exc).__name__}: {exc}); re-publish it"
         ) from exc
-    del data
     if len(groups) != shard.samples:
         raise DataError(
             f"shard {url} fails its checks ({len(groups)} samples where the manifest lists {shard.samples}): it is "
@@ -156,7 +156,8 @@ def iter_shard(
                 raise DataError(problem)
             on_bad(shard.path, key, problem)
             continue
-        yield RawSample(key=key, shard=shard.path, members={m: group[m] for m in _MEMBERS})
+        members = {m: group[m] if m == CLIMATE_MEMBER else bytes(group[m]) for m in _MEMBERS}
+        yield RawSample(key=key, shard=shard.path, members=members)
 
 
 def _read_bounded(fh: Any, limit: int) -> bytes:

@@ -161,7 +161,7 @@ def _sample_field(dataset: Any, key: str) -> tuple[np.ndarray, list[float], str]
     shard = next(s for s in dataset.shards() if s.path == row["shard"])
     for raw in iter_shard(dataset, shard, verify=False):
         if raw.key == key:
-            array = decode_climate(raw.members[CLIMATE_MEMBER], key)  # (T, V, H, W)
+            array = decode_climate(bytes(raw.members[CLIMATE_MEMBER]), key)  # (T, V, H, W)
             t2m = array[:, dataset.manifest.variable_names.index("T2M")].mean(axis=0) - 273.15
             bbox = [
                 float(row["lon_min"]),
