@@ -99,10 +99,10 @@ def test_a_shard_split_between_lanes_is_checked_once(
     real = lanes_module.iter_shard
     pulled: dict[str, list[int]] = {}
 
-    def spy(ds: Any, shard: Any, verify: bool = True, *args: Any) -> Any:
+    def spy(ds: Any, shard: Any, verify: bool = True, *args: Any, **kwargs: Any) -> Any:
         count = pulled.setdefault(shard.path, [])
         count.append(0)
-        for raw in real(ds, shard, verify, *args):
+        for raw in real(ds, shard, verify, *args, **kwargs):
             count[-1] += 1
             yield raw
 

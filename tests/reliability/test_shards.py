@@ -139,6 +139,81 @@ def test_damaged_shards_are_named_and_never_skipped(
             _epoch(_stream(ref, tokenizer, skip=skip))
 
 
+def _count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the size of every sha256 computed (`hashlib` is one module: other hashes are recorded too)."""
+    import hashlib
+
+    from fusion_trainer.data import shards
+
+    calls: list[int] = []
+    real = hashlib.sha256
+
+    def counting(data: bytes) -> Any:
+        calls.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(shards.hashlib, "sha256", counting)
+    return calls
+
+
+def test_an_unchanged_local_shard_is_hashed_once_per_stream(
+    dataset: tuple[Path, str], tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, ref = dataset
+    calls = _count_hashes(monkeypatch)
+    stream = _stream(ref, tokenizer)
+    sizes = sorted(s.bytes for s in stream.ds.shards("train"))
+    it = iter(stream)
+    for _ in range(3 * stream.batches_per_epoch):  # three epochs
+        next(it)
+    assert sorted(n for n in calls if n in sizes) == sizes
+    _epoch(_stream(ref, tokenizer))  # a new stream (a new run) hashes again
+    assert sorted(n for n in calls if n in sizes) == sorted(sizes * 2)
+
+
+def test_a_shard_rewritten_between_epochs_is_caught(
+    dataset: tuple[Path, str], tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same size, same modification time (restored), other bytes: the status-change time gives it away."""
+    import os
+
+    vdir, ref = dataset
+    calls = _count_hashes(monkeypatch)
+    stream = _stream(ref, tokenizer)
+    it = iter(stream)
+    for _ in range(stream.batches_per_epoch):
+        next(it)
+    path = vdir / SHARD
+    before = path.stat()
+    _flip(vdir)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(DataError, match=r"train-000000\.tar fails its checks .*sha256"):
+        for _ in range(stream.batches_per_epoch):
+            next(it)
+    assert before.st_size in calls
+
+
+def test_a_shard_on_another_filesystem_is_hashed_on_every_read(
+    dataset: tuple[Path, str], tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that is not the local disk downloads the shard again on each read: each read is hashed."""
+    import fsspec
+
+    vdir, ref = dataset
+    mem = fsspec.filesystem("memory")
+    root = f"/verify-{vdir.parent.parent.name}"
+    mem.put(str(vdir.parent.parent), root, recursive=True)
+    calls = _count_hashes(monkeypatch)
+    stream = _stream(f"memory://{root}@{vdir.name}", tokenizer)
+    sizes = sorted(s.bytes for s in stream.ds.shards("train"))
+    it = iter(stream)
+    for _ in range(2 * stream.batches_per_epoch):
+        next(it)
+    assert sorted(n for n in calls if n in sizes) == sorted(sizes * 2)
+    mem.rm(root, recursive=True)
+
+
 # --- a bad sample with a consistent checksum: an error, or skipped and counted ---------------------------------------
 
 

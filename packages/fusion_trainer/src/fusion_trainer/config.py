@@ -145,7 +145,9 @@ class TrainConfig(BaseModel):
         "little (1: off); changes the sample order, so a run must resume with the same value; needs data_lanes 1",
     )
     verify_shards: bool = Field(
-        default=True, description="check each shard's sha256 (before any of its samples is used)"
+        default=True,
+        description="check each shard's sha256 (before any of its samples is used; a local file once per run while "
+        "it is unchanged)",
     )
     verify_frozen: bool = Field(
         default=True,

@@ -15,7 +15,7 @@ from climate_text_schema import OpenedDataset, ShardInfo
 from fusion_trainer.errors import DataError
 
 from .samples import RawSample
-from .shards import iter_shard, per_rank_samples, rank_shards, shuffle_samples
+from .shards import VerifiedShards, iter_shard, per_rank_samples, rank_shards, shuffle_samples
 
 __all__ = ["lane_samples"]
 
@@ -35,6 +35,7 @@ def lane_samples(
     micro_batch: int,
     shuffle_buffer: int = 256,
     verify: bool = True,
+    verified: VerifiedShards | None = None,
 ) -> Iterator[RawSample]:
     """The training samples of one lane of one rank's epoch, shuffled; batch `k` of the epoch is lane `k % lanes`'s.
 
@@ -54,7 +55,7 @@ def lane_samples(
     sizes = [len(range(lane_, batches, lanes)) * micro_batch for lane_ in range(lanes)]
     pieces = _lane_pieces(_segments(shards, mine, rank, world), sizes)[lane]
     rng = random.Random(f"{seed}/{epoch}/{rank}/lane{lane}of{lanes}")
-    yield from shuffle_samples(_read_pieces(ds, pieces, verify), shuffle_buffer, rng)
+    yield from shuffle_samples(_read_pieces(ds, pieces, verify, verified), shuffle_buffer, rng)
 
 
 _Piece = tuple[ShardInfo, range, bool]
@@ -119,10 +120,12 @@ def _lane_pieces(cycle: list[tuple[ShardInfo, range]], sizes: list[int]) -> list
     return out
 
 
-def _read_pieces(ds: OpenedDataset, pieces: list[_Piece], verify: bool) -> Iterator[RawSample]:
+def _read_pieces(
+    ds: OpenedDataset, pieces: list[_Piece], verify: bool, verified: VerifiedShards | None
+) -> Iterator[RawSample]:
     """The samples of each piece, in order; a piece that is not its shard's end stops reading after its part."""
     for shard, indices, to_end in pieces:
-        samples = iter_shard(ds, shard, verify)
+        samples = iter_shard(ds, shard, verify, verified=verified)
         try:
             for i, raw in enumerate(samples):
                 if i in indices:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import tarfile
 from collections.abc import Callable, Generator, Iterator
@@ -30,6 +31,7 @@ from climate_text_schema import (
     open_dataset,
 )
 from climate_text_schema.captions import check_text_format
+from fsspec.implementations.local import LocalFileSystem
 
 from fusion_trainer.errors import DataError
 
@@ -38,7 +40,8 @@ from .samples import BadSampleHook, RawSample
 from .tar_reader import tar_samples
 
 __all__ = [
-    "assign_shards", "epoch_samples", "iter_shard", "open_shards", "per_rank_samples", "shuffle_samples",
+    "VerifiedShards", "assign_shards", "epoch_samples", "iter_shard", "open_shards", "per_rank_samples",
+    "shuffle_samples",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -87,8 +90,39 @@ def _group_problem(group: dict[str, Any], key: str, url: str) -> str | None:
     return None
 
 
+class VerifiedShards:
+    """The local shard files one stream has hashed, each with its file identity (device, inode, size, modification
+    and status-change times in ns): `iter_shard` does not hash such a file again while its identity is the same
+    before and after the read as when it passed. The bytes of a later epoch then come from the page cache the hashed
+    ones were read into, and any write to the file, even one that restores its modification time, changes its
+    status-change time. Shards on an object store are hashed on every read (every read downloads them again).
+
+    Re-hashing an unchanged 10 MB shard cost a fifth of a warm epoch (docs/performance.md, "Streaming")."""
+
+    def __init__(self) -> None:
+        self._identity: dict[tuple[str, str], tuple[int, ...]] = {}
+
+    def unchanged(self, url: str, sha256: str, identity: tuple[int, ...] | None) -> bool:
+        """Whether the file at `url` was hashed and found to be `sha256` with this very identity."""
+        return identity is not None and self._identity.get((url, sha256)) == identity
+
+    def record(self, url: str, sha256: str, identity: tuple[int, ...] | None) -> None:
+        """`url` was just hashed and found to be `sha256`, its identity unchanged during the read."""
+        if identity is not None:
+            self._identity[(url, sha256)] = identity
+
+
+def _identity(fh: Any) -> tuple[int, ...]:
+    st = os.fstat(fh.fileno())
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def iter_shard(
-    ds: OpenedDataset, shard: ShardInfo, verify: bool = True, on_bad: BadSampleHook | None = None
+    ds: OpenedDataset,
+    shard: ShardInfo,
+    verify: bool = True,
+    on_bad: BadSampleHook | None = None,
+    verified: VerifiedShards | None = None,
 ) -> Generator[RawSample, None, None]:
     """The samples of one shard, handed out only once the whole shard has passed its checks.
 
@@ -107,6 +141,8 @@ def iter_shard(
         verify: check the sha256 (size and sample count are always checked).
         on_bad: called for a sample whose key is a path or that lacks a member, which is then left out; None:
             raise.
+        verified: with `verify`, the local files this reader has already hashed (`VerifiedShards`): one of them
+            whose identity has not changed is not hashed again (its size and sample count still are checked).
 
     Raises:
         DataError: the shard is missing, unreadable, truncated or fails its checks; a bad sample without `on_bad`.
@@ -120,9 +156,12 @@ def iter_shard(
         )
     try:
         with ds.fs.open(ds.fs._strip_protocol(url), "rb") as fh:
+            local = verify and verified is not None and isinstance(ds.fs, LocalFileSystem)
+            before = _identity(fh) if local else None
             data = _read_bounded(
                 fh, shard.bytes + 1
             )  # one byte more than listed: a longer object is caught too
+            identity = before if local and _identity(fh) == before else None
     except FileNotFoundError as exc:
         raise DataError(f"shard {url} listed in the manifest does not exist: re-publish the dataset") from exc
     except OSError as exc:
@@ -131,8 +170,11 @@ def iter_shard(
     if len(data) != shard.bytes:
         more = "more than " if len(data) > shard.bytes else ""
         problems.append(f"{more}{len(data)} bytes where the manifest lists {shard.bytes}")
-    elif verify and (digest := hashlib.sha256(data).hexdigest()) != shard.sha256:
-        problems.append(f"sha256 {digest} where the manifest lists {shard.sha256}")
+    elif verify and not (verified is not None and verified.unchanged(url, shard.sha256, identity)):
+        if (digest := hashlib.sha256(data).hexdigest()) != shard.sha256:
+            problems.append(f"sha256 {digest} where the manifest lists {shard.sha256}")
+        elif verified is not None:
+            verified.record(url, shard.sha256, identity)
     if problems:
         raise DataError(
             f"shard {url} fails its checks ({'; '.join(problems)}): it is truncated or was altered"
@@ -248,6 +290,7 @@ def epoch_samples(
     shuffle_buffer: int = 256,
     verify: bool = True,
     on_bad: BadSampleHook | None = None,
+    verified: VerifiedShards | None = None,
 ) -> Iterator[RawSample]:
     """The raw samples one rank sees in one epoch: exactly `per_rank_samples` of them, disjoint across ranks.
 
@@ -266,14 +309,16 @@ def epoch_samples(
     if mine is None:  # evaluation, or fewer shards than ranks: strided over every shard
 
         def make() -> Iterator[RawSample]:
-            for i, sample in enumerate(s for shard in shards for s in _read(ds, shard, verify, on_bad)):
+            for i, sample in enumerate(
+                s for shard in shards for s in _read(ds, shard, verify, on_bad, verified)
+            ):
                 if i % world == rank:
                     yield sample
 
     else:
 
         def make() -> Iterator[RawSample]:
-            return (s for shard in mine for s in _read(ds, shard, verify, on_bad))
+            return (s for shard in mine for s in _read(ds, shard, verify, on_bad, verified))
 
     def shuffled() -> Iterator[RawSample]:
         if not shuffle:
@@ -284,10 +329,14 @@ def epoch_samples(
 
 
 def _read(
-    ds: OpenedDataset, shard: ShardInfo, verify: bool, on_bad: BadSampleHook | None
+    ds: OpenedDataset,
+    shard: ShardInfo,
+    verify: bool,
+    on_bad: BadSampleHook | None,
+    verified: VerifiedShards | None = None,
 ) -> Iterator[RawSample]:
     """One shard's samples; with `on_bad`, decoded, the bad ones reported and left out."""
-    samples = iter_shard(ds, shard, verify, on_bad)
+    samples = iter_shard(ds, shard, verify, on_bad, verified)
     if on_bad is None:
         yield from samples
         return

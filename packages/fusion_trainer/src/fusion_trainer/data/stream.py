@@ -50,7 +50,15 @@ from .decode import decode_sample, decode_with_norm, norm_arrays
 from .lanes import lane_samples
 from .prompt import DEFAULT_PROMPT, render_prompt
 from .samples import BadSampleHook, RawSample, Sample
-from .shards import assign_shards, epoch_samples, iter_shard, open_shards, per_rank_samples, shuffle_samples
+from .shards import (
+    VerifiedShards,
+    assign_shards,
+    epoch_samples,
+    iter_shard,
+    open_shards,
+    per_rank_samples,
+    shuffle_samples,
+)
 from .token_cache import TokenCache, batch_encoder
 
 __all__ = [
@@ -182,6 +190,7 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
         self._norm: tuple[np.ndarray, np.ndarray] | None = None
+        self._verified = VerifiedShards()  # local shards hashed by this stream: not hashed again while unchanged
         self._tokens: dict[str, np.ndarray] = {}  # target text -> caption ids + EOS, int32 (`_caption_ids`)
         self._token_room = int(token_cache_mb * (1 << 20))
         self._encode = batch_encoder(tokenizer)
@@ -209,6 +218,7 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
         samples = epoch_samples(
             self.ds, self.split, epoch=epoch, rank=self.rank, world=self.world, seed=self.seed,
             shuffle=self.train, shuffle_buffer=self.shuffle_buffer, verify=self.verify, on_bad=on_bad,
+            verified=self._verified,
         )  # fmt: skip
         # training drops the last partial batch (every step has micro_batch samples); evaluation keeps it
         limit = self.batches_per_epoch * self.micro_batch if self.train else self.per_rank
@@ -287,6 +297,7 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
                 streams[lane] = lane_samples(
                     self.ds, self.split, epoch=epoch, rank=self.rank, world=self.world, seed=self.seed, lane=lane,
                     lanes=lanes, micro_batch=mb, shuffle_buffer=self.shuffle_buffer, verify=self.verify,
+                    verified=self._verified,
                 )  # fmt: skip
                 read[lane] = 0
             stream = streams[lane]
