@@ -148,11 +148,19 @@ def _count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = hashlib.sha256
 
-    def counting(data: bytes) -> Any:
-        calls.append(len(data))
-        return real(data)
+    class Counting:
+        def __init__(self, data: bytes = b"") -> None:
+            self.hash, self.size = real(data), len(data)
 
-    monkeypatch.setattr(shards.hashlib, "sha256", counting)
+        def update(self, data: bytes) -> None:
+            self.hash.update(data)
+            self.size += len(data)
+
+        def hexdigest(self) -> str:
+            calls.append(self.size)
+            return self.hash.hexdigest()
+
+    monkeypatch.setattr(shards.hashlib, "sha256", Counting)
     return calls
 
 

@@ -58,7 +58,7 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
-def tar_members(data: bytes, url: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
+def tar_members(data: bytes | memoryview, url: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
     """The regular files of an uncompressed tar archive held in memory (ustar, GNU or pax), as webdataset's
     `{fname, data}` dicts.
 
@@ -80,7 +80,7 @@ def tar_members(data: bytes, url: str, limit: int | None = None) -> Iterator[dic
     pos, end, view = 0, len(data), memoryview(data)
     try:
         while True:
-            header = data[pos : pos + _BLOCK]
+            header = view[pos : pos + _BLOCK].tobytes()
             if len(header) < _BLOCK:
                 raise EOFError(
                     f"the tar ends inside a header ({len(header)} of {_BLOCK} bytes) and has no end blocks"
@@ -101,10 +101,10 @@ def tar_members(data: bytes, url: str, limit: int | None = None) -> Iterator[dic
                 )
             pos = start + size + (-size % _BLOCK)
             if kind == b"L":
-                long_name = _tar_text(data[start : start + size])
+                long_name = _tar_text(view[start : start + size].tobytes())
                 continue
             if kind == b"x":
-                pax = _pax_records(data[start : start + size])
+                pax = _pax_records(view[start : start + size].tobytes())
                 continue
             if kind in (b"g", b"K"):
                 continue
@@ -125,7 +125,7 @@ def tar_members(data: bytes, url: str, limit: int | None = None) -> Iterator[dic
     yield from members
 
 
-def _check_sums(data: bytes, offsets: list[int]) -> None:
+def _check_sums(data: bytes | memoryview, offsets: list[int]) -> None:
     """Raise `tarfile.HeaderError` for the first header at `offsets` whose checksum does not match its bytes."""
     if not offsets:
         return
@@ -133,7 +133,7 @@ def _check_sums(data: bytes, offsets: list[int]) -> None:
     fields = blocks[:, 148:156]  # the checksum field counts as 8 spaces
     sums = blocks.sum(axis=1, dtype=np.int64) - fields.sum(axis=1, dtype=np.int64) + 8 * 32
     for i in np.flatnonzero(sums != [_stored_sum(bytes(f)) for f in fields]):
-        before = "(start)" if i == 0 else repr(_tar_text(data[offsets[i - 1] : offsets[i - 1] + 100]))
+        before = "(start)" if i == 0 else repr(_tar_text(bytes(data[offsets[i - 1] : offsets[i - 1] + 100])))
         raise tarfile.HeaderError(f"bad checksum in the tar header after member {before}")
 
 
@@ -148,7 +148,7 @@ _KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 """webdataset's `base_plus_ext`: the key is the name up to the first dot after its last slash."""
 
 
-def tar_samples(data: bytes, url: str, limit: int | None = None) -> list[dict[str, Any]]:
+def tar_samples(data: bytes | memoryview, url: str, limit: int | None = None) -> list[dict[str, Any]]:
     """The members of `data` grouped into samples, exactly as webdataset's `group_by_keys(tar_members(...))` groups
     them: consecutive members with the same key form one `{"__key__", "__url__", suffix: bytes}` dict, suffixes
     lower-cased, a name without a suffix skipped.
