@@ -221,6 +221,37 @@ def test_stream_batches_equal_the_plain_functions(dataset_ref: str, tokenizer: A
     assert bool(stream._tokens) == (cache_mb > 0)
 
 
+@pytest.mark.parametrize("bad", [None, float("nan"), 1e15])
+def test_a_batch_decodes_as_its_samples_do(dataset_ref: str, bad: float | None) -> None:
+    """`decode_batch` (one stack, one min/max pair, one normalisation) gives `decode_sample`'s values and stats bit
+    for bit; a NaN or fill value in one sample names that sample, as sample by sample."""
+    from dataclasses import replace
+
+    from fusion_trainer.data.decode import decode_batch, norm_arrays
+    from fusion_trainer.errors import DataError
+
+    ds = open_shards(dataset_ref)
+    raws = list(epoch_samples(ds, "train", epoch=0, rank=0, world=1, seed=0, shuffle=False))[:4]
+    if bad is not None:
+        array = _load_climate(raws[2].members["climate.npy"], raws[2].key).copy()
+        array[0, 0, 0, 0] = bad
+        buf = io.BytesIO()
+        np.save(buf, array)
+        raws[2] = replace(raws[2], members={**raws[2].members, "climate.npy": buf.getvalue()})
+        with pytest.raises(DataError, match=f"sample '{raws[2].key}' breaks the contract"):
+            decode_batch(raws, ds, norm_arrays(ds))
+        with pytest.raises(DataError, match=f"sample '{raws[2].key}' breaks the contract"):
+            decode_sample(raws[2], ds)
+        return
+    samples, climate = decode_batch(raws, ds, norm_arrays(ds))
+    want = [decode_sample(r, ds) for r in raws]
+    assert np.array_equal(climate, np.stack([w.climate_x for w in want]))
+    assert climate.dtype == np.float32 and climate.shape[0] == 4
+    for got, one in zip(samples, want, strict=True):
+        assert (got.key, got.text) == (one.key, one.text)
+        assert got.stats is not None and one.stats is not None and np.array_equal(got.stats, one.stats)
+
+
 def test_encode_texts_equals_encode_sample_and_truncates(tokenizer: Any) -> None:
     texts = ["Mean 2 m temperature 12.5 °C.", "Calm.", "A much longer caption " * 20]
     prompt = [1, 2, 3]

@@ -45,8 +45,8 @@ from climate_text_schema import TEXT_MEMBER, OpenedDataset
 
 from fusion_trainer.errors import ConfigError, DataError
 
-from .collate import as_built, batch_dict, collate, encode_sample, encode_texts, stack_climate
-from .decode import decode_sample, decode_with_norm, norm_arrays
+from .collate import as_built, batch_dict, collate, encode_sample, encode_texts
+from .decode import decode_batch, decode_sample, norm_arrays
 from .lanes import lane_samples
 from .prompt import DEFAULT_PROMPT, render_prompt
 from .samples import BadSampleHook, RawSample, Sample
@@ -318,7 +318,7 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
         the same batch as `collate(decoded, encode_texts(...), pad_id)`, built from numpy arrays."""
         if self._norm is None:
             self._norm = norm_arrays(self.ds)
-        decoded = [decode_with_norm(r, self.ds, self._norm, self.stats) for r in raws]
+        decoded, climate = decode_batch(raws, self.ds, self._norm, self.stats)
         texts = (
             [s.text for s in decoded]
             if self.caption == "full"
@@ -342,7 +342,7 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
         for i, (caption, length) in enumerate(zip(captions, lengths, strict=True)):
             input_ids[i, n_prompt:length] = labels[i, n_prompt:length] = caption[: length - n_prompt]
         mask = (np.arange(input_ids.shape[1]) < np.array(lengths)[:, None]).astype(np.int64)  # (B, L)
-        return batch_dict(decoded, stack_climate(decoded), input_ids, labels, mask)
+        return batch_dict(decoded, climate, input_ids, labels, mask)
 
     def _caption_ids(self, texts: list[str]) -> list[np.ndarray]:
         """Caption ids + EOS of each text: tokenised in one call, and kept (up to `token_cache_mb`) for later epochs,
