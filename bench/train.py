@@ -174,7 +174,7 @@ def _child_runtime(args: dict[str, Any]) -> None:
     with a one-parameter model in place of the fusion model."""
     import deepspeed
     import torch
-    from fusion_trainer.data.stream import open_shards
+    from fusion_trainer.data.stream import as_built, open_shards
 
     _env()
     base_rss = own_peak_rss_mib()
@@ -186,7 +186,7 @@ def _child_runtime(args: dict[str, Any]) -> None:
     tok = _tokenizer(args["model"])
     ds = open_shards(args["ref"])
     stream = _train_stream(ds, tok, cfg, stats=cfg.stats_loss_weight > 0, length_groups=cfg.length_groups)
-    batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers))
+    batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, collate_fn=as_built))
     for _ in range(2 * stream.batches_per_epoch):
         batch = next(batches)
         loss = engine(batch["climate_x"].float().mean(dim=(1, 2, 3, 4))[:, None]).mean()
@@ -204,7 +204,7 @@ def _checkpoint_bytes(model: str) -> int:
 
 def _child_ours(args: dict[str, Any]) -> None:
     import torch
-    from fusion_trainer.data.stream import open_shards
+    from fusion_trainer.data.stream import as_built, open_shards
     from fusion_trainer.metrics import read_metrics
     from fusion_trainer.precision import resolve_precision
     from fusion_trainer.training.train import train
@@ -226,7 +226,7 @@ def _child_ours(args: dict[str, Any]) -> None:
     tok = _tokenizer(args["model"])
     ds = open_shards(args["ref"])
     stream = _train_stream(ds, tok, cfg, stats=cfg.stats_loss_weight > 0, length_groups=cfg.length_groups)
-    batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0))
+    batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0, collate_fn=as_built))
     seq_lens, labelled = [], []
     next(batches)
     n = 30

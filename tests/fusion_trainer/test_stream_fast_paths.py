@@ -95,7 +95,7 @@ def test_tar_members_refuse_damage() -> None:
         list(tar_members(bytes(data[: 512 * 2]), "x"))  # no end-of-archive blocks
     data[3] ^= 0x20  # a name byte: the header checksum no longer matches
     with pytest.raises(tarfile.HeaderError, match="checksum"):
-        list(tar_members(bytes(data), "x"))
+        next(tar_members(bytes(data), "x"))  # not even the first member is handed out
     with pytest.raises(tarfile.HeaderError):
         list(tar_members(b"not a tar at all" * 64, "x"))
     huge = bytearray(_ustar_archive())
@@ -250,6 +250,53 @@ def test_a_batch_decodes_as_its_samples_do(dataset_ref: str, bad: float | None) 
     for got, one in zip(samples, want, strict=True):
         assert (got.key, got.text) == (one.key, one.text)
         assert got.stats is not None and one.stats is not None and np.array_equal(got.stats, one.stats)
+
+
+def test_decode_batch_fallbacks(dataset_ref: str) -> None:
+    """Already-decoded samples (`skip_bad_samples`) keep their values; `stats=False` leaves stats out; samples of two
+    array shapes get `stack_climate`'s error."""
+    from dataclasses import replace
+
+    from fusion_trainer.data.decode import decode_batch, norm_arrays
+    from fusion_trainer.errors import DataError
+
+    ds = open_shards(dataset_ref)
+    raws = list(epoch_samples(ds, "train", epoch=0, rank=0, world=1, seed=0, shuffle=False))[:3]
+    norm = norm_arrays(ds)
+    plain, climate = decode_batch(raws, ds, norm)
+    decoded = [replace(r, members={}, decoded=decode_sample(r, ds)) for r in raws]
+    again, climate_again = decode_batch(decoded, ds, norm)
+    assert np.array_equal(climate, climate_again) and [s.key for s in again] == [s.key for s in plain]
+    no_stats, _ = decode_batch(raws, ds, norm, stats=False)
+    assert all(s.stats is None for s in no_stats) and all(s.stats is not None for s in plain)
+    small = _load_climate(raws[1].members["climate.npy"], raws[1].key)[:, :, :-1].copy()
+    buf = io.BytesIO()
+    np.save(buf, small)
+    mixed = [raws[0], replace(raws[1], members={**raws[1].members, "climate.npy": buf.getvalue()})]
+    with pytest.raises(DataError, match="one batch needs one climate shape|shape"):
+        decode_batch(mixed, ds, norm)
+
+
+def test_samples_left_in_a_buffer_do_not_keep_their_shard(dataset_ref: str) -> None:
+    """Once a shard is done, the few samples still held elsewhere get their own copy of their climate (so they do
+    not keep the shard's whole buffer alive); when they hold most of the shard they keep their views."""
+    from fusion_trainer.data.shards import iter_shard
+
+    ds = open_shards(dataset_ref)
+    shard = max(ds.shards("train"), key=lambda s: s.samples)
+    assert shard.samples >= 4
+    reader = iter_shard(ds, shard)
+    held = [next(reader)]  # one sample kept, as a shuffle buffer would
+    assert isinstance(held[0].members["climate.npy"], memoryview)
+    for _ in reader:  # the rest consumed and dropped
+        pass
+    assert isinstance(held[0].members["climate.npy"], bytes)
+    kept = list(iter_shard(ds, shard))  # every sample still held: copies only if their arrays are under half the shard
+    arrays = sum(len(r.members["climate.npy"]) for r in kept)
+    views = 2 * arrays >= shard.bytes
+    assert all(isinstance(r.members["climate.npy"], memoryview if views else bytes) for r in kept)
+    first = decode_sample(held[0], ds)
+    assert np.array_equal(first.climate_x, decode_sample(kept[0], ds).climate_x)
 
 
 def test_encode_texts_equals_encode_sample_and_truncates(tokenizer: Any) -> None:

@@ -179,6 +179,48 @@ def test_an_unchanged_local_shard_is_hashed_once_per_stream(
     assert sorted(n for n in calls if n in sizes) == sorted(sizes * 2)
 
 
+def test_rehash_hashes_every_read(
+    dataset: tuple[Path, str], tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rehash=True` (`fusion-train --set rehash_shards=true`): a local shard is hashed on every read."""
+    _, ref = dataset
+    calls = _count_hashes(monkeypatch)
+    ds = open_shards(ref)
+    stream = ClimateTextStream(ds, "train", tokenizer, prompt=render_prompt(DEFAULT_PROMPT, ds), micro_batch=1,
+                               max_length=256, seed=1, rehash=True)  # fmt: skip
+    sizes = sorted(s.bytes for s in ds.shards("train"))
+    it = iter(stream)
+    for _ in range(2 * stream.batches_per_epoch):
+        next(it)
+    assert sorted(n for n in calls if n in sizes) == sorted(sizes * 2)
+
+
+def test_a_shard_that_changes_while_it_is_read_is_hashed(
+    dataset: tuple[Path, str], tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its identity before the read is the one that passed, after the read another: it is hashed again."""
+    from fusion_trainer.data import shards
+
+    _, ref = dataset
+    calls = _count_hashes(monkeypatch)
+    stream = _stream(ref, tokenizer)
+    sizes = sorted(s.bytes for s in stream.ds.shards("train"))
+    it = iter(stream)
+    for _ in range(stream.batches_per_epoch):
+        next(it)
+    real = shards._identity
+    seen: list[int] = []
+
+    def changing(fh: Any) -> tuple[int, ...]:  # every second call (the one after each read) differs
+        seen.append(1)
+        return real(fh) if len(seen) % 2 else (*real(fh)[:-1], -1)
+
+    monkeypatch.setattr(shards, "_identity", changing)
+    for _ in range(stream.batches_per_epoch):
+        next(it)
+    assert sorted(n for n in calls if n in sizes) == sorted(sizes * 2)
+
+
 def test_a_shard_rewritten_between_epochs_is_caught(
     dataset: tuple[Path, str], tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

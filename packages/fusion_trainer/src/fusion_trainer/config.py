@@ -147,7 +147,12 @@ class TrainConfig(BaseModel):
     verify_shards: bool = Field(
         default=True,
         description="check each shard's sha256 (before any of its samples is used; a local file once per run while "
-        "it is unchanged)",
+        "its file identity is unchanged, see rehash_shards)",
+    )
+    rehash_shards: bool = Field(
+        default=False,
+        description="hash a local shard on every read, not once per run while its device, inode, size, mtime and "
+        "ctime are unchanged (for network or FUSE mounts whose file times may not follow every write)",
     )
     verify_frozen: bool = Field(
         default=True,

@@ -13,6 +13,7 @@ import os
 import random
 import tarfile
 import threading
+import weakref
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import replace
 from typing import Any
@@ -151,6 +152,7 @@ class _Sha256(threading.Thread):
             self._closed = True
             self._cond.notify()
         self.join()
+        self._buf = memoryview(b"")  # the shard's bytes are no longer held here
         return self._hexdigest
 
 
@@ -173,9 +175,9 @@ def iter_shard(
     sample count compared: no sample of a shard that fails a check is ever yielded, however early its reader stops
     (an evaluation pass, a cut epoch, `generate --limit`). Members are only read into memory, never extracted: a
     member named like a path (`../../x.txt`) is refused by name. A sample's climate member is a view into the
-    shard's bytes (no copy), so those bytes stay in memory while any sample of the shard does, in the shuffle buffer
-    for instance: about two shards at the peak, as before (the copies of a shard's members used to live beside its
-    bytes while they were parsed).
+    shard's bytes (no copy); once the shard is done, the samples still held elsewhere (a shuffle buffer) get copies
+    of their own when they hold less than half the shard (`_unpin`), so a reader holds the shard it reads plus at
+    most twice its shuffle buffer's samples.
 
     Args:
         ds: the opened dataset.
@@ -196,6 +198,7 @@ def iter_shard(
         raise DataError(
             f"shard {url}: {shard.bytes} bytes is over the contract's {MAX_SHARD_BYTES}; re-publish it"
         )
+    digest: _Sha256 | None = None
     try:
         with ds.fs.open(ds.fs._strip_protocol(url), "rb") as fh:
             local = verify and verified is not None and isinstance(ds.fs, LocalFileSystem)
@@ -203,23 +206,43 @@ def iter_shard(
             known = verified is not None and verified.unchanged(url, shard.sha256, before)
             buf = memoryview(bytearray(shard.bytes + 1))  # one byte more than listed: a longer object is caught too
             digest = _Sha256(buf) if verify and not known else None  # hashes as the bytes arrive
-            try:
-                data = _read_into(fh, buf, digest)
-            except BaseException:
-                if digest is not None:
-                    digest.result()
-                raise
+            data = _read_into(fh, buf, digest)
             identity = before if local and _identity(fh) == before else None
-    except FileNotFoundError as exc:
-        raise DataError(f"shard {url} listed in the manifest does not exist: re-publish the dataset") from exc
-    except OSError as exc:
+    except BaseException as exc:
+        if digest is not None:  # never leave the hashing thread waiting
+            digest.result()
+        if isinstance(exc, FileNotFoundError):
+            raise DataError(f"shard {url} listed in the manifest does not exist: re-publish the dataset") from exc
+        if not isinstance(exc, OSError):
+            raise
         raise DataError(f"shard {url} cannot be read ({type(exc).__name__}: {exc}); check the store") from exc
+    del buf
     if verify and digest is None and identity is None:  # the file changed while it was read: hash what was read
         digest = _Sha256(data)
         digest.ready(len(data))
-    if len(data) != shard.bytes:
+    try:
+        samples = _parse_checked(shard, url, data, digest, identity, verified)
+    finally:
         if digest is not None:
             digest.result()
+    del data, digest
+    yield from _hand_out(samples, shard, on_bad)
+
+
+def _parse_checked(
+    shard: ShardInfo,
+    url: str,
+    data: memoryview,
+    digest: _Sha256 | None,
+    identity: tuple[int, ...] | None,
+    verified: VerifiedShards | None,
+) -> list[tuple[RawSample, str | None]]:
+    """The shard's samples, each with the reason it is bad (or None), once every check of the shard has passed.
+
+    Raises:
+        DataError: the size, the sha256 (`digest`), the tar or the sample count is not the manifest's.
+    """
+    if len(data) != shard.bytes:
         more = "more than " if len(data) > shard.bytes else ""
         raise DataError(
             f"shard {url} fails its checks ({more}{len(data)} bytes where the manifest lists {shard.bytes}): it is "
@@ -254,18 +277,51 @@ def iter_shard(
         raise DataError(
             f"shard {url} is truncated or corrupt ({type(parse_error).__name__}: {parse_error}); re-publish it"
         ) from parse_error
-    if len(groups) != shard.samples:
+    if len(samples) != shard.samples:
         raise DataError(
-            f"shard {url} fails its checks ({len(groups)} samples where the manifest lists {shard.samples}): it is "
+            f"shard {url} fails its checks ({len(samples)} samples where the manifest lists {shard.samples}): it is "
             "truncated or was altered"
         )
-    for raw, problem in samples:
-        if problem is not None:
-            if on_bad is None:
-                raise DataError(problem)
-            on_bad(shard.path, raw.key, problem)
-            continue
-        yield raw
+    return samples
+
+
+def _hand_out(
+    samples: list[tuple[RawSample, str | None]], shard: ShardInfo, on_bad: BadSampleHook | None
+) -> Generator[RawSample, None, None]:
+    """Yield the good samples (a bad one raises, or goes to `on_bad`); when the shard is done, copy the climate of
+    the few still held elsewhere (`_unpin`) so that they do not keep its whole buffer alive."""
+    handed: list[weakref.ref[RawSample]] = []
+    raw: RawSample | None = None
+    try:
+        for i in range(len(samples)):
+            raw, problem = samples[i]
+            samples[i] = _HANDED_OUT  # this list no longer holds it
+            if problem is not None:
+                if on_bad is None:
+                    raise DataError(problem)
+                on_bad(shard.path, raw.key, problem)
+                continue
+            handed.append(weakref.ref(raw))
+            yield raw
+    finally:
+        raw = None
+        samples.clear()
+        _unpin([s for ref in handed if (s := ref()) is not None], shard.bytes)
+
+
+_HANDED_OUT: tuple[RawSample, str | None] = (RawSample(key="", shard="", members={}), None)
+
+
+def _unpin(alive: list[RawSample], shard_bytes: int) -> None:
+    """Copy the climate member of the samples of a finished shard still held elsewhere (in a shuffle buffer, a
+    length-grouping pool) when they hold less than half the shard: each member is a view of the shard's whole
+    buffer, so a few such samples would keep all of it in memory. A reader then holds the shard it reads plus at most
+    twice what its shuffle buffer holds. The copy is of the samples' own bytes: the same values."""
+    views = [s for s in alive if isinstance(s.members.get(CLIMATE_MEMBER), memoryview)]
+    held = sum(len(s.members[CLIMATE_MEMBER]) for s in views)
+    if views and 2 * held < shard_bytes:
+        for s in views:
+            s.members[CLIMATE_MEMBER] = bytes(s.members[CLIMATE_MEMBER])
 
 
 def _read_into(fh: Any, buf: memoryview, digest: _Sha256 | None = None) -> memoryview:

@@ -112,6 +112,10 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
     `stats`: batches also carry `stats` `(B, V, 3)`, each sample's window mean/min/max from its `.json`, normalised
     like the climate (for `TrainConfig.stats_loss_weight`); off, they are not computed.
 
+    `verify`: each shard's size, sample count and sha256 are checked before any of its samples is used; a local
+    shard file is hashed once per stream and not again while its identity (device, inode, size, mtime, ctime) is
+    what it was when it passed (`shards.VerifiedShards`); `rehash=True` hashes it on every read.
+
     `token_cache_mb`: the token ids of captions already tokenised are kept (int32, up to this many MiB per stream,
     about 35,000 captions of 300 tokens at the default; 0 turns it off), so epochs after the first skip tokenisation.
     The batches are the same either way. `token_cache_dir`: the ids are also kept on disk, in one file per dataset
@@ -134,7 +138,7 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
         rank: int = 0, world: int = 1, seed: int = 0, start: DataPosition | None = None, train: bool = True,
         shuffle_buffer: int = 256, verify: bool = True, caption: str = "full", skip_bad_samples: bool = False,
         lanes: int = 1, token_cache_mb: float = 64.0, stats: bool = False, length_groups: int = 1,
-        token_cache_dir: str | os.PathLike[str] | None = None,
+        token_cache_dir: str | os.PathLike[str] | None = None, rehash: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         if caption not in ("full", "numbers", "temperature"):
@@ -190,7 +194,8 @@ class ClimateTextStream(torch.utils.data.IterableDataset):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
         self._norm: tuple[np.ndarray, np.ndarray] | None = None
-        self._verified = VerifiedShards()  # local shards hashed by this stream: not hashed again while unchanged
+        # local shards this stream hashed: not hashed again while their file is unchanged (unless `rehash`)
+        self._verified = None if rehash else VerifiedShards()
         self._tokens: dict[str, np.ndarray] = {}  # target text -> caption ids + EOS, int32 (`_caption_ids`)
         self._token_room = int(token_cache_mb * (1 << 20))
         self._encode = batch_encoder(tokenizer)

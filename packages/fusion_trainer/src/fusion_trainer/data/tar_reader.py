@@ -129,12 +129,20 @@ def _check_sums(data: bytes | memoryview, offsets: list[int]) -> None:
     """Raise `tarfile.HeaderError` for the first header at `offsets` whose checksum does not match its bytes."""
     if not offsets:
         return
-    blocks = np.frombuffer(data, dtype=np.uint8)[np.array(offsets)[:, None] + np.arange(_BLOCK)]  # (N, 512)
-    fields = blocks[:, 148:156]  # the checksum field counts as 8 spaces
-    sums = blocks.sum(axis=1, dtype=np.int64) - fields.sum(axis=1, dtype=np.int64) + 8 * 32
-    for i in np.flatnonzero(sums != [_stored_sum(bytes(f)) for f in fields]):
-        before = "(start)" if i == 0 else repr(_tar_text(bytes(data[offsets[i - 1] : offsets[i - 1] + 100])))
-        raise tarfile.HeaderError(f"bad checksum in the tar header after member {before}")
+    blocks = np.frombuffer(data, dtype=np.uint8, count=len(data) // _BLOCK * _BLOCK).reshape(-1, _BLOCK)  # a view
+    rows = np.array(offsets) // _BLOCK  # headers start on block boundaries
+    for start in range(0, len(rows), _SUM_BATCH):  # a bounded copy of headers at a time, however many members
+        part = rows[start : start + _SUM_BATCH]
+        headers = blocks[part]  # (n, 512)
+        fields = headers[:, 148:156]  # the checksum field counts as 8 spaces
+        sums = headers.sum(axis=1, dtype=np.int64) - fields.sum(axis=1, dtype=np.int64) + 8 * 32
+        for i in np.flatnonzero(sums != [_stored_sum(bytes(f)) for f in fields]):
+            k = start + int(i)
+            before = "(start)" if k == 0 else repr(_tar_text(bytes(data[offsets[k - 1] : offsets[k - 1] + 100])))
+            raise tarfile.HeaderError(f"bad checksum in the tar header after member {before}")
+
+
+_SUM_BATCH = 4096
 
 
 def _stored_sum(field: bytes) -> int:

@@ -268,7 +268,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         rank=rank, world=world, seed=config.seed, start=position, train=True,
         shuffle_buffer=config.shuffle_buffer, verify=config.verify_shards, caption=config.caption,
         skip_bad_samples=config.skip_bad_samples, lanes=config.data_lanes, stats=config.stats_loss_weight > 0,
-        length_groups=config.length_groups, token_cache_dir=config.token_cache_dir,
+        length_groups=config.length_groups, token_cache_dir=config.token_cache_dir, rehash=config.rehash_shards,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=config.num_workers, collate_fn=as_built
