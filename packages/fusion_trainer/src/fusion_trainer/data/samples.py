@@ -26,8 +26,8 @@ class Sample:
 class RawSample:
     """One sample as read from a shard: its members' bytes, or (once checked by `skip_bad_samples`) decoded.
 
-    The climate member is a `memoryview` into its shard's bytes as `shards.iter_shard` reads it (a copy of every
-    array cost a tenth of a warm epoch in page faults); the other members are `bytes`."""
+    `shards.iter_shard` parses a shard in place: a member is a `memoryview` of the shard's bytes until the sample is
+    handed out with a copy of its own (`bytes`)."""
 
     key: str
     shard: str

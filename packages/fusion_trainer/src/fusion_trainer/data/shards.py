@@ -13,7 +13,6 @@ import os
 import random
 import tarfile
 import threading
-import weakref
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import replace
 from typing import Any
@@ -174,10 +173,9 @@ def iter_shard(
     enforce), its size and (if `verify`) sha256 are compared with the manifest, then its members are parsed and its
     sample count compared: no sample of a shard that fails a check is ever yielded, however early its reader stops
     (an evaluation pass, a cut epoch, `generate --limit`). Members are only read into memory, never extracted: a
-    member named like a path (`../../x.txt`) is refused by name. A sample's climate member is a view into the
-    shard's bytes (no copy); once the shard is done, the samples still held elsewhere (a shuffle buffer) get copies
-    of their own when they hold less than half the shard (`_unpin`), so a reader holds the shard it reads plus at
-    most twice its shuffle buffer's samples.
+    member named like a path (`../../x.txt`) is refused by name. The shard's bytes are parsed in place (its members
+    are views) and each sample gets its own copy of its climate array as it is handed out, so a reader holds the
+    shard it reads plus the samples it keeps (a shuffle buffer), as when every member was copied at parse time.
 
     Args:
         ds: the opened dataset.
@@ -288,40 +286,24 @@ def _parse_checked(
 def _hand_out(
     samples: list[tuple[RawSample, str | None]], shard: ShardInfo, on_bad: BadSampleHook | None
 ) -> Generator[RawSample, None, None]:
-    """Yield the good samples (a bad one raises, or goes to `on_bad`); when the shard is done, copy the climate of
-    the few still held elsewhere (`_unpin`) so that they do not keep its whole buffer alive."""
-    handed: list[weakref.ref[RawSample]] = []
-    raw: RawSample | None = None
-    try:
-        for i in range(len(samples)):
-            raw, problem = samples[i]
-            samples[i] = _HANDED_OUT  # this list no longer holds it
-            if problem is not None:
-                if on_bad is None:
-                    raise DataError(problem)
-                on_bad(shard.path, raw.key, problem)
-                continue
-            handed.append(weakref.ref(raw))
-            yield raw
-    finally:
-        raw = None
-        samples.clear()
-        _unpin([s for ref in handed if (s := ref()) is not None], shard.bytes)
+    """Yield the good samples (a bad one raises, or goes to `on_bad`), each with its own copy of its climate member,
+    made as it is handed out: a view would keep the shard's whole buffer alive as long as the sample lives, in a
+    shuffle buffer for instance (a simulated 256-sample buffer over shards of 24 to 1,000 samples would hold 3.5 to 43
+    shards). One copy at a time reuses the memory of the samples already consumed; copying every member when the
+    shard was parsed cost 64 us a sample in page faults (docs/performance.md, "Streaming at the floor")."""
+    for i in range(len(samples)):
+        raw, problem = samples[i]
+        samples[i] = _HANDED_OUT  # this list no longer holds it
+        if problem is not None:
+            if on_bad is None:
+                raise DataError(problem)
+            on_bad(shard.path, raw.key, problem)
+            continue
+        raw.members[CLIMATE_MEMBER] = bytes(raw.members[CLIMATE_MEMBER])
+        yield raw
 
 
 _HANDED_OUT: tuple[RawSample, str | None] = (RawSample(key="", shard="", members={}), None)
-
-
-def _unpin(alive: list[RawSample], shard_bytes: int) -> None:
-    """Copy the climate member of the samples of a finished shard still held elsewhere (in a shuffle buffer, a
-    length-grouping pool) when they hold less than half the shard: each member is a view of the shard's whole
-    buffer, so a few such samples would keep all of it in memory. A reader then holds the shard it reads plus at most
-    twice what its shuffle buffer holds. The copy is of the samples' own bytes: the same values."""
-    views = [s for s in alive if isinstance(s.members.get(CLIMATE_MEMBER), memoryview)]
-    held = sum(len(s.members[CLIMATE_MEMBER]) for s in views)
-    if views and 2 * held < shard_bytes:
-        for s in views:
-            s.members[CLIMATE_MEMBER] = bytes(s.members[CLIMATE_MEMBER])
 
 
 def _read_into(fh: Any, buf: memoryview, digest: _Sha256 | None = None) -> memoryview:
