@@ -47,3 +47,51 @@ def test_a_row_stops_at_its_line_break(tokenizer: Any, tiny_model_dir: Path) -> 
     rows = decode(embeds, mask, step, lambda nxt: torch.zeros(2, 1, 4), set(break_ids(tokenizer)), pad, 5)
     assert calls[0] == 3  # both rows have broken their line after 3 steps
     assert rows == [[5, 6, newline], [5, newline, pad]]
+
+
+def _ranked_step(vocab: int, rows: int) -> Any:
+    """A fake LM step whose logits always rank tokens 5 > 6 > 7 > ... (so greedy decoding repeats 5 for ever)."""
+
+    def step(embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        logits = torch.full((rows, vocab), -100.0)
+        logits[:, 5:] = -torch.arange(vocab - 5, dtype=torch.float32)
+        return logits, cache
+
+    return step
+
+
+def test_no_repeat_ngram_rules_out_the_token_that_would_repeat_one() -> None:
+    """n=2: no bigram twice (5 5 6 5 7 6 6 8 ...); n=1: no token twice; 0: plain greedy. Each row on its own."""
+    vocab, rows, steps = 32, 2, 8
+    embeds, mask = torch.zeros(rows, 3, 4), torch.ones(rows, 3, dtype=torch.long)
+    step = _ranked_step(vocab, rows)
+
+    def run(n: int) -> list[list[int]]:
+        return decode(embeds, mask, step, lambda nxt: torch.zeros(rows, 1, 4), set(), 0, steps, no_repeat_ngram=n)
+
+    assert run(0) == [[5] * steps] * rows
+    assert run(1) == [list(range(5, 5 + steps))] * rows
+    two = run(2)[0]
+    assert two[:5] == [5, 5, 6, 5, 7]
+    bigrams = list(zip(two, two[1:], strict=False))
+    assert len(bigrams) == len(set(bigrams)), two
+    three = run(3)[0]
+    trigrams = list(zip(three, three[1:], three[2:], strict=False))
+    assert len(trigrams) == len(set(trigrams)) and three[:3] == [5, 5, 5]
+
+
+def test_no_repeat_ngram_must_not_be_negative(tiny_model_dir: Path) -> None:
+    import pytest
+    from fusion_trainer import FusionConfig, FusionModel
+    from fusion_trainer.errors import ConfigError
+    from fusion_trainer.model.base import load_base
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lm = load_base(tiny_model_dir, dtype=torch.float32)[0]
+    config = FusionConfig(n_variables=2, d_encoder=32, encoder_heads=4, n_heads=4)
+    model = FusionModel.from_base(lm, config, tokenizer=tok)
+    with pytest.raises(ConfigError, match="no_repeat_ngram"):
+        model.generate(torch.randn(1, 2, 2, 4, 4), "Hi", max_new_tokens=2, no_repeat_ngram=-1)
+    assert len(model.generate(torch.randn(1, 2, 2, 4, 4), "Hi", max_new_tokens=4, no_repeat_ngram=2)) == 1
+

@@ -276,6 +276,10 @@ def eval_command(
     intervene_limit: Annotated[
         int, typer.Option(help="windows (spread over the split) the interventions use")
     ] = 64,
+    no_repeat_ngram: Annotated[
+        int,
+        typer.Option(help="n > 0: a caption made here never repeats an n-gram of its own tokens (0: off)"),
+    ] = 0,
     log_level: Annotated[str, typer.Option(help="logging level")] = "WARNING",
 ) -> None:
     """Print JSON: losses of the fused model and the frozen base, grounding gains (against any other window and
@@ -289,7 +293,7 @@ def eval_command(
             run, shards, split, batch_size=batch_size, max_batches=max_batches, generations=generations,
             generate_limit=generate_limit or None, max_new_tokens=max_new_tokens, interventions=intervene or (),
             intervene_limit=intervene_limit, loss_samples=loss_samples or None,
-            generate_batch_size=generate_batch_size,
+            generate_batch_size=generate_batch_size, no_repeat_ngram=no_repeat_ngram,
         )  # fmt: skip
     except (FusionError, ContractError) as exc:
         raise _fail(exc) from exc
@@ -309,6 +313,9 @@ def generate_command(
     out: Annotated[Path | None, typer.Option(help="write JSONL here (default: stdout)")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per sample")] = 96,
     batch_size: Annotated[int, typer.Option(help="samples per generate call")] = 4,
+    no_repeat_ngram: Annotated[
+        int, typer.Option(help="n > 0: a caption never repeats an n-gram of its own tokens (0: off)")
+    ] = 0,
     log_level: Annotated[str, typer.Option(help="logging level")] = "WARNING",
 ) -> None:
     """Generate a text per sample: one JSON line with key, reference and generated text."""
@@ -317,7 +324,8 @@ def generate_command(
 
     try:
         rows = generate_run(
-            run, shards, split, limit, out, batch_size=batch_size, max_new_tokens=max_new_tokens
+            run, shards, split, limit, out, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            no_repeat_ngram=no_repeat_ngram,
         )
     except (FusionError, ContractError) as exc:
         raise _fail(exc) from exc

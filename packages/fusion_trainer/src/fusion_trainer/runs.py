@@ -78,7 +78,11 @@ class FusionRun:
         return (x - mean) / std
 
     def describe(
-        self, climate: np.ndarray | torch.Tensor, max_new_tokens: int = 128, batch_size: int = 16
+        self,
+        climate: np.ndarray | torch.Tensor,
+        max_new_tokens: int = 128,
+        batch_size: int = 16,
+        no_repeat_ngram: int = 0,
     ) -> list[str]:
         """Captions for climate windows given in PHYSICAL units (the contract's: K, Pa, m s-1, kg m-2 s-1, ...).
 
@@ -86,6 +90,7 @@ class FusionRun:
             climate: `(B, T, V, lat, lon)` or one window `(T, V, lat, lon)`, variables in `variables` order.
             max_new_tokens: tokens per caption.
             batch_size: windows per generate call.
+            no_repeat_ngram: n > 0: a caption never repeats an n-gram of its own tokens; 0: off.
 
         Returns:
             One greedy caption per window.
@@ -96,7 +101,7 @@ class FusionRun:
         for i in range(0, x.shape[0], batch_size):
             chunk = x[i : i + batch_size].to(device)
             out += self.model.generate(chunk, self.prompt, max_new_tokens=max_new_tokens, do_sample=False,
-                                       one_line=True)
+                                       one_line=True, no_repeat_ngram=no_repeat_ngram)
         return out
 
 

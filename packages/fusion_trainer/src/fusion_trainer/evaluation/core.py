@@ -229,6 +229,8 @@ class EvalContext:
     intervene_limit: int = 64
     loss_samples: int | None = None
     """Samples spread evenly over the split for the losses and the gains (None: every sample)."""
+    no_repeat_ngram: int = 0
+    """n > 0: no caption made here repeats an n-gram of its own tokens (`FusionModel.generate`); 0: off."""
     generate_batch_size: int = 64
     """Windows per generate call (the faithfulness captions made here, the interventions); `evaluate_run` passes
     `--generate-batch-size`, or `--batch-size` without it."""
@@ -263,7 +265,7 @@ class EvalContext:
             self.generations = list(
                 iter_generations(
                     self.model, self.dataset, self.prompt, self.split, self.generate_limit, self.generate_batch_size,
-                    self.max_new_tokens, self.config.caption,
+                    self.max_new_tokens, self.config.caption, self.no_repeat_ngram,
                 )
             )  # fmt: skip
         return self.generations

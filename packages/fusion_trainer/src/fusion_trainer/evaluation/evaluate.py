@@ -156,6 +156,7 @@ def evaluate_run(
     intervene_limit: int = 64,
     loss_samples: int | None = None,
     generate_batch_size: int | None = None,
+    no_repeat_ngram: int = 0,
 ) -> dict[str, Any]:
     """Evaluate a finished run on one split; the dict `fusion-eval` prints as JSON.
 
@@ -174,6 +175,8 @@ def evaluate_run(
             four passes cost about 0.8 s per sample for SmolLM2 in bf16 on 2 CPU cores, so a big split is scored on
             a spread.
         generate_batch_size: windows per generate call (the captions made here, the interventions); None: `batch_size`.
+        no_repeat_ngram: n > 0: no caption made here (faithfulness, interventions) repeats an n-gram of its own
+            tokens; 0: off. Captions given with `generations` are scored as they are.
 
     Returns:
         {"run", "dataset", "version", "split", "caption", "fused": {loss, perplexity, ...}, "base": {...},
@@ -207,7 +210,8 @@ def evaluate_run(
                       seed=config.seed,
                       generations=read_generations(generations) if generations is not None else None,
                       interventions=tuple(interventions), intervene_limit=intervene_limit,
-                      loss_samples=loss_samples, generate_batch_size=generate_batch_size)  # fmt: skip
+                      loss_samples=loss_samples, generate_batch_size=generate_batch_size,
+                      no_repeat_ngram=no_repeat_ngram)  # fmt: skip
     result: dict[str, Any] = {
         "run": str(run_dir),
         "dataset": data.reference,

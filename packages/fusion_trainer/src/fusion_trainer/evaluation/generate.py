@@ -28,6 +28,7 @@ def iter_generations(
     batch_size: int = 4,
     max_new_tokens: int = 96,
     caption: str = "full",
+    no_repeat_ngram: int = 0,
 ) -> Iterator[dict[str, Any]]:
     """Generate greedily for the samples of `split` in manifest order (with `limit`, for that many samples spread
     evenly over the split, so a partial evaluation still covers all its times and places).
@@ -41,6 +42,7 @@ def iter_generations(
         batch_size: samples per generate call.
         max_new_tokens: tokens per caption.
         caption: the run's caption form; the reference is the caption in that form (`grounding.caption_target`).
+        no_repeat_ngram: n > 0: no caption repeats an n-gram of its own tokens (`FusionModel.generate`); 0: off.
 
     Yields:
         {"key", "reference", "generated"} per sample.
@@ -55,7 +57,8 @@ def iter_generations(
     def flush(items: list[Any]) -> Iterator[dict[str, Any]]:
         climate = torch.from_numpy(np.stack([s.climate_x for s in items])).to(device)  # (B, T, V, H, W)
         texts = model.generate(
-            climate, prompt=[prompt] * len(items), max_new_tokens=max_new_tokens, do_sample=False, one_line=True
+            climate, prompt=[prompt] * len(items), max_new_tokens=max_new_tokens, do_sample=False, one_line=True,
+            no_repeat_ngram=no_repeat_ngram,
         )
         for sample, text in zip(items, texts, strict=True):
             reference = caption_target(sample.text, caption)
@@ -98,6 +101,7 @@ def generate_run(
     out: Path | None = None,
     batch_size: int = 4,
     max_new_tokens: int = 96,
+    no_repeat_ngram: int = 0,
 ) -> list[dict[str, Any]]:
     """Generate texts for a split with a finished run's adapter; optionally write them as JSONL (atomically).
 
@@ -116,7 +120,9 @@ def generate_run(
     run = load_run_for(run_dir, data)
     config, model, prompt = run.config, run.model, run.prompt
     rows = list(
-        iter_generations(model, data, prompt, split, limit, batch_size, max_new_tokens, config.caption)
+        iter_generations(
+            model, data, prompt, split, limit, batch_size, max_new_tokens, config.caption, no_repeat_ngram
+        )
     )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

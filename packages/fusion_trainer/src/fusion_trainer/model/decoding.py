@@ -147,6 +147,37 @@ def _pick_next(
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)  # (B,)
 
 
+class NoRepeat:
+    """Each row's n-grams written so far, and the rule that no row writes one twice: before a step, the tokens that
+    would complete an n-gram the row already wrote get -inf (`rule_out`); after it, the new token is recorded
+    (`add`). The same rule as transformers' `no_repeat_ngram_size`, over the generated tokens only."""
+
+    def __init__(self, n: int, rows: int) -> None:
+        self.n = n
+        self.history: list[list[int]] = [[] for _ in range(rows)]
+        self.seen: list[dict[tuple[int, ...], set[int]]] = [{} for _ in range(rows)]
+
+    def rule_out(self, logits: Tensor, done: Tensor) -> None:
+        """Set to -inf, in place, the logits `(B, vocab)` of every token that would repeat an n-gram of its row."""
+        k = self.n - 1
+        for row, (history, seen) in enumerate(zip(self.history, self.seen, strict=True)):
+            if len(history) < k or bool(done[row]):
+                continue
+            banned = seen.get(tuple(history[len(history) - k :]))
+            if banned:
+                logits[row, list(banned)] = float("-inf")
+
+    def add(self, tokens: Tensor, done: Tensor) -> None:
+        """Record each live row's new token `(B,)` (rows already done are skipped)."""
+        for row, token in enumerate(tokens.tolist()):
+            if bool(done[row]):
+                continue
+            history = self.history[row]
+            history.append(int(token))
+            if len(history) >= self.n:
+                self.seen[row].setdefault(tuple(history[len(history) - self.n : -1]), set()).add(int(token))
+
+
 def decode(
     embeds: Tensor,
     mask: Tensor,
@@ -160,6 +191,7 @@ def decode(
     top_p: float = 1.0,
     seed: int | None = None,
     cache: Any = None,
+    no_repeat_ngram: int = 0,
 ) -> list[list[int]]:
     """New token ids per row, from the fused prompt embeddings `(B, L, H)` and their padded mask `(B, C + L)`.
 
@@ -167,6 +199,8 @@ def decode(
     `(B, 1, H)`. A row stops at its first stop id (later positions hold `pad`); all stop, or `max_new_tokens`.
     `cache`: the keys and values of `C` tokens before `embeds` (a cached prompt; `mask` covers them too), or None.
     Padding may sit anywhere in the mask: positions count attended tokens only.
+    `no_repeat_ngram=n` (> 0): a row never writes an n-gram of tokens it has already written (the prompt does not
+    count): the token that would complete one is ruled out at that step (`NoRepeat`).
     """
     device = embeds.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -174,10 +208,16 @@ def decode(
     stop_tensor = torch.tensor(sorted(stops), device=device, dtype=torch.long)
     done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=device)
     out_ids: list[Tensor] = []
+    repeats = NoRepeat(no_repeat_ngram, embeds.shape[0]) if no_repeat_ngram > 0 else None
     for _ in range(max_new_tokens):
         logits, cache = step(embeds, mask, positions, cache)
-        nxt = _pick_next(logits.float(), do_sample, temperature, top_p, gen)  # (B,)
+        logits = logits.float()
+        if repeats is not None:
+            repeats.rule_out(logits, done)
+        nxt = _pick_next(logits, do_sample, temperature, top_p, gen)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        if repeats is not None:
+            repeats.add(nxt, done)
         out_ids.append(nxt)
         done |= torch.isin(nxt, stop_tensor)
         if bool(done.all()):

@@ -86,6 +86,7 @@ class FusedGeneration(nn.Module):
         top_p: float = 1.0,
         seed: int | None = None,
         one_line: bool = False,
+        no_repeat_ngram: int = 0,
     ) -> list[str]:
         """Generate text for climate windows, batched with left padding and a KV cache.
 
@@ -103,6 +104,8 @@ class FusedGeneration(nn.Module):
             one_line: stop a row at its first line break as at EOS and return the text before it (a caption is one
                 line; without it a row the LM does not end runs on to `max_new_tokens`). Greedy, the text is the
                 first line of what `one_line=False` returns.
+            no_repeat_ngram: n > 0: never write an n-gram of tokens already written in the same text (as
+                transformers' `no_repeat_ngram_size`, the prompt not counted); 0: off.
 
         Returns:
             The generated continuations (prompt excluded, special tokens removed).
@@ -117,6 +120,8 @@ class FusedGeneration(nn.Module):
             raise ConfigError(
                 f"temperature must be > 0 (got {temperature}) and top_p in (0, 1] (got {top_p})"
             )
+        if no_repeat_ngram < 0:
+            raise ConfigError(f"no_repeat_ngram must be 0 (off) or a number of tokens (got {no_repeat_ngram})")
         tok = self.tokenizer
         x, prompts = batch_windows(climate, prompt, self.device)
         tokens = self.encoder.encode(x)
@@ -153,7 +158,7 @@ class FusedGeneration(nn.Module):
         pad = int(tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0))
         cache = growing_cache(self.lm.config, cache)  # each step writes its token in place (no copy of the cache)
         rows = decode(embeds, mask, step, lambda nxt: self.step_embeddings(nxt, tokens), stops | breaks, pad, max_new_tokens,
-                      do_sample, temperature, top_p, seed, cache=cache)  # fmt: skip
+                      do_sample, temperature, top_p, seed, cache=cache, no_repeat_ngram=no_repeat_ngram)  # fmt: skip
         return decode_texts(tok, rows, stops, breaks)
 
     def step_embeddings(self, input_ids: Tensor, climate: ClimateTokens) -> Tensor:
