@@ -13,7 +13,7 @@ import pytest
 import torch
 from climate_text_schema import SampleError
 from fusion_trainer.data.decode import _load_climate
-from fusion_trainer.data.shards import iter_shard
+from fusion_trainer.data.shard_reader import iter_shard
 from fusion_trainer.data.stream import (
     DEFAULT_PROMPT,
     ClimateTextStream,

@@ -143,7 +143,7 @@ def _count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the size of every sha256 computed (`hashlib` is one module: other hashes are recorded too)."""
     import hashlib
 
-    from fusion_trainer.data import shards
+    from fusion_trainer.data import shard_reader as shards
 
     calls: list[int] = []
     real = hashlib.sha256
@@ -199,7 +199,7 @@ def test_a_shard_that_changes_while_it_is_read_is_hashed(
     dataset: tuple[Path, str], tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Its identity before the read is the one that passed, after the read another: it is hashed again."""
-    from fusion_trainer.data import shards
+    from fusion_trainer.data import shard_reader as shards
 
     _, ref = dataset
     calls = _count_hashes(monkeypatch)

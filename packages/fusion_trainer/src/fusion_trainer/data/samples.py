@@ -1,13 +1,15 @@
-"""The records a stream passes along: a sample as read from a shard (`RawSample`) and decoded (`Sample`)."""
+"""The records a stream passes along: a sample as read from a shard (`RawSample`) and decoded (`Sample`), and where a
+rank stands in the data (`DataPosition`, kept in checkpoints)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
-__all__ = ["BadSampleHook", "RawSample", "Sample"]
+__all__ = ["BadSampleHook", "DataPosition", "RawSample", "Sample"]
 
 
 @dataclass(frozen=True)
@@ -37,3 +39,29 @@ class RawSample:
 
 BadSampleHook = Callable[[str, str, str], None]
 """`(shard, key, reason)`: called for each bad sample that is skipped instead of raised."""
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where a rank stands in the data: samples consumed in `epoch` (the same on every rank), the data seed, and the
+    number of lanes the epoch's order was cut into (`ClimateTextStream(lanes=...)`; 1 in checkpoints written before
+    lanes existed) and the length grouping of the batches (`ClimateTextStream(length_groups=...)`; 1 before it
+    existed)."""
+
+    epoch: int = 0
+    consumed: int = 0
+    seed: int = 0
+    lanes: int = 1
+    length_groups: int = 1
+
+    def to_dict(self) -> dict[str, int]:
+        """Plain dict for checkpoints."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DataPosition:
+        """Inverse of `to_dict`."""
+        return cls(
+            epoch=int(raw["epoch"]), consumed=int(raw["consumed"]), seed=int(raw["seed"]),
+            lanes=int(raw.get("lanes", 1)), length_groups=int(raw.get("length_groups", 1)),
+        )  # fmt: skip

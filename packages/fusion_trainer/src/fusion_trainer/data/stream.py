@@ -23,11 +23,11 @@ sample (a member named like a path, an array that is not a plain numeric .npy, a
 metadata, a missing member) stops it too, naming the shard and the sample, unless `skip_bad_samples`: then it is
 logged, counted (`batch["skipped"]`) and left out before the epoch is cut, so every rank still sees its full epoch.
 
-This module holds the stream (`ClimateTextStream`, `DataPosition`); the prompt is `prompt.py` (`render_prompt`); its
-stages live in `shards.py` (reading and checking a shard, dealing shards to ranks, the shuffle buffer, one rank's epoch),
-`tar_reader.py` (the tar member reader), `lanes.py` (the lane cut), `decode.py` (contract checks, normalisation,
-window statistics), `collate.py` (caption token ids, label masking, stacking) and `samples.py` (the records passed
-along). Every name of `__all__` is importable from here, as before the split.
+This module holds the stream (`ClimateTextStream`); the prompt is `prompt.py` (`render_prompt`); its stages live in
+`shard_reader.py` (reading and checking a shard), `shards.py` (dealing shards to ranks, the shuffle buffer, one rank's
+epoch), `tar_reader.py` (the tar member reader), `lanes.py` (the lane cut), `decode.py` (contract checks,
+normalisation, window statistics), `collate.py` (caption token ids, label masking, stacking) and `samples.py` (the
+records passed along, `DataPosition`). Every name of `__all__` is importable from here, as before the split.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import itertools
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -49,7 +48,7 @@ from .collate import as_built, batch_dict, collate, encode_sample, encode_texts
 from .decode import decode_batch, decode_sample, norm_arrays
 from .lanes import lane_samples
 from .prompt import DEFAULT_PROMPT, render_prompt
-from .samples import BadSampleHook, RawSample, Sample
+from .samples import BadSampleHook, DataPosition, RawSample, Sample
 from .shards import (
     VerifiedShards,
     assign_shards,
@@ -68,32 +67,6 @@ __all__ = [
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class DataPosition:
-    """Where a rank stands in the data: samples consumed in `epoch` (the same on every rank), the data seed, and the
-    number of lanes the epoch's order was cut into (`ClimateTextStream(lanes=...)`; 1 in checkpoints written before
-    lanes existed) and the length grouping of the batches (`ClimateTextStream(length_groups=...)`; 1 before it
-    existed)."""
-
-    epoch: int = 0
-    consumed: int = 0
-    seed: int = 0
-    lanes: int = 1
-    length_groups: int = 1
-
-    def to_dict(self) -> dict[str, int]:
-        """Plain dict for checkpoints."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> DataPosition:
-        """Inverse of `to_dict`."""
-        return cls(
-            epoch=int(raw["epoch"]), consumed=int(raw["consumed"]), seed=int(raw["seed"]),
-            lanes=int(raw.get("lanes", 1)), length_groups=int(raw.get("length_groups", 1)),
-        )  # fmt: skip
-
 
 class ClimateTextStream(torch.utils.data.IterableDataset):
     """Collated batches of one split for one rank; infinite over epochs (training) or one pass (evaluation).
