@@ -277,8 +277,7 @@ def eval_command(
         int, typer.Option(help="windows (spread over the split) the interventions use")
     ] = 64,
     no_repeat_ngram: Annotated[
-        int,
-        typer.Option(help="n > 0: a caption made here never repeats an n-gram of its own tokens (0: off)"),
+        int, typer.Option(help="n > 0: a caption made here never repeats an n-gram of its own tokens (0: off)")
     ] = 0,
     log_level: Annotated[str, typer.Option(help="logging level")] = "WARNING",
 ) -> None:
@@ -323,10 +322,7 @@ def generate_command(
     from .evaluation.generate import generate_run
 
     try:
-        rows = generate_run(
-            run, shards, split, limit, out, batch_size=batch_size, max_new_tokens=max_new_tokens,
-            no_repeat_ngram=no_repeat_ngram,
-        )
+        rows = generate_run(run, shards, split, limit, out, batch_size, max_new_tokens, no_repeat_ngram)
     except (FusionError, ContractError) as exc:
         raise _fail(exc) from exc
     except typer.Exit:

@@ -144,16 +144,10 @@ class TrainConfig(BaseModel):
         description="pools of this many micro-batches are sorted by caption length before batching, so a batch pads "
         "little (1: off); changes the sample order, so a run must resume with the same value; needs data_lanes 1",
     )
-    verify_shards: bool = Field(
-        default=True,
-        description="check each shard's sha256 (before any of its samples is used; a local file once per run while "
-        "its file identity is unchanged, see rehash_shards)",
-    )
-    rehash_shards: bool = Field(
-        default=False,
-        description="hash a local shard on every read, not once per run while its device, inode, size, mtime and "
-        "ctime are unchanged (for network or FUSE mounts whose file times may not follow every write)",
-    )
+    verify_shards: bool = Field(default=True, description="check each shard's sha256 (before any of its samples is "
+                                "used; a local file once per run while it is unchanged, see rehash_shards)")
+    rehash_shards: bool = Field(default=False, description="hash a local shard on every read, not once per run while "
+                                "its device, inode, size, mtime and ctime are unchanged (for network or FUSE mounts)")
     verify_frozen: bool = Field(
         default=True,
         description="hash the frozen base before and after training (seconds per GB); false skips it",
