@@ -61,7 +61,7 @@ def _ranked_step(vocab: int, rows: int) -> Any:
 
 
 def test_no_repeat_ngram_rules_out_the_token_that_would_repeat_one() -> None:
-    """n=2: no bigram twice (5 5 6 5 7 6 6 8 ...); n=1: no token twice; 0: plain greedy. Each row on its own."""
+    """n=2: no bigram twice (5 5 6 5 7 5 8 5); n=1: no token twice; 0: plain greedy."""
     vocab, rows, steps = 32, 2, 8
     embeds, mask = torch.zeros(rows, 3, 4), torch.ones(rows, 3, dtype=torch.long)
     step = _ranked_step(vocab, rows)

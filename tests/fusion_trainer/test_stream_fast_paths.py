@@ -278,18 +278,24 @@ def test_decode_batch_fallbacks(dataset_ref: str) -> None:
         decode_batch(mixed, ds, norm)
 
 
-def test_a_sample_handed_out_does_not_keep_its_shard(dataset_ref: str) -> None:
-    """A shard is parsed in place (its members are views of its bytes), but each sample is handed out with members
-    of its own (`bytes`, no view): one kept in a shuffle buffer does not keep the shard's whole buffer alive, and it
-    decodes the same."""
+def test_a_sample_kept_in_the_shuffle_buffer_does_not_keep_its_shard(dataset_ref: str) -> None:
+    """A shard is parsed in place (a sample's climate member is a view of the shard's bytes); the shuffle buffer keeps
+    copies (`bytes`), so a sample waiting there does not keep the shard's whole buffer alive, and decodes the same."""
+    import random
+
+    from fusion_trainer.data.shards import shuffle_samples
+
     ds = open_shards(dataset_ref)
     shard = max(ds.shards("train"), key=lambda s: s.samples)
-    kept = list(iter_shard(ds, shard))
-    assert len(kept) >= 2
+    read = list(iter_shard(ds, shard))
+    assert len(read) >= 2 and all(isinstance(r.members["climate.npy"], memoryview) for r in read)
+    assert all(type(r.members[m]) is bytes for r in read for m in ("txt", "json"))
+    views = {r.key: decode_sample(r, ds).climate_x for r in read}
+    kept = list(shuffle_samples(iter_shard(ds, shard), 4, random.Random(0)))
+    assert sorted(r.key for r in kept) == sorted(views)
     assert all(type(value) is bytes for raw in kept for value in raw.members.values())
-    again = list(iter_shard(ds, shard))
-    for a, b in zip(kept, again, strict=True):
-        assert np.array_equal(decode_sample(a, ds).climate_x, decode_sample(b, ds).climate_x)
+    for raw in kept:
+        assert np.array_equal(decode_sample(raw, ds).climate_x, views[raw.key])
 
 
 def test_encode_texts_equals_encode_sample_and_truncates(tokenizer: Any) -> None:

@@ -28,8 +28,8 @@ class Sample:
 class RawSample:
     """One sample as read from a shard: its members' bytes, or (once checked by `skip_bad_samples`) decoded.
 
-    `shards.iter_shard` parses a shard in place: a member is a `memoryview` of the shard's bytes until the sample is
-    handed out with a copy of its own (`bytes`)."""
+    `shard_reader.iter_shard` parses a shard in place: the climate member is a `memoryview` of the shard's bytes until
+    a shuffle buffer keeps the sample (`shards.shuffle_samples` copies it); the other members are `bytes`."""
 
     key: str
     shard: str

@@ -3,8 +3,8 @@ tar, sample count, member names) before any of its samples is handed out, and th
 already hashed (`VerifiedShards`). Dealing shards to ranks and one rank's epoch are `shards.py`.
 
 Speed (docs/performance.md, "Streaming at the floor"): the shard is read into one buffer and hashed in a thread as
-its bytes arrive and while its tar is parsed in place (`tar_reader`); each sample is handed out with its own copy of
-its climate array.
+its bytes arrive and while its tar is parsed in place (`tar_reader`); a sample's climate member is a view of the
+shard's bytes until a shuffle buffer keeps it (`shards.shuffle_samples` copies it then).
 """
 
 from __future__ import annotations
@@ -138,9 +138,9 @@ def iter_shard(
     enforce), its size and (if `verify`) sha256 are compared with the manifest, then its members are parsed and its
     sample count compared: no sample of a shard that fails a check is ever yielded, however early its reader stops
     (an evaluation pass, a cut epoch, `generate --limit`). Members are only read into memory, never extracted: a
-    member named like a path (`../../x.txt`) is refused by name. The shard's bytes are parsed in place (its members
-    are views) and each sample gets its own copy of its climate array as it is handed out, so a reader holds the
-    shard it reads plus the samples it keeps (a shuffle buffer), as when every member was copied at parse time.
+    member named like a path (`../../x.txt`) is refused by name. The shard's bytes are parsed in place: a sample's
+    climate member is a view of them (its text and metadata are `bytes`); a reader that keeps samples copies them
+    (`shards.shuffle_samples`), so it holds the shard it reads plus the samples it keeps.
 
     Args:
         ds: the opened dataset.
@@ -251,21 +251,21 @@ def _parse_checked(
 def _hand_out(
     samples: list[tuple[RawSample, str | None]], shard: ShardInfo, on_bad: BadSampleHook | None
 ) -> Generator[RawSample, None, None]:
-    """Yield the good samples (a bad one raises, or goes to `on_bad`), each with its own copy of its climate member,
-    made as it is handed out: a view would keep the shard's whole buffer alive as long as the sample lives, in a
-    shuffle buffer for instance (a simulated 256-sample buffer over shards of 24 to 1,000 samples would hold 3.5 to 43
-    shards). One copy at a time reuses the memory of the samples already consumed; copying every member when the
-    shard was parsed cost 64 us a sample in page faults (docs/performance.md, "Streaming at the floor")."""
-    for i in range(len(samples)):
-        raw, problem = samples[i]
-        samples[i] = _HANDED_OUT  # this list no longer holds it
-        if problem is not None:
-            if on_bad is None:
-                raise DataError(problem)
-            on_bad(shard.path, raw.key, problem)
-            continue
-        raw.members[CLIMATE_MEMBER] = bytes(raw.members[CLIMATE_MEMBER])
-        yield raw
+    """Yield the good samples (a bad one raises, or goes to `on_bad`). Their climate members are views of the
+    shard's bytes: a reader that keeps samples (the shuffle buffer, `shards.shuffle_samples`) copies them, so that a
+    kept sample does not keep its whole shard alive; one that decodes and drops them (evaluation) copies nothing."""
+    try:
+        for i in range(len(samples)):
+            raw, problem = samples[i]
+            samples[i] = _HANDED_OUT  # this list no longer holds it
+            if problem is not None:
+                if on_bad is None:
+                    raise DataError(problem)
+                on_bad(shard.path, raw.key, problem)
+                continue
+            yield raw
+    finally:  # an error (or a reader stopping early) leaves no view of the shard behind in this list
+        samples.clear()
 
 
 _HANDED_OUT: tuple[RawSample, str | None] = (RawSample(key="", shard="", members={}), None)

@@ -77,19 +77,31 @@ def per_rank_samples(ds: OpenedDataset, split: str, world: int) -> int:
 
 
 def shuffle_samples(samples: Iterator[RawSample], bufsize: int, rng: random.Random) -> Iterator[RawSample]:
-    """A seeded shuffle buffer: fill `bufsize`, then emit a random element per incoming sample."""
+    """A seeded shuffle buffer: fill `bufsize`, then emit a random element per incoming sample.
+
+    A sample entering the buffer gets bytes of its own for any member that is a view of its shard (`_own`): a view
+    kept here would keep the whole shard in memory (a simulated 256-sample buffer over shards of 24 to 1,000 samples
+    held 3.5 to 43 shards); copied one at a time, the memory of the samples already emitted is reused."""
     if bufsize <= 1:
         yield from samples
         return
     buf: list[RawSample] = []
     for sample in samples:
-        buf.append(sample)
+        buf.append(_own(sample))
         if len(buf) >= bufsize:
             i = rng.randrange(len(buf))
             buf[i], buf[-1] = buf[-1], buf[i]
             yield buf.pop()
     rng.shuffle(buf)
     yield from buf
+
+
+def _own(sample: RawSample) -> RawSample:
+    """`sample`, each member that is a `memoryview` of its shard's bytes replaced by a copy (`bytes`)."""
+    for name, value in list(sample.members.items()):
+        if isinstance(value, memoryview):
+            sample.members[name] = bytes(value)
+    return sample
 
 
 def _take_cycled(make: Callable[[], Iterator[RawSample]], n: int) -> Iterator[RawSample]:

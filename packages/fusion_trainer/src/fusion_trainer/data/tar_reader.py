@@ -2,7 +2,7 @@
 
 It replaces `tarfile` in streaming mode, which costs about as much as the rest of a sample (docs/performance.md,
 "Streaming"): members are sliced out of the shard's bytes by offset, every header checksum checked in one numpy pass.
-`shards.iter_shard` runs `tar_samples` over the bytes of a shard it already checked: the members grouped into
+`shard_reader.iter_shard` runs `tar_samples` over the bytes of a shard it already checked: the members grouped into
 samples exactly as webdataset's `group_by_keys` groups them.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__: list[str] = []  # package-internal: `shards.iter_shard` is the public way to read a shard
+__all__: list[str] = []  # package-internal: `shard_reader.iter_shard` is the public way to read a shard
 
 logger = logging.getLogger(__name__)
 

@@ -220,6 +220,8 @@ def evaluate_run(
         "caption": config.caption,
         "fusion": model.config.fusion,
     }
+    if no_repeat_ngram:  # captions made here were not plain greedy ones
+        result["no_repeat_ngram"] = no_repeat_ngram
     for section in SECTIONS:
         logger.info("fusion-eval: %s", section.__name__.removesuffix("_section"))
         result.update(section(ctx))

@@ -159,9 +159,9 @@ class NoRepeat:
 
     def rule_out(self, logits: Tensor, done: Tensor) -> None:
         """Set to -inf, in place, the logits `(B, vocab)` of every token that would repeat an n-gram of its row."""
-        k = self.n - 1
+        k, finished = self.n - 1, done.tolist()
         for row, (history, seen) in enumerate(zip(self.history, self.seen, strict=True)):
-            if len(history) < k or bool(done[row]):
+            if len(history) < k or finished[row]:
                 continue
             banned = seen.get(tuple(history[len(history) - k :]))
             if banned:
@@ -169,8 +169,8 @@ class NoRepeat:
 
     def add(self, tokens: Tensor, done: Tensor) -> None:
         """Record each live row's new token `(B,)` (rows already done are skipped)."""
-        for row, token in enumerate(tokens.tolist()):
-            if bool(done[row]):
+        for row, (token, finished) in enumerate(zip(tokens.tolist(), done.tolist(), strict=True)):
+            if finished:
                 continue
             history = self.history[row]
             history.append(int(token))
