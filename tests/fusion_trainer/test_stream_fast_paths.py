@@ -278,24 +278,43 @@ def test_decode_batch_fallbacks(dataset_ref: str) -> None:
         decode_batch(mixed, ds, norm)
 
 
-def test_a_sample_kept_in_the_shuffle_buffer_does_not_keep_its_shard(dataset_ref: str) -> None:
-    """A shard is parsed in place (a sample's climate member is a view of the shard's bytes); the shuffle buffer keeps
-    copies (`bytes`), so a sample waiting there does not keep the shard's whole buffer alive, and decodes the same."""
+def test_samples_left_in_the_shuffle_buffer_do_not_keep_their_shard(dataset_ref: str) -> None:
+    """A shard is parsed in place (a sample's climate member is a view of the shard's bytes). Once the reader has
+    moved on to the next shard, the few samples of the earlier one still in the buffer get copies of their own, so
+    they do not keep its whole buffer alive; a buffer holding most of a shard keeps the views. The order, and what
+    the samples decode to, are the same either way."""
+    import itertools
     import random
 
     from fusion_trainer.data.shards import shuffle_samples
 
     ds = open_shards(dataset_ref)
-    shard = max(ds.shards("train"), key=lambda s: s.samples)
-    read = list(iter_shard(ds, shard))
-    assert len(read) >= 2 and all(isinstance(r.members["climate.npy"], memoryview) for r in read)
+    first, second = sorted(ds.shards("train"), key=lambda s: -s.samples)[:2]
+    assert first.samples >= 3 and second.samples >= 3
+    read = list(iter_shard(ds, first))
+    assert all(isinstance(r.members["climate.npy"], memoryview) for r in read)
     assert all(type(r.members[m]) is bytes for r in read for m in ("txt", "json"))
-    views = {r.key: decode_sample(r, ds).climate_x for r in read}
-    kept = list(shuffle_samples(iter_shard(ds, shard), 4, random.Random(0)))
-    assert sorted(r.key for r in kept) == sorted(views)
-    assert all(type(value) is bytes for raw in kept for value in raw.members.values())
-    for raw in kept:
-        assert np.array_equal(decode_sample(raw, ds).climate_x, views[raw.key])
+    want = {r.key: decode_sample(r, ds).climate_x for r in [*read, *iter_shard(ds, second)]}
+
+    def both() -> Any:
+        return itertools.chain(iter_shard(ds, first), iter_shard(ds, second))
+
+    out, second_started = [], False
+    for raw in shuffle_samples(both(), 2, random.Random(0)):  # one sample of the first shard left behind
+        out.append((raw, second_started))
+        second_started = second_started or raw.shard == second.path
+    left_behind = [raw for raw, late in out if late and raw.shard == first.path]
+    assert all(type(raw.members["climate.npy"]) is bytes for raw in left_behind)
+    plain = [r.key for r in shuffle_samples(iter(list(both())), 2, random.Random(0))]
+    assert [raw.key for raw, _ in out] == plain
+    # every sample stays in the buffer: the first shard's are copied only if their arrays are under half its bytes
+    whole = list(shuffle_samples(both(), 10_000, random.Random(0)))
+    arrays = sum(len(r.members["climate.npy"]) for r in read)
+    kind = memoryview if 2 * arrays >= first.bytes + 1 else bytes
+    assert all(isinstance(r.members["climate.npy"], kind) for r in whole if r.shard == first.path)
+    assert all(isinstance(r.members["climate.npy"], memoryview) for r in whole if r.shard == second.path)
+    for raw in [*whole, *(r for r, _ in out)]:
+        assert np.array_equal(decode_sample(raw, ds).climate_x, want[raw.key])
 
 
 def test_encode_texts_equals_encode_sample_and_truncates(tokenizer: Any) -> None:

@@ -28,8 +28,9 @@ class Sample:
 class RawSample:
     """One sample as read from a shard: its members' bytes, or (once checked by `skip_bad_samples`) decoded.
 
-    `shard_reader.iter_shard` parses a shard in place: the climate member is a `memoryview` of the shard's bytes until
-    a shuffle buffer keeps the sample (`shards.shuffle_samples` copies it); the other members are `bytes`."""
+    `shard_reader.iter_shard` parses a shard in place: the climate member is a `memoryview` of the shard's bytes
+    (`shards.shuffle_samples` copies it when the sample would keep a shard alive alone); the other members are
+    `bytes`."""
 
     key: str
     shard: str

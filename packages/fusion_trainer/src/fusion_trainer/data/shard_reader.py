@@ -4,7 +4,7 @@ already hashed (`VerifiedShards`). Dealing shards to ranks and one rank's epoch 
 
 Speed (docs/performance.md, "Streaming at the floor"): the shard is read into one buffer and hashed in a thread as
 its bytes arrive and while its tar is parsed in place (`tar_reader`); a sample's climate member is a view of the
-shard's bytes until a shuffle buffer keeps it (`shards.shuffle_samples` copies it then).
+shard's bytes (`shards.shuffle_samples` copies the ones that would keep a shard alive alone).
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ def iter_shard(
     sample count compared: no sample of a shard that fails a check is ever yielded, however early its reader stops
     (an evaluation pass, a cut epoch, `generate --limit`). Members are only read into memory, never extracted: a
     member named like a path (`../../x.txt`) is refused by name. The shard's bytes are parsed in place: a sample's
-    climate member is a view of them (its text and metadata are `bytes`); a reader that keeps samples copies them
-    (`shards.shuffle_samples`), so it holds the shard it reads plus the samples it keeps.
+    climate member is a view of them (its text and metadata are `bytes`); the shuffle buffer copies the samples of an
+    earlier shard that hold less than half of it (`shards.shuffle_samples`).
 
     Args:
         ds: the opened dataset.
@@ -252,8 +252,8 @@ def _hand_out(
     samples: list[tuple[RawSample, str | None]], shard: ShardInfo, on_bad: BadSampleHook | None
 ) -> Generator[RawSample, None, None]:
     """Yield the good samples (a bad one raises, or goes to `on_bad`). Their climate members are views of the
-    shard's bytes: a reader that keeps samples (the shuffle buffer, `shards.shuffle_samples`) copies them, so that a
-    kept sample does not keep its whole shard alive; one that decodes and drops them (evaluation) copies nothing."""
+    shard's bytes: the shuffle buffer (`shards.shuffle_samples`) copies those that would keep the shard alive alone;
+    a reader that decodes and drops them (evaluation) copies nothing."""
     try:
         for i in range(len(samples)):
             raw, problem = samples[i]
