@@ -103,28 +103,33 @@ def decode_batch(
     """`decode_with_norm` of each sample and their climate stacked `(B, T, V, H, W)` (`collate.stack_climate`), in
     one go: the raw arrays are stacked, checked for NaN and fill values with one min/max pair and normalised as one
     array, with the same float32 operation per element as sample by sample (the same values, tested), instead of one
-    new array per sample stacked afterwards. A batch of samples already decoded, or of several array shapes, takes
-    the sample-by-sample path (and its errors)."""
+    new array per sample stacked afterwards. A batch of samples already decoded takes the sample-by-sample path; one
+    of several array shapes is checked and normalised sample by sample and gets `stack_climate`'s error."""
     if any(r.decoded is not None for r in raws):
         samples = [decode_with_norm(r, ds, norm, stats) for r in raws]
         return samples, stack_climate(samples)
     checked = [_checked(r, ds, values=False) for r in raws]
-    if len({array.shape for array, _, _ in checked}) > 1:
-        samples = [decode_with_norm(r, ds, norm, stats) for r in raws]
-        return samples, stack_climate(samples)
-    batch = np.stack([array for array, _, _ in checked])
-    limit = FILL_VALUE * 0.5
-    if not (-limit < batch.min() and batch.max() < limit):  # NaN propagates: the first bad sample is named
-        for raw, (array, _, _) in zip(raws, checked, strict=True):
+    arrays = [array for array, _, _ in checked]
+    batch = np.stack(arrays) if len({a.shape for a in arrays}) == 1 else None
+    if not (_clear(batch) if batch is not None else all(map(_clear, arrays))):  # the first bad sample is named
+        for raw, array in zip(raws, arrays, strict=True):
             _check_values(raw, array, len(ds.manifest.variables))
     mean, std = norm
-    np.subtract(batch, mean, out=batch)
-    batch /= std
+    if batch is not None:
+        np.subtract(batch, mean, out=batch)
+        batch /= std
+    climates = list(batch) if batch is not None else [np.subtract(a, mean, dtype=np.float32) / std for a in arrays]
     samples = [
-        _sample(raw, ds, norm, batch[i], text, meta if stats else None)
-        for i, (raw, (_, text, meta)) in enumerate(zip(raws, checked, strict=True))
+        _sample(raw, ds, norm, climate, text, meta if stats else None)
+        for raw, climate, (_, text, meta) in zip(raws, climates, checked, strict=True)
     ]
-    return samples, batch
+    return samples, batch if batch is not None else stack_climate(samples)
+
+
+def _clear(array: np.ndarray) -> bool:
+    """No NaN and no fill value in `array`: min and max propagate NaN, so one pair of reductions tells."""
+    limit = FILL_VALUE * 0.5
+    return bool(-limit < array.min() and array.max() < limit)
 
 
 def _sample(
@@ -158,10 +163,9 @@ def _checked(raw: RawSample, ds: OpenedDataset, values: bool = True) -> tuple[np
         raise DataError(f"shard {raw.shard}: {exc}") from exc
     if meta is not None and meta.key != raw.key:
         raise DataError(f"shard {raw.shard}: sample {raw.key!r} carries the metadata of {meta.key!r}")
-    limit = FILL_VALUE * 0.5
     plain = array.dtype == np.float32 and array.ndim == 4 and array.size and array.shape[1] == n_variables
-    # min/max propagate NaN, so one pair of reductions clears the usual case; anything else gets the full check
-    if not (plain and (not values or (-limit < array.min() and array.max() < limit))):
+    # one pair of reductions clears the usual case; anything else gets the full check
+    if not (plain and (not values or _clear(array))):
         _check_values(raw, array, n_variables)
     shape = ds.manifest.array_shape
     if shape is not None and list(array.shape) != shape:
