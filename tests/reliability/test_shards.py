@@ -81,10 +81,10 @@ def _pickled_npy(marker: Path) -> bytes:
     return buf.getvalue()
 
 
-def _stream(ref: str, tokenizer: Any, skip: bool = False) -> ClimateTextStream:
+def _stream(ref: str, tokenizer: Any, skip: bool = False, rehash: bool = False) -> ClimateTextStream:
     ds = open_shards(ref)
     return ClimateTextStream(ds, "train", tokenizer, prompt=render_prompt(DEFAULT_PROMPT, ds), micro_batch=1,
-                             max_length=256, seed=1, skip_bad_samples=skip)  # fmt: skip
+                             max_length=256, seed=1, skip_bad_samples=skip, rehash=rehash)  # fmt: skip
 
 
 def _epoch(stream: ClimateTextStream) -> tuple[list[str], int]:
@@ -164,19 +164,30 @@ def _count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def _epochs(it: Any, stream: ClimateTextStream, n: int) -> None:
+    """Take `n` epochs of batches from `it`, an iterator over `stream`."""
+    for _ in range(n * stream.batches_per_epoch):
+        next(it)
+
+
+def _shard_hashes(calls: list[int], stream: ClimateTextStream, reads: int) -> tuple[list[int], list[int]]:
+    """(the sizes of the train shards hashed so far, sorted; each train shard's size `reads` times, sorted)."""
+    sizes = [s.bytes for s in stream.ds.shards("train")]
+    return sorted(n for n in calls if n in sizes), sorted(sizes * reads)
+
+
 def test_an_unchanged_local_shard_is_hashed_once_per_stream(
     dataset: tuple[Path, str], tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, ref = dataset
     calls = _count_hashes(monkeypatch)
     stream = _stream(ref, tokenizer)
-    sizes = sorted(s.bytes for s in stream.ds.shards("train"))
-    it = iter(stream)
-    for _ in range(3 * stream.batches_per_epoch):  # three epochs
-        next(it)
-    assert sorted(n for n in calls if n in sizes) == sizes
+    _epochs(iter(stream), stream, 3)
+    hashed, once = _shard_hashes(calls, stream, 1)
+    assert hashed == once
     _epoch(_stream(ref, tokenizer))  # a new stream (a new run) hashes again
-    assert sorted(n for n in calls if n in sizes) == sorted(sizes * 2)
+    hashed, twice = _shard_hashes(calls, stream, 2)
+    assert hashed == twice
 
 
 def test_rehash_hashes_every_read(
@@ -185,14 +196,10 @@ def test_rehash_hashes_every_read(
     """`rehash=True` (`fusion-train --set rehash_shards=true`): a local shard is hashed on every read."""
     _, ref = dataset
     calls = _count_hashes(monkeypatch)
-    ds = open_shards(ref)
-    stream = ClimateTextStream(ds, "train", tokenizer, prompt=render_prompt(DEFAULT_PROMPT, ds), micro_batch=1,
-                               max_length=256, seed=1, rehash=True)  # fmt: skip
-    sizes = sorted(s.bytes for s in ds.shards("train"))
-    it = iter(stream)
-    for _ in range(2 * stream.batches_per_epoch):
-        next(it)
-    assert sorted(n for n in calls if n in sizes) == sorted(sizes * 2)
+    stream = _stream(ref, tokenizer, rehash=True)
+    _epochs(iter(stream), stream, 2)
+    hashed, twice = _shard_hashes(calls, stream, 2)
+    assert hashed == twice
 
 
 def test_a_shard_that_changes_while_it_is_read_is_hashed(
@@ -204,10 +211,8 @@ def test_a_shard_that_changes_while_it_is_read_is_hashed(
     _, ref = dataset
     calls = _count_hashes(monkeypatch)
     stream = _stream(ref, tokenizer)
-    sizes = sorted(s.bytes for s in stream.ds.shards("train"))
     it = iter(stream)
-    for _ in range(stream.batches_per_epoch):
-        next(it)
+    _epochs(it, stream, 1)
     real = shards._identity
     seen: list[int] = []
 
@@ -216,9 +221,9 @@ def test_a_shard_that_changes_while_it_is_read_is_hashed(
         return real(fh) if len(seen) % 2 else (*real(fh)[:-1], -1)
 
     monkeypatch.setattr(shards, "_identity", changing)
-    for _ in range(stream.batches_per_epoch):
-        next(it)
-    assert sorted(n for n in calls if n in sizes) == sorted(sizes * 2)
+    _epochs(it, stream, 1)
+    hashed, twice = _shard_hashes(calls, stream, 2)
+    assert hashed == twice
 
 
 def test_a_shard_rewritten_between_epochs_is_caught(
@@ -231,16 +236,14 @@ def test_a_shard_rewritten_between_epochs_is_caught(
     calls = _count_hashes(monkeypatch)
     stream = _stream(ref, tokenizer)
     it = iter(stream)
-    for _ in range(stream.batches_per_epoch):
-        next(it)
+    _epochs(it, stream, 1)
     path = vdir / SHARD
     before = path.stat()
     _flip(vdir)
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     with pytest.raises(DataError, match=r"train-000000\.tar fails its checks .*sha256"):
-        for _ in range(stream.batches_per_epoch):
-            next(it)
+        _epochs(it, stream, 1)
     assert before.st_size in calls
 
 
@@ -256,11 +259,9 @@ def test_a_shard_on_another_filesystem_is_hashed_on_every_read(
     mem.put(str(vdir.parent.parent), root, recursive=True)
     calls = _count_hashes(monkeypatch)
     stream = _stream(f"memory://{root}@{vdir.name}", tokenizer)
-    sizes = sorted(s.bytes for s in stream.ds.shards("train"))
-    it = iter(stream)
-    for _ in range(2 * stream.batches_per_epoch):
-        next(it)
-    assert sorted(n for n in calls if n in sizes) == sorted(sizes * 2)
+    _epochs(iter(stream), stream, 2)
+    hashed, twice = _shard_hashes(calls, stream, 2)
+    assert hashed == twice
     mem.rm(root, recursive=True)
 
 
