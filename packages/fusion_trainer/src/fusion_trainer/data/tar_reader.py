@@ -118,10 +118,8 @@ def tar_members(data: bytes | memoryview, url: str, limit: int | None = None) ->
             if "/" not in name and name.startswith("__") and name.endswith("__"):
                 continue
             members.append({"fname": name, "data": view[start : start + size], "__url__": url})
-    except (tarfile.HeaderError, EOFError, ValueError):
-        _check_sums(data, headers)  # a damaged header is named as such before what it led to
-        raise
-    _check_sums(data, headers)
+    finally:  # a damaged header is named as such, before anything it led to
+        _check_sums(data, headers)
     yield from members
 
 
