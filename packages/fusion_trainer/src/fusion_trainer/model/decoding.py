@@ -150,26 +150,29 @@ def _pick_next(
 class NoRepeat:
     """Each row's n-grams written so far, and the rule that no row writes one twice: before a step, the tokens that
     would complete an n-gram the row already wrote get -inf (`rule_out`); after it, the new token is recorded
-    (`add`). The same rule as transformers' `no_repeat_ngram_size`, over the generated tokens only."""
+    (`add`). The same rule as transformers' `no_repeat_ngram_size`, over the generated tokens only. Rows are named by
+    their index in the whole batch (`rows`), so a batch that drops its finished rows keeps each row's history."""
 
     def __init__(self, n: int, rows: int) -> None:
         self.n = n
         self.history: list[list[int]] = [[] for _ in range(rows)]
         self.seen: list[dict[tuple[int, ...], set[int]]] = [{} for _ in range(rows)]
 
-    def rule_out(self, logits: Tensor, done: Tensor) -> None:
-        """Set to -inf, in place, the logits `(B, vocab)` of every token that would repeat an n-gram of its row."""
+    def rule_out(self, logits: Tensor, rows: Sequence[int], done: Tensor) -> None:
+        """Set to -inf, in place, the logits `(b, vocab)` of every token that would repeat an n-gram of its row;
+        `rows[i]` is the batch row of logits row i, `done` `(b,)` marks the rows already finished."""
         k, finished = self.n - 1, done.tolist()
-        for row, (history, seen) in enumerate(zip(self.history, self.seen, strict=True)):
-            if len(history) < k or finished[row]:
+        for i, row in enumerate(rows):
+            history = self.history[row]
+            if len(history) < k or finished[i]:
                 continue
-            banned = seen.get(tuple(history[len(history) - k :]))
+            banned = self.seen[row].get(tuple(history[len(history) - k :]))
             if banned:
-                logits[row, list(banned)] = float("-inf")
+                logits[i, list(banned)] = float("-inf")
 
-    def add(self, tokens: Tensor, done: Tensor) -> None:
-        """Record each live row's new token `(B,)` (rows already done are skipped)."""
-        for row, (token, finished) in enumerate(zip(tokens.tolist(), done.tolist(), strict=True)):
+    def add(self, tokens: Tensor, rows: Sequence[int], done: Tensor) -> None:
+        """Record each live row's new token `(b,)` (rows already done are skipped)."""
+        for row, token, finished in zip(rows, tokens.tolist(), done.tolist(), strict=True):
             if finished:
                 continue
             history = self.history[row]
@@ -192,42 +195,58 @@ def decode(
     seed: int | None = None,
     cache: Any = None,
     no_repeat_ngram: int = 0,
+    select: Callable[[Tensor], None] | None = None,
 ) -> list[list[int]]:
     """New token ids per row, from the fused prompt embeddings `(B, L, H)` and their padded mask `(B, C + L)`.
 
-    `step` runs the LM on new embeddings with the cache; `embed_next` fuses the tokens just picked `(B, 1)` into
-    `(B, 1, H)`. A row stops at its first stop id (later positions hold `pad`); all stop, or `max_new_tokens`.
+    `step` runs the LM on new embeddings with the cache; `embed_next` fuses the tokens just picked `(b, 1)` into
+    `(b, 1, H)`. A row stops at its first stop id (later positions hold `pad`); all stop, or `max_new_tokens`.
     `cache`: the keys and values of `C` tokens before `embeds` (a cached prompt; `mask` covers them too), or None.
     Padding may sit anywhere in the mask: positions count attended tokens only.
     `no_repeat_ngram=n` (> 0): a row never writes an n-gram of tokens it has already written (the prompt does not
     count): the token that would complete one is ruled out at that step (`NoRepeat`).
+    `select`: given, finished rows leave the batch: once a quarter of the rows still in it have stopped, the cache
+    (`batch_select_indices`) and the step's inputs keep only the others, and `select(keep)` tells the caller which
+    rows of its per-row state to keep (indices into the rows still in the batch, `(b',)`). One long row then no
+    longer costs a step of the whole batch. Greedy tokens are the same (each row's computation is its own);
+    sampled ones are drawn for fewer rows, so a seed gives other (still reproducible) draws.
     """
     device = embeds.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)[:, -embeds.shape[1] :]  # (B, L), padding aware
     stop_tensor = torch.tensor(sorted(stops), device=device, dtype=torch.long)
-    done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=device)
-    out_ids: list[Tensor] = []
-    repeats = NoRepeat(no_repeat_ngram, embeds.shape[0]) if no_repeat_ngram > 0 else None
-    for _ in range(max_new_tokens):
+    total = embeds.shape[0]
+    live = torch.arange(total, device=device)  # the batch rows still in the step's inputs
+    done = torch.zeros(total, dtype=torch.bool, device=device)
+    out = torch.full((total, max_new_tokens), pad, dtype=torch.long, device=device)
+    repeats = NoRepeat(no_repeat_ngram, total) if no_repeat_ngram > 0 else None
+    written = 0
+    for t in range(max_new_tokens):
         logits, cache = step(embeds, mask, positions, cache)
         logits = logits.float()
+        stopped = done[live]  # (b,)
+        rows = live.tolist() if repeats is not None else []
         if repeats is not None:
-            repeats.rule_out(logits, done)
-        nxt = _pick_next(logits, do_sample, temperature, top_p, gen)  # (B,)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            repeats.rule_out(logits, rows, stopped)
+        nxt = _pick_next(logits, do_sample, temperature, top_p, gen)  # (b,)
+        nxt = torch.where(stopped, torch.full_like(nxt, pad), nxt)
         if repeats is not None:
-            repeats.add(nxt, done)
-        out_ids.append(nxt)
-        done |= torch.isin(nxt, stop_tensor)
-        if bool(done.all()):
+            repeats.add(nxt, rows, stopped)
+        out[live, t] = nxt
+        written = t + 1
+        stopped |= torch.isin(nxt, stop_tensor)
+        done[live] = stopped
+        if bool(stopped.all()):
             break
-        embeds = embed_next(nxt[:, None])  # (B, 1, H)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, L+k)
-        positions = positions[:, -1:] + 1  # (B, 1)
-    if not out_ids:
-        return [[] for _ in range(embeds.shape[0])]
-    return [list(map(int, row)) for row in torch.stack(out_ids, dim=1).tolist()]
+        if select is not None and hasattr(cache, "batch_select_indices") and 4 * int(stopped.sum()) >= len(live):
+            keep = (~stopped).nonzero().squeeze(1)  # (b',)
+            cache.batch_select_indices(keep)
+            select(keep)
+            live, nxt, mask, positions = live[keep], nxt[keep], mask[keep], positions[keep]
+        embeds = embed_next(nxt[:, None])  # (b, 1, H)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (b, L+k)
+        positions = positions[:, -1:] + 1  # (b, 1)
+    return [list(map(int, row)) for row in out[:, :written].tolist()]
 
 
 def decode_texts(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -142,23 +143,29 @@ class FusedGeneration(nn.Module):
         if cache is not None:  # the mask covers the cached prompt too
             mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared.shape[1]), mask], dim=1)
 
+        live = [tokens]  # the climate tokens of the rows still being decoded (`decode` drops finished ones)
+
         def step(embeds: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> tuple[Tensor, Any]:
             # logits at the last position only: the prompt's other positions predict nothing here. Given as an index,
             # not as `logits_to_keep=1`: transformers slices that as `[:, -1:]`, a strided view of the prompt's hidden
             # states, and matmul turns a strided (B, 1, H) input into a batched product with the LM head's weight
             # copied once per row (at 64 rows of SmolLM2: 1.8e9 values, 6 s of a 26 s batch; docs/performance.md)
             last = torch.tensor([embeds.shape[1] - 1], device=embeds.device)
-            with self._climate_scope(tokens):
+            with self._climate_scope(live[0]):
                 out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
                               logits_to_keep=last, **{self._cache_kwarg: cache})  # fmt: skip
             return out.logits[:, -1, :], getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+        def select(keep: Tensor) -> None:
+            live[0] = replace(live[0], tokens=live[0].tokens[keep])
 
         stops = stop_ids(tok, self.lm.generation_config)
         breaks = break_ids(tok) if one_line else frozenset()
         pad = int(tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), 0))
         cache = growing_cache(self.lm.config, cache)  # each step writes its token in place (no copy of the cache)
-        rows = decode(embeds, mask, step, lambda nxt: self.step_embeddings(nxt, tokens), stops | breaks, pad, max_new_tokens,
-                      do_sample, temperature, top_p, seed, cache=cache, no_repeat_ngram=no_repeat_ngram)  # fmt: skip
+        rows = decode(embeds, mask, step, lambda nxt: self.step_embeddings(nxt, live[0]), stops | breaks, pad,
+                      max_new_tokens, do_sample, temperature, top_p, seed, cache=cache, no_repeat_ngram=no_repeat_ngram,
+                      select=select)  # fmt: skip
         return decode_texts(tok, rows, stops, breaks)
 
     def step_embeddings(self, input_ids: Tensor, climate: ClimateTokens) -> Tensor:
