@@ -59,6 +59,10 @@ def test_loss_only_equals_the_full_pass(
     model = FusionModel.from_base(folder, FusionConfig(fusion=fusion, n_variables=3, **SIZES, **extra),
                                   dtype=torch.float32)  # fmt: skip
     batch = _batch(model.lm.config.vocab_size)
+    if position == "readout":  # readout lines of different lengths: the no-gradient pass over them is padded
+        batch["climate"] = batch["climate"] * 3
+        stats = model.encoder.stats_head(model.encoder.encode(batch["climate"]).tokens, batch["climate"])  # type: ignore[misc]
+        assert len({len(ids) for ids in model.readout_ids(stats)}) > 1
     weights = None
     if weighted:
         weights = torch.ones(model.lm.config.vocab_size)

@@ -314,13 +314,16 @@ class FusionModel(FusedGeneration, TrainableParameters):
         embeds, mask, fused_labels, text_positions = self._fuse(input_ids, attention_mask, tokens, labels, stats)
         if shared:
             assert text_positions is not None and bool((text_positions[:, 0] > 0).all()), "soft tokens lead the rest"
-            positions, mask = lm_pass.after_cached_prompt(shared, mask)
-            cache.update(position_ids=positions, use_cache=True)
+            positions, full_mask = lm_pass.after_cached_prompt(shared, mask)
+            cache.update(position_ids=positions, use_cache=True, attention_mask=full_mask)
+            if self.config.readout and torch.is_grad_enabled():  # the readout line needs no backward
+                embeds, text_positions, cache = lm_pass.constant_head_first(
+                    self.lm, embeds, mask, labels, text_positions, self.config.n_prefix_tokens, cache)  # fmt: skip
         else:
-            cache["use_cache"] = False
+            cache.update(use_cache=False, attention_mask=mask)
         with self._climate_scope(tokens):
-            out = target_loss(self.lm, {"inputs_embeds": embeds, "attention_mask": mask, **cache}, labels,
-                              text_positions, weights, offset_ok=bool(shared), per_token=per_token)  # fmt: skip
+            out = target_loss(self.lm, {"inputs_embeds": embeds, **cache}, labels, text_positions, weights,
+                              offset_ok=bool(shared), per_token=per_token)  # fmt: skip
         if not per_token:
             assert isinstance(out, Tensor)
             return out
