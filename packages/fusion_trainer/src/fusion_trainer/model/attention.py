@@ -24,6 +24,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .shared_prefix import active_layer, prefix_attention
+
 __all__ = ["GROUPED_SDPA", "grouped_sdpa", "use_grouped_sdpa"]
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,9 @@ def grouped_sdpa(
 ) -> tuple[Tensor, None]:
     """transformers' attention-function signature: query `(B, H, Q, D)`, key and value `(B, KV, L, D)`, mask
     `(B or 1, 1, Q, L)`; returns `(B, Q, H, D)` as `sdpa_attention_forward` does."""
+    shared = active_layer(module)
+    if shared is not None:  # a prompt held once (`shared_prefix`: generation on a CPU)
+        return prefix_attention(shared, query, key, value, attention_mask, scaling), None
     groups = int(getattr(module, "num_key_value_groups", 1) or 1)
     b, heads, q_len, dim = query.shape
     plain = (

@@ -95,9 +95,13 @@ class GrowingLayer(DynamicLayer):
     copied into fresh buffers at the next update."""
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        return self._grow(key_states, value_states, self.get_seq_length() if self.is_initialized else 0)
+
+    def _grow(self, key_states: Tensor, value_states: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """Append `(B, KV, new, D)` after the `n` tokens held; return all `n + new`."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n, new = self.get_seq_length(), key_states.shape[-2]
+        new = key_states.shape[-2]
         kbuf: Tensor | None = getattr(self, "_kbuf", None)
         stale = bool(n) and (kbuf is None or self.keys is None or self.keys.data_ptr() != kbuf.data_ptr())
         if kbuf is None or stale or n + new > kbuf.shape[-2] or kbuf.shape[:-2] != key_states.shape[:-2]:

@@ -19,11 +19,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fusion_trainer.errors import ConfigError, ModelError
 from fusion_trainer.fusion_config import FusionConfig
 
+from .attention import GROUPED_SDPA
 from .decoding import batch_windows, break_ids, decode, decode_texts, encode_prompts, growing_cache, stop_ids
 from .encoder import ClimateEncoder, ClimateTokens
 from .fusion import fuse_new_tokens
 from .lm_pass import PromptCache
 from .readout import readout_values, render_readout
+from .shared_prefix import SharedPrefixLayer, shared_prefix_cache, shared_prefix_scope
 
 __all__ = ["FusedGeneration"]
 
@@ -136,13 +138,14 @@ class FusedGeneration(nn.Module):
             shared = encode_prompts(tok, prompts[:1], self.device)[0][:, :-1]
             ids, mask = encode_prompts(tok, prompts, self.device, suffixes, skip=shared.shape[1])
             if shared.shape[1]:
-                cache = self._prompt_cache.batch(self.lm, shared, self._embed_module(), len(prompts))
+                cache = self._shared_prompt_cache(shared, len(prompts))
         else:
             ids, mask = encode_prompts(tok, prompts, self.device, suffixes)
         embeds, mask, _, _ = self._fuse(ids, mask, tokens, None, stats, insert_readout=False)  # (B, L', H)
         if cache is not None:  # the mask covers the cached prompt too
             mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared.shape[1]), mask], dim=1)
 
+        held_once = cache is not None and isinstance(cache.layers[0], SharedPrefixLayer)
         live = [tokens]  # the climate tokens of the rows still being decoded (`decode` drops finished ones)
 
         def step(embeds: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> tuple[Tensor, Any]:
@@ -151,7 +154,7 @@ class FusedGeneration(nn.Module):
             # states, and matmul turns a strided (B, 1, H) input into a batched product with the LM head's weight
             # copied once per row (at 64 rows of SmolLM2: 1.8e9 values, 6 s of a 26 s batch; docs/performance.md)
             last = torch.tensor([embeds.shape[1] - 1], device=embeds.device)
-            with self._climate_scope(live[0]):
+            with self._climate_scope(live[0]), shared_prefix_scope(cache) if held_once else contextlib.nullcontext():
                 out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
                               logits_to_keep=last, **{self._cache_kwarg: cache})  # fmt: skip
             return out.logits[:, -1, :], getattr(out, "cache", None) or getattr(out, "past_key_values", None)
@@ -167,6 +170,17 @@ class FusedGeneration(nn.Module):
                       max_new_tokens, do_sample, temperature, top_p, seed, cache=cache, no_repeat_ngram=no_repeat_ngram,
                       select=select)  # fmt: skip
         return decode_texts(tok, rows, stops, breaks)
+
+    def _shared_prompt_cache(self, shared: Tensor, rows: int) -> Any:
+        """The shared prompt's cache for `rows` rows: held once (`shared_prefix`) on a CPU under `grouped_sdpa`,
+        else copied to every row."""
+        assert self._prompt_cache is not None
+        embed = self._embed_module()
+        if shared.device.type == "cpu" and getattr(self.lm.config, "_attn_implementation", None) == GROUPED_SDPA:
+            held = shared_prefix_cache(self.lm.config, self._prompt_cache.prompt(self.lm, shared, embed))
+            if held is not None:
+                return held
+        return self._prompt_cache.batch(self.lm, shared, embed, rows)
 
     def step_embeddings(self, input_ids: Tensor, climate: ClimateTokens) -> Tensor:
         """Embeddings of newly generated tokens `(B, 1)` -> `(B, 1, H)`, fused as in training (add / xattn)."""

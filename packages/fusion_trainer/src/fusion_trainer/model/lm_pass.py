@@ -1,6 +1,6 @@
 """The frozen LM's pass in training, without the work a frozen base leaves undone (docs/performance.md, "Training").
 
-Two exact savings, both used only for the loss (`FusionModel.forward(..., logits="none")`, and `LeanCausalLM`, the
+Three exact savings, used only for the loss (`FusionModel.forward(..., logits="none")`, and `LeanCausalLM`, the
 frozen base's caption loss that `fusion-eval` scores):
 
 - **Logits at target positions only.** The LM head (576 x 49,152 for SmolLM2: about a fifth of a forward) runs only
@@ -13,6 +13,9 @@ frozen base's caption loss that `fusion-eval` scores):
   later batch starts from a copy (`PromptCache`): the LM then runs only over the soft tokens and the caption. The
   attention sees the same keys and values as in one pass over the whole sequence, so the loss is the same to
   floating-point rounding (tested to 1e-5, gradients too).
+- **The readout line without a backward.** With `readout: true`, each row's readout line (text ids after the cached
+  prompt, before the soft tokens) runs in a pass without gradient that extends the cache, and the pass with gradient
+  covers only the soft tokens and the caption (`constant_head_first`; tested to 1e-5, gradients too).
 """
 
 from __future__ import annotations
@@ -182,6 +185,13 @@ class PromptCache:
             embed: the LM's input embedding.
             batch_size: rows of the batch about to run.
         """
+        fresh = copy.deepcopy(self.prompt(lm, prompt_ids, embed))
+        if batch_size > 1:
+            fresh.batch_repeat_interleave(batch_size)
+        return fresh
+
+    def prompt(self, lm: nn.Module, prompt_ids: Tensor, embed: nn.Module) -> Any:
+        """The prompt's one-row cache itself (computed on first use); read it, never write to it."""
         weight = getattr(embed, "weight", None)
         key = (tuple(prompt_ids[0].tolist()), prompt_ids.device, None if weight is None else weight.dtype)
         if key != self._key:
@@ -190,10 +200,7 @@ class PromptCache:
             self._cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
             self._key = key
             logger.debug("prompt cache: %d tokens on %s (%s)", prompt_ids.shape[1], prompt_ids.device, key[2])
-        fresh = copy.deepcopy(self._cache)
-        if batch_size > 1:
-            fresh.batch_repeat_interleave(batch_size)
-        return fresh
+        return self._cache
 
 
 class LeanCausalLM:
