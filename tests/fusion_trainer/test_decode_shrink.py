@@ -118,6 +118,8 @@ def test_generate_drops_finished_rows_with_the_same_text(
     monkeypatch.setattr(generation, "stop_ids", lambda tok, config: {stop})
     shrunk = model.generate(climate, prompts, max_new_tokens=12)
     assert calls, "no row left the batch"
+    sampled = model.generate(climate, prompts, max_new_tokens=12, do_sample=True, seed=3)
+    assert model.generate(climate, prompts, max_new_tokens=12, do_sample=True, seed=3) == sampled  # reproducible
     shrink[0] = False
     assert model.generate(climate, prompts, max_new_tokens=12) == shrunk
     assert len(set(shrunk)) > 1

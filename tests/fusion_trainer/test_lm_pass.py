@@ -224,3 +224,19 @@ def test_the_lean_base_loss_equals_the_plain_models(tmp_path_factory: pytest.Tem
         assert torch.allclose(got, plain, atol=1e-5), (float(got), float(plain))
     cached = lean._prompt._key
     assert (cached is not None and len(cached[0]) == prompt - 1) if prompt else cached is None
+
+
+def test_the_readout_split_is_skipped_where_it_would_not_be_exact(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Windowed attention counts cache slots (GPT-Neo's local layers), and a mask with a hole is not the layout the
+    split assumes: both keep the one pass."""
+    from fusion_trainer.model.lm_pass import constant_head_first, local_attention
+    from transformers import AutoConfig
+
+    neo = AutoConfig.from_pretrained(make_tiny_model("gpt_neo", tmp_path_factory.getbasetemp() / "tiny-gpt_neo"))
+    llama = AutoConfig.from_pretrained(make_tiny_model("llama", tmp_path_factory.getbasetemp() / "tiny-llama"))
+    assert local_attention(neo) and not local_attention(llama)
+    lm = type("LM", (), {"config": llama})()
+    holed = torch.tensor([[1, 0, 1, 1]])
+    args = (torch.zeros(1, 4, 8), holed, torch.tensor([[-100, 5, 6, 7]]), torch.arange(4)[None], 1, {})
+    assert constant_head_first(lm, *args) is None  # type: ignore[arg-type]
+    assert constant_head_first(type("LM", (), {"config": neo})(), *(args[:1] + (torch.ones(1, 4),) + args[2:])) is None  # type: ignore[arg-type]

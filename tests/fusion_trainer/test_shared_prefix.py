@@ -30,10 +30,12 @@ def _reference(query: Any, keys: Any, values: Any, mask: Any) -> Any:
     return torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask).transpose(1, 2)
 
 
-@pytest.mark.parametrize("q_len", [1, 5])
+@pytest.mark.parametrize("q_len", [1, 5, 9])
 @pytest.mark.parametrize("padded", [False, True])
 def test_prefix_attention_equals_the_copied_prompt(q_len: int, padded: bool) -> None:
-    """Left padding between the prompt and a row's own part, and the causal part of a prefill; mask or none."""
+    """Left padding between the prompt and a row's own part, and the causal part of a prefill; mask or none. At
+    q_len 9 every own token is new, so the padding slots are queries that see nothing of their own part (only the
+    prompt): their own part must weigh nothing."""
     b, own = 3, 9
     layer, query, (key, value), (ck, cv), prompt = _layer_and_inputs(b, q_len, own)
     total = prompt + own
@@ -94,3 +96,15 @@ def test_generation_with_the_prompt_held_once_equals_the_copied_prompt(
     assert model.generate(climate, prompt, max_new_tokens=20) == held
     assert kinds[0] is SharedPrefixLayer and kinds[1] is not SharedPrefixLayer
     assert len(set(held)) > 1
+
+
+def test_windowed_or_capped_attention_keeps_the_copied_prompt() -> None:
+    from fusion_trainer.model.shared_prefix import shared_prefix_cache
+    from transformers import DynamicCache, LlamaConfig
+
+    config = LlamaConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1)
+    prompt = DynamicCache(config=config)
+    prompt.update(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), 0)
+    assert isinstance(shared_prefix_cache(config, prompt).layers[0], SharedPrefixLayer)  # type: ignore[union-attr]
+    config.sliding_window = 2
+    assert shared_prefix_cache(config, prompt) is None

@@ -10,7 +10,9 @@ rounding (tested to 1e-5 in fp32). Measured at the demo's training shapes (8 row
 bf16, 2 CPU cores): 53.7 ms -> 36.6 ms a layer, forward and backward (docs/performance.md).
 
 Everything else (no mask, one new token, which transformers already folds, bases without grouped heads, per-head
-masks) goes to transformers' `sdpa_attention_forward` unchanged. `use_grouped_sdpa(lm)` switches a loaded base to it.
+masks) goes to transformers' `sdpa_attention_forward` unchanged, except inside `shared_prefix.shared_prefix_scope`
+(generation on a CPU with the prompt held once), where every call goes to `shared_prefix.prefix_attention`.
+`use_grouped_sdpa(lm)` switches a loaded base to it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from fusion_trainer.errors import ModelError
 
 from .shared_prefix import active_layer, prefix_attention
 
@@ -49,6 +53,9 @@ def grouped_sdpa(
     `(B or 1, 1, Q, L)`; returns `(B, Q, H, D)` as `sdpa_attention_forward` does."""
     shared = active_layer(module)
     if shared is not None:  # a prompt held once (`shared_prefix`: generation on a CPU)
+        extras = {k for k in ("softcap", "sliding_window", "s_aux", "position_bias") if kwargs.get(k) is not None}
+        if extras or (dropout and module.training) or (attention_mask is not None and attention_mask.dtype != torch.bool):
+            raise ModelError(f"the prompt held once cannot serve this attention ({sorted(extras) or 'dropout or a float mask'})")
         return prefix_attention(shared, query, key, value, attention_mask, scaling), None
     groups = int(getattr(module, "num_key_value_groups", 1) or 1)
     b, heads, q_len, dim = query.shape

@@ -212,8 +212,9 @@ def decode(
     `select`: given, finished rows leave the batch: once a quarter of the rows still in it have stopped, the cache
     (`batch_select_indices`) and the step's inputs keep only the others, and `select(keep)` tells the caller which
     rows of its per-row state to keep (indices into the rows still in the batch, `(b',)`). One long row then no
-    longer costs a step of the whole batch. Greedy tokens are the same (each row's computation is its own);
-    sampled ones are drawn for fewer rows, so a seed gives other (still reproducible) draws.
+    longer costs a step of the whole batch. Greedy tokens are the same in exact arithmetic (each row's computation
+    is its own; bf16 products may round a smaller batch differently); sampled ones are drawn for fewer rows, so a
+    seed gives other (still reproducible) draws.
     """
     device = embeds.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None

@@ -316,9 +316,9 @@ class FusionModel(FusedGeneration, TrainableParameters):
             assert text_positions is not None and bool((text_positions[:, 0] > 0).all()), "soft tokens lead the rest"
             positions, full_mask = lm_pass.after_cached_prompt(shared, mask)
             cache.update(position_ids=positions, use_cache=True, attention_mask=full_mask)
-            if self.config.readout and torch.is_grad_enabled():  # the readout line needs no backward
-                embeds, text_positions, cache = lm_pass.constant_head_first(
-                    self.lm, embeds, mask, labels, text_positions, self.config.n_prefix_tokens, cache)  # fmt: skip
+            split = lm_pass.constant_head_first(self.lm, embeds, mask, labels, text_positions, self.config.n_prefix_tokens,
+                                                cache) if self.config.readout and torch.is_grad_enabled() else None  # fmt: skip
+            embeds, text_positions, cache = split or (embeds, text_positions, cache)  # the readout line: no backward
         else:
             cache.update(use_cache=False, attention_mask=mask)
         with self._climate_scope(tokens):

@@ -32,7 +32,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 __all__ = [
     "FusionOutput", "LeanCausalLM", "PromptCache", "after_cached_prompt", "cache_kwarg", "caption_loss",
-    "constant_head_first",
+    "constant_head_first", "local_attention",
     "predictor_positions", "shared_prompt_length", "target_loss",
 ]  # fmt: skip
 
@@ -68,23 +68,32 @@ def shared_prompt_length(input_ids: Tensor, attention_mask: Tensor, labels: Tens
     return int(differ[0, 0]) if differ.numel() else first
 
 
+def local_attention(config: Any) -> bool:
+    """Whether a transformers config has layers that attend within a window (GPT-Neo's local layers, sliding windows):
+    their window counts cache slots, so a pass whose rows are padded in the middle would shift what they see."""
+    return bool(getattr(config, "sliding_window", None)) or "local" in set(getattr(config, "attention_layers", ()) or ())
+
+
 def constant_head_first(
     lm: nn.Module, embeds: Tensor, mask: Tensor, labels: Tensor, text_positions: Tensor, n_soft: int,
     lm_kwargs: dict[str, Any],
-) -> tuple[Tensor, Tensor, dict[str, Any]]:  # fmt: skip
+) -> tuple[Tensor, Tensor, dict[str, Any]] | None:  # fmt: skip
     """Run, without gradient, what each row holds before its soft tokens (the readout line: text ids, which nothing
     trainable reaches), so the pass with gradient and its backward cover only the soft tokens and the caption.
 
     For a pass that continues a cached prompt (`lm_kwargs`: the cache, `use_cache`, and the `after_cached_prompt`
-    mask and positions, whose mask covers the cached `shared` tokens and then `mask`'s `(B, L)`). Row b's head is
-    its first `h_b` fused tokens (before the `n_soft` soft tokens that precede its first labelled token); the heads
-    run in one no-gradient pass `(B, max h)`, right padded, which extends the cache; the rest of each row, `(B, L2)`
-    from its own `h_b`, runs after it with the positions it has in one pass, the heads' padding masked. The attention
-    sees the same keys and values, so the loss and gradients equal the one-pass ones to rounding (tested).
+    mask and positions, whose mask covers the cached `shared` tokens and then `mask`'s `(B, L)`, right padded). Row
+    b's head is its first `h_b` fused tokens (before the `n_soft` soft tokens that precede its first labelled token);
+    the heads run in one no-gradient pass `(B, max h)`, right padded, which extends the cache; the rest of each row,
+    `(B, L2)` from its own `h_b`, runs after it with the positions it has in one pass, the heads' padding masked. The
+    attention sees the same keys and values, so the loss and gradients equal the one-pass ones to rounding (tested).
 
     Returns:
-        `(embeds, text_positions, lm_kwargs)` of the pass with gradient (text positions in its frame).
+        `(embeds, text_positions, lm_kwargs)` of the pass with gradient (text positions in its frame), or None where
+        the split would not be exact (a base with windowed attention; a mask that is not right padded): run one pass.
     """
+    if local_attention(getattr(lm, "config", None)) or bool((mask[:, 1:] > mask[:, :-1]).any()):
+        return None
     first = (labels != -100).int().argmax(dim=1)  # (B,) the first labelled column of each row
     heads = text_positions.gather(1, first[:, None])[:, 0] - n_soft  # (B,) tokens before the soft tokens
     width = int(heads.max())
@@ -92,19 +101,18 @@ def constant_head_first(
     device, b = embeds.device, embeds.shape[0]
     head_mask = (torch.arange(width, device=device)[None] < heads[:, None]).to(mask.dtype)  # (B, R)
     prompt_mask = lm_kwargs["attention_mask"][:, :shared]
-    with torch.no_grad():
-        out = lm(**{**lm_kwargs, "inputs_embeds": embeds[:, :width], "attention_mask": torch.cat([prompt_mask, head_mask], 1),
-                    "position_ids": shared + torch.arange(width, device=device)[None].expand(b, -1)})  # fmt: skip
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    with torch.no_grad():  # no logits wanted: the one kept is the last position's
+        lm(**{**lm_kwargs, "inputs_embeds": embeds[:, :width], "attention_mask": torch.cat([prompt_mask, head_mask], 1),
+              "position_ids": shared + torch.arange(width, device=device)[None].expand(b, -1),
+              "logits_to_keep": torch.tensor([width - 1], device=device)})  # fmt: skip
     rest = mask.sum(dim=1) - heads  # (B,) real tokens after each head
     cols = torch.arange(int(rest.max()), device=device)[None]  # (1, L2)
     take = (heads[:, None] + cols).clamp(max=embeds.shape[1] - 1)  # (B, L2)
     tail = embeds.gather(1, take[..., None].expand(-1, -1, embeds.shape[-1]))  # (B, L2, H), keeps the graph
     tail_mask = (cols < rest[:, None]).to(mask.dtype)
-    kwargs = {**lm_kwargs, "attention_mask": torch.cat([prompt_mask, head_mask, tail_mask], dim=1),
-              "position_ids": shared + heads[:, None] + cols}  # fmt: skip
-    kwargs[cache_kwarg(lm)] = cache
-    return tail, text_positions - heads[:, None], kwargs
+    positions = torch.where(tail_mask.bool(), shared + heads[:, None] + cols, shared)  # padding: a position in range
+    kwargs = {**lm_kwargs, "attention_mask": torch.cat([prompt_mask, head_mask, tail_mask], 1), "position_ids": positions}
+    return tail, text_positions - heads[:, None], kwargs  # the cache in kwargs now holds the heads too
 
 
 def predictor_positions(labels: Tensor, text_positions: Tensor | None, offset_ok: bool) -> tuple[Tensor, Tensor]:

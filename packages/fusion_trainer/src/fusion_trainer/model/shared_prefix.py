@@ -26,6 +26,7 @@ from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 
 from .decoding import GrowingLayer
+from .lm_pass import local_attention
 
 __all__ = ["SharedPrefixLayer", "active_layer", "prefix_attention", "shared_prefix_cache", "shared_prefix_scope"]
 
@@ -57,13 +58,24 @@ class SharedPrefixLayer(GrowingLayer):
         if self.own_length():
             super().batch_select_indices(indices)
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a SharedPrefixLayer holds its prompt once; build one per batch (shared_prefix_cache)")
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("a SharedPrefixLayer is for generation only; it does not crop")
+
 
 def shared_prefix_cache(config: PretrainedConfig, prompt: Any) -> Any | None:
     """A fresh cache for a batch over `prompt` (a one-row transformers cache of the shared prompt, left unchanged),
-    every layer a `SharedPrefixLayer` on that layer's prompt keys and values; None when a layer is not a plain
-    full-attention layer (sliding windows and other kinds keep the copied cache)."""
+    every layer a `SharedPrefixLayer` on that layer's prompt keys and values; None (keep the copied cache) unless
+    every layer is a plain full-attention layer held on the CPU and the base has no windowed attention, no logit
+    softcap and no attention sinks."""
     layers = getattr(prompt, "layers", None)
     if not layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in layers):
+        return None
+    if any(layer.keys.device.type != "cpu" for layer in layers) or local_attention(config):
+        return None
+    if getattr(config, "attn_logit_softcapping", None) or getattr(config, "sinks", None):
         return None
     cache = DynamicCache(config=config)
     cache.layers = [SharedPrefixLayer(layer.keys, layer.values) for layer in layers]
@@ -119,6 +131,8 @@ def prefix_attention(
         additive = torch.zeros(own.shape, dtype=query.dtype, device=query.device).masked_fill(~own, float("-inf"))
         additive = additive.repeat(1, 1, groups, 1)  # row g * Q + q sees what token q sees
     out_s, lse_s = _flash(folded, key, value, attn_mask=additive, scale=scaling)  # (B, KV, G * Q, D)
+    if own is not None:  # a query that sees none of its own part (padding): the kernel gives 0, not -inf
+        lse_s = lse_s.masked_fill(~own.any(dim=-1).repeat(1, groups, 1).view(b, 1, groups * q_len), float("-inf"))
     lse = torch.logaddexp(lse_p, lse_s)
     out = out_p.float() * torch.exp(lse_p - lse)[..., None] + out_s.float() * torch.exp(lse_s - lse)[..., None]
     return out.to(query.dtype).reshape(b, heads, q_len, dim).transpose(1, 2).contiguous()
