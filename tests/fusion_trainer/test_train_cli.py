@@ -92,6 +92,23 @@ def test_eval_and_generate_refuse_an_unfinished_run(dataset_ref: str, tmp_path: 
 
 
 @pytest.mark.slow
+def _shm_buffers() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")}
+
+
+def test_the_launcher_removes_only_its_jobs_shared_memory_buffers(tmp_path: Path) -> None:
+    from fusion_trainer.training.launch import remove_shm_buffers
+
+    uid = os.getuid()
+    names = [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_4242_0", f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_4242_1",
+             f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_42420_0", f"deepspeed_allreduce_buffer_{uid + 1}_127.0.0.1_4242_0",
+             f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_4242_x"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_bytes(b"0")
+    assert sorted(remove_shm_buffers("127.0.0.1", 4242, tmp_path)) == names[:2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+
+
 def test_two_ranks_zero2_train_resume_eval_generate(
     dataset_ref: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -99,8 +116,10 @@ def test_two_ranks_zero2_train_resume_eval_generate(
     run = tmp_path / "run"
     common = ["--shards", dataset_ref, "--model", str(tiny_model_dir), "--out", str(run), "--zero", "2",
               "--nproc", "2", "--micro-batch", "2", "--no-bf16", "--lr", "1e-2", "--eval-every", "25", *TINY]  # fmt: skip
+    shm_before = _shm_buffers()
     first = _run("fusion-train", *common, "--steps", "50")
     assert first.returncode == 0, first.stderr[-3000:]
+    assert _shm_buffers() <= shm_before, "DeepSpeed's shared-memory buffers of the run were left in /dev/shm"
     summary = _last_json(first.stdout)
     assert summary["step"] == 50 and summary["frozen_base_unchanged"] is True
 

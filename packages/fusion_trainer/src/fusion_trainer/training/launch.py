@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
@@ -44,6 +44,7 @@ __all__ = [
     "ensure_dist_env",
     "free_port",
     "launch_local",
+    "remove_shm_buffers",
     "stale_build_locks",
     "under_launcher",
 ]
@@ -300,6 +301,8 @@ def launch_local(
         env["DS_ACCELERATOR"] = "cpu"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     hostfile = _write_hostfile(layout, nproc) if layout.multi_node and layout.hostfile is None else None
+    if not layout.multi_node and layout.master_port is None:
+        layout = replace(layout, master_port=free_port())  # known here, so its shared memory can be removed after
     try:
         cmd = build_launch_command(nproc, args, module, layout, hostfile)
         where = f"node {layout.node_rank} of {layout.nnodes}: " if layout.no_ssh else ""
@@ -308,6 +311,27 @@ def launch_local(
     finally:
         if hostfile is not None:
             os.unlink(hostfile)
+        if not layout.multi_node:
+            remove_shm_buffers("127.0.0.1", int(layout.master_port or 0))
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def remove_shm_buffers(addr: str, port: int, folder: Path | None = None) -> list[str]:
+    """Remove the shared-memory allreduce buffers DeepSpeed's CPU backend leaves behind for the job that met at
+    `addr:port` (`deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}`, about 69 MB of RAM each, one per rank when
+    every rank is on this node: DeepSpeed creates them and never unlinks them, so each two-rank run on a CPU kept
+    138 MB of /dev/shm until reboot). Called once the ranks have exited; returns the names removed."""
+    folder = SHM_DIR if folder is None else folder
+    removed = []
+    for path in folder.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"):
+        if path.name.rsplit("_", 1)[-1].isdigit():
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    if removed:
+        logger.debug("removed DeepSpeed's shared-memory buffers %s", removed)
+    return removed
 
 
 def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:

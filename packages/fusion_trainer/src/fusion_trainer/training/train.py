@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from .checkpoint import (
     find_latest_checkpoint,
     frozen_digest,
 )
-from .launch import clear_self_env, ensure_dist_env, stale_build_locks
+from .launch import clear_self_env, ensure_dist_env, remove_shm_buffers, stale_build_locks
 from .ranks import check_shared_run_dir, lost_ranks_error, raised_by_a_collective, set_collective_timeout
 from .steps import (
     RunState,
@@ -208,6 +209,7 @@ def _end_process_group() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    remove_shm_buffers(os.environ.get("MASTER_ADDR", ""), int(os.environ.get("MASTER_PORT") or 0))  # DeepSpeed's
 
 
 def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
