@@ -172,15 +172,14 @@ class FusedGeneration(nn.Module):
         return decode_texts(tok, rows, stops, breaks)
 
     def _shared_prompt_cache(self, shared: Tensor, rows: int) -> Any:
-        """The shared prompt's cache for `rows` rows: held once (`shared_prefix`) on a CPU under `grouped_sdpa`,
-        else copied to every row."""
+        """The shared prompt's cache for `rows` rows: held once under `grouped_sdpa` where `shared_prefix_cache` can
+        serve the base (CPU keys, full attention), else copied to every row."""
         assert self._prompt_cache is not None
         embed = self._embed_module()
-        if shared.device.type == "cpu" and getattr(self.lm.config, "_attn_implementation", None) == GROUPED_SDPA:
+        held = None
+        if getattr(self.lm.config, "_attn_implementation", None) == GROUPED_SDPA:
             held = shared_prefix_cache(self.lm.config, self._prompt_cache.prompt(self.lm, shared, embed))
-            if held is not None:
-                return held
-        return self._prompt_cache.batch(self.lm, shared, embed, rows)
+        return held if held is not None else self._prompt_cache.batch(self.lm, shared, embed, rows)
 
     def step_embeddings(self, input_ids: Tensor, climate: ClimateTokens) -> Tensor:
         """Embeddings of newly generated tokens `(B, 1)` -> `(B, 1, H)`, fused as in training (add / xattn)."""

@@ -69,7 +69,8 @@ def shared_prefix_cache(config: PretrainedConfig, prompt: Any) -> Any | None:
     """A fresh cache for a batch over `prompt` (a one-row transformers cache of the shared prompt, left unchanged),
     every layer a `SharedPrefixLayer` on that layer's prompt keys and values; None (keep the copied cache) unless
     every layer is a plain full-attention layer held on the CPU and the base has no windowed attention, no logit
-    softcap and no attention sinks."""
+    softcap and no attention sinks. (That the base attends through `grouped_sdpa`, where `prefix_attention` is
+    reached, is the caller's check: `FusedGeneration._shared_prompt_cache`.)"""
     layers = getattr(prompt, "layers", None)
     if not layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in layers):
         return None

@@ -55,6 +55,8 @@ _SELF_SET = "FUSION_TRAINER_SELF_LAUNCHED"
 _RANK_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", _SELF_SET)
 
 DEFAULT_MASTER_PORT = 29500
+LOCAL_ADDR = "127.0.0.1"
+"""Where the ranks of a one-node job meet (the name DeepSpeed also puts in its shared-memory buffers' names)."""
 """The rendezvous port of a multi-node job when `--master-port` is not given (torch's and DeepSpeed's default)."""
 
 
@@ -129,7 +131,7 @@ class DistEnv:
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((LOCAL_ADDR, 0))
         return int(sock.getsockname()[1])
 
 
@@ -147,7 +149,7 @@ def ensure_dist_env() -> DistEnv:
     self_set = not under_launcher() or os.environ.get(_SELF_SET) == "1"
     if self_set:
         # a fresh port each time: one process may run several trainings one after the other (tests, notebooks)
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR=LOCAL_ADDR)
         os.environ.update(MASTER_PORT=str(free_port()), **{_SELF_SET: "1"})
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -253,7 +255,7 @@ def build_launch_command(
     if not layout.multi_node:
         return [
             sys.executable, "-m", "deepspeed.launcher.runner",
-            "--num_gpus", str(nproc), "--num_nodes", "1", "--master_addr", "127.0.0.1",
+            "--num_gpus", str(nproc), "--num_nodes", "1", "--master_addr", LOCAL_ADDR,
             "--master_port", str(layout.master_port or free_port()), "--no_local_rank", "--module", module, *args,
         ]  # fmt: skip
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile or layout.hostfile)]
@@ -312,7 +314,7 @@ def launch_local(
         if hostfile is not None:
             os.unlink(hostfile)
         if not layout.multi_node:
-            remove_shm_buffers("127.0.0.1", int(layout.master_port or 0))
+            remove_shm_buffers(LOCAL_ADDR, int(layout.master_port or 0))
 
 
 SHM_DIR = Path("/dev/shm")

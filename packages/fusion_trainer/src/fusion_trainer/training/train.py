@@ -209,7 +209,8 @@ def _end_process_group() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    remove_shm_buffers(os.environ.get("MASTER_ADDR", ""), int(os.environ.get("MASTER_PORT") or 0))  # DeepSpeed's
+    # DeepSpeed's CPU backend leaves a shared-memory buffer per rank; every rank is past the barrier, so none is in use
+    remove_shm_buffers(os.environ.get("MASTER_ADDR", ""), int(os.environ.get("MASTER_PORT") or 0))
 
 
 def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
