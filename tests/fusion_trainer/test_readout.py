@@ -9,6 +9,7 @@ import torch
 from climate_text_schema.caption_reading import parse_caption_numbers
 from climate_text_schema.captions import caption_quantities
 from fusion_trainer import ConfigError, FusionConfig, FusionModel
+from fusion_trainer.config import TrainConfig
 from fusion_trainer.model.readout import insert_tokens, readout_values, render_readout
 from fusion_trainer.model.tiny import make_tiny_model
 
@@ -83,3 +84,77 @@ def test_parse_of_a_copied_readout_is_the_caption() -> None:
     values = {"t2m_mean_c": 7.04, "t2m_min_c": 2.1, "t2m_max_c": 12.4, "slp_hpa": 1018.5}
     caption = "The area-weighted mean 2 m temperature was 7.0 °C, ranging from 2.1 °C to 12.4 °C."
     assert parse_caption_numbers(caption)["t2m_mean_c"] == float(render_readout(values).split("temperature ")[1][:3])
+
+
+@pytest.mark.parametrize("logits", ["all", "none"])
+def test_readout_stats_write_the_line_and_the_head_still_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logits: str
+) -> None:
+    """`forward(readout_stats=S)` (training with `readout_truth`) writes the line from S: the same loss as a head that
+    predicted S, while `.climate_stats` stays the head's own prediction, which the stats loss trains."""
+    model = _model(tmp_path)
+    tok = model.tokenizer
+    assert tok is not None
+    g = torch.Generator().manual_seed(1)
+    climate = torch.randn(2, 1, 5, 11, 15, generator=g)
+    enc = tok(["Describe: it was 7.0 °C.", "Describe: 12.4 °C"], return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    labels[:, :3] = -100
+    truth = torch.randn(2, 5, 3, generator=g)
+    args = (enc["input_ids"], enc["attention_mask"], climate)
+    with torch.no_grad():
+        own = model(*args, labels=labels, logits=logits)
+        forced = model(*args, labels=labels, logits=logits, readout_stats=truth)
+        head = model.encoder.stats_head
+        assert head is not None
+        monkeypatch.setattr(head, "forward", lambda *a, **k: truth)
+        as_if = model(*args, labels=labels, logits=logits)
+    assert model.readout_texts(truth) != model.readout_texts(own.climate_stats)  # the two lines differ
+    assert forced.loss is not None and as_if.loss is not None and own.loss is not None
+    assert float(forced.loss) == pytest.approx(float(as_if.loss), rel=1e-6)
+    assert abs(float(forced.loss) - float(own.loss)) > 1e-5  # a random tiny LM: the line moves the loss a little
+    assert torch.equal(forced.climate_stats, own.climate_stats)
+
+
+def test_readout_truth_needs_the_readout_and_the_stats_loss(tmp_path: Path) -> None:
+    base = {"shards": "x", "model": "m", "out": str(tmp_path), "readout_truth": True}
+    with pytest.raises(ConfigError, match="readout_truth: true needs fusion.readout: true"):
+        TrainConfig.load({**base, "stats_loss_weight": 1.0})
+    with pytest.raises(ConfigError, match="stats_loss_weight > 0"):
+        TrainConfig.load({**base, "fusion": {"fusion": "prefix", "readout": True}})
+    assert TrainConfig.load({**base, "fusion": {"fusion": "prefix", "readout": True}, "stats_loss_weight": 1.0})
+
+
+@pytest.mark.parametrize("truth", [False, True])
+def test_a_training_step_passes_the_true_statistics_with_readout_truth(tmp_path: Path, truth: bool) -> None:
+    """`micro_step` hands the batch's stats to the model as `readout_stats` only with `readout_truth: true`, and the
+    stats loss still compares the head's own prediction with them."""
+    from fusion_trainer.training.steps import micro_step
+
+    seen: dict[str, object] = {}
+    head_says = torch.zeros(2, 5, 3)
+
+    class Engine:
+        device = torch.device("cpu")
+
+        def __call__(self, **kwargs: object) -> object:
+            seen.update(kwargs)
+            return type("Out", (), {"loss": torch.tensor(1.0), "climate_stats": head_says})()
+
+        def backward(self, loss: torch.Tensor) -> None:
+            seen["loss"] = float(loss)
+
+        def step(self) -> None:
+            pass
+
+    stats = torch.ones(2, 5, 3)
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+             "labels": torch.ones(2, 3, dtype=torch.long), "climate_x": torch.zeros(2, 1, 5, 4, 4), "stats": stats,
+             "keys": ["a", "b"]}  # fmt: skip
+    config = TrainConfig.load({"shards": "x", "model": "m", "out": str(tmp_path), "stats_loss_weight": 1.0,
+                               "fusion": {"fusion": "prefix", "readout": True}, "readout_truth": truth})  # fmt: skip
+    micro_step(Engine(), batch, config, None, 0, 0, None)  # type: ignore[arg-type]
+    assert (seen["readout_stats"] is not None) == truth
+    if truth:
+        assert torch.equal(seen["readout_stats"], stats)  # type: ignore[arg-type]
+    assert seen["loss"] == pytest.approx(1.0 + 0.5)  # the head's zeros against the stats' ones: Huber 0.5

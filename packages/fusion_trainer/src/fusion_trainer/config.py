@@ -43,9 +43,7 @@ class TrainConfig(BaseModel):
         "normalization and window come from the dataset (`fusion_config`)",
     )
     zero: int = Field(default=2, ge=0, le=3, description="ZeRO stage 0, 1, 2 or 3")
-    steps: int = Field(
-        default=1000, gt=0, description="optimizer steps of the whole run (the schedule's length)"
-    )
+    steps: int = Field(default=1000, gt=0, description="optimizer steps of the whole run (the schedule's length)")
     stop_at_step: int | None = Field(
         default=None,
         gt=0,
@@ -57,17 +55,11 @@ class TrainConfig(BaseModel):
         default=None, gt=0, description="if set, must equal micro_batch x grad_accum x world size"
     )
     lr: float = Field(default=1e-4, gt=0, description="peak learning rate of AdamW")
-    min_lr_ratio: float = Field(
-        default=0.1, ge=0, le=1, description="final lr of the cosine as a fraction of lr"
-    )
-    weight_decay: float = Field(
-        default=0.0, ge=0, description="AdamW weight decay (not on biases and norms)"
-    )
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="final lr of the cosine as a fraction of lr")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay (not on biases and norms)")
     betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW betas")
     warmup_steps: int = Field(default=0, ge=0, description="linear warm-up steps before the cosine decay")
-    schedule: Literal["cosine", "constant"] = Field(
-        default="cosine", description="lr schedule after warm-up"
-    )
+    schedule: Literal["cosine", "constant"] = Field(default="cosine", description="lr schedule after warm-up")
     grad_clip: float = Field(default=1.0, ge=0, description="gradient clipping norm (0: off)")
     bf16: bool | Literal["auto"] = Field(
         default="auto",
@@ -116,6 +108,10 @@ class TrainConfig(BaseModel):
         "cannot dominate); it teaches the encoder the numbers captions "
         "state. 0: off. Adds fusion.stats_head",
     )
+    readout_truth: bool = Field(default=False, description="with fusion.readout: training writes the readout line "
+                                "from the window's true statistics (the samples' stats), so the caption learns to copy "
+                                "it exactly; the stats head still learns from the stats loss, and validation and "
+                                "generation write its predictions. Needs stats_loss_weight > 0")
     caption: Literal["full", "numbers", "temperature"] = Field(
         default="full",
         description="train on the full caption, on its number sentences only (numbers: temperature, wind, pressure, "
@@ -227,6 +223,9 @@ class TrainConfig(BaseModel):
                 f"length_groups: {self.length_groups} cannot be combined with data_lanes: {self.data_lanes}; set one "
                 "of them to 1"
             )
+        if self.readout_truth and not (self.fusion.readout and self.stats_loss_weight > 0):
+            problems.append("readout_truth: true needs fusion.readout: true and stats_loss_weight > 0 (the head that "
+                            "writes the line at generation learns only from the stats loss)")
         if problems:
             raise ValueError("\n".join(problems))
         return self

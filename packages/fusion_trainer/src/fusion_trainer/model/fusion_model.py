@@ -31,12 +31,7 @@ from .adapter import ADAPTER_FILE, CONFIG_FILE, read_adapter_config, read_adapte
 from .attention import use_grouped_sdpa
 from .base import fingerprint_base, load_base
 from .encoder import ClimateEncoder, ClimateTokens
-from .fusion import (
-    FusionLayer,
-    build_fusion,
-    climate_scope,
-    fuse_inputs,
-)
+from .fusion import FusionLayer, build_fusion, climate_scope, fuse_inputs
 from .generation import FusedGeneration
 from .lm_pass import FusionOutput, PromptCache, caption_loss, shared_prompt_length, target_loss
 from .params import TrainableParameters, inject_lora, untie_lm_head
@@ -97,9 +92,7 @@ class FusionModel(FusedGeneration, TrainableParameters):
         use_grouped_sdpa(lm)  # grouped-query heads without copies of the keys and values (`attention`)
         for param in lm.parameters():
             param.requires_grad_(False)
-        assert not any(p.requires_grad for p in lm.parameters()), (
-            "base parameters still trainable after freezing"
-        )
+        assert not any(p.requires_grad for p in lm.parameters()), "base parameters still trainable after freezing"
         if config.lora is not None:
             inject_lora(lm, config.lora)
         if config.train_lm_head:
@@ -240,6 +233,7 @@ class FusionModel(FusedGeneration, TrainableParameters):
         labels: Tensor | None = None,
         token_weights: Tensor | None = None,
         logits: str = "all",
+        readout_stats: Tensor | None = None,
     ) -> FusionOutput:
         """Run the fused model.
 
@@ -253,6 +247,8 @@ class FusionModel(FusedGeneration, TrainableParameters):
             logits: "all" (the default): logits for every position; "none": the loss only (needs labels), computed
                 without the work a frozen base leaves undone (`lm_pass`: logits only where a labelled token is
                 predicted, and a cached pass of a constant prompt where the variant allows it); `.logits` is None.
+            readout_stats: `(B, V, 3)` normalised statistics to write the readout line from instead of the stats head's
+                predictions (training with `TrainConfig.readout_truth` passes the windows' true ones).
 
         Returns:
             A `FusionOutput` (transformers' CausalLMOutputWithPast) with `.loss` (when labels are given) and `.logits`
@@ -273,14 +269,15 @@ class FusionModel(FusedGeneration, TrainableParameters):
         tokens = self.encoder.encode(climate)
         head = self.encoder.stats_head
         stats = head(tokens.tokens, climate) if head is not None else None
+        line = stats if readout_stats is None else readout_stats.to(stats.dtype if stats is not None else torch.float32)
         if logits == "none":
             if labels is None:
                 raise ModelError("forward(logits='none') computes the loss only: give labels")
-            return FusionOutput(loss=self._loss_only(input_ids, attention_mask, tokens, labels, token_weights, stats),
+            return FusionOutput(loss=self._loss_only(input_ids, attention_mask, tokens, labels, token_weights, line),
                                 logits=None, climate_stats=stats)  # fmt: skip
         if logits != "all":
             raise ModelError(f"forward(logits={logits!r}): use 'all' or 'none'")
-        embeds, mask, _, text_positions = self._fuse(input_ids, attention_mask, tokens, labels, stats)
+        embeds, mask, _, text_positions = self._fuse(input_ids, attention_mask, tokens, labels, line)
         with self._climate_scope(tokens):
             out = self.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
         scores = out.logits

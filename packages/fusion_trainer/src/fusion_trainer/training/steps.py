@@ -137,7 +137,8 @@ def micro_step(engine: Any, batch: dict[str, Any], config: TrainConfig, weights:
     """
     inputs = to_device(batch, engine.device)
     out = engine(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], climate=inputs["climate_x"],
-                 labels=inputs["labels"], token_weights=weights, logits="none")  # fmt: skip
+                 labels=inputs["labels"], token_weights=weights, logits="none",
+                 readout_stats=inputs.get("stats") if config.readout_truth else None)  # fmt: skip
     loss = out.loss
     caption_loss, stats_value = float(loss.detach()), 0.0
     if config.stats_loss_weight > 0:
