@@ -70,7 +70,8 @@ def main() -> None:
     def step(b: dict[str, Any], logits: str) -> float:
         t0 = time.perf_counter()
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], climate=b["climate_x"],
-                    labels=b["labels"], token_weights=weights, logits=logits)  # fmt: skip
+                    labels=b["labels"], token_weights=weights, logits=logits,
+                    readout_stats=b["stats"] if cfg.readout_truth else None)  # fmt: skip
         loss = out.loss + torch.nn.functional.huber_loss(out.climate_stats.float(), b["stats"], delta=1.0)
         loss.backward()
         model.zero_grad(set_to_none=True)

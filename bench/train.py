@@ -335,7 +335,8 @@ def _child_hf(args: dict[str, Any]) -> None:
             stats = batch.pop("stats", None)
             # the same loss as ours (number tokens weighted, the stats loss added), through the plain forward
             out = self.inner(
-                **batch, token_weights=None if weights is None else weights.to(batch["labels"].device)
+                **batch, token_weights=None if weights is None else weights.to(batch["labels"].device),
+                readout_stats=stats if cfg.readout_truth else None,
             )
             loss = out.loss
             if cfg.stats_loss_weight > 0 and stats is not None:

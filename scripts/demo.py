@@ -36,10 +36,11 @@ VARIANTS = ("readout", "prefix", "add", "xattn", "gated-xattn")
 # SmolLM2-135M (hidden 576, 30 layers)
 VARIANT_SETTINGS = {
     "readout": ["fusion.fusion=prefix"],
-    "prefix": ["fusion.fusion=prefix", "fusion.readout=false"],
-    "add": ["fusion.fusion=add", "fusion.readout=false"],
-    "xattn": ["fusion.fusion=xattn", "fusion.readout=false", "fusion.n_heads=9"],
-    "gated-xattn": ["fusion.fusion=gated-xattn", "fusion.readout=false", "fusion.n_heads=9", "fusion.every_n_layers=6"],
+    "prefix": ["fusion.fusion=prefix", "fusion.readout=false", "readout_truth=false"],
+    "add": ["fusion.fusion=add", "fusion.readout=false", "readout_truth=false"],
+    "xattn": ["fusion.fusion=xattn", "fusion.readout=false", "readout_truth=false", "fusion.n_heads=9"],
+    "gated-xattn": ["fusion.fusion=gated-xattn", "fusion.readout=false", "readout_truth=false", "fusion.n_heads=9",
+                    "fusion.every_n_layers=6"],
 }
 
 

@@ -158,3 +158,26 @@ def test_a_training_step_passes_the_true_statistics_with_readout_truth(tmp_path:
     if truth:
         assert torch.equal(seen["readout_stats"], stats)  # type: ignore[arg-type]
     assert seen["loss"] == pytest.approx(1.0 + 0.5)  # the head's zeros against the stats' ones: Huber 0.5
+
+
+def test_a_bf16_model_writes_the_true_line_unrounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In bf16 the head's predictions are bf16, the true statistics are not: the line is written from them as given
+    (a cast to the head's dtype would move its last digits off the caption's)."""
+    folder = make_tiny_model("llama", tmp_path / "tiny")
+    cfg = FusionConfig(fusion="prefix", readout=True, n_prefix_tokens=2, d_encoder=32, encoder_heads=4,
+                       encoder_depth=1, variables=VARIABLES, normalization=NORM, window="1h")  # fmt: skip
+    model = FusionModel.from_base(folder, cfg, dtype=torch.bfloat16).bfloat16()  # as DeepSpeed's bf16 engine casts
+    assert model.tokenizer is not None
+    g = torch.Generator().manual_seed(2)
+    climate = torch.randn(2, 1, 5, 11, 15, generator=g).bfloat16()
+    enc = model.tokenizer(["Describe: 7.0 °C.", "Describe: 1.4 °C"], return_tensors="pt", padding=True)
+    truth = torch.randn(2, 5, 3, generator=g)
+    assert model.readout_texts(truth) != model.readout_texts(truth.bfloat16()), "bf16 should move a digit here"
+    written: list[list[int]] = []
+    original = model.readout_ids
+    monkeypatch.setattr(model, "readout_ids", lambda stats: written.extend(original(stats)) or original(stats))
+    with torch.no_grad():
+        model(enc["input_ids"], enc["attention_mask"], climate, labels=enc["input_ids"], logits="none",
+              readout_stats=truth)  # fmt: skip
+    tok = model.tokenizer
+    assert [tok.decode(ids) for ids in written] == [tok.decode(tok(t)["input_ids"]) for t in model.readout_texts(truth)]

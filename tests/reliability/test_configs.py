@@ -119,7 +119,7 @@ BAD_TRAIN_TYPES: dict[str, Any] = {
     "micro_batch": "four", "grad_accum": "two", "global_batch": {}, "lr": "fast", "min_lr_ratio": "low",
     "weight_decay": [], "betas": 0.9, "warmup_steps": "few", "schedule": 3, "grad_clip": "x", "bf16": "maybe",
     "seed": "s", "eval_every": "often", "eval_batches": "all", "save_every": [], "log_every": {}, "resume": "perhaps",
-    "nproc": "n", "dist_timeout_s": "long", "deepspeed": 5, "prompt_template": 5, "number_loss_weight": "heavy", "stats_loss_weight": "some", "caption": 4,
+    "nproc": "n", "dist_timeout_s": "long", "deepspeed": 5, "prompt_template": 5, "number_loss_weight": "heavy", "stats_loss_weight": "some", "readout_truth": "x", "caption": 4,
     "max_length": "long", "num_workers": "w", "data_lanes": "l", "length_groups": "g", "token_cache_dir": 5, "shuffle_buffer": "b", "verify_shards": "x", "rehash_shards": "x", "verify_frozen": "x",
     "log_keys": "x", "tensorboard": "x", "show_progress": "x", "skip_bad_samples": "x", "compile_base": "x",
 }  # fmt: skip
@@ -131,7 +131,7 @@ BAD_TRAIN_VALUES: dict[str, Any] = {
     "weight_decay": -0.1, "betas": [0.9, 0.95, 0.99], "warmup_steps": -1, "schedule": "zigzag", "grad_clip": -1.0,
     "bf16": "maybe", "seed": -1, "eval_every": -1, "eval_batches": 0, "save_every": -1, "log_every": 0,
     "resume": "perhaps", "nproc": 0, "dist_timeout_s": 0, "deepspeed": "", "prompt_template": "{bogus}", "number_loss_weight": 0,
-    "stats_loss_weight": -1.0, "caption": "poem", "max_length": 8, "num_workers": -1, "data_lanes": 0,
+    "stats_loss_weight": -1.0, "readout_truth": "x", "caption": "poem", "max_length": 8, "num_workers": -1, "data_lanes": 0,
     "length_groups": 0, "token_cache_dir": [], "shuffle_buffer": -1, "verify_shards": "x", "rehash_shards": "x",
     "verify_frozen": "x", "log_keys": "x", "tensorboard": "x", "show_progress": "x", "skip_bad_samples": "x",
     "compile_base": "x",

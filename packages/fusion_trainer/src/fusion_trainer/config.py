@@ -224,8 +224,9 @@ class TrainConfig(BaseModel):
                 "of them to 1"
             )
         if self.readout_truth and not (self.fusion.readout and self.stats_loss_weight > 0):
-            problems.append("readout_truth: true needs fusion.readout: true and stats_loss_weight > 0 (the head that "
-                            "writes the line at generation learns only from the stats loss)")
+            problems.append(f"readout_truth: true needs fusion.readout: true (got {self.fusion.readout}) and "
+                            f"stats_loss_weight > 0 (got {self.stats_loss_weight}): set readout_truth: false, or "
+                            "turn both on (the head that writes the line at generation learns from the stats loss)")
         if problems:
             raise ValueError("\n".join(problems))
         return self

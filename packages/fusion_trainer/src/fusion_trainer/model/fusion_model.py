@@ -269,7 +269,7 @@ class FusionModel(FusedGeneration, TrainableParameters):
         tokens = self.encoder.encode(climate)
         head = self.encoder.stats_head
         stats = head(tokens.tokens, climate) if head is not None else None
-        line = stats if readout_stats is None else readout_stats.to(stats.dtype if stats is not None else torch.float32)
+        line = stats if readout_stats is None else readout_stats  # as given: a bf16 cast would move the line's digits
         if logits == "none":
             if labels is None:
                 raise ModelError("forward(logits='none') computes the loss only: give labels")
