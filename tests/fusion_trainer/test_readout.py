@@ -163,10 +163,7 @@ def test_a_training_step_passes_the_true_statistics_with_readout_truth(tmp_path:
 def test_a_bf16_model_writes_the_true_line_unrounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In bf16 the head's predictions are bf16, the true statistics are not: the line is written from them as given
     (a cast to the head's dtype would move its last digits off the caption's)."""
-    folder = make_tiny_model("llama", tmp_path / "tiny")
-    cfg = FusionConfig(fusion="prefix", readout=True, n_prefix_tokens=2, d_encoder=32, encoder_heads=4,
-                       encoder_depth=1, variables=VARIABLES, normalization=NORM, window="1h")  # fmt: skip
-    model = FusionModel.from_base(folder, cfg, dtype=torch.bfloat16).bfloat16()  # as DeepSpeed's bf16 engine casts
+    model = _model(tmp_path).bfloat16()  # the whole model, as DeepSpeed's bf16 engine casts it
     assert model.tokenizer is not None
     g = torch.Generator().manual_seed(2)
     climate = torch.randn(2, 1, 5, 11, 15, generator=g).bfloat16()

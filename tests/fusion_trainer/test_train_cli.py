@@ -91,7 +91,6 @@ def test_eval_and_generate_refuse_an_unfinished_run(dataset_ref: str, tmp_path: 
     assert out.returncode == 1 and "config.yaml" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.slow
 def _shm_buffers() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")}
 
@@ -109,6 +108,7 @@ def test_the_launcher_removes_only_its_jobs_shared_memory_buffers(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
 
 
+@pytest.mark.slow
 def test_two_ranks_zero2_train_resume_eval_generate(
     dataset_ref: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -55,9 +55,9 @@ _SELF_SET = "FUSION_TRAINER_SELF_LAUNCHED"
 _RANK_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", _SELF_SET)
 
 DEFAULT_MASTER_PORT = 29500
+"""The rendezvous port of a multi-node job when `--master-port` is not given (torch's and DeepSpeed's default)."""
 LOCAL_ADDR = "127.0.0.1"
 """Where the ranks of a one-node job meet (the name DeepSpeed also puts in its shared-memory buffers' names)."""
-"""The rendezvous port of a multi-node job when `--master-port` is not given (torch's and DeepSpeed's default)."""
 
 
 @dataclass(frozen=True)
