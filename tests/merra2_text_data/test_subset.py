@@ -174,6 +174,25 @@ def test_fill_values_become_nan(granules: list[Granule]) -> None:
     assert np.nanmax(values) < 400
 
 
+def test_scale_and_offset_are_decoded_like_xarray(granules: list[Granule]) -> None:
+    """A packed variable (scale_factor, add_offset, a fill value) is decoded by the CF rules xarray applies to the
+    same file: the values equal xarray's own decoding, not the stored numbers."""
+    slv = next(g for g in granules if g.day == date(2019, 1, 1) and g.collection == "M2T1NXSLV")
+    with h5py.File(slv.url, "r+") as f:
+        f["T2M"].attrs["scale_factor"] = np.float32(0.5)
+        f["T2M"].attrs["add_offset"] = np.float32(100.0)
+        row, col = int(np.flatnonzero(f["lat"][:] == 40.0)[0]), int(np.flatnonzero(f["lon"][:] == -100.0)[0])
+        f["T2M"][3, row, col] = np.float32(1e15)
+    ds = open_region(granules, ["T2M"], parse_region("-100,40,-99,41"), date(2019, 1, 1), date(2019, 1, 1))
+    with xr.open_dataset(slv.url, engine="h5netcdf") as ref:
+        expected = ref["T2M"].sel(lat=ds.lat.values, lon=ds.lon.values).values.astype(np.float32)
+    stored = _file_values(slv, "T2M", ds.lat.values, ds.lon.values)
+    assert ds.T2M.dtype == np.float32 and np.isnan(ds.T2M.values[3, 0, 0])
+    assert np.isnan(ds.T2M.values).sum() == 1
+    np.testing.assert_array_equal(ds.T2M.values, expected)
+    np.testing.assert_allclose(ds.T2M.values[4], stored[4] * 0.5 + 100.0, rtol=1e-6)
+
+
 def test_antimeridian_crossing(tmp_path: Path) -> None:
     paths = write_synthetic_granules(tmp_path, REGIONS["bering"], date(2019, 2, 1), date(2019, 2, 1),
                                      collections=["M2T1NXSLV"])  # fmt: skip

@@ -105,7 +105,8 @@ def _attr(value: Any) -> Any:
     return value
 
 
-_VARIABLE_ATTRS = ("units", "long_name", "_FillValue", "missing_value", "scale_factor", "add_offset")
+_CF_ATTRS = ("_FillValue", "missing_value", "scale_factor", "add_offset")
+_VARIABLE_ATTRS = ("units", "long_name", *_CF_ATTRS)
 """The only variable attributes read. Reading every attribute would also read DIMENSION_LIST, whose variable-length
 references live in the file's global heap: a damaged heap makes HDF5 loop forever there (measured)."""
 _TIME_ATTRS = ("units", "calendar")
@@ -147,7 +148,6 @@ class _Layout:
     lat: np.ndarray
     lon: np.ndarray
     attrs: dict[str, dict[str, Any]]
-    dtype: np.dtype[Any]
 
 
 def _inspect(granule: Granule, variables: Sequence[str]) -> _Layout:
@@ -174,8 +174,7 @@ def _inspect(granule: Granule, variables: Sequence[str]) -> _Layout:
             time_attrs = _attrs(f["time"], _TIME_ATTRS)
             raw_time = f["time"][:]
             layout = _Layout(np.empty(0), f["lat"][:], f["lon"][:],
-                             {v: _attrs(f[v], _VARIABLE_ATTRS) for v in variables},
-                             f[variables[0]].dtype)  # fmt: skip
+                             {v: _attrs(f[v], _VARIABLE_ATTRS) for v in variables})  # fmt: skip
     except _READ_ERRORS as exc:
         raise _unreadable(granule, exc) from exc
     try:
@@ -203,6 +202,20 @@ def _read_block(granule: Granule, names: Sequence[str], lat_runs: Sequence[slice
         raise _unreadable(granule, exc) from exc
 
 
+def _read_decoded(granule: Granule, names: Sequence[str], lat_runs: Sequence[slice], lon_runs: Sequence[slice],
+                  cf: Sequence[dict[str, Any]]) -> np.ndarray:  # fmt: skip
+    """`_read_block`, each variable decoded by xarray's own CF rules (fill values to NaN, scale and offset applied)
+    on the numbers in memory: float32 (variable, time, lat, lon). Decoding here, inside the granule's one task,
+    keeps the dask graph at one task per granule (decoding the lazy array cost a tokenised `map_blocks` per variable
+    and granule: 0.12 s of a 2-day build's 0.5 s, measured with cProfile)."""
+    raw = _read_block(granule, names, lat_runs, lon_runs)
+    return np.stack([
+        np.asarray(xr.conventions.decode_cf_variable(name, xr.Variable(("time", "lat", "lon"), raw[k], cf[k]),
+                                                     mask_and_scale=True, decode_times=False).values, np.float32)
+        for k, name in enumerate(names)
+    ])  # fmt: skip
+
+
 def _open_granule(granule: Granule, variables: Sequence[str], lat: np.ndarray, lon: np.ndarray,
                   allow_partial_days: bool) -> xr.Dataset:  # fmt: skip
     """One granule cut to the region's grid points: lazy float32 (time, lat, lon), one dask task per granule,
@@ -217,22 +230,14 @@ def _open_granule(granule: Granule, variables: Sequence[str], lat: np.ndarray, l
             f"{lon[-1]}): use granules that cover the whole region"
         )
     shape = (len(variables), layout.times.size, lat.size, lon.size)
-    block = dask.delayed(_read_block, pure=True)(granule, list(variables), _runs(lat_idx), _runs(lon_idx))
-    raw = da.from_delayed(block, shape=shape, dtype=layout.dtype)
+    cf = [{key: layout.attrs[name][key] for key in _CF_ATTRS if key in layout.attrs[name]} for name in variables]  # fmt: skip
+    block = dask.delayed(_read_decoded, pure=True)(granule, list(variables), _runs(lat_idx), _runs(lon_idx), cf)  # fmt: skip
+    decoded = da.from_delayed(block, shape=shape, dtype=np.float32)
     data = {}
     for k, name in enumerate(variables):
         attrs = layout.attrs[name]
-        cf = {
-            key: attrs[key]
-            for key in ("_FillValue", "missing_value", "scale_factor", "add_offset")
-            if key in attrs
-        }
-        decoded = xr.conventions.decode_cf_variable(name, xr.Variable(("time", "lat", "lon"), raw[k], cf),
-                                                    mask_and_scale=True, decode_times=False).astype(np.float32)  # fmt: skip
-        decoded.attrs = {"units": str(attrs.get("units", "")), "long_name": str(attrs.get("long_name", name)),
-                         "collection": granule.collection}  # fmt: skip
-        decoded.encoding = {}
-        data[name] = decoded
+        data[name] = xr.Variable(("time", "lat", "lon"), decoded[k], {"units": str(attrs.get("units", "")),
+                                 "long_name": str(attrs.get("long_name", name)), "collection": granule.collection})  # fmt: skip
     coords = {"time": ("time", layout.times), "lat": ("lat", layout.lat[lat_idx], {"units": "degrees_north",
               "long_name": "latitude"}), "lon": ("lon", layout.lon[lon_idx], {"units": "degrees_east",
               "long_name": "longitude"})}  # fmt: skip
