@@ -23,7 +23,7 @@ from .attention import GROUPED_SDPA
 from .decoding import batch_windows, break_ids, decode, decode_texts, encode_prompts, growing_cache, stop_ids
 from .encoder import ClimateEncoder, ClimateTokens
 from .fusion import fuse_new_tokens
-from .lm_pass import PromptCache
+from .lm_pass import PromptCache, after_cached_prompt
 from .readout import readout_values, render_readout
 from .shared_prefix import SharedPrefixLayer, shared_prefix_cache, shared_prefix_scope
 
@@ -143,7 +143,7 @@ class FusedGeneration(nn.Module):
             ids, mask = encode_prompts(tok, prompts, self.device, suffixes)
         embeds, mask, _, _ = self._fuse(ids, mask, tokens, None, stats, insert_readout=False)  # (B, L', H)
         if cache is not None:  # the mask covers the cached prompt too
-            mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared.shape[1]), mask], dim=1)
+            _, mask = after_cached_prompt(shared.shape[1], mask)  # positions: `decode` counts them from the mask
 
         held_once = cache is not None and isinstance(cache.layers[0], SharedPrefixLayer)
         live = [tokens]  # the climate tokens of the rows still being decoded (`decode` drops finished ones)
