@@ -176,14 +176,18 @@ def test_fill_values_become_nan(granules: list[Granule]) -> None:
 
 def test_scale_and_offset_are_decoded_like_xarray(granules: list[Granule]) -> None:
     """A packed variable (scale_factor, add_offset, a fill value) is decoded by the CF rules xarray applies to the
-    same file: the values equal xarray's own decoding, not the stored numbers."""
+    same file: the values equal xarray's own decoding, not the stored numbers; the variable read beside it, not
+    packed, keeps its stored numbers (each variable gets its own attributes)."""
     slv = next(g for g in granules if g.day == date(2019, 1, 1) and g.collection == "M2T1NXSLV")
     with h5py.File(slv.url, "r+") as f:
         f["T2M"].attrs["scale_factor"] = np.float32(0.5)
         f["T2M"].attrs["add_offset"] = np.float32(100.0)
         row, col = int(np.flatnonzero(f["lat"][:] == 40.0)[0]), int(np.flatnonzero(f["lon"][:] == -100.0)[0])
         f["T2M"][3, row, col] = np.float32(1e15)
-    ds = open_region(granules, ["T2M"], parse_region("-100,40,-99,41"), date(2019, 1, 1), date(2019, 1, 1))
+    ds = open_region(
+        granules, ["SLP", "T2M"], parse_region("-100,40,-99,41"), date(2019, 1, 1), date(2019, 1, 1)
+    )
+    np.testing.assert_array_equal(ds.SLP.values, _file_values(slv, "SLP", ds.lat.values, ds.lon.values))
     with xr.open_dataset(slv.url, engine="h5netcdf") as ref:
         expected = ref["T2M"].sel(lat=ds.lat.values, lon=ds.lon.values).values.astype(np.float32)
     stored = _file_values(slv, "T2M", ds.lat.values, ds.lon.values)
