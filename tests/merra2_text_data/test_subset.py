@@ -231,6 +231,17 @@ def test_truncated_file_names_the_file(granules: list[Granule]) -> None:
         )
 
 
+def test_damaged_cf_attributes_name_the_file_and_the_variable(granules: list[Granule]) -> None:
+    slv = next(g for g in granules if g.day == date(2019, 1, 1) and g.collection == "M2T1NXSLV")
+    with h5py.File(slv.url, "r+") as f:
+        f["T2M"].attrs["scale_factor"] = np.bytes_(b"abc")
+    ds = open_region(granules, ["T2M"], parse_region("-100,40,-99,41"), date(2019, 1, 1), date(2019, 1, 1))
+    with pytest.raises(
+        GranuleError, match=rf"{slv.file_name}: T2M cannot be decoded .*'scale_factor': 'abc'.*download"
+    ):
+        ds.load()
+
+
 def test_name_and_content_dates_must_agree(granules: list[Granule]) -> None:
     day2 = next(g for g in granules if g.day == date(2019, 1, 2) and g.collection == "M2T1NXSLV")
     day3 = next(g for g in granules if g.day == date(2019, 1, 3) and g.collection == "M2T1NXSLV")

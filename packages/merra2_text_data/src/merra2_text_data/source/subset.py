@@ -204,16 +204,18 @@ def _read_block(granule: Granule, names: Sequence[str], lat_runs: Sequence[slice
 
 def _read_decoded(granule: Granule, names: Sequence[str], lat_runs: Sequence[slice], lon_runs: Sequence[slice],
                   cf: Sequence[dict[str, Any]]) -> np.ndarray:  # fmt: skip
-    """`_read_block`, each variable decoded by xarray's own CF rules (fill values to NaN, scale and offset applied)
-    on the numbers in memory: float32 (variable, time, lat, lon). Decoding here, inside the granule's one task,
-    keeps the dask graph at one task per granule (decoding the lazy array cost a tokenised `map_blocks` per variable
-    and granule: docs/performance.md, "Build: the fixed cost")."""
-    raw = _read_block(granule, names, lat_runs, lon_runs)
-    return np.stack([
-        np.asarray(xr.conventions.decode_cf_variable(name, xr.Variable(("time", "lat", "lon"), raw[k], cf[k]),
-                                                     mask_and_scale=True, decode_times=False).values, np.float32)
-        for k, name in enumerate(names)
-    ])  # fmt: skip
+    """`_read_block`, each variable decoded by xarray's own CF rules (fill values to NaN, scale and offset applied) on
+    the numbers in memory: float32 (variable, time, lat, lon). Here, in the granule's one task, the dask graph stays at
+    one task per granule (docs/performance.md, "Build: the fixed cost")."""
+    raw, out = _read_block(granule, names, lat_runs, lon_runs), []
+    for k, name in enumerate(names):
+        try:
+            out.append(np.asarray(xr.conventions.decode_cf_variable(name, xr.Variable(("time", "lat", "lon"), raw[k],
+                       cf[k]), mask_and_scale=True, decode_times=False).values, np.float32))  # fmt: skip
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise GranuleError(f"{granule.file_name}: {name} cannot be decoded with its attributes {cf[k]} ({exc}); "
+                               "the file is probably damaged: delete it and download it again") from exc  # fmt: skip
+    return np.stack(out)
 
 
 def _open_granule(granule: Granule, variables: Sequence[str], lat: np.ndarray, lon: np.ndarray,
