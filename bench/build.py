@@ -108,9 +108,8 @@ def _child_naive(args: dict[str, Any]) -> None:
 
 
 def _child_build(args: dict[str, Any]) -> None:
-    # imported up front so that import time is not counted as work (the naive script's xarray and numpy are not
-    # either): the build's own modules and the libraries they load lazily (zarr for the regional cache, pandera
-    # for the index)
+    # imported up front so that import time is not counted as work (nor is the naive script's: `_import_readers`):
+    # the build's own modules and the libraries they load lazily (zarr for the regional cache, pandera for the index)
     import distributed  # noqa: F401
     import merra2_text_data.pipeline  # noqa: F401
     import pandera.pandas  # noqa: F401
