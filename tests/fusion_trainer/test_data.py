@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from fusion_trainer.config import TrainConfig
 from fusion_trainer.data.stream import (
     DEFAULT_PROMPT,
     ClimateTextStream,
@@ -121,8 +122,10 @@ def test_prompt_carries_the_train_means(dataset_ref: str) -> None:
     prompt = render_prompt(DEFAULT_PROMPT, ds)
     t2m = ds.manifest.normalization["T2M"].mean
     assert f"{t2m:.4g} K" in prompt and "T2M, U10M, V10M" in prompt
-    with pytest.raises(ConfigError, match="prompt_template"):
+    with pytest.raises(ConfigError, match=r"prompt_template .*\{thaw_readout_example\}"):
         render_prompt("{nope}", ds)
+    with pytest.raises(ConfigError, match=r"prompt_template: KeyError\('nope'\); use only .*\{thaw_caption_example\}"):
+        TrainConfig.from_yaml(None, shards="x", model="m", out="o", prompt_template="{nope}")
 
 
 def test_workers_give_the_same_batches_as_no_workers(dataset_ref: str, tokenizer: Any) -> None:
@@ -213,3 +216,23 @@ def test_collate_refuses_samples_of_different_shapes() -> None:
     edge = Sample("c", "s", np.ones((2, 3, 4, 3), dtype=np.float32), "z")
     with pytest.raises(DataError, match=r"one climate shape.*c \(2, 3, 4, 3\).*edge_tiles: drop"):
         collate([full, edge], [([1], [1]), ([2], [2])], pad_id=0)
+
+
+def test_thaw_example_puts_the_mean_just_above_freezing_and_the_minimum_below(dataset_ref: str) -> None:
+    from climate_text_schema import parse_caption_numbers
+
+    ds = open_shards(dataset_ref)
+    prompt = render_prompt(
+        "{thaw_readout_example}{thaw_caption_example}\n{caption_example}", ds, caption="numbers"
+    )
+    readout, thaw, plain = prompt.split("\n")
+    numbers, means = parse_caption_numbers(thaw), parse_caption_numbers(plain)
+    std = ds.manifest.normalization["T2M"].std
+    assert numbers["t2m_mean_c"] == 1.0 and numbers["t2m_min_c"] == pytest.approx(1.0 - std, abs=0.06)
+    assert numbers["t2m_min_c"] < 0 < numbers["t2m_mean_c"] < numbers["t2m_max_c"]
+    assert readout.startswith("Readout: temperature 1.0 °C, ranging from -")
+    moved = {k for k in means if k.startswith(("t2m", "dew", "td"))}
+    assert {k: v for k, v in numbers.items() if k not in moved} == {
+        k: v for k, v in means.items() if k not in moved
+    }
+    assert len(means) - len(moved) >= 2  # something besides the temperatures stays at the train means

@@ -18,10 +18,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 from .fusion_config import FUSION_KINDS, FusionConfig, FusionKind, FusionSettings
 
-__all__ = ["DEFAULT_PROMPT_TEMPLATE", "FUSION_KINDS", "FusionConfig", "FusionKind", "FusionSettings", "TrainConfig"]
+__all__ = [
+    "DEFAULT_PROMPT_TEMPLATE", "FUSION_KINDS", "PROMPT_FIELDS", "FusionConfig", "FusionKind", "FusionSettings",
+    "TrainConfig", "prompt_fields_hint",
+]  # fmt: skip
 
 DEFAULT_PROMPT_TEMPLATE = "Example: {example}\nDescribe this climate window ({variables}):\n"
 """`{example}`: a one-shot caption whose numbers are the train means; `{variables}`: the variable names."""
+PROMPT_FIELDS = (
+    "example", "variables", "caption_example", "readout_example", "cold_caption_example", "cold_readout_example",
+    "thaw_caption_example", "thaw_readout_example",
+)  # fmt: skip
+"""The fields a `prompt_template` may name (`data.prompt.render_prompt` fills them)."""
+
+
+def prompt_fields_hint() -> str:
+    """The way out of a bad template: the fields it may use."""
+    return "use only " + ", ".join("{" + f + "}" for f in PROMPT_FIELDS)
+
 
 _BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
@@ -190,19 +204,9 @@ class TrainConfig(BaseModel):
     @classmethod
     def _template_ok(cls, value: str) -> str:
         try:
-            value.format(
-                example="",
-                variables="",
-                caption_example="",
-                readout_example="",
-                cold_caption_example="",
-                cold_readout_example="",
-            )
+            value.format(**dict.fromkeys(PROMPT_FIELDS, ""))
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(
-                f"{exc!r}; use only {{example}}, {{caption_example}}, {{readout_example}}, {{cold_caption_example}}, "
-                "{cold_readout_example} and {variables}"
-            ) from None
+            raise ValueError(f"{exc!r}; {prompt_fields_hint()}") from None
         return value
 
     @model_validator(mode="after")
