@@ -101,7 +101,8 @@ class FusionRun:
         for i in range(0, x.shape[0], batch_size):
             chunk = x[i : i + batch_size].to(device)
             out += self.model.generate(chunk, self.prompt, max_new_tokens=max_new_tokens, do_sample=False,
-                                       one_line=True, no_repeat_ngram=no_repeat_ngram)
+                                       one_line=True, no_repeat_ngram=no_repeat_ngram,
+                                       draft_caption=self.config.caption)  # fmt: skip
         return out
 
 

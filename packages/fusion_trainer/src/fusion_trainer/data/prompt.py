@@ -27,10 +27,9 @@ def render_prompt(template: str, ds: OpenedDataset, caption: str = "full") -> st
     freezing next to a minimum below it, the pair whose signs a LM confuses (docs/results.md, setting 12).
     """
     import pandas as pd
-    from climate_text_schema.caption_reading import caption_target
-    from climate_text_schema.captions import caption_quantities, render_facet
+    from climate_text_schema.captions import caption_quantities
 
-    from fusion_trainer.model.readout import render_readout
+    from fusion_trainer.model.readout import readout_caption, render_readout
 
     manifest = ds.manifest
     parts = []
@@ -40,7 +39,6 @@ def render_prompt(template: str, ds: OpenedDataset, caption: str = "full") -> st
             parts.append(f"mean {v.name} {stats.mean:.4g} {v.units}")
     example = "; ".join(parts) + "."
     seconds = pd.Timedelta(manifest.window).total_seconds()
-    form = "numbers" if caption == "full" else caption
 
     def texts(shift: dict[str, float], flip: bool, kelvins: float = 0.0) -> tuple[str, str]:
         """The readout line and caption of the train means moved by `shift` stds (and `kelvins` for T2M, T2MDEW)."""
@@ -50,10 +48,7 @@ def render_prompt(template: str, ds: OpenedDataset, caption: str = "full") -> st
             m += shift.get(v, 0.0) * s.std + (kelvins if v in ("T2M", "T2MDEW") else 0.0)
             stats[v] = {"mean": m, "min": m - s.std, "max": m + s.std}
         values = caption_quantities(stats, seconds)
-        text = " ".join(
-            t for f in ("temp", "dew", "q", "wind", "slp", "precip") if (t := render_facet(f, values))
-        )
-        return render_readout(values), caption_target(text, form) if text else ""
+        return render_readout(values), readout_caption(values, caption)
 
     readout, caption_text = texts({}, False)
     cold_readout, cold_caption = texts({"T2M": -2.0, "T2MDEW": -2.0, "SLP": -1.0}, True)

@@ -58,7 +58,7 @@ def iter_generations(
         climate = torch.from_numpy(np.stack([s.climate_x for s in items])).to(device)  # (B, T, V, H, W)
         texts = model.generate(
             climate, prompt=[prompt] * len(items), max_new_tokens=max_new_tokens, do_sample=False, one_line=True,
-            no_repeat_ngram=no_repeat_ngram,
+            no_repeat_ngram=no_repeat_ngram, draft_caption=caption,
         )
         for sample, text in zip(items, texts, strict=True):
             reference = caption_target(sample.text, caption)

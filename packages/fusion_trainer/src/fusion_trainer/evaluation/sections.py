@@ -149,7 +149,8 @@ def interventions_section(ctx: EvalContext) -> dict[str, Any]:
         for i in range(0, len(windows), size):
             chunk = torch.from_numpy(((windows[i : i + size] - mean) / std).astype(np.float32)).to(ctx.device)
             out += ctx.model.generate(chunk, ctx.prompt, max_new_tokens=ctx.max_new_tokens, do_sample=False,
-                                     one_line=True, no_repeat_ngram=ctx.no_repeat_ngram)
+                                     one_line=True, no_repeat_ngram=ctx.no_repeat_ngram,
+                                     draft_caption=ctx.config.caption)  # fmt: skip
         return out
 
     clusters = starts[chosen].astype(str).tolist()

@@ -22,8 +22,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Step = Callable[[Tensor, Tensor, Tensor, Any], tuple[Tensor, Any]]
-"""`(embeds (B, L, H), mask (B, L), positions (B, L), cache) -> (last logits (B, vocab), cache)`."""
+Step = Callable[..., tuple[Tensor, Any]]
+"""`(embeds (B, L, H), mask (B, C + L), positions (B, L), cache) -> (last logits (B, vocab), cache)`; with `keep=k`
+(a step that checks drafts): the logits of the last k positions `(B, k, vocab)`."""
 
 
 def batch_windows(
@@ -200,11 +201,13 @@ def decode(
     cache: Any = None,
     no_repeat_ngram: int = 0,
     select: Callable[[Tensor], None] | None = None,
+    drafts: Sequence[Sequence[int]] | None = None,
+    draft_window: int = 16,
 ) -> list[list[int]]:
     """New token ids per row, from the fused prompt embeddings `(B, L, H)` and their padded mask `(B, C + L)`.
 
-    `step` runs the LM on new embeddings with the cache; `embed_next` fuses the tokens just picked `(b, 1)` into
-    `(b, 1, H)`. A row stops at its first stop id (later positions hold `pad`); all stop, or `max_new_tokens`.
+    `step` runs the LM on new embeddings with the cache; `embed_next` fuses the tokens just picked `(b, k)` into
+    `(b, k, H)`. A row stops at its first stop id (later positions hold `pad`); all stop, or `max_new_tokens`.
     `cache`: the keys and values of `C` tokens before `embeds` (a cached prompt; `mask` covers them too), or None.
     Padding may sit anywhere in the mask: positions count attended tokens only.
     `no_repeat_ngram=n` (> 0): a row never writes an n-gram of tokens it has already written (the prompt does not
@@ -215,6 +218,12 @@ def decode(
     longer costs a step of the whole batch. Greedy tokens are the same in exact arithmetic (each row's computation
     is its own; bf16 products may round a smaller batch differently); sampled ones are drawn for fewer rows, so a
     seed gives other (still reproducible) draws.
+    `drafts` (greedy without `no_repeat_ngram` only; ignored otherwise): each row's guess of its tokens. While a
+    row's tokens so far are its draft's first ones, a step also feeds the draft's next `draft_window - 1` tokens and
+    checks them all at once (`step(..., keep=k)` gives the logits of the last k positions): the guessed tokens that
+    greedy decoding would have picked are kept, with the token greedy picks after the last of them, and the rest
+    are masked out of the cache (speculative decoding with a given draft). The tokens are greedy decoding's in
+    exact arithmetic whatever the drafts; a right draft turns a caption's dozens of steps into a few passes.
     """
     device = embeds.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -224,34 +233,102 @@ def decode(
     live = torch.arange(total, device=device)  # the batch rows still in the step's inputs
     done = torch.zeros(total, dtype=torch.bool, device=device)
     out = torch.full((total, max_new_tokens), pad, dtype=torch.long, device=device)
+    length = torch.zeros(total, dtype=torch.long, device=device)  # tokens written per row
     repeats = NoRepeat(no_repeat_ngram, total) if no_repeat_ngram > 0 else None
-    written = 0
-    for t in range(max_new_tokens):
-        logits, cache = step(embeds, mask, positions, cache)
-        logits = logits.float()
+    guess = _Drafts(drafts, total, device) if drafts is not None and not do_sample and repeats is None else None
+    window = max(int(draft_window), 1) if guess is not None else 1
+    logits, cache = step(embeds, mask, positions, cache)
+    chunk: Tensor | None = None  # the ids fed at the last step when it checked drafts `(b, W)`
+    fed_ok = torch.ones(total, 1, dtype=torch.long, device=device)  # which of them were a row's own (not padding)
+    while True:
         stopped = done[live]  # (b,)
-        rows = live.tolist() if repeats is not None else []
-        if repeats is not None:
-            repeats.rule_out(logits, rows, stopped)
-        nxt = _pick_next(logits, do_sample, temperature, top_p, gen)  # (b,)
-        nxt = torch.where(stopped, torch.full_like(nxt, pad), nxt)
-        if repeats is not None:
-            repeats.add(nxt, rows, stopped)
-        out[live, t] = nxt
-        written = t + 1
-        stopped |= torch.isin(nxt, stop_tensor)
+        if chunk is None:  # one new token a row
+            logits = logits.float()
+            rows = live.tolist() if repeats is not None else []
+            if repeats is not None:
+                repeats.rule_out(logits, rows, stopped)
+            picks = _pick_next(logits, do_sample, temperature, top_p, gen)[:, None]  # (b, 1)
+            if repeats is not None:
+                repeats.add(picks[:, 0], rows, stopped)
+            accepted = torch.ones_like(live)
+        else:  # greedy's pick at every fed position; the fed draft tokens it agrees with are kept
+            picks = logits.float().argmax(dim=-1)  # (b, W)
+            agree = ((chunk[:, 1:] == picks[:, :-1]) & fed_ok[:, 1:].bool()).long()
+            accepted = 1 + agree.cumprod(dim=1).sum(dim=1)  # (b,): the agreed tokens and greedy's next
+        accepted = torch.minimum(accepted, max_new_tokens - length[live])
+        span = torch.arange(picks.shape[1], device=device)[None] < accepted[:, None]  # (b, W)
+        ends = span & torch.isin(picks, stop_tensor)
+        first_end = torch.where(ends.any(dim=1), ends.int().argmax(dim=1) + 1, accepted)
+        accepted = torch.where(stopped, torch.zeros_like(accepted), first_end)  # rows done write nothing more
+        span = torch.arange(picks.shape[1], device=device)[None] < accepted[:, None]
+        cols = (length[live][:, None] + torch.arange(picks.shape[1], device=device)[None]).clamp(max=max_new_tokens - 1)
+        at = span.nonzero(as_tuple=True)
+        out[live[at[0]], cols[at]] = picks[at]
+        if guess is not None:
+            guess.follow(live, length[live], picks, accepted)
+        length[live] += accepted
+        stopped = stopped | ends.any(dim=1) | (length[live] >= max_new_tokens)
         done[live] = stopped
         if bool(stopped.all()):
             break
+        last = out[live, (length[live] - 1).clamp(min=0)]  # each row's newest token, fed next
+        if chunk is not None:  # the fed positions greedy did not keep leave the attention
+            fed = chunk.shape[1]
+            mask[:, -fed:] &= (torch.arange(fed, device=device)[None] < accepted[:, None]).to(mask.dtype)
+            positions = positions[:, :1] + accepted[:, None] - 1  # the last kept one (a row done: before them)
         if select is not None and hasattr(cache, "batch_select_indices") and 4 * int(stopped.sum()) >= len(live):
             keep = (~stopped).nonzero().squeeze(1)  # (b',)
             cache.batch_select_indices(keep)
             select(keep)
-            live, nxt, mask, positions = live[keep], nxt[keep], mask[keep], positions[keep]
-        embeds = embed_next(nxt[:, None])  # (b, 1, H)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (b, L+k)
-        positions = positions[:, -1:] + 1  # (b, 1)
+            live, last, mask, positions = live[keep], last[keep], mask[keep], positions[keep]
+        extra, extra_ok = guess.offer(live, length[live], window - 1) if guess is not None else (None, None)
+        if extra is None or extra_ok is None or not bool(extra_ok.any()):
+            chunk, fed_ok = None, torch.ones_like(last[:, None])
+            ids = last[:, None]
+        else:
+            width = 1 + int(extra_ok.sum(dim=1).max())
+            ids = torch.cat([last[:, None], torch.where(extra_ok, extra, pad)], dim=1)[:, :width]  # (b, W)
+            fed_ok = torch.cat([torch.ones_like(last[:, None]), extra_ok.long()], dim=1)[:, :width]
+            chunk = ids
+        embeds = embed_next(ids)  # (b, W, H)
+        mask = torch.cat([mask, fed_ok.to(mask.dtype)], dim=1)  # (b, L + W)
+        positions = positions[:, -1:] + 1 + torch.arange(ids.shape[1], device=device)[None]  # (b, W)
+        logits, cache = step(embeds, mask, positions, cache) if chunk is None else step(
+            embeds, mask, positions, cache, keep=ids.shape[1]
+        )
+    written = int(length.max())
     return [list(map(int, row)) for row in out[:, :written].tolist()]
+
+
+class _Drafts:
+    """Each row's draft `(B, D)` (-1 past its end) and whether the row's tokens so far are its draft's first ones."""
+
+    def __init__(self, drafts: Sequence[Sequence[int]], rows: int, device: torch.device) -> None:
+        if len(drafts) != rows:
+            raise DataError(f"{len(drafts)} drafts for {rows} rows; give one draft per row")
+        width = max((len(d) for d in drafts), default=0) + 1
+        self.ids = torch.full((rows, width), -1, dtype=torch.long, device=device)
+        for r, d in enumerate(drafts):
+            self.ids[r, : len(d)] = torch.tensor(list(d), dtype=torch.long, device=device)
+        self.on = torch.tensor([len(d) > 0 for d in drafts], device=device)
+
+    def _at(self, live: Tensor, cols: Tensor) -> Tensor:
+        return self.ids[live[:, None], cols.clamp(max=self.ids.shape[1] - 1)]
+
+    def follow(self, live: Tensor, length: Tensor, picks: Tensor, accepted: Tensor) -> None:
+        """After a step: a row stays on its draft while every token it wrote is the draft's at that place."""
+        cols = length[:, None] + torch.arange(picks.shape[1], device=picks.device)[None]
+        span = torch.arange(picks.shape[1], device=picks.device)[None] < accepted[:, None]
+        same = ((picks == self._at(live, cols)) | ~span).all(dim=1)
+        self.on[live] &= same
+
+    def offer(self, live: Tensor, length: Tensor, n: int) -> tuple[Tensor | None, Tensor | None]:
+        """The draft's next `n` tokens after each row's `length` `(b, n)` and which of them to feed."""
+        if n <= 0 or not bool(self.on[live].any()):
+            return None, None
+        cols = length[:, None] + torch.arange(n, device=length.device)[None]
+        tokens = self._at(live, cols)
+        return tokens, (tokens >= 0) & self.on[live][:, None]
 
 
 def decode_texts(

@@ -24,7 +24,7 @@ from .decoding import batch_windows, break_ids, decode, decode_texts, encode_pro
 from .encoder import ClimateEncoder, ClimateTokens
 from .fusion import fuse_new_tokens
 from .lm_pass import PromptCache, after_cached_prompt
-from .readout import readout_values, render_readout
+from .readout import readout_caption, readout_values, render_readout
 from .shared_prefix import SharedPrefixLayer, shared_prefix_cache, shared_prefix_scope
 
 __all__ = ["FusedGeneration"]
@@ -59,19 +59,23 @@ class FusedGeneration(nn.Module):
 
     def readout_ids(self, stats: Tensor) -> list[list[int]]:
         """Token ids of each window's readout line (`readout.render_readout`) from the stats head's predictions."""
+        return self._ids(self.readout_texts(stats))
+
+    def _ids(self, texts: Sequence[str]) -> list[list[int]]:
         if self.tokenizer is None:
             raise ModelError("readout: true needs the tokenizer; pass tokenizer=... to FusionModel.from_base")
-        texts = self.readout_texts(stats)
-        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
     def readout_texts(self, stats: Tensor) -> list[str]:
         """Each window's readout line (`readout.render_readout`) from the stats head's predictions `(B, V, 3)`."""
+        return [render_readout(v) for v in self._readout_values(stats)]
+
+    def _readout_values(self, stats: Tensor) -> list[dict[str, float]]:
         cfg = self.config
         if cfg.variables is None or cfg.normalization is None:
             raise ModelError("readout: true needs the dataset's variables and normalization in the FusionConfig")
         seconds = pd.Timedelta(cfg.window).total_seconds() if cfg.window else 3600.0
-        values = readout_values(stats, cfg.variables, cfg.normalization, seconds)
-        return [render_readout(v) for v in values]
+        return readout_values(stats, cfg.variables, cfg.normalization, seconds)
 
     def _pad_id(self) -> int:
         tok = self.tokenizer
@@ -90,6 +94,8 @@ class FusedGeneration(nn.Module):
         seed: int | None = None,
         one_line: bool = False,
         no_repeat_ngram: int = 0,
+        drafts: Sequence[str] | None = None,
+        draft_caption: str | None = None,
     ) -> list[str]:
         """Generate text for climate windows, batched with left padding and a KV cache.
 
@@ -109,6 +115,12 @@ class FusedGeneration(nn.Module):
                 first line of what `one_line=False` returns.
             no_repeat_ngram: n > 0: never write an n-gram of tokens already written in the same text (as
                 transformers' `no_repeat_ngram_size`, the prompt not counted); 0: off.
+            drafts: a guess of each row's text (then EOS): greedy decoding checks the guessed tokens many at a time
+                and keeps those it would have written (`decoding.decode`). The text is greedy decoding's whatever
+                the guess; a right guess makes it several times fewer steps. Greedy without `no_repeat_ngram` only.
+            draft_caption: with the readout (`fusion.readout`) and no `drafts`: guess each row's caption as the one
+                its readout line states, in this caption form ("full", "numbers", "temperature": the run's
+                `caption`; `readout.readout_caption`). A LM trained to copy the line writes that caption.
 
         Returns:
             The generated continuations (prompt excluded, special tokens removed).
@@ -130,7 +142,13 @@ class FusedGeneration(nn.Module):
         tokens = self.encoder.encode(x)
         head = self.encoder.stats_head
         stats = head(tokens.tokens, x) if head is not None and self.config.readout else None
-        suffixes = self.readout_ids(stats) if stats is not None else None
+        values = self._readout_values(stats) if stats is not None else None
+        suffixes = self._ids([render_readout(v) for v in values]) if values is not None else None
+        if drafts is None and draft_caption is not None and values is not None:
+            drafts = [readout_caption(v, draft_caption) for v in values]
+        guesses = self._ids(drafts) if drafts is not None and not do_sample and not no_repeat_ngram else None
+        if guesses is not None and tok.eos_token_id is not None:
+            guesses = [[*g, int(tok.eos_token_id)] for g in guesses]
         cache: Any = None
         if self._prompt_cache is not None and len(set(prompts)) == 1:
             # one prompt, nothing in it sees the climate: its keys and values come from the cache (`lm_pass`), and
@@ -148,16 +166,18 @@ class FusedGeneration(nn.Module):
         held_once = cache is not None and isinstance(cache.layers[0], SharedPrefixLayer)
         live = [tokens]  # the climate tokens of the rows still being decoded (`decode` drops finished ones)
 
-        def step(embeds: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> tuple[Tensor, Any]:
-            # logits at the last position only: the prompt's other positions predict nothing here. Given as an index,
-            # not as `logits_to_keep=1`: transformers slices that as `[:, -1:]`, a strided view of the prompt's hidden
-            # states, and matmul turns a strided (B, 1, H) input into a batched product with the LM head's weight
-            # copied once per row (at 64 rows of SmolLM2: 1.8e9 values, 6 s of a 26 s batch; docs/performance.md)
-            last = torch.tensor([embeds.shape[1] - 1], device=embeds.device)
+        def step(embeds: Tensor, mask: Tensor, positions: Tensor, cache: Any, keep: int = 1) -> tuple[Tensor, Any]:
+            # logits at the last `keep` positions only: the prompt's other positions predict nothing here. Given as
+            # an index, not as `logits_to_keep=1`: transformers slices that as `[:, -1:]`, a strided view of the
+            # prompt's hidden states, and matmul turns a strided (B, 1, H) input into a batched product with the LM
+            # head's weight copied once per row (at 64 rows of SmolLM2: 1.8e9 values, 6 s of a 26 s batch;
+            # docs/performance.md)
+            last = torch.arange(embeds.shape[1] - keep, embeds.shape[1], device=embeds.device)
             with self._climate_scope(live[0]), shared_prefix_scope(cache) if held_once else contextlib.nullcontext():
                 out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
                               logits_to_keep=last, **{self._cache_kwarg: cache})  # fmt: skip
-            return out.logits[:, -1, :], getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            logits = out.logits if keep > 1 else out.logits[:, -1, :]
+            return logits, getattr(out, "cache", None) or getattr(out, "past_key_values", None)
 
         def select(keep: Tensor) -> None:
             live[0] = replace(live[0], tokens=live[0].tokens[keep])
@@ -168,7 +188,7 @@ class FusedGeneration(nn.Module):
         cache = growing_cache(self.lm.config, cache)  # each step writes its token in place (no copy of the cache)
         rows = decode(embeds, mask, step, lambda nxt: self.step_embeddings(nxt, live[0]), stops | breaks, pad,
                       max_new_tokens, do_sample, temperature, top_p, seed, cache=cache, no_repeat_ngram=no_repeat_ngram,
-                      select=select)  # fmt: skip
+                      select=select, drafts=guesses)  # fmt: skip
         return decode_texts(tok, rows, stops, breaks)
 
     def _shared_prompt_cache(self, shared: Tensor, rows: int) -> Any:

@@ -23,10 +23,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from climate_text_schema.captions import COMPASS, caption_quantities, format_number
+from climate_text_schema.caption_reading import caption_target
+from climate_text_schema.captions import COMPASS, caption_quantities, format_number, render_facet
 from torch import Tensor
 
-__all__ = ["READOUT_PREFIX", "insert_tokens", "readout_values", "render_readout"]
+__all__ = ["READOUT_PREFIX", "insert_tokens", "readout_caption", "readout_values", "render_readout"]
 
 READOUT_PREFIX = "Readout: "
 
@@ -53,6 +54,16 @@ def render_readout(values: Mapping[str, float]) -> str:
     if "precip_mm" in values:
         parts.append(f"precipitation {format_number(values['precip_mm'])} mm")
     return READOUT_PREFIX + ("; ".join(parts) if parts else "none") + ".\n"
+
+
+def readout_caption(values: Mapping[str, float], form: str) -> str:
+    """The caption that states `values` (`caption_quantities` keys) in template 0's phrasing, cut to the caption
+    `form` ("full" gives the number sentences, "numbers" or "temperature": `caption_target`); "" when none apply.
+    The one-shot examples of the prompt are such captions, and so is what a LM trained with `readout_truth` writes
+    after a readout line: generation's draft (`FusedGeneration.generate(draft_caption=...)`)."""
+    facets = ("temp", "dew", "q", "wind", "slp", "precip")
+    text = " ".join(t for f in facets if (t := render_facet(f, dict(values))))
+    return caption_target(text, "numbers" if form == "full" else form) if text else ""
 
 
 def readout_values(
