@@ -186,3 +186,34 @@ def test_draft_caption_guesses_the_caption_each_readout_line_states(
     ]  # the caption states the line's numbers
     eos = int(tok.eos_token_id)
     assert seen[1] == [[*ids, eos] for ids in tok(captions, add_special_tokens=False)["input_ids"]]
+
+
+def test_a_row_done_is_fed_no_more_of_its_draft() -> None:
+    """Row 0 follows its right draft to `max_new_tokens` in a few wide steps while row 1, whose draft is wrong, goes
+    on one token a step: from then on every step is one token wide (no drafted tokens for a row that is done)."""
+    script = [list(range(2, 16)) * 2, [4, 5] * 14]
+    calls: list[int] = []
+    embeds, mask = torch.zeros(2, PROMPT, 3), torch.ones(2, PROMPT, dtype=torch.long)
+    out = decode(embeds, mask, _scripted(script, calls), lambda ids: torch.zeros(ids.shape[0], ids.shape[1], 3), {STOP},
+                 PAD, 12, cache=_Cache(2), drafts=[script[0], [9] * 20], draft_window=4)  # fmt: skip
+    assert out == [script[0][:12], script[1][:12]]
+    assert calls[1:4] == [4, 4, 4] and set(calls[4:]) == {1}, calls  # row 0: 1 + 4 + 4 + 4 tokens, cut at 12
+
+
+def test_a_windowed_base_drafts_nothing(tmp_path: Path) -> None:
+    """GPT-Neo's local layers count cache slots: masked-out guesses would shorten their window, so no drafts."""
+    from fusion_trainer.model.tiny import make_tiny_model
+
+    cfg = FusionConfig(n_variables=2, d_encoder=32, encoder_heads=4, encoder_depth=1, fusion="add")
+    model = FusionModel.from_base(
+        make_tiny_model("gpt_neo", tmp_path / "neo"), cfg, dtype=torch.float32
+    ).eval()
+    climate = torch.randn(2, 2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    widths: list[int] = []
+    hook = model.lm.register_forward_hook(lambda module, args, kwargs, out: widths.append(kwargs["inputs_embeds"].shape[1]),
+                                          with_kwargs=True)  # fmt: skip
+    plain = model.generate(climate, "Wind", max_new_tokens=8)
+    widths.clear()
+    assert model.generate(climate, "Wind", max_new_tokens=8, drafts=plain) == plain
+    hook.remove()
+    assert len(widths) > 2 and set(widths[1:]) == {1}, widths

@@ -223,7 +223,9 @@ def decode(
     checks them all at once (`step(..., keep=k)` gives the logits of the last k positions): the guessed tokens that
     greedy decoding would have picked are kept, with the token greedy picks after the last of them, and the rest
     are masked out of the cache (speculative decoding with a given draft). The tokens are greedy decoding's in
-    exact arithmetic whatever the drafts; a right draft turns a caption's dozens of steps into a few passes.
+    exact arithmetic whatever the drafts; a right draft turns a caption's dozens of steps into a few passes. Not for
+    a base whose attention window counts cache slots (`lm_pass.local_attention`): the masked-out slots would shorten
+    its windows; `FusedGeneration.generate` drafts nothing there.
     """
     device = embeds.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -269,6 +271,8 @@ def decode(
         length[live] += accepted
         stopped = stopped | ends.any(dim=1) | (length[live] >= max_new_tokens)
         done[live] = stopped
+        if guess is not None:  # a row done is fed nothing more of its draft
+            guess.on[live[stopped]] = False
         if bool(stopped.all()):
             break
         last = out[live, (length[live] - 1).clamp(min=0)]  # each row's newest token, fed next

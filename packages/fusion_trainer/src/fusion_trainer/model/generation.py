@@ -23,7 +23,7 @@ from .attention import GROUPED_SDPA
 from .decoding import batch_windows, break_ids, decode, decode_texts, encode_prompts, growing_cache, stop_ids
 from .encoder import ClimateEncoder, ClimateTokens
 from .fusion import fuse_new_tokens
-from .lm_pass import PromptCache, after_cached_prompt
+from .lm_pass import PromptCache, after_cached_prompt, local_attention
 from .readout import readout_caption, readout_values, render_readout
 from .shared_prefix import SharedPrefixLayer, shared_prefix_cache, shared_prefix_scope
 
@@ -117,10 +117,12 @@ class FusedGeneration(nn.Module):
                 transformers' `no_repeat_ngram_size`, the prompt not counted); 0: off.
             drafts: a guess of each row's text (then EOS): greedy decoding checks the guessed tokens many at a time
                 and keeps those it would have written (`decoding.decode`). The text is greedy decoding's whatever
-                the guess; a right guess makes it several times fewer steps. Greedy without `no_repeat_ngram` only.
+                the guess; a right guess makes it several times fewer steps. Greedy without `no_repeat_ngram` only,
+                and not on a base with windowed attention (ignored there).
             draft_caption: with the readout (`fusion.readout`) and no `drafts`: guess each row's caption as the one
-                its readout line states, in this caption form ("full", "numbers", "temperature": the run's
-                `caption`; `readout.readout_caption`). A LM trained to copy the line writes that caption.
+                its readout line states, in this caption form ("numbers", "temperature": the run's `caption`;
+                "full" guesses the number sentences only; `readout.readout_caption`). A LM trained to copy the line
+                writes that caption.
 
         Returns:
             The generated continuations (prompt excluded, special tokens removed).
@@ -146,7 +148,9 @@ class FusedGeneration(nn.Module):
         suffixes = self._ids([render_readout(v) for v in values]) if values is not None else None
         if drafts is None and draft_caption is not None and values is not None:
             drafts = [readout_caption(v, draft_caption) for v in values]
-        guesses = self._ids(drafts) if drafts is not None and not do_sample and not no_repeat_ngram else None
+        # a windowed base counts the masked-out slots of rejected guesses in its windows: no drafts there
+        drafting = drafts is not None and not do_sample and not no_repeat_ngram and not local_attention(self.lm.config)
+        guesses = self._ids(drafts) if drafts is not None and drafting else None
         if guesses is not None and tok.eos_token_id is not None:
             guesses = [[*g, int(tok.eos_token_id)] for g in guesses]
         cache: Any = None

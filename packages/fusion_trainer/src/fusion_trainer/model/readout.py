@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from climate_text_schema.caption_reading import caption_target
 from climate_text_schema.captions import COMPASS, caption_quantities, format_number, render_facet
 from torch import Tensor
 
@@ -61,6 +60,8 @@ def readout_caption(values: Mapping[str, float], form: str) -> str:
     `form` ("full" gives the number sentences, "numbers" or "temperature": `caption_target`); "" when none apply.
     The one-shot examples of the prompt are such captions, and so is what a LM trained with `readout_truth` writes
     after a readout line: generation's draft (`FusedGeneration.generate(draft_caption=...)`)."""
+    from fusion_trainer.grounding import caption_target  # DataError for an unknown form
+
     facets = ("temp", "dew", "q", "wind", "slp", "precip")
     text = " ".join(t for f in facets if (t := render_facet(f, dict(values))))
     return caption_target(text, "numbers" if form == "full" else form) if text else ""
