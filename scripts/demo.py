@@ -106,7 +106,7 @@ QUICK = Plan(
     eval_every=5,
     source="synth",
     build_config="pipelines/demo-build-synth.yaml",
-    train_set=("warmup_steps=2", "max_length=512"),  # synthetic MERRA-2 captions add dew point and humidity
+    train_set=("warmup_steps=2", "max_length=768"),  # MERRA-2 captions add dew point and humidity: prompt ~600 tokens
     interventions=("T2M=+3",),
     intervene_limit=4,
     train_budget_s=180.0,
@@ -116,7 +116,7 @@ TINY = Plan(ROOT / "demo-output/tiny", "2019-01-01", "2019-01-08", steps=4, gene
             build_set=("sample.tile=null",), interventions=("T2M=+3",), seed_interventions=("T2M=+3",),
             intervene_limit=2, max_new_tokens=48,
             train_set=("fusion.d_encoder=32", "fusion.encoder_heads=4", "fusion.n_prefix_tokens=4", "bf16=false",
-                       "micro_batch=2", "num_workers=0", "warmup_steps=0", "max_length=1024"))  # fmt: skip
+                       "micro_batch=2", "num_workers=0", "warmup_steps=0", "max_length=1408"))  # fmt: skip
 """A few seconds of training on a tiny random Llama (the end-to-end test)."""
 
 

@@ -37,6 +37,7 @@ def test_demo_stages_through_the_clis(tmp_path: Path) -> None:
     for stage in ("synth", "build", "tiny base", "train", "generate", "eval", "report"):
         assert f"== {stage}: " in log, stage
     assert "training steps 1..4 of 4" in log and "fusion-eval: grounding_gain" in log
+    assert "are cut at max_length" not in log, "the plan's max_length leaves room for the prompt and the captions"
     assert "generated 3/3 test samples" in log, "fusion-generate reports its progress"
     timings = json.loads((out / "timings.json").read_text())
     assert set(timings) >= {"synth", "build", "train", "generate", "eval", "report"}

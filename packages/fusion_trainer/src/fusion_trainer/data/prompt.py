@@ -24,7 +24,7 @@ def render_prompt(template: str, ds: OpenedDataset, caption: str = "full") -> st
     zero, so the LM sees negative numbers copied too), the wind reversed and pressure one std lower.
     `{thaw_caption_example}` and `{thaw_readout_example}`: a window whose mean 2 m temperature is 1 °C (T2M and
     T2MDEW moved by the same kelvins, the rest at the train means), its range one std either side: a mean just above
-    freezing next to a minimum below it, the pair whose signs a LM confuses (docs/results.md, setting 12).
+    freezing next to a minimum below it, the pair whose signs the demo's LM confused (docs/results.md, settings 10 and 12).
     """
     import pandas as pd
     from climate_text_schema.captions import caption_quantities
