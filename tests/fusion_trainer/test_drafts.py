@@ -217,3 +217,18 @@ def test_a_windowed_base_drafts_nothing(tmp_path: Path) -> None:
     assert model.generate(climate, "Wind", max_new_tokens=8, drafts=plain) == plain
     hook.remove()
     assert len(widths) > 2 and set(widths[1:]) == {1}, widths
+
+
+def test_a_row_that_leaves_its_draft_picks_it_up_again() -> None:
+    """One miscopied token (the draft's 15 where greedy writes 7): the row goes on one token a step only until its
+    last two tokens occur in the draft again, then its steps are wide again; the text is greedy's."""
+    script = [[*range(2, 14), STOP]]
+    draft = [[*range(2, 7), 15, *range(8, 14), STOP]]
+    calls: list[int] = []
+    embeds, mask = torch.zeros(1, PROMPT, 3), torch.ones(1, PROMPT, dtype=torch.long)
+    out = decode(embeds, mask, _scripted(script, calls), lambda ids: torch.zeros(1, ids.shape[1], 3), {STOP}, PAD,
+                 20, cache=_Cache(1), drafts=draft, draft_window=4)  # fmt: skip
+    assert out == script
+    # the prompt (2 picked); 3..6; 7 for the draft's 15 (then off the draft); 8 alone; 9 alone ([8, 9] is in the
+    # draft: picked up again); 10..13 in one wide step; STOP
+    assert calls == [PROMPT, 4, 4, 1, 1, 4, 2], calls

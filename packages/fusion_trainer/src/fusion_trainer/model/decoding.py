@@ -219,8 +219,9 @@ def decode(
     is its own; bf16 products may round a smaller batch differently); sampled ones are drawn for fewer rows, so a
     seed gives other (still reproducible) draws.
     `drafts` (greedy without `no_repeat_ngram` only; ignored otherwise): each row's guess of its tokens. While a
-    row's tokens so far are its draft's first ones, a step also feeds the draft's next `draft_window - 1` tokens and
-    checks them all at once (`step(..., keep=k)` gives the logits of the last k positions): the guessed tokens that
+    row follows its draft (a row that leaves it picks it up again where its last two tokens occur in it, `_Drafts`),
+    a step also feeds the draft's next `draft_window - 1` tokens and checks them all at once (`step(..., keep=k)`
+    gives the logits of the last k positions): the guessed tokens that
     greedy decoding would have picked are kept, with the token greedy picks after the last of them, and the rest
     are masked out of the cache (speculative decoding with a given draft). The tokens are greedy decoding's in
     exact arithmetic whatever the drafts; a right draft turns a caption's dozens of steps into a few passes. Not for
@@ -266,9 +267,9 @@ def decode(
         cols = (length[live][:, None] + torch.arange(picks.shape[1], device=device)[None]).clamp(max=max_new_tokens - 1)
         at = span.nonzero(as_tuple=True)
         out[live[at[0]], cols[at]] = picks[at]
-        if guess is not None:
-            guess.follow(live, length[live], picks, accepted)
         length[live] += accepted
+        if guess is not None:
+            guess.follow(live, picks, accepted, out, length)
         stopped = stopped | ends.any(dim=1) | (length[live] >= max_new_tokens)
         done[live] = stopped
         if guess is not None:  # a row done is fed nothing more of its draft
@@ -285,7 +286,7 @@ def decode(
             cache.batch_select_indices(keep)
             select(keep)
             live, last, mask, positions = live[keep], last[keep], mask[keep], positions[keep]
-        extra, extra_ok = guess.offer(live, length[live], window - 1) if guess is not None else (None, None)
+        extra, extra_ok = guess.offer(live, window - 1) if guess is not None else (None, None)
         if extra is None or extra_ok is None or not bool(extra_ok.any()):
             chunk, fed_ok = None, torch.ones_like(last[:, None])
             ids = last[:, None]
@@ -305,7 +306,12 @@ def decode(
 
 
 class _Drafts:
-    """Each row's draft `(B, D)` (-1 past its end) and whether the row's tokens so far are its draft's first ones."""
+    """Each row's draft `(B, D)` (-1 past its end), where in it the row's next token is expected (`at`), and whether
+    the row follows it (`on`). A row whose token leaves its draft (a digit miscopied, a word changed) finds its place
+    again: once its last two tokens occur in the draft, not far before where it left, the draft goes on from there."""
+
+    RESYNC = 2
+    """Tokens a row's last ones and the draft must share to pick the draft up again."""
 
     def __init__(self, drafts: Sequence[Sequence[int]], rows: int, device: torch.device) -> None:
         if len(drafts) != rows:
@@ -315,23 +321,36 @@ class _Drafts:
         for r, d in enumerate(drafts):
             self.ids[r, : len(d)] = torch.tensor(list(d), dtype=torch.long, device=device)
         self.on = torch.tensor([len(d) > 0 for d in drafts], device=device)
+        self.at = torch.zeros(rows, dtype=torch.long, device=device)
 
-    def _at(self, live: Tensor, cols: Tensor) -> Tensor:
+    def _tokens(self, live: Tensor, n: int) -> Tensor:
+        cols = self.at[live][:, None] + torch.arange(n, device=self.ids.device)[None]
         return self.ids[live[:, None], cols.clamp(max=self.ids.shape[1] - 1)]
 
-    def follow(self, live: Tensor, length: Tensor, picks: Tensor, accepted: Tensor) -> None:
-        """After a step: a row stays on its draft while every token it wrote is the draft's at that place."""
-        cols = length[:, None] + torch.arange(picks.shape[1], device=picks.device)[None]
+    def follow(self, live: Tensor, picks: Tensor, accepted: Tensor, out: Tensor, length: Tensor) -> None:
+        """After a step that wrote `picks[:, :accepted]` (rows `live`; `out` `(B, N)` holds every row's `length`
+        tokens so far): a row follows on while what it wrote is its draft's next tokens; one that left it looks for
+        its last tokens in the draft."""
         span = torch.arange(picks.shape[1], device=picks.device)[None] < accepted[:, None]
-        same = ((picks == self._at(live, cols)) | ~span).all(dim=1)
-        self.on[live] &= same
+        ok = self.on[live] & ((picks == self._tokens(live, picks.shape[1])) | ~span).all(dim=1)
+        self.at[live] += torch.where(ok, accepted, torch.zeros_like(accepted))
+        self.on[live] = ok
+        k = self.RESYNC
+        for i in (~ok & (accepted > 0)).nonzero().flatten().tolist():
+            row, n = int(live[i]), int(length[live[i]])
+            if n < k:
+                continue
+            tail, draft = out[row, n - k : n].tolist(), self.ids[row].tolist()
+            start = max(int(self.at[row]) - 8, 0)  # near where it left: the same words recur (" °C," after each)
+            found = next((j for j in range(start, len(draft) - k + 1) if draft[j : j + k] == tail), None)
+            if found is not None:
+                self.at[row], self.on[row] = found + k, True
 
-    def offer(self, live: Tensor, length: Tensor, n: int) -> tuple[Tensor | None, Tensor | None]:
-        """The draft's next `n` tokens after each row's `length` `(b, n)` and which of them to feed."""
+    def offer(self, live: Tensor, n: int) -> tuple[Tensor | None, Tensor | None]:
+        """Each row's next `n` draft tokens `(b, n)` and which of them to feed."""
         if n <= 0 or not bool(self.on[live].any()):
             return None, None
-        cols = length[:, None] + torch.arange(n, device=length.device)[None]
-        tokens = self._at(live, cols)
+        tokens = self._tokens(live, n)
         return tokens, (tokens >= 0) & self.on[live][:, None]
 
 
