@@ -320,6 +320,7 @@ class _Drafts:
         self.ids = torch.full((rows, width), -1, dtype=torch.long, device=device)
         for r, d in enumerate(drafts):
             self.ids[r, : len(d)] = torch.tensor(list(d), dtype=torch.long, device=device)
+        self.lists = [list(map(int, d)) for d in drafts]  # for the search, without a device read per token
         self.on = torch.tensor([len(d) > 0 for d in drafts], device=device)
         self.at = torch.zeros(rows, dtype=torch.long, device=device)
 
@@ -332,15 +333,18 @@ class _Drafts:
         tokens so far): a row follows on while what it wrote is its draft's next tokens; one that left it looks for
         its last tokens in the draft."""
         span = torch.arange(picks.shape[1], device=picks.device)[None] < accepted[:, None]
-        ok = self.on[live] & ((picks == self._tokens(live, picks.shape[1])) | ~span).all(dim=1)
-        self.at[live] += torch.where(ok, accepted, torch.zeros_like(accepted))
+        same = (picks == self._tokens(live, picks.shape[1])) & span & self.on[live][:, None]
+        agreed = same.long().cumprod(dim=1).sum(dim=1)  # the draft tokens written before any other
+        ok = self.on[live] & (agreed == accepted)
+        self.at[live] += agreed  # a row that leaves: where it left
         self.on[live] = ok
         k = self.RESYNC
         for i in (~ok & (accepted > 0)).nonzero().flatten().tolist():
-            row, n = int(live[i]), int(length[live[i]])
-            if n < k:
+            row = int(live[i])
+            draft, n = self.lists[row], int(length[row])
+            if n < k or len(draft) < k:
                 continue
-            tail, draft = out[row, n - k : n].tolist(), self.ids[row].tolist()
+            tail = out[row, n - k : n].tolist()
             start = max(int(self.at[row]) - 8, 0)  # near where it left: the same words recur (" °C," after each)
             found = next((j for j in range(start, len(draft) - k + 1) if draft[j : j + k] == tail), None)
             if found is not None:
