@@ -259,21 +259,17 @@ def decode(
             agree = ((chunk[:, 1:] == picks[:, :-1]) & fed_ok[:, 1:].bool()).long()
             accepted = 1 + agree.cumprod(dim=1).sum(dim=1)  # (b,): the agreed tokens and greedy's next
         accepted = torch.minimum(accepted, max_new_tokens - length[live])
-        span = torch.arange(picks.shape[1], device=device)[None] < accepted[:, None]  # (b, W)
-        ends = span & torch.isin(picks, stop_tensor)
+        fed_at = torch.arange(picks.shape[1], device=device)[None]  # (1, W)
+        ends = (fed_at < accepted[:, None]) & torch.isin(picks, stop_tensor)
         first_end = torch.where(ends.any(dim=1), ends.int().argmax(dim=1) + 1, accepted)
         accepted = torch.where(stopped, torch.zeros_like(accepted), first_end)  # rows done write nothing more
-        span = torch.arange(picks.shape[1], device=device)[None] < accepted[:, None]
-        cols = (length[live][:, None] + torch.arange(picks.shape[1], device=device)[None]).clamp(max=max_new_tokens - 1)
-        at = span.nonzero(as_tuple=True)
-        out[live[at[0]], cols[at]] = picks[at]
+        at = (fed_at < accepted[:, None]).nonzero(as_tuple=True)
+        out[live[at[0]], (length[live][:, None] + fed_at)[at]] = picks[at]
         length[live] += accepted
-        if guess is not None:
-            guess.follow(live, picks, accepted, out, length)
         stopped = stopped | ends.any(dim=1) | (length[live] >= max_new_tokens)
         done[live] = stopped
-        if guess is not None:  # a row done is fed nothing more of its draft
-            guess.on[live[stopped]] = False
+        if guess is not None:
+            guess.follow(live, picks, accepted, out, length, stopped)
         if bool(stopped.all()):
             break
         last = out[live, (length[live] - 1).clamp(min=0)]  # each row's newest token, fed next
@@ -328,18 +324,20 @@ class _Drafts:
         cols = self.at[live][:, None] + torch.arange(n, device=self.ids.device)[None]
         return self.ids[live[:, None], cols.clamp(max=self.ids.shape[1] - 1)]
 
-    def follow(self, live: Tensor, picks: Tensor, accepted: Tensor, out: Tensor, length: Tensor) -> None:
+    def follow(
+        self, live: Tensor, picks: Tensor, accepted: Tensor, out: Tensor, length: Tensor, done: Tensor
+    ) -> None:
         """After a step that wrote `picks[:, :accepted]` (rows `live`; `out` `(B, N)` holds every row's `length`
-        tokens so far): a row follows on while what it wrote is its draft's next tokens; one that left it looks for
-        its last tokens in the draft."""
+        tokens so far; `done` `(b,)` the rows that have stopped, fed nothing more of their draft): a row follows on
+        while what it wrote is its draft's next tokens; one that left it looks for its last tokens in the draft."""
         span = torch.arange(picks.shape[1], device=picks.device)[None] < accepted[:, None]
         same = (picks == self._tokens(live, picks.shape[1])) & span & self.on[live][:, None]
         agreed = same.long().cumprod(dim=1).sum(dim=1)  # the draft tokens written before any other
-        ok = self.on[live] & (agreed == accepted)
+        ok = self.on[live] & (agreed == accepted) & ~done
         self.at[live] += agreed  # a row that leaves: where it left
         self.on[live] = ok
         k = self.RESYNC
-        for i in (~ok & (accepted > 0)).nonzero().flatten().tolist():
+        for i in (~ok & ~done & (accepted > 0)).nonzero().flatten().tolist():
             row = int(live[i])
             draft, n = self.lists[row], int(length[row])
             if n < k or len(draft) < k:

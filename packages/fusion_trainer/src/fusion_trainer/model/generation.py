@@ -150,7 +150,7 @@ class FusedGeneration(nn.Module):
             drafts = [readout_caption(v, draft_caption) for v in values]
         # a windowed base counts the masked-out slots of rejected guesses in its windows: no drafts there
         drafting = drafts is not None and not do_sample and not no_repeat_ngram and not local_attention(self.lm.config)
-        guesses = self._ids(drafts) if drafts is not None and drafting else None
+        guesses = self._ids(drafts) if drafting and drafts is not None else None
         if guesses is not None and tok.eos_token_id is not None:
             guesses = [[*g, int(tok.eos_token_id)] for g in guesses]
         cache: Any = None

@@ -63,7 +63,7 @@ def readout_caption(values: Mapping[str, float], form: str) -> str:
     from fusion_trainer.grounding import caption_target  # DataError for an unknown form
 
     facets = ("temp", "dew", "q", "wind", "slp", "precip")
-    text = " ".join(t for f in facets if (t := render_facet(f, dict(values))))
+    text = " ".join(t for f in facets if (t := render_facet(f, values)))
     return caption_target(text, "numbers" if form == "full" else form) if text else ""
 
 
