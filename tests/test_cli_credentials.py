@@ -70,7 +70,7 @@ def test_fusion_eval_and_generate_without_credentials(
 ) -> None:
     """Both read the dataset after loading the run; the error the store raises there is what they report."""
     from botocore.exceptions import NoCredentialsError
-    from fusion_trainer import cli
+    from fusion_trainer import cli_eval
     from fusion_trainer.evaluation import evaluate, generate
 
     def no_credentials(*args: Any, **kwargs: Any) -> Any:
@@ -78,7 +78,7 @@ def test_fusion_eval_and_generate_without_credentials(
 
     monkeypatch.setattr(evaluate, "evaluate_run", no_credentials)
     monkeypatch.setattr(generate, "generate_run", no_credentials)
-    app = cli.eval_app if command == "eval" else cli.generate_app
+    app = cli_eval.eval_app if command == "eval" else cli_eval.generate_app
     result = CliRunner().invoke(app, ["--run", str(tmp_path), "--shards", "s3://bucket-x/ds/conus@latest"])
     assert result.exit_code == 1
     assert result.output.startswith("error: no credentials for S3 (NoCredentialsError")

@@ -26,10 +26,6 @@ logger = logging.getLogger(__name__)
 train_app = typer.Typer(
     add_completion=False, pretty_exceptions_enable=False, help="Train a climate fusion adapter."
 )
-eval_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Evaluate a finished run.")
-generate_app = typer.Typer(
-    add_completion=False, pretty_exceptions_enable=False, help="Generate texts with a run."
-)
 
 
 def setup_logging(level: str) -> None:
@@ -48,7 +44,7 @@ def setup_logging(level: str) -> None:
     quiet_session_teardown()  # an S3 session's teardown on another loop is not an error line
 
 
-def _fail(exc: BaseException | str) -> typer.Exit:
+def fail(exc: BaseException | str) -> typer.Exit:
     prefix = f"[rank {os.environ['RANK']}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
     from climate_text_schema import redact_credentials
 
@@ -56,7 +52,7 @@ def _fail(exc: BaseException | str) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _fail_on_credentials(exc: Exception) -> typer.Exit:
+def fail_on_credentials(exc: Exception) -> typer.Exit:
     """One `error:` line for missing object-store credentials (botocore's NoCredentialsError, ...); re-raise
     anything else (a bug shows its traceback)."""
     from climate_text_schema import credentials_message
@@ -64,7 +60,7 @@ def _fail_on_credentials(exc: Exception) -> typer.Exit:
     message = credentials_message(exc)
     if message is None:
         raise exc
-    return _fail(message)
+    return fail(message)
 
 
 @train_app.command()
@@ -158,11 +154,11 @@ def train_command(
 
         result = train(cfg)
     except (FusionError, ContractError) as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     except typer.Exit:
         raise
     except Exception as exc:
-        raise _fail_on_credentials(exc) from exc
+        raise fail_on_credentials(exc) from exc
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(
             json.dumps(
@@ -245,95 +241,6 @@ def _dry_run(cfg: Any, nnodes: int = 1) -> str:
     )
 
 
-@eval_app.command()
-def eval_command(
-    run: Annotated[Path, typer.Option(help="RUN_DIR of a finished fusion-train run")],
-    shards: Annotated[str, typer.Option(help="dataset REF")],
-    split: Annotated[str, typer.Option(help="train | val | test")] = "test",
-    batch_size: Annotated[int, typer.Option(help="samples per batch of the losses and gains")] = 4,
-    generate_batch_size: Annotated[
-        int | None,
-        typer.Option(help="windows per generate call (the captions made here, the interventions); default: --batch-size"),
-    ] = None,
-    max_batches: Annotated[int | None, typer.Option(help="cap on batches")] = None,
-    loss_samples: Annotated[
-        int,
-        typer.Option(help="score the losses and gains on N samples spread evenly over the split (0: every sample)"),
-    ] = 0,
-    generations: Annotated[
-        Path | None, typer.Option(help="score this fusion-generate JSONL instead of generating here")
-    ] = None,
-    generate_limit: Annotated[int, typer.Option(help="samples to generate for faithfulness (0: all)")] = 64,
-    max_new_tokens: Annotated[int, typer.Option(help="tokens per generated caption")] = 96,
-    intervene: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="shift one variable of the windows and report the slope of the generated number: "
-            "T2M=+3 (K), SLP=-500 (Pa), WIND=+2 (m/s of mean wind); repeatable, several deltas per variable; "
-            "a grid permutation runs with them"
-        ),
-    ] = None,
-    intervene_limit: Annotated[
-        int, typer.Option(help="windows (spread over the split) the interventions use")
-    ] = 64,
-    no_repeat_ngram: Annotated[
-        int, typer.Option(help="n > 0: a caption made here never repeats an n-gram of its own tokens (0: off)")
-    ] = 0,
-    log_level: Annotated[str, typer.Option(help="logging level")] = "WARNING",
-) -> None:
-    """Print JSON: losses of the fused model and the frozen base, grounding gains (against any other window and
-    against the same location's other times), numeric faithfulness, the baseline ladder, interventions, and the
-    science goals checked against them."""
-    setup_logging(log_level)
-    from .evaluation.evaluate import evaluate_run
-
-    try:
-        result = evaluate_run(
-            run, shards, split, batch_size=batch_size, max_batches=max_batches, generations=generations,
-            generate_limit=generate_limit or None, max_new_tokens=max_new_tokens, interventions=intervene or (),
-            intervene_limit=intervene_limit, loss_samples=loss_samples or None,
-            generate_batch_size=generate_batch_size, no_repeat_ngram=no_repeat_ngram,
-        )  # fmt: skip
-    except (FusionError, ContractError) as exc:
-        raise _fail(exc) from exc
-    except typer.Exit:
-        raise
-    except Exception as exc:
-        raise _fail_on_credentials(exc) from exc
-    typer.echo(json.dumps(result, indent=2))
-
-
-@generate_app.command()
-def generate_command(
-    run: Annotated[Path, typer.Option(help="RUN_DIR of a finished fusion-train run")],
-    shards: Annotated[str, typer.Option(help="dataset REF")],
-    split: Annotated[str, typer.Option(help="train | val | test")] = "test",
-    limit: Annotated[int | None, typer.Option(help="at most N samples")] = None,
-    out: Annotated[Path | None, typer.Option(help="write JSONL here (default: stdout)")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per sample")] = 96,
-    batch_size: Annotated[int, typer.Option(help="samples per generate call")] = 4,
-    no_repeat_ngram: Annotated[
-        int, typer.Option(help="n > 0: a caption never repeats an n-gram of its own tokens (0: off)")
-    ] = 0,
-    log_level: Annotated[str, typer.Option(help="logging level")] = "WARNING",
-) -> None:
-    """Generate a text per sample: one JSON line with key, reference and generated text."""
-    setup_logging(log_level)
-    from .evaluation.generate import generate_run
-
-    try:
-        rows = generate_run(run, shards, split, limit, out, batch_size, max_new_tokens, no_repeat_ngram)
-    except (FusionError, ContractError) as exc:
-        raise _fail(exc) from exc
-    except typer.Exit:
-        raise
-    except Exception as exc:
-        raise _fail_on_credentials(exc) from exc
-    if out is None:
-        for row in rows:
-            typer.echo(json.dumps(row, ensure_ascii=False))
-
-
 def _train_command() -> Any:
     """`fusion-train` as a click command whose `--help` shows the TrainConfig default of every flag left unset.
 
@@ -365,13 +272,17 @@ def train_main() -> None:
 
 
 def eval_main() -> None:
-    """Entry point of `fusion-eval`."""
-    eval_app()
+    """Entry point of `fusion-eval` (cli_eval.py)."""
+    import importlib
+
+    importlib.import_module("fusion_trainer.cli_eval").eval_app()
 
 
 def generate_main() -> None:
-    """Entry point of `fusion-generate`."""
-    generate_app()
+    """Entry point of `fusion-generate` (cli_eval.py)."""
+    import importlib
+
+    importlib.import_module("fusion_trainer.cli_eval").generate_app()
 
 
 def base_main() -> None:
@@ -388,7 +299,7 @@ def model_main() -> None:
     importlib.import_module("fusion_trainer.cli_model").model_main()
 
 
-_COMMANDS = {"train": train_app, "eval": eval_app, "generate": generate_app}
+_COMMANDS = ("train", "eval", "generate")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in _COMMANDS:
@@ -396,4 +307,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "train":
         _train_command()(args=sys.argv[2:], prog_name="fusion-train")
     else:
-        _COMMANDS[sys.argv[1]](args=sys.argv[2:], prog_name=f"fusion-{sys.argv[1]}")
+        import importlib
+
+        app = getattr(importlib.import_module("fusion_trainer.cli_eval"), f"{sys.argv[1]}_app")
+        app(args=sys.argv[2:], prog_name=f"fusion-{sys.argv[1]}")
