@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,12 +69,18 @@ def test_demo_stages_through_the_clis(tmp_path: Path) -> None:
     for name in ("loss.png", "metrics.png", "sample_map.png", "scatter_t2m.png"):
         assert (out / name).read_bytes().startswith(PNG), name
     assert "climate fields are synthetic" in report
+    # the stages' total against the plan's budget, with where it was measured and the precision training chose
+    assert re.search(r"Time budget: \d+ s \([\d.]+ min\) in all against 10 min: \*\*(within|over) the budget", report)
+    assert ", training in fp32)." in report
 
     # a second run finds every stage complete and redoes none of the expensive ones
     again = _demo(out)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     for stage in ("synth", "build", "train", "generate", "eval"):
         assert f"== {stage}: already complete, skipped" in again.stdout, stage
+    assert "complete from an earlier invocation, timed then: synth, build, tiny base, train" in (
+        out / "REPORT.md").read_text()
+    assert "Time budget: " in again.stdout
 
 
 @pytest.mark.slow

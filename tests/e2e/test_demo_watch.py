@@ -72,3 +72,16 @@ def test_watch_eta_ignores_an_earlier_run_and_stops_with_training(tmp_path: Path
     done.set()
     watcher.join(timeout=10)
     assert not watcher.is_alive()
+
+
+def test_machine_names_the_cpu_and_the_precision_training_chose(tmp_path: Path) -> None:
+    from fusion_trainer.precision import cpu_model
+
+    demo = _demo_module()
+    run = tmp_path / "run"
+    _write(run, {"step": 10, "loss": 1.0, "precision": "fp32"}, {"step": 10, "split": "val", "val_loss": 1.0},
+           {"step": 20, "loss": 0.5, "precision": "fp32"})  # fmt: skip
+    text = demo.machine(run)
+    assert text.startswith(cpu_model()) and text.endswith("CPUs, training in fp32"), text
+    _write(run, {"step": 10, "loss": 1.0})
+    assert demo.machine(run).endswith("training in unknown precision")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion_trainer.data.stream import open_shards
-from fusion_trainer.evaluation.report import metrics_table, write_report
+from fusion_trainer.evaluation.report import budget_line, metrics_table, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -82,3 +82,15 @@ def test_metrics_table_rows() -> None:
     rows = metrics_table(_metrics(True, True))
     assert rows[0] == ["mean 2 m temperature (°C)", "75%", "1.25", "4.00", "3.00", "0.90", "yes", "yes"]
     assert rows[1][-1] == "no"
+
+
+def test_the_report_checks_the_time_budget(tmp_path: Path) -> None:
+    timings = {"train": 1500.0, "eval": 640.0}
+    run = _run_dir(tmp_path)
+    text = write_report(tmp_path / "r", run, _metrics(True, True), [], timings=timings,
+                        budget=(1800.0, "CPU X (2 cores), fp32")).read_text()  # fmt: skip
+    assert "2140 s (35.7 min) in all against 30 min: **over the budget by 5.7 min** (measured on CPU X (2 cores), fp32)" \
+        in text
+    assert "**within the budget**" in budget_line(1800.0, 1800.0, "m") and "over" in budget_line(1800.5, 1800.0, "m")
+    assert "Time budget" not in write_report(tmp_path / "s", run, _metrics(True, True), [],
+                                             timings=timings).read_text()  # fmt: skip

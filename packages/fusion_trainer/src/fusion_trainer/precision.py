@@ -103,6 +103,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def machine_name() -> str:
+    """The device this process computes on, for reports: the GPU's name, or the CPU's model and the CPUs it may use."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu_model()}, {cpus} CPUs"
+
+
 def _onednn_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 

@@ -21,6 +21,7 @@ from fusion_trainer.metrics import read_metrics
 from fusion_trainer.plots import pyplot, save_figure
 
 __all__ = [
+    "budget_line",
     "metrics_table",
     "plot_losses",
     "plot_metrics_table",
@@ -188,6 +189,7 @@ def write_report(
     timings: Mapping[str, float] | None = None,
     notes: Sequence[str] = (),
     seed_metrics: Sequence[Mapping[str, Any]] = (),
+    budget: tuple[float, str] | None = None,
 ) -> Path:
     """Write OUT/REPORT.md and its PNG figures.
 
@@ -200,6 +202,8 @@ def write_report(
         timings: stage name -> seconds, listed in the report.
         notes: extra lines for the report's notes section (e.g. what was left out).
         seed_metrics: `fusion-eval`'s JSON of every seed trained (the main run's first), for their spread.
+        budget: (seconds, the machine and precision the timings were measured on): the timings' total is checked
+            against it and the report says whether it was met.
 
     Returns:
         The path of REPORT.md.
@@ -231,12 +235,20 @@ def write_report(
             plot_sample_map(field, bbox, f"{first['key']}: mean 2 m temperature, {span}",
                             str(first.get("reference", "")), str(first["generated"]), out / "sample_map.png")  # fmt: skip
             figures.append(("A test sample: its field, reference and generated caption", "sample_map.png"))
-    text = _report_text(run_dir, metrics, generations, timings or {}, notes, figures, seed_metrics)
+    text = _report_text(run_dir, metrics, generations, timings or {}, notes, figures, seed_metrics, budget)
     tmp = out / ".REPORT.md.tmp"
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out / "REPORT.md")
     logger.info("wrote %s with %d figures", out / "REPORT.md", len(figures))
     return out / "REPORT.md"
+
+
+def budget_line(total_s: float, budget_s: float, machine: str) -> str:
+    """One sentence: the stages' total against a time budget, met or missed, and where it was measured."""
+    verdict = ("**within the budget**" if total_s <= budget_s
+               else f"**over the budget by {(total_s - budget_s) / 60:.1f} min**")  # fmt: skip
+    return (f"Time budget: {total_s:.0f} s ({total_s / 60:.1f} min) in all against {budget_s / 60:.0f} min: {verdict} "
+            f"(measured on {machine}).")  # fmt: skip
 
 
 def _verdict(metrics: Mapping[str, Any]) -> list[str]:
@@ -278,6 +290,7 @@ def _report_text(
     notes: Sequence[str],
     figures: Sequence[tuple[str, str]],
     seed_metrics: Sequence[Mapping[str, Any]] = (),
+    budget: tuple[float, str] | None = None,
 ) -> str:
     from .report_science import goal_lines, intervention_rows, ladder_rows, seed_rows
 
@@ -350,6 +363,8 @@ def _report_text(
     if timings:
         parts += ["## Stage timings", "", _markdown_table(["stage", "seconds"],
                   [[k, f"{v:.0f}"] for k, v in timings.items()] + [["total", f"{sum(timings.values()):.0f}"]]), ""]  # fmt: skip
+        if budget is not None:
+            parts += [budget_line(sum(timings.values()), *budget), ""]
     parts += ["## Figures", ""] + [f"### {title}\n\n![{title}]({name})\n" for title, name in figures]
     if generations:
         parts += ["## Example generations (test split)", ""]
