@@ -273,11 +273,10 @@ def train_eval(plan: Plan, stages: Stages, ref: str, base: Path, run: Path, extr
     eval_args = ["fusion-eval", "--run", str(run), "--shards", ref, "--split", "test", "--batch-size", "16",
                  "--generate-batch-size", "128",
                  "--generations", str(gens), "--log-level", "INFO"]  # fmt: skip
-    loss_samples = plan.loss_samples if full else plan.seed_loss_samples
-    if loss_samples:
-        eval_args += ["--loss-samples", str(loss_samples)]
-    elif plan.eval_batches or not full:
-        eval_args += ["--max-batches", str(plan.eval_batches or 8)]
+    eval_args += loss_args(plan, full)
+    main = plan.out / "metrics.json"  # the main run's evaluation: the frozen base's loss is the same for every seed
+    if not full and loss_args(plan, True) == loss_args(plan, False) and main.exists():
+        eval_args += ["--base-loss-from", str(main)]
     shifts = plan.interventions if full else plan.seed_interventions
     for shift in shifts:
         eval_args += ["--intervene", shift]
@@ -285,6 +284,16 @@ def train_eval(plan: Plan, stages: Stages, ref: str, base: Path, run: Path, extr
         eval_args += ["--intervene-limit", str(plan.intervene_limit), "--max-new-tokens", str(plan.max_new_tokens)]
     stages.run(f"eval{tag}", metrics.exists(), lambda: sh(eval_args, stdout=metrics))
     return dict(json.loads(metrics.read_text()))
+
+
+def loss_args(plan: Plan, full: bool) -> list[str]:
+    """fusion-eval's flags for the samples its losses and gains score: the main run's (`full`) or an extra seed's."""
+    loss_samples = plan.loss_samples if full else plan.seed_loss_samples
+    if loss_samples:
+        return ["--loss-samples", str(loss_samples)]
+    if plan.eval_batches or not full:
+        return ["--max-batches", str(plan.eval_batches or 8)]
+    return []
 
 
 def report(

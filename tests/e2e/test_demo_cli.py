@@ -28,9 +28,12 @@ def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_demo_stages_through_the_clis(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    proc = _demo(out)
+    proc = _demo(out, "--seeds", "2")
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
+    # the second seed's evaluation takes the frozen base's loss from the first's (the same base, samples, prompt)
+    seed1 = json.loads((out / "metrics-seed1.json").read_text())
+    assert seed1["base"]["reused_from"] == str(out / "metrics.json") and "base loss reused from" in log
     # every stage ran through its CLI and was timed
     for cli in ("merra2-text synth", "merra2-text build", "fusion-base tiny llama", "fusion-train",
                 "fusion-generate", "fusion-eval"):  # fmt: skip
@@ -74,9 +77,9 @@ def test_demo_stages_through_the_clis(tmp_path: Path) -> None:
     assert ", training in fp32)." in report
 
     # a second run finds every stage complete and redoes none of the expensive ones
-    again = _demo(out)
+    again = _demo(out, "--seeds", "2")
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    for stage in ("synth", "build", "train", "generate", "eval"):
+    for stage in ("synth", "build", "train", "generate", "eval", "train seed1", "eval seed1"):
         assert f"== {stage}: already complete, skipped" in again.stdout, stage
     assert "complete from an earlier invocation, timed then: synth, build, tiny base, train" in (
         out / "REPORT.md").read_text()

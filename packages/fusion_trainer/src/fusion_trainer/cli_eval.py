@@ -66,6 +66,14 @@ def eval_command(
         int,
         typer.Option(help="n > 0: a caption made here never repeats an n-gram of its own tokens (0: off)"),
     ] = 0,
+    base_loss_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="reuse the frozen base's loss from this earlier fusion-eval JSON (another seed's metrics.json or "
+            "RUN/final/evaluation-test.json) when it was scored on the same base, samples, prompt and precision; "
+            "else the base is scored here, with a warning naming what differs"
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="logging level")] = "WARNING",
 ) -> None:
     """Print JSON: losses of the fused model and the frozen base, grounding gains (against any other window and
@@ -80,6 +88,7 @@ def eval_command(
             generate_limit=generate_limit or None, max_new_tokens=max_new_tokens, interventions=intervene or (),
             intervene_limit=intervene_limit, loss_samples=loss_samples or None,
             generate_batch_size=generate_batch_size, no_repeat_ngram=no_repeat_ngram,
+            base_loss_from=base_loss_from,
         )  # fmt: skip
     except (FusionError, ContractError) as exc:
         raise fail(exc) from exc

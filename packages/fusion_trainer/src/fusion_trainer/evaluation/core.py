@@ -234,6 +234,9 @@ class EvalContext:
     generate_batch_size: int = 64
     """Windows per generate call (the faithfulness captions made here, the interventions); `evaluate_run` passes
     `--generate-batch-size`, or `--batch-size` without it."""
+    base_loss_from: Path | None = None
+    """An earlier evaluation JSON whose frozen-base loss is reused when scored on the same inputs (`fusion-eval
+    --base-loss-from`)."""
     _own: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def own_token_losses(self, batch: dict[str, Any]) -> torch.Tensor:

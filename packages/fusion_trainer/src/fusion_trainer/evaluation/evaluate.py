@@ -6,6 +6,7 @@ section (e.g. grounding metrics) by writing another `section(ctx) -> dict` and l
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ __all__ = [
     "SECTIONS",
     "EvalContext",
     "LossResult",
+    "base_loss_inputs",
     "base_loss_section",
     "evaluate_loss",
     "evaluate_run",
@@ -54,12 +56,65 @@ def fused_loss_section(ctx: EvalContext) -> dict[str, Any]:
     }
 
 
+def base_loss_inputs(ctx: EvalContext) -> dict[str, Any]:
+    """What the frozen base's loss depends on (it never sees the climate or the trained adapter): the base's weights,
+    the precision, the dataset version, split and samples scored, the prompt's tokens, the caption form and length,
+    and this package's version. Two evaluations with equal inputs score the base identically."""
+    import hashlib
+
+    from fusion_trainer.version import __version__
+
+    prompt_ids = list(ctx.model.tokenizer(ctx.prompt)["input_ids"])
+    return {
+        "base": ctx.model.base_fingerprint,
+        "dtype": str(next(ctx.model.parameters()).dtype).removeprefix("torch."),
+        "dataset_version": ctx.dataset.version,
+        "split": ctx.split,
+        "loss_samples": ctx.loss_samples,
+        "max_batches": ctx.max_batches,
+        "batch_size": ctx.batch_size,
+        "prompt_ids_sha256": hashlib.sha256(json.dumps(prompt_ids).encode()).hexdigest(),
+        "caption": ctx.config.caption,
+        "max_length": ctx.config.max_length,
+        "fusion_trainer": __version__,
+    }
+
+
+def _reused_base_loss(path: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """The base section of an earlier evaluation JSON scored on `inputs`, or None (with a warning naming what differs)
+    when it was scored on others; an unreadable file is a ConfigError."""
+    from fusion_trainer.errors import ConfigError
+
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8")).get("base")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"--base-loss-from {path}: cannot read a fusion-eval JSON ({exc}); give the metrics JSON "
+                          "of an earlier fusion-eval, or leave the option out") from exc  # fmt: skip
+    recorded = earlier.get("inputs") if isinstance(earlier, dict) else None
+    if not isinstance(recorded, dict):
+        differ = ["it records no inputs (a fusion-eval of this version does)"]
+    elif inputs["base"] is None:
+        differ = ["this run's base has no fingerprint"]
+    else:
+        differ = [f"{k} {recorded.get(k)!r} there, {v!r} here" for k, v in inputs.items() if recorded.get(k) != v]
+    if differ:
+        logger.warning("--base-loss-from %s: not reused, the base is scored here: %s", path, "; ".join(differ))
+        return None
+    logger.info("base loss reused from %s (same base, samples, prompt and precision)", path)
+    return {**earlier, "reused_from": str(path)}
+
+
 def base_loss_section(ctx: EvalContext) -> dict[str, Any]:
-    """The frozen base alone (no climate) on the same prompts and captions, loaded fresh from the base path."""
+    """The frozen base alone (no climate) on the same prompts and captions, loaded fresh from the base path, or the
+    one of an earlier evaluation on the same inputs (`base_loss_from`: another seed's, the base being the same)."""
     from fusion_trainer.model.attention import use_grouped_sdpa
     from fusion_trainer.model.base import load_base
     from fusion_trainer.model.lm_pass import LeanCausalLM
 
+    inputs = base_loss_inputs(ctx)
+    reused = None if ctx.base_loss_from is None else _reused_base_loss(ctx.base_loss_from, inputs)
+    if reused is not None:
+        return {"base": reused}
     dtype = next(ctx.model.parameters()).dtype
     base: Any = load_base(ctx.config.model, dtype=dtype)[0]
     base.to(ctx.device)
@@ -68,7 +123,8 @@ def base_loss_section(ctx: EvalContext) -> dict[str, Any]:
     # the lean pass (the shared prompt cached, logits at the targets only): the same loss as `base(...)`, to rounding
     res = evaluate_loss(LeanCausalLM(base), ctx.batches(), ctx.device, ctx.max_batches, use_climate=False)
     return {
-        "base": {"loss": res.loss, "perplexity": res.perplexity, "tokens": res.tokens, "samples": res.samples}
+        "base": {"loss": res.loss, "perplexity": res.perplexity, "tokens": res.tokens, "samples": res.samples,
+                 "inputs": inputs}
     }
 
 
@@ -157,6 +213,7 @@ def evaluate_run(
     loss_samples: int | None = None,
     generate_batch_size: int | None = None,
     no_repeat_ngram: int = 0,
+    base_loss_from: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a finished run on one split; the dict `fusion-eval` prints as JSON.
 
@@ -177,6 +234,9 @@ def evaluate_run(
         generate_batch_size: windows per generate call (the captions made here, the interventions); None: `batch_size`.
         no_repeat_ngram: n > 0: no caption made here (faithfulness, interventions) repeats an n-gram of its own
             tokens; 0: off. Captions given with `generations` are scored as they are.
+        base_loss_from: an earlier evaluation's JSON whose frozen-base loss is reused when it was scored on the same
+            inputs (`base_loss_inputs`: another seed of the same recipe); on other inputs the base is scored here,
+            with a warning that names what differs.
 
     Returns:
         {"run", "dataset", "version", "split", "caption", "fused": {loss, perplexity, ...}, "base": {...},
@@ -211,7 +271,7 @@ def evaluate_run(
                       generations=read_generations(generations) if generations is not None else None,
                       interventions=tuple(interventions), intervene_limit=intervene_limit,
                       loss_samples=loss_samples, generate_batch_size=generate_batch_size,
-                      no_repeat_ngram=no_repeat_ngram)  # fmt: skip
+                      no_repeat_ngram=no_repeat_ngram, base_loss_from=base_loss_from)  # fmt: skip
     result: dict[str, Any] = {
         "run": str(run_dir),
         "dataset": data.reference,
