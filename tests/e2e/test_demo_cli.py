@@ -34,6 +34,7 @@ def test_demo_stages_through_the_clis(tmp_path: Path) -> None:
     # the second seed's evaluation takes the frozen base's loss from the first's (the same base, samples, prompt)
     seed1 = json.loads((out / "metrics-seed1.json").read_text())
     assert seed1["base"]["reused_from"] == str(out / "metrics.json") and "base loss reused from" in log
+    assert f"{out}/run --steps 4 --eval-every 2" in log and f"{out}/run-seed1 --steps 4 --eval-every 4" in log  # val at the end
     # every stage ran through its CLI and was timed
     for cli in ("merra2-text synth", "merra2-text build", "fusion-base tiny llama", "fusion-train",
                 "fusion-generate", "fusion-eval"):  # fmt: skip
