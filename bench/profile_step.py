@@ -1,5 +1,5 @@
 """Profile of one training step of the demo (`pipelines/demo-train.yaml`: SmolLM2-135M, prefix after the prompt +
-readout, micro-batch 8, the demo's max_length) on the CPU, with torch.profiler, and the step's parts timed side by side.
+readout, the demo's micro-batch and max_length) on the CPU, with torch.profiler, and the step's parts timed side by side.
 
 The step is FusionModel's forward (loss only) + backward over one batch of the demo-shaped synthetic dataset of
 `bench/train.py` (`DEMO_DATASET`); the optimizer step is left out (13 M trainable parameters: small). Alternating,
@@ -39,8 +39,8 @@ def main() -> None:
     import torch
     from fusion_trainer.config import TrainConfig
     from fusion_trainer.data.stream import ClimateTextStream, open_shards, render_prompt
-    from fusion_trainer.grounding import number_token_mask
     from fusion_trainer.precision import resolve_precision
+    from fusion_trainer.training.steps import number_weights
     from fusion_trainer.training.train import _load_model
     from stream import build_dataset
     from train import DEMO_DATASET, ROOT
@@ -57,7 +57,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = _load_model(cfg, ds.manifest.variable_names, norm, precision.dtype, ds.manifest.window)
     tok: Any = model.tokenizer
-    weights = 1.0 + (cfg.number_loss_weight - 1.0) * torch.from_numpy(number_token_mask(tok)).float()
+    weights = number_weights(cfg, tok, torch.device("cpu"))  # the trainer's own weights
 
     def batch(groups: int) -> dict[str, Any]:
         stream = ClimateTextStream(ds, "train", tok, prompt=render_prompt(cfg.prompt_template, ds, cfg.caption),

@@ -60,7 +60,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "micro_batch": 2, "bf16": False, "max_length": 256, "steps": 6, "log_every": 2,
     },
     # the demo's training run as it is: pipelines/demo-train.yaml (SmolLM2-135M, prefix after the prompt + readout,
-    # micro-batch 8, the demo's max_length, caption "numbers", number and stats losses, bf16 auto), fewer steps
+    # the demo's micro-batch and max_length, caption "numbers", number and stats losses, bf16 auto), fewer steps
     # bf16 false on both sides: HF Trainer's bf16 on a CPU (autocast, use_cpu) stopped in backward with "Found dtype
     # BFloat16 but expected Float" on this model; fp32 is what `bf16: auto` gives on a CPU without fast bf16
     "demo": {"yaml": "pipelines/demo-train.yaml", "steps": 10, "log_every": 2, "bf16": False},
@@ -267,9 +267,9 @@ def _child_hf(args: dict[str, Any]) -> None:
         epoch_samples,
         open_shards,
     )
-    from fusion_trainer.grounding import number_token_mask
     from fusion_trainer.model.fusion_model import FusionModel
     from fusion_trainer.precision import resolve_precision
+    from fusion_trainer.training.steps import number_weights
     from fusion_trainer.training.train import _load_model, _promote_scalar_params
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -295,9 +295,8 @@ def _child_hf(args: dict[str, Any]) -> None:
     ]
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     weights = None
-    if cfg.number_loss_weight != 1.0:
-        mask = torch.from_numpy(number_token_mask(tok)).float()
-        weights = 1.0 + (cfg.number_loss_weight - 1.0) * mask
+    if cfg.number_loss_weight != 1.0:  # the trainer's own weights (`number_weights`)
+        weights = number_weights(cfg, tok, torch.device("cpu"))
 
     def collator(batch: list[Any]) -> dict[str, Any]:
         out = collate([s for s, _ in batch], [e for _, e in batch], pad)

@@ -85,3 +85,16 @@ def test_machine_names_the_cpu_and_the_precision_training_chose(tmp_path: Path) 
     assert text.startswith(cpu_model()) and text.endswith("CPUs, training in fp32"), text
     _write(run, {"step": 10, "loss": 1.0})
     assert demo.machine(run).endswith("training in unknown precision")
+
+
+def test_the_budget_counts_this_invocations_stages_only(tmp_path: Path) -> None:
+    """timings.json keeps every stage ever timed in OUT (`--compare`'s variants, more seeds); the budget and the
+    report's table take the stages this invocation ran or found complete."""
+    demo = _demo_module()
+    (tmp_path / "timings.json").write_text(json.dumps({"train readout": 3000.0, "train": 200.0, "train seed4": 9.0}))
+    stages = demo.Stages(tmp_path)
+    stages.run("train", True, lambda: None)
+    stages.run("eval", False, lambda: None)
+    assert set(stages.current()) == {"train", "eval"} and stages.current()["train"] == 200.0
+    assert stages.skipped == ["train"]
+    assert set(json.loads((tmp_path / "timings.json").read_text())) == {"train readout", "train", "train seed4", "eval"}

@@ -60,7 +60,16 @@ def test_another_seed_reuses_the_base_loss_and_other_inputs_score_it_here(
     with caplog.at_level(logging.WARNING, logger="fusion_trainer.evaluation.evaluate"):
         other = base_loss_section(_context(seed1, dataset_ref, base_loss_from=earlier, loss_samples=4))["base"]
     assert "reused_from" not in other and other["samples"] == 4 and other["inputs"]["loss_samples"] == 4
-    assert "not reused, the base is scored here: loss_samples 3 there, 4 here" in caplog.text
+    assert "not reused, the base is scored here: batches_sha256 " in caplog.text
+    assert "; loss_samples 3 there, 4 here" in caplog.text
+    # captions cut shorter: the batches differ, so the loss is not reused even with the samples unchanged
+    shorter = _context(seed1, dataset_ref, base_loss_from=earlier)
+    cut = len(shorter.model.tokenizer(shorter.prompt)["input_ids"]) + 4  # four caption tokens a row
+    shorter.config = shorter.config.model_copy(update={"max_length": cut})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fusion_trainer.evaluation.evaluate"):
+        assert "reused_from" not in base_loss_section(shorter)["base"]
+    assert "batches_sha256" in caplog.text and f"max_length 160 there, {cut} here" in caplog.text
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"base": {"loss": 1.0}}))
     assert "reused_from" not in base_loss_section(_context(seed1, dataset_ref, base_loss_from=old))["base"]

@@ -29,7 +29,16 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["CPU_BF16_MIN_RATIO", "ENV_CPU_BF16", "CpuProbe", "Precision", "cpu_model", "probe_cpu", "resolve_precision"]
+__all__ = [
+    "CPU_BF16_MIN_RATIO",
+    "ENV_CPU_BF16",
+    "CpuProbe",
+    "Precision",
+    "cpu_model",
+    "machine_name",
+    "probe_cpu",
+    "resolve_precision",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -58,16 +58,31 @@ def fused_loss_section(ctx: EvalContext) -> dict[str, Any]:
 
 def base_loss_inputs(ctx: EvalContext) -> dict[str, Any]:
     """What the frozen base's loss depends on (it never sees the climate or the trained adapter): the base's weights,
-    the precision, the dataset version, split and samples scored, the prompt's tokens, the caption form and length,
-    and this package's version. Two evaluations with equal inputs score the base identically."""
+    the precision and device, the token ids, masks and labels of every batch it scores (which cover the dataset
+    version, the samples, the tokenizer, the prompt, the caption form and `max_length`; those are listed too, to say
+    what differs), and the versions of the code that computes it. Equal inputs give the same loss (to the rounding of
+    the libraries named)."""
     import hashlib
+
+    import climate_text_schema
+    import torch
+    import transformers
 
     from fusion_trainer.version import __version__
 
+    digest = hashlib.sha256()
+    for i, batch in enumerate(ctx.batches()):
+        if ctx.max_batches is not None and i >= ctx.max_batches:
+            break
+        for key in ("input_ids", "attention_mask", "labels"):
+            digest.update(f"{key}{tuple(batch[key].shape)}".encode())
+            digest.update(batch[key].contiguous().numpy().tobytes())
     prompt_ids = list(ctx.model.tokenizer(ctx.prompt)["input_ids"])
     return {
         "base": ctx.model.base_fingerprint,
         "dtype": str(next(ctx.model.parameters()).dtype).removeprefix("torch."),
+        "device": ctx.device.type,
+        "batches_sha256": digest.hexdigest(),
         "dataset_version": ctx.dataset.version,
         "split": ctx.split,
         "loss_samples": ctx.loss_samples,
@@ -76,7 +91,8 @@ def base_loss_inputs(ctx: EvalContext) -> dict[str, Any]:
         "prompt_ids_sha256": hashlib.sha256(json.dumps(prompt_ids).encode()).hexdigest(),
         "caption": ctx.config.caption,
         "max_length": ctx.config.max_length,
-        "fusion_trainer": __version__,
+        "versions": {"fusion_trainer": __version__, "climate_text_schema": climate_text_schema.__version__,
+                     "torch": torch.__version__, "transformers": transformers.__version__},  # fmt: skip
     }
 
 

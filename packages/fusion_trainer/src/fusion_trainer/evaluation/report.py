@@ -245,8 +245,9 @@ def write_report(
 
 def budget_line(total_s: float, budget_s: float, machine: str) -> str:
     """One sentence: the stages' total against a time budget, met or missed, and where it was measured."""
-    verdict = ("**within the budget**" if total_s <= budget_s
-               else f"**over the budget by {(total_s - budget_s) / 60:.1f} min**")  # fmt: skip
+    over = total_s - budget_s
+    verdict = ("**within the budget**" if over <= 0
+               else f"**over the budget by {over / 60:.1f} min**" if over >= 60 else f"**over the budget by {over:.0f} s**")  # fmt: skip
     return (f"Time budget: {total_s:.0f} s ({total_s / 60:.1f} min) in all against {budget_s / 60:.0f} min: {verdict} "
             f"(measured on {machine}).")  # fmt: skip
 
