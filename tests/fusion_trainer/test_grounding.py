@@ -176,32 +176,6 @@ def test_number_token_mask(tokenizer: Any) -> None:
     assert all(any(c.isdigit() for c in t) for t in digit_tokens)
 
 
-def test_the_sign_of_a_number_is_a_number_token_for_the_loss(tokenizer: Any) -> None:
-    """The token before a number's first digit decides its sign (" -" or " "): with `signs` it counts, and the
-    training loss weighs it like the digits; words and the evaluation's digit mask are unchanged."""
-    from fusion_trainer.config import TrainConfig
-    from fusion_trainer.training.steps import number_weights
-
-    digits, signs = number_token_mask(tokenizer), number_token_mask(tokenizer, signs=True)
-    assert (signs >= digits).all() and signs.sum() > digits.sum()
-    for text in ("temperature was -4.8 °C", "ranging from -13.4 °C to 0.2 °C", "from the west-northwest"):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        toks = tokenizer.convert_ids_to_tokens(ids)
-        for i, tok in zip(ids, toks, strict=True):
-            bare = tok.replace("\u0120", "").replace("\u2581", "").strip()
-            assert bool(signs[i]) == (any(c.isdigit() for c in tok) or bare in ("", "-")), tok
-            assert bool(digits[i]) == any(c.isdigit() for c in tok), tok
-    minus = tokenizer("was -4.8", add_special_tokens=False)["input_ids"]
-    sign = [i for i in minus if "-" in tokenizer.convert_ids_to_tokens(i)]
-    assert sign and all(signs[i] and not digits[i] for i in sign)
-    config = TrainConfig(shards="x", model="y", out="z", number_loss_weight=5.0)
-    weights = number_weights(config, tokenizer, torch.device("cpu"))
-    assert weights is not None and set(weights[sign].tolist()) == {5.0}
-    word = tokenizer(" was", add_special_tokens=False)["input_ids"]
-    assert weights[word].tolist() == [1.0] * len(word)
-    assert number_weights(TrainConfig(shards="x", model="y", out="z"), tokenizer, torch.device("cpu")) is None
-
-
 def test_derangement_moves_every_sample_within_its_group() -> None:
     other = _derangement([[0, 1, 2, 3], [4, 5], [6]], seed=3)
     assert all(other[i] != i for i in range(6)) and other[6] == 6

@@ -111,8 +111,8 @@ class TrainConfig(BaseModel):
     number_loss_weight: float = Field(
         default=1.0,
         gt=0,
-        description="weight of the caption's number tokens (tokens holding a digit, and the minus sign or space "
-        "before them) in the training loss; 1: plain token-mean loss",
+        description="weight of the caption's number tokens (tokens holding a digit) in the training loss; 1: plain "
+        "token-mean loss",
     )
     stats_loss_weight: float = Field(
         default=0.0,

@@ -187,25 +187,13 @@ def faithfulness(
     return out
 
 
-def number_token_mask(tokenizer: Any, signs: bool = False) -> np.ndarray:
-    """A boolean vector over the vocabulary: True for tokens that hold a digit (the caption's number tokens).
-
-    With `signs`, also the tokens that decide a number's sign: a minus sign, and a bare space (a tokenizer that
-    splits digits writes " -4.8" as " -", "4", ".", "8" and " 4.8" as " ", "4", ".", "8", so the sign is the choice
-    between those two tokens, which hold no digit). The training loss weighs these (`number_loss_weight`); the
-    evaluation's number-token losses count the digits only.
-    """
+def number_token_mask(tokenizer: Any) -> np.ndarray:
+    """A boolean vector over the vocabulary: True for tokens that hold a digit (the caption's number tokens)."""
     size = max(len(tokenizer), int(getattr(tokenizer, "vocab_size", 0) or 0))
     mask = np.zeros(size, dtype=bool)
     for i, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(size)))):
-        text = "" if token is None else str(token)
-        if any(c.isdigit() for c in text) or (signs and token is not None and _bare(text) in ("", "-", "\u2212")):
+        if token is not None and any(c.isdigit() for c in str(token)):
             mask[i] = True
     if not mask.any():
         logger.warning("the tokenizer has no token with a digit; number-token metrics will be empty")
     return mask
-
-
-def _bare(token: str) -> str:
-    """A token's text without the marks byte-level and SentencePiece vocabularies use for a space (`Ġ`, `▁`)."""
-    return token.replace("\u0120", "").replace("\u2581", "").strip()

@@ -114,15 +114,13 @@ def write_prompt(run_dir: Path, prompt: str) -> None:
 
 
 def number_weights(config: TrainConfig, tokenizer: Any, device: torch.device) -> torch.Tensor | None:
-    """Per-token-id loss weights `(vocab,)`: `number_loss_weight` for the tokens that write a number (its digits, and
-    the minus sign or space before them, which decide its sign: `number_token_mask(signs=True)`), 1 for the rest;
-    None when 1."""
+    """Per-token-id loss weights `(vocab,)`: `number_loss_weight` for number tokens, 1 for the rest; None when 1."""
     if config.number_loss_weight == 1.0:
         return None
     from fusion_trainer.grounding import number_token_mask
 
-    mask = torch.from_numpy(number_token_mask(tokenizer, signs=True))
-    log_rank_zero(logger, "number tokens (%d in the vocabulary: digits, signs) weigh %.3g in the loss", int(mask.sum()),
+    mask = torch.from_numpy(number_token_mask(tokenizer))
+    log_rank_zero(logger, "number tokens (%d in the vocabulary) weigh %.3g in the loss", int(mask.sum()),
                   config.number_loss_weight)  # fmt: skip
     return (1.0 + (config.number_loss_weight - 1.0) * mask.float()).to(device)
 
