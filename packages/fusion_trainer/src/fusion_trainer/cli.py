@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -61,6 +63,20 @@ def fail_on_credentials(exc: Exception) -> typer.Exit:
     if message is None:
         raise exc
     return fail(message)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """A command's body: its errors (FusionError, ContractError, missing object-store credentials) exit 1 with one
+    `error:` line; `typer.Exit` passes; anything else shows its traceback."""
+    try:
+        yield
+    except (FusionError, ContractError) as exc:
+        raise fail(exc) from exc
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        raise fail_on_credentials(exc) from exc
 
 
 @train_app.command()
@@ -140,7 +156,7 @@ def train_command(
     )  # fmt: skip
     layout = NodeLayout(nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port,
                         hostfile=hostfile)  # fmt: skip
-    try:
+    with one_line_errors():
         layout.check()
         cfg = TrainConfig.from_yaml(config, overrides, **flags)
         if dry_run:
@@ -153,12 +169,6 @@ def train_command(
         from .training.train import train
 
         result = train(cfg)
-    except (FusionError, ContractError) as exc:
-        raise fail(exc) from exc
-    except typer.Exit:
-        raise
-    except Exception as exc:
-        raise fail_on_credentials(exc) from exc
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(
             json.dumps(

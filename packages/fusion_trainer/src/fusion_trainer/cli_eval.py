@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from climate_text_schema import ContractError
 
-from .cli import fail, fail_on_credentials, setup_logging
-from .errors import FusionError
+from .cli import one_line_errors, setup_logging
 
 __all__ = ["eval_app", "generate_app"]
 
@@ -82,7 +80,7 @@ def eval_command(
     setup_logging(log_level)
     from .evaluation.evaluate import evaluate_run
 
-    try:
+    with one_line_errors():
         result = evaluate_run(
             run, shards, split, batch_size=batch_size, max_batches=max_batches, generations=generations,
             generate_limit=generate_limit or None, max_new_tokens=max_new_tokens, interventions=intervene or (),
@@ -90,12 +88,6 @@ def eval_command(
             generate_batch_size=generate_batch_size, no_repeat_ngram=no_repeat_ngram,
             base_loss_from=base_loss_from,
         )  # fmt: skip
-    except (FusionError, ContractError) as exc:
-        raise fail(exc) from exc
-    except typer.Exit:
-        raise
-    except Exception as exc:
-        raise fail_on_credentials(exc) from exc
     typer.echo(json.dumps(result, indent=2))
 
 
@@ -117,14 +109,8 @@ def generate_command(
     setup_logging(log_level)
     from .evaluation.generate import generate_run
 
-    try:
+    with one_line_errors():
         rows = generate_run(run, shards, split, limit, out, batch_size, max_new_tokens, no_repeat_ngram)
-    except (FusionError, ContractError) as exc:
-        raise fail(exc) from exc
-    except typer.Exit:
-        raise
-    except Exception as exc:
-        raise fail_on_credentials(exc) from exc
     if out is None:
         for row in rows:
             typer.echo(json.dumps(row, ensure_ascii=False))
