@@ -610,7 +610,7 @@ def test_credentials_in_urls_never_reach_an_error_or_the_run_config(
     run_dir = _prepare_run_dir(config, rank=0)
     text = (run_dir / "config.yaml").read_text()
     assert "SECRET-PW" not in text and "file://user:***@localhost/nothing/ds@latest" in text
-    from fusion_trainer.cli import fail
+    from fusion_trainer.cli_support import fail
 
     fail(DataError(f"--shards {url}: cannot read the dataset"))  # fusion-train's one error line
     assert "SECRET-PW" not in capsys.readouterr().err

@@ -122,7 +122,7 @@ def test_log_lines_never_show_a_password_in_a_url(
     """Every command line's logging redacts URL passwords at every level (INFO lines echo URLs too)."""
     import importlib
 
-    cli = importlib.import_module(f"{package}.cli")
+    cli = importlib.import_module("merra2_text_data.cli" if package == "merra2_text_data" else "fusion_trainer.cli_support")
     cli.setup_logging(2 if package == "merra2_text_data" else "DEBUG")
     logging.getLogger(f"{package}.probe").info("reading s3://AKIA:SECRET-PW@minio:9000/bucket/ds@latest")
     logging.getLogger(f"{package}.probe").debug("GET https://user:hunter2@example.org/x")

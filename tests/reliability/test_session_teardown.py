@@ -35,7 +35,7 @@ TEARDOWN = "Task <Task pending name='Task-7'> got Future <Future pending> attach
 
 @pytest.mark.parametrize(
     ("module", "quiet", "loud"),
-    [("merra2_text_data.cli", 0, 2), ("fusion_trainer.cli", "WARNING", "DEBUG"), ("fusion_trainer.cli_model", False, None)],
+    [("merra2_text_data.cli", 0, 2), ("fusion_trainer.cli_support", "WARNING", "DEBUG"), ("fusion_trainer.cli_model", False, None)],
 )  # fmt: skip
 def test_session_teardown_on_another_loop_is_not_an_error_line(
     module: str, quiet: object, loud: object, capsys: pytest.CaptureFixture[str], root_logging: logging.Logger

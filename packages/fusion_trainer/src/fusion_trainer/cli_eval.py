@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import one_line_errors, setup_logging
+from .cli_support import one_line_errors, setup_logging
 
 __all__ = ["eval_app", "generate_app"]
 
