@@ -75,3 +75,9 @@ def test_an_existing_run_needs_resume_and_resume_needs_a_checkpoint(
         train(make_config("once", steps=4, resume=True, shards=other))
     with pytest.raises(CheckpointError, match="seed 0"):
         train(make_config("once", steps=4, resume=True, seed=5))
+    with pytest.raises(ConfigError, match=r"micro_batch 4 x grad_accum 1, this run has micro_batch 2 x grad_accum 1"
+                                          r".*--micro-batch 4 --grad-accum 1"):
+        train(make_config("once", steps=4, resume=True, micro_batch=2))
+    assert "micro_batch: 4" in (Path(make_config("once").out) / "config.yaml").read_text(), "a refused resume keeps it"
+    with pytest.raises(ConfigError, match="micro_batch 4 x grad_accum 1, this run has micro_batch 4 x grad_accum 2"):
+        train(make_config("once", steps=4, resume=True, grad_accum=2))

@@ -601,13 +601,13 @@ def test_credentials_in_urls_never_reach_an_error_or_the_run_config(
 ) -> None:
     """`s3://user:pw@host/...` and `https://user:pw@...` appeared in error lines and in RUN_DIR/config.yaml."""
     from fusion_trainer.config import TrainConfig
-    from fusion_trainer.training.train import _prepare_run_dir
+    from fusion_trainer.training.steps import prepare_run_dir
 
     url = "file://user:SECRET-PW@localhost/nothing/ds@latest"
     res = cli("verify", url)
     assert res.exit_code != 0 and "user:***@localhost" in res.stderr and "SECRET-PW" not in res.output
     config = TrainConfig.load({"shards": url, "model": str(tiny_model_dir), "out": str(tmp_path / "run")})
-    run_dir = _prepare_run_dir(config, rank=0)
+    run_dir = prepare_run_dir(config, rank=0)
     text = (run_dir / "config.yaml").read_text()
     assert "SECRET-PW" not in text and "file://user:***@localhost/nothing/ds@latest" in text
     from fusion_trainer.cli_support import fail

@@ -1,5 +1,6 @@
-"""The named steps of the training loop (`train._train` calls them in order): the run's state on one rank, resuming
-from a checkpoint, the number-token weights, one micro-batch's forward and backward, and one metrics record.
+"""The named steps of the training loop (`train._train` calls them in order): the run folder and its config, the run's
+state on one rank, resuming from a checkpoint, the number-token weights, one micro-batch's forward and backward, and
+one metrics record.
 
 Each step is a few dozen lines and says what it checks; none of them owns the loop.
 """
@@ -20,11 +21,10 @@ from fusion_trainer.errors import CheckpointError, ConfigError, DataError, Train
 from fusion_trainer.metrics import MetricsLog, Throughput, log_rank_zero, peak_memory_bytes, repair_jsonl_tail
 from fusion_trainer.runs import PROMPT_FILE
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 
-__all__ = ["RunState", "all_reduce", "metrics_record", "micro_step", "number_weights", "resume_state", "save_state",
-           "to_device",
-           "write_prompt"]  # fmt: skip
+__all__ = ["RunState", "all_reduce", "metrics_record", "micro_step", "number_weights", "prepare_run_dir", "resume_state",
+           "save_state", "to_device", "write_config", "write_prompt"]  # fmt: skip
 
 logger = logging.getLogger("fusion_trainer.training.train")  # the training log's lines, as before the split
 
@@ -66,11 +66,13 @@ class RunState:
 def resume_state(engine: Any, resume_from: Path, config: TrainConfig, dataset_version: str, run: RunState,
                  rank: int) -> tuple[int, DataPosition]:  # fmt: skip
     """Load a checkpoint into `engine` and return its (step, data position), after checking that it was trained with
-    this run's seed, dataset version and sample order (`data_lanes`, `length_groups`).
+    this run's seed, dataset version, sample order (`data_lanes`, `length_groups`) and batch (`micro_batch`,
+    `grad_accum`; not checked in checkpoints written before they were recorded).
 
     Raises:
         CheckpointError: another seed or dataset version.
-        ConfigError: another `data_lanes` or `length_groups` (the sample order depends on them).
+        ConfigError: another `data_lanes`, `length_groups`, `micro_batch` or `grad_accum` (the sample order and what a
+            step is depend on them).
     """
     client = load_checkpoint(engine, resume_from, rank)
     if client.get("seed") != config.seed or client.get("dataset", dataset_version) != dataset_version:
@@ -92,6 +94,14 @@ def resume_state(engine: Any, resume_from: Path, config: TrainConfig, dataset_ve
             f"{config.length_groups}; the sample order depends on it: resume with --set "
             f"length_groups={position.length_groups}, or start a new --out"
         )
+    saved = (client.get("micro_batch", config.micro_batch), client.get("grad_accum", config.grad_accum))
+    if saved != (config.micro_batch, config.grad_accum):
+        raise ConfigError(
+            f"{resume_from} was trained with micro_batch {saved[0]} x grad_accum {saved[1]}, this run has "
+            f"micro_batch {config.micro_batch} x grad_accum {config.grad_accum}; a step's samples and the learning "
+            f"rate schedule depend on them: resume with --micro-batch {saved[0]} --grad-accum {saved[1]}, "
+            "or start a new --out"
+        )
     run.last_checkpoint = resume_from
     run.metrics.truncate_after(step)  # a killed run may have logged later steps (redone now) or a torn line
     if run.keys_file is not None:
@@ -100,10 +110,46 @@ def resume_state(engine: Any, resume_from: Path, config: TrainConfig, dataset_ve
 
 
 def save_state(engine: Any, run: RunState, step: int, position: DataPosition) -> Path:
-    """A checkpoint at `step` with what `resume_state` checks: the data position, seed, world and dataset version."""
+    """A checkpoint at `step` with what `resume_state` checks: the data position, seed, world, dataset version and
+    batch."""
     client = {"step": step, "position": position.to_dict(), "seed": run.config.seed, "world": run.world,
-              "dataset": run.dataset_version}  # fmt: skip
+              "dataset": run.dataset_version, "micro_batch": run.config.micro_batch,
+              "grad_accum": run.config.grad_accum}  # fmt: skip
     return save_checkpoint(engine, run.run_dir, step, client, run.rank)
+
+
+def prepare_run_dir(config: TrainConfig, rank: int) -> Path:
+    """The run folder (local), created on rank 0; a folder with checkpoints needs `resume`. A new run's `config.yaml`
+    is written here; a resumed run's after `resume_state` accepts the checkpoint (`write_config`).
+
+    Raises:
+        ConfigError: `out` is not a local folder, or it holds checkpoints and `resume` is not set.
+    """
+    run_dir = Path(config.out)
+    if "://" in config.out and not config.out.startswith("file://"):
+        raise ConfigError(
+            f"out: {config.out!r} must be a local folder (DeepSpeed checkpoints are written locally)"
+        )
+    run_dir = Path(config.out.removeprefix("file://"))
+    if rank == 0:
+        has_ckpt = find_latest_checkpoint(run_dir) is not None
+        if has_ckpt and not config.resume:
+            raise ConfigError(
+                f"out: {run_dir} already holds checkpoints; pass --resume to continue it or choose a new --out"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not config.resume:  # a resume writes it once its checks pass: a refused one leaves the run's as it was
+            write_config(config, run_dir)
+    return run_dir
+
+
+def write_config(config: TrainConfig, run_dir: Path) -> None:
+    """The run's `config.yaml` (what `load_run` reads), written atomically, passwords in URLs never kept."""
+    from climate_text_schema import redact_credentials
+
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(redact_credentials(config.to_yaml()), encoding="utf-8")
+    tmp.replace(run_dir / "config.yaml")
 
 
 def write_prompt(run_dir: Path, prompt: str) -> None:

@@ -44,8 +44,10 @@ from .steps import (
     metrics_record,
     micro_step,
     number_weights,
+    prepare_run_dir,
     resume_state,
     save_state,
+    write_config,
     write_prompt,
 )
 
@@ -109,28 +111,6 @@ def _promote_scalar_params(model: torch.nn.Module) -> dict[str, torch.Size]:
     return shapes
 
 
-def _prepare_run_dir(config: TrainConfig, rank: int) -> Path:
-    run_dir = Path(config.out)
-    if "://" in config.out and not config.out.startswith("file://"):
-        raise ConfigError(
-            f"out: {config.out!r} must be a local folder (DeepSpeed checkpoints are written locally)"
-        )
-    run_dir = Path(config.out.removeprefix("file://"))
-    if rank == 0:
-        has_ckpt = find_latest_checkpoint(run_dir) is not None
-        if has_ckpt and not config.resume:
-            raise ConfigError(
-                f"out: {run_dir} already holds checkpoints; pass --resume to continue it or choose a new --out"
-            )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / ".config.yaml.tmp"
-        from climate_text_schema import redact_credentials
-
-        tmp.write_text(redact_credentials(config.to_yaml()), encoding="utf-8")  # passwords in URLs never kept
-        tmp.replace(run_dir / "config.yaml")
-    return run_dir
-
-
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -167,7 +147,8 @@ def train(config: TrainConfig) -> RunResult:
 
     Raises:
         ConfigError: inconsistent batch layout, a micro-batch that does not fit the data, an existing run without
-            `resume`, a resume with another `data_lanes` or `length_groups` than the checkpoint's.
+            `resume`, a resume with another `data_lanes`, `length_groups`, `micro_batch` or `grad_accum` than the
+            checkpoint's (the run's config.yaml is left as it was).
         DataError: the dataset cannot be read (unknown reference, schema version, corrupt shard).
         ModelError: the base model cannot be loaded.
         CheckpointError: `resume` without a usable checkpoint.
@@ -225,7 +206,7 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         )
     data = open_shards(config.shards)
     manifest = data.manifest
-    run_dir = _prepare_run_dir(config, rank)
+    run_dir = prepare_run_dir(config, rank)
     torch.distributed.barrier()
     check_shared_run_dir(run_dir, rank, world)
     resume_from = find_latest_checkpoint(run_dir) if config.resume else None
@@ -263,6 +244,8 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
     )
     if resume_from is not None:
         step, position = resume_state(engine, resume_from, config, data.version, run, rank)
+        if rank == 0:
+            write_config(config, run_dir)
     prompt = render_prompt(config.prompt_template, data, config.caption)
     if rank == 0:  # kept so the run can describe raw windows later (runs.load_run)
         write_prompt(run_dir, prompt)
