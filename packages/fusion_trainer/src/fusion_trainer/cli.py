@@ -8,7 +8,6 @@ DeepSpeed launcher starts the ranks of `fusion-train --nproc N` that way).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -19,8 +18,6 @@ import typer
 from .cli_support import one_line_errors, setup_logging
 
 __all__ = ["base_main", "eval_main", "generate_main", "model_main", "train_main"]
-
-logger = logging.getLogger(__name__)
 
 train_app = typer.Typer(
     add_completion=False, pretty_exceptions_enable=False, help="Train a climate fusion adapter."

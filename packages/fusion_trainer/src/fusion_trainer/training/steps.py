@@ -125,7 +125,6 @@ def prepare_run_dir(config: TrainConfig, rank: int) -> Path:
     Raises:
         ConfigError: `out` is not a local folder, or it holds checkpoints and `resume` is not set.
     """
-    run_dir = Path(config.out)
     if "://" in config.out and not config.out.startswith("file://"):
         raise ConfigError(
             f"out: {config.out!r} must be a local folder (DeepSpeed checkpoints are written locally)"
