@@ -237,6 +237,47 @@ def test_grounding_gain_separates_reading_from_ignoring(reads: bool) -> None:
     assert np.isfinite(result["caption"]["own"])
 
 
+def test_a_sample_without_another_window_counts_nowhere() -> None:
+    """A sample alone in its group has no other window: scored against its own it would add a difference of exactly
+    0 and dilute the gain (65 of the demo's 96 same-place samples did), so it is left out and counted."""
+    group = {f"s{i}": "a" if i < 7 else "b" for i in range(8)}
+    alone = grounding_gain(_Model(True), _batches(), torch.device("cpu"), group_of=group.__getitem__)
+    assert (alone["samples"], alone["unswapped"]) == (7, 1)
+    assert alone["caption"]["tokens"] == 14 and alone["caption"]["gain"] > 5.0
+    every = grounding_gain(_Model(True), _batches(), torch.device("cpu"))
+    assert every["unswapped"] == 0 and every["samples"] == 8
+    # given partners: only s2 gets another window (digit 6's); its gain is the whole figure
+    six = torch.full((1, 1, 2, 2), 6.0)
+    given = grounding_gain(_Model(True), _batches(), torch.device("cpu"),
+                           partners=lambda keys: {k: six if k == "s2" else None for k in keys})  # fmt: skip
+    assert (given["samples"], given["unswapped"], given["caption"]["tokens"]) == (1, 7, 2)
+    assert given["caption"]["own"] < 1e-3 < 5.0 < given["caption"]["shuffled"]
+    with pytest.raises(DataError, match="swapped in for s0 has shape"):
+        grounding_gain(_Model(True), _batches(), torch.device("cpu"),
+                       partners=lambda keys: {k: torch.zeros(1, 1, 3, 3) for k in keys})  # fmt: skip
+
+
+def test_same_place_partners_come_from_the_whole_split_at_another_time() -> None:
+    from fusion_trainer.evaluation.sections import same_place_partners
+
+    rows = [("test", "2026-03-31T00:00", "t00x01"), ("test", "2026-03-31T07:00", "t00x01"),
+            ("test", "2026-03-31T14:00", "t00x01"), ("test", "2026-03-31T00:00", "t00x02"),
+            ("train", "2026-03-30T00:00", "t00x02"), ("test", "2026-03-31T07:00", "t00x03"),
+            ("test", "2026-03-25T07:00", "t00x03")]  # fmt: skip
+    index = pd.DataFrame({
+        "key": [f"r-{pd.Timestamp(t):%Y%m%dT%H%M}-{tile}" for _, t, tile in rows], "split": [s for s, _, _ in rows],
+        "time_start": [pd.Timestamp(t) for _, t, _ in rows], "lat_min": 0.0, "lon_min": 0.0,
+    })  # fmt: skip
+    keys = ["r-20260331T0000-t00x01", "r-20260331T0000-t00x02", "r-20260331T0700-t00x03"]
+    got = same_place_partners(index, "test", keys, seed=0)
+    assert got[keys[0]] in {"r-20260331T0700-t00x01", "r-20260331T1400-t00x01"}
+    assert got[keys[1]] is None  # its only other time is in train
+    assert got[keys[2]] == "r-20260325T0700-t00x03"  # not a scored sample itself: any time of the split
+    assert got == same_place_partners(index, "test", keys, seed=0)
+    assert {same_place_partners(index, "test", keys[:1], seed=s)[keys[0]] for s in range(20)} == {
+        "r-20260331T0700-t00x01", "r-20260331T1400-t00x01"}
+
+
 @pytest.mark.parametrize("position", ["after_prompt", "start"])
 def test_grounding_gain_sees_the_climate_of_a_prefix_model(
     dataset_ref: str, tiny_model_dir: Path, tokenizer: Any, position: str

@@ -125,32 +125,48 @@ def grounding_gain(
     group_of: Callable[[str], str] | None = None,
     cluster_of: Callable[[str], str] | None = None,
     own_losses: Callable[[dict[str, Any]], torch.Tensor] | None = None,
+    partners: Callable[[list[str]], dict[str, torch.Tensor | None]] | None = None,
 ) -> dict[str, Any]:
     """How much the model's caption loss depends on the climate it is given.
 
-    `group_of(key)` restricts the swap to samples of one group (e.g. the same location at other times: the gain then
-    measures "which numbers", not "which place"); `cluster_of(key)` makes `stderr` clustered (e.g. by time window:
-    the standard error of the cluster means of the paired differences). `own_losses(batch)` gives the batch's token
-    losses with its own climate when another pass has them already (`EvalContext.own_token_losses`).
+    Each sample is scored twice: with its own climate and with another window's. By default the other window is
+    another scored sample's (a seeded derangement within samples of one shape and, with `group_of(key)`, one group);
+    `partners(keys)` instead gives each key the window to swap in, or None (e.g. the same location at another time
+    of the whole split: the gain then measures "which numbers", not "which place"). A sample left without another
+    window (the only one of its group) is left out of every figure and counted in `unswapped`: scored against its
+    own window it would add a difference of exactly 0. `cluster_of(key)` makes `stderr` clustered (e.g. by time
+    window: the standard error of the cluster means of the paired differences). `own_losses(batch)` gives the
+    batch's token losses with its own climate when another pass has them already (`EvalContext.own_token_losses`).
 
-    Each sample is scored twice: with its own climate and with the climate of another sample of the split (a seeded
-    derangement, so no sample keeps its own). The gain is the shuffled loss minus the own loss, token-weighted, over
-    all caption tokens and over the number tokens only (tokens holding a digit). A model that ignores the climate
-    scores 0; one that reads it scores > 0. `stderr` is the standard error of the per-sample paired differences;
-    `uses_climate` is true when the caption gain exceeds two of them.
+    The gain is the swapped loss minus the own loss, token-weighted, over all caption tokens and over the number
+    tokens only (tokens holding a digit). A model that ignores the climate scores 0; one that reads it scores > 0.
+    `stderr` is the standard error of the per-sample paired differences; `uses_climate` is true when the caption
+    gain exceeds two of them.
 
     Returns:
-        {"caption": {"own", "shuffled", "gain", "stderr", "tokens"}, "numbers": {...}, "samples", "uses_climate"}
+        {"caption": {"own", "shuffled", "gain", "stderr", "tokens"}, "numbers": {...}, "samples" (those swapped),
+        "unswapped", "uses_climate", ...}
     """
     from fusion_trainer.grounding import number_token_mask
 
     held = [b for i, b in enumerate(batches) if max_batches is None or i < max_batches]
     climates = [x for b in held for x in b["climate_x"]]
     keys = [k for b in held for k in b["keys"]]
-    by_shape: dict[tuple[Any, ...], list[int]] = {}
-    for i, x in enumerate(climates):
-        by_shape.setdefault((*x.shape, group_of(keys[i]) if group_of else None), []).append(i)
-    other = _derangement(list(by_shape.values()), seed)
+    if partners is not None:
+        given = partners(keys)
+        swaps: list[torch.Tensor | None] = [given.get(k) for k in keys]
+    else:
+        by_shape: dict[tuple[Any, ...], list[int]] = {}
+        for i, x in enumerate(climates):
+            by_shape.setdefault((*x.shape, group_of(keys[i]) if group_of else None), []).append(i)
+        other = _derangement(list(by_shape.values()), seed)
+        swaps = [climates[other[i]] if other[i] != i else None for i in range(len(keys))]
+    for key, own_x, swap in zip(keys, climates, swaps, strict=True):
+        if swap is not None and tuple(swap.shape) != tuple(own_x.shape):
+            from fusion_trainer.errors import DataError
+
+            raise DataError(f"the window swapped in for {key} has shape {tuple(swap.shape)}, its own "
+                            f"{tuple(own_x.shape)}: swap windows of one shape")  # fmt: skip
     digits = torch.from_numpy(number_token_mask(model.tokenizer))
     sums = {
         k: torch.zeros(2, dtype=torch.float64) for k in ("caption", "numbers")
@@ -158,18 +174,24 @@ def grounding_gain(
     counts = {"caption": 0, "numbers": 0}
     diffs: dict[str, list[float]] = {"caption": [], "numbers": []}
     diff_keys: dict[str, list[str]] = {"caption": [], "numbers": []}
-    start = 0
+    start, scored = 0, 0
     with torch.no_grad():
         for batch in held:
             n = len(batch["keys"])
-            swapped = torch.stack([climates[other[start + j]] for j in range(n)])
+            has = torch.tensor([swaps[start + j] is not None for j in range(n)])
+            if not bool(has.any()):
+                start += n
+                continue
+            swapped = torch.stack([s if s is not None else climates[start + j]
+                                   for j, s in enumerate(swaps[start : start + n])])  # fmt: skip
             if own_losses is not None:
                 own = own_losses(batch).double()
             else:
                 own = _token_losses(model, batch, batch["climate_x"], device).cpu().double()
             shuf = _token_losses(model, batch, swapped, device).cpu().double()
             target = batch["labels"][:, 1:]
-            valid = target != -100
+            valid = (target != -100) & has[:, None]  # a sample without another window counts nowhere
+            scored += int(has.sum())
             is_num = valid & digits[target.clamp(min=0, max=len(digits) - 1)]
             for name, sel in (("caption", valid), ("numbers", is_num)):
                 sums[name] += torch.stack([(own * sel).sum(), (shuf * sel).sum()])
@@ -180,8 +202,10 @@ def grounding_gain(
                         diffs[name].append(float(((shuf[j] - own[j]) * sel[j]).sum() / per[j]))
                         diff_keys[name].append(batch["keys"][j])
             start += n
-    result: dict[str, Any] = {"samples": start, "swapped_within": "same location" if group_of else "same shape",
-                              "stderr_clusters": len({cluster_of(k) for k in keys}) if cluster_of else None}  # fmt: skip
+    kept = [k for k, s in zip(keys, swaps, strict=True) if s is not None]
+    result: dict[str, Any] = {"samples": scored, "unswapped": start - scored,
+                              "swapped_within": "same location" if group_of else "given" if partners else "same shape",
+                              "stderr_clusters": len({cluster_of(k) for k in kept}) if cluster_of else None}  # fmt: skip
     for name in ("caption", "numbers"):
         tokens = counts[name]
         own_loss = float(sums[name][0]) / tokens if tokens else None  # None, not NaN: the JSON stays valid

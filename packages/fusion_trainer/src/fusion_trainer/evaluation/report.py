@@ -354,10 +354,13 @@ def _report_text(
             intervention_rows(metrics)), "",
             f"A model that reads the window has slope 1, one that ignores it slope 0. Permuting each window's grid "
             f"points (plain mean, min and max unchanged) moved the outputs by: {moved or 'n/a'}.", ""]  # fmt: skip
-    same = (metrics.get("same_place_gain") or {}).get("caption") or {}
+    place = metrics.get("same_place_gain") or {}
+    same = place.get("caption") or {}
     if same:
-        parts += [f"Grounding gain against the same location's climate at other times: {_fmt(same.get('gain'), 4)} "
-                  f"± {_fmt(same.get('stderr'), 4)} nats/token (standard error clustered by time window).", ""]  # fmt: skip
+        left = f"; {place['unswapped']} without another time left out" if place.get("unswapped") else ""
+        parts += [f"Grounding gain against the same location's climate at another time: {_fmt(same.get('gain'), 4)} "
+                  f"± {_fmt(same.get('stderr'), 4)} nats/token (standard error clustered by time window; "
+                  f"{place.get('samples')} samples{left}).", ""]  # fmt: skip
     if len(seed_metrics) > 1:
         parts += ["## Seeds", "", _markdown_table(["quantity", "fused error per seed", "mean", "std"],
                                                  seed_rows(seed_metrics)), ""]  # fmt: skip
