@@ -35,10 +35,12 @@ def _common(ref: str, model: Path, out: Path, *extra: str) -> list[str]:
 
 def _start_nodes(args: list[str], logs: Path, port: int, nnodes: int = 2) -> list[subprocess.Popen[bytes]]:
     """One `fusion-train` per node, each in its own session (a node: its launcher and ranks) and with a
-    PyTorchJob-style environment (RANK = node rank, WORLD_SIZE = nodes), which the node flags must override."""
+    PyTorchJob-style environment (RANK = node rank, WORLD_SIZE = nodes), which the node flags must override. Their
+    temporary files go under `logs`: a launcher the tests SIGKILL cannot remove its hostfile."""
     procs = []
     for node in range(nnodes):
-        env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(node), WORLD_SIZE=str(nnodes))
+        env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(node), WORLD_SIZE=str(nnodes),
+                   TMPDIR=str(logs))  # fmt: skip
         flags = ["--nproc", "1", "--nnodes", str(nnodes), "--node-rank", str(node), "--master-addr", "127.0.0.1",
                  "--master-port", str(port)]  # fmt: skip
         with (logs / f"node{node}.log").open(
