@@ -139,6 +139,34 @@ def test_shifts_and_the_permutation_do_what_they_say() -> None:
     assert not np.array_equal(moved, x)
     for stat in (np.min, np.max, np.mean):
         assert np.allclose(stat(moved, axis=(3, 4)), stat(x, axis=(3, 4)), rtol=1e-6)
+    # rows stay rows: every row keeps its values, so the captions' cos(latitude)-weighted mean is exactly unchanged
+    assert np.array_equal(np.sort(moved, axis=-1), np.sort(x, axis=-1))
+
+
+def test_a_wind_shift_moves_the_captions_weighted_mean_vector_by_its_delta() -> None:
+    """At 49-59 N with the wind growing northwards, the area-weighted mean vector (the caption's) and the plain one
+    differ: given the rows' latitudes the shift moves the weighted one by exactly the delta (before: 0.93 of it)."""
+    from fusion_trainer.evaluation.interventions import row_weights
+
+    x = _windows(2)
+    x[:, :, 1] = np.linspace(2.0, 12.0, 3)[None, None, :, None]  # U10M by row, south to north
+    x[:, :, 2] = 0.5
+    lats = np.tile(np.array([49.0, 54.0, 59.0]), (2, 1))
+    weights = row_weights(lats, x.shape)
+
+    def weighted_speed(w: np.ndarray) -> np.ndarray:
+        u = np.einsum("bthw,bh->b", w[:, :, 1].astype(np.float64), weights) / (w.shape[1] * w.shape[-1])
+        v = np.einsum("bthw,bh->b", w[:, :, 2].astype(np.float64), weights) / (w.shape[1] * w.shape[-1])
+        return np.hypot(u, v)
+
+    shift = parse_intervention("WIND=+2", VARIABLES)
+    assert np.allclose(weighted_speed(apply_intervention(x, VARIABLES, shift, lats)) - weighted_speed(x), 2.0, atol=1e-4)
+    plain = weighted_speed(apply_intervention(x, VARIABLES, shift)) - weighted_speed(x)
+    assert np.all(np.abs(plain - 2.0) > 0.05)  # the plain mean vector's shift misses the caption's by over 2.5 %
+    permuted = permute_grid(x, seed=1)  # T2M varies within rows: its weighted mean is kept, not by chance
+    before = np.einsum("bthw,bh->b", x[:, :, 0].astype(np.float64), weights)
+    assert not np.array_equal(permuted[:, :, 0], x[:, :, 0])
+    assert np.allclose(np.einsum("bthw,bh->b", permuted[:, :, 0].astype(np.float64), weights), before, rtol=1e-12)
     for bad, match in (("T2M", "VARIABLE=\\+DELTA"), ("TQV=+1", "not one of"), ("U10M=+1", "no caption number")):
         with pytest.raises(ConfigError, match=match):
             parse_intervention(bad, VARIABLES)

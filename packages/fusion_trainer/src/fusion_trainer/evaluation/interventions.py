@@ -6,14 +6,15 @@ time does not (slope about 0). Shifts (`parse_intervention`):
 - `T2M=+3`, `SLP=-500`, any variable `V=+d`: add d (the variable's units: K, Pa, ...) to that variable of every grid
   point and time step, nothing else. The quantity read back is the one the variable drives (`DRIVES`): T2M ->
   mean 2 m temperature (°C, so the slope is per K), SLP -> pressure (hPa per Pa x 100), ...
-- `WIND=+2`: scale the U10M and V10M fields of each window by one factor so that the mean vector's speed rises by
-  2 m/s (its direction kept); read back: the wind speed.
-- `permute`: the same random permutation of the grid points for every variable and time step of a window (its
-  plain mean, minimum and maximum are unchanged; the area weighting moves the mean a little): how far each generated
-  number moves, in its own error measure.
+- `WIND=+2`: scale the U10M and V10M fields of each window by one factor so that the speed of its mean vector (the
+  caption's: cos(latitude)-weighted when the windows' latitudes are given) rises by 2 m/s, its direction kept; read
+  back: the wind speed.
+- `permute`: the grid points of each latitude row shuffled among themselves (one permutation per row and window, the
+  same for every variable and time step), so the caption's statistics (the cos(latitude)-weighted mean, the minimum
+  and the maximum) are exactly unchanged: how far each generated number moves, in its own error measure.
 
 The slope of each sample is the least-squares slope of its generated value on the shifts (0 included); reported:
-median, mean and the pooled slope with a 95% bootstrap interval clustered by time window.
+the median (the goal's figure), the mean, and a 95% bootstrap interval of the mean slope clustered by time window.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ from climate_text_schema.captions import QUANTITIES
 from fusion_trainer.errors import ConfigError, ModelError
 from fusion_trainer.scores import cluster_bootstrap, errors
 
-__all__ = ["DRIVES", "Intervention", "apply_intervention", "intervention_report", "parse_intervention", "permute_grid"]
+__all__ = [
+    "DRIVES", "Intervention", "apply_intervention", "intervention_report", "parse_intervention", "permute_grid",
+    "row_weights",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +85,29 @@ def parse_intervention(text: str, variables: Sequence[str]) -> Intervention:
     return Intervention(name, delta)
 
 
-def apply_intervention(climate: np.ndarray, variables: Sequence[str], shift: Intervention) -> np.ndarray:
-    """A shifted copy of windows `(B, T, V, H, W)` in physical units (module docstring)."""
+def row_weights(lats: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """Each window's row weights `(B, H)` summing to 1: cos(latitude) of `lats` `(B, H)` as the captions weigh their
+    means (`merra2_text_data`'s statistics), or equal weights without latitudes."""
+    b, h = shape[0], shape[-2]
+    if lats is None:
+        return np.full((b, h), 1.0 / h)
+    w = np.maximum(np.cos(np.deg2rad(np.asarray(lats, dtype=np.float64).reshape(b, h))), 1e-12)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def apply_intervention(
+    climate: np.ndarray, variables: Sequence[str], shift: Intervention, lats: np.ndarray | None = None
+) -> np.ndarray:
+    """A shifted copy of windows `(B, T, V, H, W)` in physical units (module docstring); `lats` `(B, H)`: each
+    window's row latitudes, so a WIND shift raises the caption's (weighted) mean-vector speed by exactly its delta."""
     x = np.array(climate, dtype=np.float32, copy=True)
     if shift.variable != "WIND":
         x[:, :, list(variables).index(shift.variable)] += np.float32(shift.delta)
         return x
     iu, iv = list(variables).index("U10M"), list(variables).index("V10M")
-    u, v = x[:, :, iu].mean(axis=(1, 2, 3)), x[:, :, iv].mean(axis=(1, 2, 3))  # (B,)
+    weights = row_weights(lats, x.shape)  # (B, H)
+    u = np.einsum("bthw,bh->b", x[:, :, iu].astype(np.float64), weights) / (x.shape[1] * x.shape[-1])
+    v = np.einsum("bthw,bh->b", x[:, :, iv].astype(np.float64), weights) / (x.shape[1] * x.shape[-1])
     speed = np.hypot(u, v)
     factor = np.where(speed > 1e-3, (speed + shift.delta) / np.maximum(speed, 1e-3), 1.0).astype(np.float32)
     factor = np.maximum(factor, 0.0)
@@ -98,14 +117,16 @@ def apply_intervention(climate: np.ndarray, variables: Sequence[str], shift: Int
 
 
 def permute_grid(climate: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Each window's grid points in a random order (one permutation per window, the same for every variable/step)."""
+    """Each window's points shuffled within each latitude row (one permutation per row and window, the same for
+    every variable and time step): the cos(latitude)-weighted mean, the minimum and the maximum stay exactly as
+    they were; only where in its row each value sits changes."""
     x = np.array(climate, dtype=np.float32, copy=True)
-    b, t, v, h, w = x.shape
+    b, _, _, h, w = x.shape
     rng = np.random.default_rng(seed)
-    flat = x.reshape(b, t, v, h * w)
     for i in range(b):
-        flat[i] = flat[i][..., rng.permutation(h * w)]
-    return flat.reshape(b, t, v, h, w)
+        for row in range(h):
+            x[i, :, :, row] = x[i, :, :, row][..., rng.permutation(w)]
+    return x
 
 
 def _slopes(deltas: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -127,6 +148,7 @@ def intervention_report(
     permute: bool = True,
     seed: int = 0,
     max_windows: int = 320,
+    lats: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Generate for the windows as they are, shifted, and permuted; report the slopes and the movement.
 
@@ -139,13 +161,15 @@ def intervention_report(
         permute: also permute each window's grid.
         seed: the permutation and bootstrap seed.
         max_windows: at most this many windows (the variants of `climate` side by side) per `describe` call.
+        lats: each window's row latitudes `(B, H)`: a WIND shift then moves the caption's area-weighted mean vector
+            by its delta (without them, the plain mean vector: the caption's speed moves by about the delta).
     """
     by_var: dict[str, list[Intervention]] = {}
     for s in shifts:
         by_var.setdefault(s.variable, []).append(s)
     ordered = [s for group in by_var.values() for s in group]
     variants: list[Callable[[], np.ndarray]] = [lambda: climate]
-    variants += [functools.partial(apply_intervention, climate, variables, s) for s in ordered]
+    variants += [functools.partial(apply_intervention, climate, variables, s, lats) for s in ordered]
     if permute:
         variants.append(functools.partial(permute_grid, climate, seed))
     # several variants a call, so `describe` fills whole batches (the demo's 13 variants of 24 windows: 5 batches of

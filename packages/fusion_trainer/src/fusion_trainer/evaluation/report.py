@@ -352,8 +352,9 @@ def _report_text(
         parts += ["## Interventions", "", _markdown_table(
             ["variable", "quantity read back", "shifts", "median slope", "mean slope", "95% CI", "samples"],
             intervention_rows(metrics)), "",
-            f"A model that reads the window has slope 1, one that ignores it slope 0. Permuting each window's grid "
-            f"points (plain mean, min and max unchanged) moved the outputs by: {moved or 'n/a'}.", ""]  # fmt: skip
+            f"A model that reads the window has slope 1, one that ignores it slope 0. Permuting the grid points "
+            f"within each latitude row (the caption's weighted mean, min and max unchanged) moved the outputs by: "
+            f"{moved or 'n/a'}.", ""]  # fmt: skip
     place = metrics.get("same_place_gain") or {}
     same = place.get("caption") or {}
     if same:

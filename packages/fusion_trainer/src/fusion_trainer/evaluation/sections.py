@@ -157,7 +157,10 @@ def interventions_section(ctx: EvalContext) -> dict[str, Any]:
         return out
 
     clusters = starts[chosen].astype(str).tolist()
-    report = intervention_report(describe, physical, variables, clusters, shifts, permute=True, seed=ctx.seed)
+    rows = physical.shape[-2]  # the windows' rows lie evenly from lat_min to lat_max (the builder's regular grids)
+    lats = np.stack([np.linspace(index.at[k, "lat_min"], index.at[k, "lat_max"], rows) for k in chosen])
+    report = intervention_report(describe, physical, variables, clusters, shifts, permute=True, seed=ctx.seed,
+                                 lats=lats)  # fmt: skip
     report["keys"] = chosen
     return {"interventions": report}
 
