@@ -178,6 +178,20 @@ def test_missing_days_fail_unless_allowed(granules: Path, tmp_path: Path) -> Non
     assert m.config["gaps"] == ["2019-01-03"] and sum(m.splits.values()) == 4
 
 
+def test_allowed_gap_of_one_collection_is_built_around(granules: Path, tmp_path: Path) -> None:
+    """A day that lacks only the flux granule is a gap like a day that lacks both: none of its granules is read."""
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for f in granules.iterdir():
+        if not (".20190103." in f.name and "_flx_" in f.name):
+            (partial / f.name).symlink_to(f)
+    ref = build(_config(partial, tmp_path / "ds", allow_gaps=True))
+    ds = open_dataset(ref)
+    assert ds.manifest.config["gaps"] == ["2019-01-03"] and sum(ds.manifest.splits.values()) == 4
+    assert "20190103" not in " ".join(s.file for s in ds.manifest.sources)
+    assert not any(t.startswith("2019-01-03") for t in ds.read_index()["time_start"].astype(str))
+
+
 def test_quarantine_and_strict(granules: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = tasks_mod.validate_sample
 

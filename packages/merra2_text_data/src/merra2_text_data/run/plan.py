@@ -84,8 +84,11 @@ def plan_build(config: BuildConfig) -> BuildPlan:
         missing = missing_days(granules, collections, start, end)
     else:
         granules, missing = find_granules(source, collections, start, end)
-        if config.source.hash_granules:
-            granules = content_digests(granules, _digest_cache_dir(config))
+    if missing and config.source.allow_gaps:  # a day short of one collection is a gap too: none of it is read
+        gap_days = set(missing)
+        granules = [g for g in granules if g.day not in gap_days]
+    if config.source.hash_granules and source != "earthaccess":
+        granules = content_digests(granules, _digest_cache_dir(config))
     if not granules:
         raise MissingDataError(
             f"no {'/'.join(collections)} granules for {start}..{end} in {source}; check --source and the period "
