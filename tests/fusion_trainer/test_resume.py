@@ -81,3 +81,19 @@ def test_an_existing_run_needs_resume_and_resume_needs_a_checkpoint(
     assert "micro_batch: 4" in (Path(make_config("once").out) / "config.yaml").read_text(), "a refused resume keeps it"
     with pytest.raises(ConfigError, match="micro_batch 4 x grad_accum 1, this run has micro_batch 4 x grad_accum 2"):
         train(make_config("once", steps=4, resume=True, grad_accum=2))
+
+
+def test_resume_refuses_another_shuffle_buffer_or_skip_bad_samples(make_config: Callable[..., TrainConfig]) -> None:
+    """The epoch's order depends on both: a resume with others replayed another order, repeating and skipping samples."""
+    train(make_config("once", steps=2, shuffle_buffer=16))
+    with pytest.raises(ConfigError, match=r"shuffle_buffer 16, this run has shuffle_buffer 64.*--set shuffle_buffer=16"):
+        train(make_config("once", steps=4, resume=True, shuffle_buffer=64))
+    with pytest.raises(ConfigError, match=r"skip_bad_samples false, this run has skip_bad_samples true"
+                                          r".*--set skip_bad_samples=false"):
+        train(make_config("once", steps=4, resume=True, shuffle_buffer=16, skip_bad_samples=True))
+    assert "shuffle_buffer: 16" in (Path(make_config("once").out) / "config.yaml").read_text(), "a refused resume keeps it"
+    train(make_config("skipping", steps=2, skip_bad_samples=True))
+    with pytest.raises(ConfigError, match=r"skip_bad_samples true, this run has skip_bad_samples false"
+                                          r".*--skip-bad-samples"):
+        train(make_config("skipping", steps=4, resume=True))
+    assert train(make_config("once", steps=4, resume=True, shuffle_buffer=16)).step == 4

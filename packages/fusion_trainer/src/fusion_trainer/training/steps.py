@@ -66,13 +66,14 @@ class RunState:
 def resume_state(engine: Any, resume_from: Path, config: TrainConfig, dataset_version: str, run: RunState,
                  rank: int) -> tuple[int, DataPosition]:  # fmt: skip
     """Load a checkpoint into `engine` and return its (step, data position), after checking that it was trained with
-    this run's seed, dataset version, sample order (`data_lanes`, `length_groups`) and batch (`micro_batch`,
-    `grad_accum`; not checked in checkpoints written before they were recorded).
+    this run's seed, dataset version, sample order (`data_lanes`, `length_groups`, `shuffle_buffer`,
+    `skip_bad_samples`) and batch (`micro_batch`, `grad_accum`; the last four not checked in checkpoints written before
+    they were recorded).
 
     Raises:
         CheckpointError: another seed or dataset version.
-        ConfigError: another `data_lanes`, `length_groups`, `micro_batch` or `grad_accum` (the sample order and what a
-            step is depend on them).
+        ConfigError: another `data_lanes`, `length_groups`, `shuffle_buffer`, `skip_bad_samples`, `micro_batch` or
+            `grad_accum` (the sample order and what a step is depend on them).
     """
     client = load_checkpoint(engine, resume_from, rank)
     if client.get("seed") != config.seed or client.get("dataset", dataset_version) != dataset_version:
@@ -102,6 +103,7 @@ def resume_state(engine: Any, resume_from: Path, config: TrainConfig, dataset_ve
             f"rate schedule depend on them: resume with --micro-batch {saved[0]} --grad-accum {saved[1]}, "
             "or start a new --out"
         )
+    _check_sample_order(client, config, resume_from)
     run.last_checkpoint = resume_from
     run.metrics.truncate_after(step)  # a killed run may have logged later steps (redone now) or a torn line
     if run.keys_file is not None:
@@ -110,12 +112,34 @@ def resume_state(engine: Any, resume_from: Path, config: TrainConfig, dataset_ve
 
 
 def save_state(engine: Any, run: RunState, step: int, position: DataPosition) -> Path:
-    """A checkpoint at `step` with what `resume_state` checks: the data position, seed, world, dataset version and
-    batch."""
+    """A checkpoint at `step` with what `resume_state` checks: the data position, seed, world, dataset version, batch,
+    shuffle buffer and bad-sample skipping."""
     client = {"step": step, "position": position.to_dict(), "seed": run.config.seed, "world": run.world,
               "dataset": run.dataset_version, "micro_batch": run.config.micro_batch,
-              "grad_accum": run.config.grad_accum}  # fmt: skip
+              "grad_accum": run.config.grad_accum, "shuffle_buffer": run.config.shuffle_buffer,
+              "skip_bad_samples": run.config.skip_bad_samples}  # fmt: skip
     return save_checkpoint(engine, run.run_dir, step, client, run.rank)
+
+
+def _check_sample_order(client: dict[str, Any], config: TrainConfig, resume_from: Path) -> None:
+    """Refuse another `shuffle_buffer` or `skip_bad_samples` than the checkpoint's: an epoch's order depends on both,
+    and the resumed epoch's replay would skip another set of samples than the one consumed (not checked in
+    checkpoints written before they were recorded)."""
+    buffer = client.get("shuffle_buffer", config.shuffle_buffer)
+    if buffer != config.shuffle_buffer:
+        raise ConfigError(
+            f"{resume_from} was trained with shuffle_buffer {buffer}, this run has shuffle_buffer "
+            f"{config.shuffle_buffer}; the sample order depends on it: resume with --set shuffle_buffer={buffer}, "
+            "or start a new --out"
+        )
+    skip = client.get("skip_bad_samples", config.skip_bad_samples)
+    if skip != config.skip_bad_samples:
+        flag = "--skip-bad-samples" if skip else "--set skip_bad_samples=false"
+        raise ConfigError(
+            f"{resume_from} was trained with skip_bad_samples {str(skip).lower()}, this run has skip_bad_samples "
+            f"{str(config.skip_bad_samples).lower()}; the sample order depends on it (bad samples are left out "
+            f"before the epoch is cut): resume with {flag}, or start a new --out"
+        )
 
 
 def prepare_run_dir(config: TrainConfig, rank: int) -> Path:
