@@ -59,6 +59,23 @@ def test_each_rung_on_a_hand_made_index() -> None:
     assert location_of(index).loc[test[0]] == "t00x00"
 
 
+def test_every_rung_is_scored_on_the_samples_the_model_stated() -> None:
+    """A caption that does not state a quantity leaves that sample out of every rung of it, not only the model's:
+    the goal compares the model and the climatology on the same samples (the unseen tile's hard case here)."""
+    index = _index()
+    test = index[index["split"] == "test"]["key"].tolist()
+    true = index.set_index("key").loc[test, "T2M_mean"].to_numpy() - 273.15
+    stated = true.copy()
+    stated[[k.endswith("t00x02") for k in test]] = np.nan  # the model says nothing for the unseen tile
+    out = ladder(index, test, {"fused": {"t2m_mean_c": stated}, "ridge": {"t2m_mean_c": true + 1.0}})
+    t2m = out["quantities"]["t2m_mean_c"]
+    assert t2m["fused"]["n"] == t2m["location"]["n"] == t2m["train_mean"]["n"] == t2m["ridge"]["n"] == 4
+    kept = np.isfinite(stated)
+    assert t2m["train_mean"]["mae"] == pytest.approx(np.abs(true[kept] - (291.5 - 273.15)).mean())
+    assert t2m["persistence"]["n"] == 4 and t2m["ridge"]["mae"] == pytest.approx(1.0)
+    assert out["quantities"]["t2m_min_c"]["location"]["n"] == 6  # a quantity without a fused rung: every sample
+
+
 def test_location_hour_uses_local_solar_time() -> None:
     index = _index()
     test = index[index["split"] == "test"]["key"].tolist()

@@ -189,7 +189,9 @@ def ladder(
     readouts: Mapping[str, Mapping[str, np.ndarray]],
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Every rung's error per quantity on the samples `keys`.
+    """Every rung's error per quantity on the samples `keys`: with a `fused` rung, every rung of a quantity is
+    scored on the samples whose caption states it (where `fused` has a value), so each compares with the model on
+    the same samples (a caption that does not parse counts against the parse rate, not here).
 
     Args:
         index: the dataset's whole index (train split for fitting, the samples' rows for scoring).
@@ -210,6 +212,9 @@ def ladder(
         if q not in truth.columns:
             continue
         true = truth.loc[keys, q].to_numpy(dtype=np.float64)
+        fused = (readouts.get("fused") or {}).get(q)
+        if fused is not None:  # the samples the model stated this quantity for: every rung on those
+            true = np.where(np.isfinite(np.asarray(fused, dtype=np.float64)), true, np.nan)
         ok = np.isfinite(true)
         row: dict[str, Any] = {"kind": spec.kind}
         if ok.any():
