@@ -114,7 +114,9 @@ def test_scores_by_kind() -> None:
     assert errors(np.array([np.e - 1]), np.array([0.0]), "precip")[0] == pytest.approx(1.0)
     assert errors(np.array([train_constant(np.array([350.0, 10.0]), "circular")]), np.array([0.0]), "circular")[0] < 1e-9
     assert best_constant(np.array([1.0, 2.0, 9.0]), "linear") == 2.0
-    assert hit_rates(np.array([0.0, 0.5, 2.0]), np.array([0.0, 0.05, 3.0])) == {"0.1mm": pytest.approx(2 / 3), "1mm": 1.0}
+    assert hit_rates(np.array([0.0, 0.5, 2.0]), np.array([0.0, 0.04, 3.0])) == {"0.1mm": pytest.approx(2 / 3), "1mm": 1.0}
+    # the truth as the caption writes it: 0.07 mm is "0.1 mm", 0.96 is "1.0": their exact copies hit both thresholds
+    assert hit_rates(np.array([0.1, 1.0, 0.0]), np.array([0.07, 0.96, 0.04])) == {"0.1mm": 1.0, "1mm": 1.0}
     lo, hi = cluster_bootstrap(np.array([1.0, 1.0, 3.0, 3.0]), ["a", "a", "b", "b"])
     assert 1.0 <= lo <= 2.0 <= hi <= 3.0
 

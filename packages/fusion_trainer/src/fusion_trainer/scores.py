@@ -56,9 +56,12 @@ def best_constant(true: np.ndarray, kind: str) -> float:
     return float(np.median(true))
 
 
-def hit_rates(pred: np.ndarray, true: np.ndarray, thresholds: Sequence[float] = HIT_THRESHOLDS_MM) -> dict[str, float]:
-    """For each threshold: the fraction of samples where `pred >= t` agrees with `true >= t`."""
-    pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+def hit_rates(
+    pred: np.ndarray, true: np.ndarray, thresholds: Sequence[float] = HIT_THRESHOLDS_MM, decimals: int = 1
+) -> dict[str, float]:
+    """For each threshold: the fraction of samples where `pred >= t` agrees with `true >= t`, the truth taken as a
+    caption states it (`decimals` places: "0.1 mm" for 0.07), so a caption that copies the truth exactly hits."""
+    pred, true = np.asarray(pred, dtype=np.float64), np.round(np.asarray(true, dtype=np.float64), decimals)
     return {f"{t:g}mm": float(((pred >= t) == (true >= t)).mean()) for t in thresholds} if len(true) else {}
 
 
