@@ -67,6 +67,13 @@ def test_an_existing_run_needs_resume_and_resume_needs_a_checkpoint(
 ) -> None:
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         train(make_config("empty", steps=2, resume=True))
+    torn = Path(make_config("torn").out) / "checkpoints" / "step2"  # a first save killed before its COMPLETE
+    torn.mkdir(parents=True)
+    (torn / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint \(a run interrupted during its first save "
+                                              r"leaves checkpoints/ without one.*start without --resume"):
+        train(make_config("torn", steps=2, resume=True))
+    assert train(make_config("torn", steps=2)).step == 2, "it starts without --resume, as the error says"
     train(make_config("once", steps=2))
     with pytest.raises(ConfigError, match="--resume"):
         train(make_config("once", steps=2))

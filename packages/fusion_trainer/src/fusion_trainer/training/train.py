@@ -211,7 +211,10 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
     check_shared_run_dir(run_dir, rank, world)
     resume_from = find_latest_checkpoint(run_dir) if config.resume else None
     if config.resume and resume_from is None:
-        raise CheckpointError(f"--resume: {run_dir} holds no complete checkpoint; start without --resume")
+        raise CheckpointError(
+            f"--resume: {run_dir} holds no complete checkpoint (a run interrupted during its first save leaves "
+            "checkpoints/ without one, with nothing to resume); start without --resume"
+        )
     run = RunState(config, run_dir, rank, world)
     run.dataset_version = data.version
 
