@@ -19,8 +19,13 @@ from typer.testing import CliRunner
 runner = CliRunner()
 REGION = "--region=-125,32,-114,42"  # California and Nevada: many of the sample file's January events
 START, END = "2019-01-15", "2019-01-18"
-HALF_STEP = 0.25
-TABLE_TEXT = "Ski patrol measured 150 cm of new snow at the summit."  # events are joined to a tile's bbox widened by half a grid step
+HALF_LAT, HALF_LON = 0.25, 0.3125  # events are joined to a tile's bbox widened by half a grid step on each axis
+TABLE_TEXT = "Ski patrol measured 150 cm of new snow at the summit."
+GAP_TEXT = "Drifts closed the pass between two grid columns."
+# (time, lat, lon, text): -120.35 lies between the columns at -120.625 (tile 0's east edge, 0.275 away: within half
+# the 0.625 longitude step) and -120.0 (tile 1's west edge, 0.35 away); the last row is outside the period
+TABLE = [("2019-01-17T12:00:00Z", 38.0, -120.0, TABLE_TEXT), ("2019-01-16T12:00:00Z", 38.0, -120.35, GAP_TEXT),
+         ("2019-03-01T00:00:00Z", 38.0, -120.0, "Outside the period.")]
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +36,8 @@ def built(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> tuple[
     assert res.exit_code == 0, res.output
     events = shared_data / "noaa-storm-events" / "StormEvents_details_d2019_c20190617_sample300.csv"
     table = root / "reports.csv"
-    pd.DataFrame({"time": ["2019-01-17T12:00:00Z", "2019-03-01T00:00:00Z"], "lat": [38.0, 38.0],
-                  "lon": [-120.0, -120.0], "event_type": ["Snow report", "Snow report"],
-                  "text": [TABLE_TEXT, "Outside the period."]}
+    pd.DataFrame({"time": [r[0] for r in TABLE], "lat": [r[1] for r in TABLE], "lon": [r[2] for r in TABLE],
+                  "event_type": ["Snow report"] * len(TABLE), "text": [r[3] for r in TABLE]}
                  ).to_csv(table, index=False)  # fmt: skip
     res = runner.invoke(app, ["build", "--source", str(granules), REGION, "--start", START, "--end", END,
                               "--tile", "8x8", "--time-step", "3h", "--variables", "T2M,U10M,V10M,SLP,PRECTOTCORR",
@@ -49,16 +53,19 @@ def test_joined_samples_carry_the_event_text(built: tuple[str, Path, Path]) -> N
     index = ds.read_index()
     events = load_storm_events([events_file])
     events = events[events["has_point"]]
-    n_joined = n_own = 0
+    n_joined = 0
+    n_own = {text: 0 for *_, text in TABLE}
     for _, row in index.iterrows():
         inside = events[(events["begin_utc"] < row["time_end"]) & (events["end_utc"] >= row["time_start"])
-                        & events["lat"].between(row["lat_min"] - HALF_STEP, row["lat_max"] + HALF_STEP)
-                        & events["lon"].between(row["lon_min"] - HALF_STEP, row["lon_max"] + HALF_STEP)]  # fmt: skip
-        own = int(row["time_start"] <= pd.Timestamp("2019-01-17T12:00Z") < row["time_end"]
-                  and row["lat_min"] - HALF_STEP <= 38.0 <= row["lat_max"] + HALF_STEP
-                  and row["lon_min"] - HALF_STEP <= -120.0 <= row["lon_max"] + HALF_STEP)  # fmt: skip
-        assert row["n_events"] == len(inside) + own, row["key"]
-        n_own += own
+                        & events["lat"].between(row["lat_min"] - HALF_LAT, row["lat_max"] + HALF_LAT)
+                        & events["lon"].between(row["lon_min"] - HALF_LON, row["lon_max"] + HALF_LON)]  # fmt: skip
+        own = [(pd.Timestamp(t), f"row{i}", text) for i, (t, lat, lon, text) in enumerate(TABLE)
+               if row["time_start"] <= pd.Timestamp(t) < row["time_end"]
+               and row["lat_min"] - HALF_LAT <= lat <= row["lat_max"] + HALF_LAT
+               and row["lon_min"] - HALF_LON <= lon <= row["lon_max"] + HALF_LON]  # fmt: skip
+        assert row["n_events"] == len(inside) + len(own), row["key"]
+        for *_, text in own:
+            n_own[text] += 1
         if row["n_events"] == 0:
             assert "Reported events:" not in row["text"] and row["event_types"] == ""
             continue
@@ -67,16 +74,15 @@ def test_joined_samples_carry_the_event_text(built: tuple[str, Path, Path]) -> N
         assert set(row["event_types"].split("; ")) == set(inside["event_type"]) | (
             {"Snow report"} if own else set()
         )
-        joined = [(e["begin_utc"], e["event_id"], e["text"]) for _, e in inside.iterrows()]
-        if own:
-            joined.append((pd.Timestamp("2019-01-17T12:00Z"), "row0", TABLE_TEXT))
+        joined = [(e["begin_utc"], e["event_id"], e["text"]) for _, e in inside.iterrows()] + own
         written = sorted(joined)[:3]  # the caption writes the first three by time, then counts the rest
         reported = row["text"].split("Reported events:", 1)[1]
         for _, _, narrative in written:
             assert " ".join(narrative.split()[:6]) in reported
         rest = len(joined) - len(written)
         assert (f"({rest} more reported.)" in reported) == (rest > 0)
-    assert n_own == 1 and n_joined >= 3 and (index["n_events"] == 0).any()
+    assert n_own == {TABLE_TEXT: 1, GAP_TEXT: 1, "Outside the period.": 0}
+    assert n_joined >= 3 and (index["n_events"] == 0).any()
     assert "Outside the period." not in " ".join(index["text"])
     extra = ds.manifest.model_extra or {}
     assert extra["samples_with_events"] == n_joined

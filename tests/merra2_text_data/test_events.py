@@ -10,8 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from merra2_text_data.errors import ConfigError
+from merra2_text_data.regions import grid_points, parse_region
 from merra2_text_data.samples import events as events_mod
-from merra2_text_data.samples.events import EVENT_COLUMNS, load_storm_events, load_text_table, match_events
+from merra2_text_data.samples.events import (
+    EVENT_COLUMNS,
+    grid_margins,
+    load_storm_events,
+    load_text_table,
+    match_events,
+)
 from merra2_text_data.samples.pairs import SamplePlan, plan_samples
 
 SAMPLE = "noaa-storm-events/StormEvents_details_d2019_c20190617_sample300.csv"
@@ -219,3 +226,15 @@ def test_text_table_errors(tmp_path: Path) -> None:
         load_text_table(tmp_path / "b.csv")
     with pytest.raises(ConfigError, match="begin_utc"):
         match_events(pd.DataFrame({"x": [1]}), [])
+
+
+def test_grid_margins_are_half_of_each_axis_step() -> None:
+    lat, lon = grid_points(parse_region("-105,35,-95,45"))
+    assert grid_margins(lat, lon) == (0.25, 0.3125)
+    assert grid_margins(np.array([40.0]), np.array([-100.0])) == (0.25, 0.3125)  # one point: MERRA-2's steps
+    event = pd.DataFrame({"event_id": ["e"], "event_type": ["Hail"], "begin_utc": [_utc("2019-01-01 12:00")],
+                          "end_utc": [_utc("2019-01-01 12:00")], "lat": [40.0], "lon": [-102.825], "place": [""],
+                          "text": ["x"], "has_point": [True]})  # fmt: skip
+    plan = SamplePlan("p", _utc("2019-01-01"), _utc("2019-01-02"), 0, 4, 0, 4, (-105.0, 38.0, -103.125, 41.5))
+    assert match_events(event, [plan], margin_deg=(0.25, 0.25))["p"] == []
+    assert [e.event_id for e in match_events(event, [plan], margin_deg=grid_margins(lat, lon))["p"]] == ["e"]

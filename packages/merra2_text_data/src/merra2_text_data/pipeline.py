@@ -51,7 +51,7 @@ from .run.plan import BuildPlan, cache_dir, data_config, plan_build
 from .run.runner import connect, run_tasks
 from .run.tasks import ANOMALY_VARIABLE, STATS_STAGE, ShardTask, units_of
 from .samples.climatology import DayOfYearClimatology, spans_several_years
-from .samples.events import Event, load_storm_events, load_text_table, match_events
+from .samples.events import Event, grid_margins, load_storm_events, load_text_table, match_events
 from .samples.normalize import NormAccumulator
 from .samples.pairs import SamplePlan, parse_duration, plan_samples
 from .samples.splits import assign_splits, holdout_tiles
@@ -165,9 +165,8 @@ def _events(config: BuildConfig, cube: xr.Dataset, samples: list[SamplePlan]) ->
         frames.append(load_text_table(config.sample.text_table))
     if not frames:
         return {}
-    lat = np.asarray(cube["lat"].values, dtype=float)
-    step = float(np.abs(np.diff(lat)).min()) if lat.size > 1 else 0.5
-    return match_events(pd.concat(frames, ignore_index=True), samples, margin_deg=step / 2)
+    margins = grid_margins(cube["lat"].values, cube["lon"].values)  # half a step per axis: lat and lon steps differ
+    return match_events(pd.concat(frames, ignore_index=True), samples, margin_deg=margins)
 
 
 _EXTRA_COLUMNS = {"T2M_clim": "float64", "T2M_anom": "float64", "n_events": "int64", "event_types": "str"}

@@ -26,10 +26,19 @@ import numpy as np
 import pandas as pd
 
 from merra2_text_data.errors import ConfigError
+from merra2_text_data.regions import LAT_STEP, LON_STEP
 
 from .pairs import SamplePlan
 
-__all__ = ["EVENT_COLUMNS", "STORM_COLUMNS", "Event", "load_storm_events", "load_text_table", "match_events"]
+__all__ = [
+    "EVENT_COLUMNS",
+    "STORM_COLUMNS",
+    "Event",
+    "grid_margins",
+    "load_storm_events",
+    "load_text_table",
+    "match_events",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -218,8 +227,20 @@ def _in_lon(lon: np.ndarray, west: np.ndarray, east: np.ndarray) -> np.ndarray:
     return ((lon - west) % 360.0) <= ((east - west) % 360.0)
 
 
+def grid_margins(lat: np.ndarray, lon: np.ndarray) -> tuple[float, float]:
+    """Half of each axis's grid step, `(lat, lon)` in degrees: the margins that leave no point between two tiles'
+    edges outside both. An axis of one point takes MERRA-2's step (`LAT_STEP`, `LON_STEP`)."""
+
+    def half(values: np.ndarray, default: float) -> float:
+        steps = np.abs(np.diff(np.asarray(values, dtype=float)))
+        steps = steps[steps > 0]
+        return float(steps.min() if steps.size else default) / 2
+
+    return half(lat, LAT_STEP), half(lon, LON_STEP)
+
+
 def match_events(
-    events: pd.DataFrame, plans: Sequence[SamplePlan], margin_deg: float = 0.0
+    events: pd.DataFrame, plans: Sequence[SamplePlan], margin_deg: float | tuple[float, float] = 0.0
 ) -> dict[str, list[Event]]:
     """Join events to samples: the event's UTC interval overlaps the window and its point lies in the sample bbox.
 
@@ -230,7 +251,8 @@ def match_events(
     Args:
         events: an event frame (`load_storm_events`, `load_text_table`).
         plans: the samples.
-        margin_deg: degrees added on every side of each bbox.
+        margin_deg: degrees added on every side of each bbox; a pair is `(lat, lon)`, one margin per axis (MERRA-2's
+            grid steps differ: 0.5° lat, 0.625° lon; `grid_margins` gives half of each).
 
     Returns:
         `{key: [Event, ...]}` for every plan (empty lists included), each list ordered by begin time and id.
@@ -243,6 +265,7 @@ def match_events(
         raise ConfigError(
             f"events frame lacks column(s) {', '.join(missing)}; load it with load_storm_events"
         )
+    lat_margin, lon_margin = margin_deg if isinstance(margin_deg, tuple) else (margin_deg, margin_deg)
     out: dict[str, list[Event]] = {p.key: [] for p in plans}
     n_zone = int((~events["has_point"].astype(bool)).sum())
     if n_zone:
@@ -266,10 +289,10 @@ def match_events(
         if cand.size == 0:
             continue
         box = np.array([p.bbox for p in group], dtype=float)  # (P, 4) W, S, E, N
-        ok = (lat[cand, None] >= box[None, :, 1] - margin_deg) & (
-            lat[cand, None] <= box[None, :, 3] + margin_deg
+        ok = (lat[cand, None] >= box[None, :, 1] - lat_margin) & (
+            lat[cand, None] <= box[None, :, 3] + lat_margin
         )
-        ok &= _in_lon(lon[cand, None], box[None, :, 0] - margin_deg, box[None, :, 2] + margin_deg)
+        ok &= _in_lon(lon[cand, None], box[None, :, 0] - lon_margin, box[None, :, 2] + lon_margin)
         for i, j in zip(*np.nonzero(ok), strict=True):
             e = int(cand[i])
             if e not in cache:
