@@ -69,6 +69,10 @@ def test_report_says_plainly_when_not_grounded(tmp_path: Path) -> None:
     assert "**does NOT beat the baseline: not grounded**" in text
     assert "**no evidence that the model uses the climate**" in text
     assert (out / "loss.png").exists() and not (out / "sample_map.png").exists()
+    assert "(held-out time)." in text
+    spatial = {**_metrics(False, False), "ladder": {"spatial": {"samples": 2}}}  # locations held out too: said so
+    assert "(held-out times, and every time of the locations held out of training)." in write_report(
+        tmp_path / "spatial", tmp_path / "run", spatial, []).read_text()
 
 
 def test_a_constant_that_beats_the_train_mean_is_not_grounded(tmp_path: Path) -> None:

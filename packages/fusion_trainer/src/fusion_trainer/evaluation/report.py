@@ -300,7 +300,9 @@ def _report_text(
         "# merra2-fusion demo report",
         "",
         f"Run `{run_dir}` (fusion `{metrics.get('fusion', '?')}`, caption form `{metrics.get('caption', 'full')}`), "
-        f"dataset `{metrics.get('dataset', '?')}`, split `{metrics.get('split', 'test')}` (held-out time).",
+        f"dataset `{metrics.get('dataset', '?')}`, split `{metrics.get('split', 'test')}` ("
+        + ("held-out times, and every time of the locations held out of training)."
+           if (metrics.get("ladder") or {}).get("spatial") else "held-out time)."),
         "",
         "## Verdict",
         "",
