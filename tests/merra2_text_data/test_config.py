@@ -101,3 +101,16 @@ def test_parse_size() -> None:
     assert parse_size(4096) == 4096
     with pytest.raises(ValueError, match="not a size"):
         parse_size("lots")
+
+
+def test_events_files_need_distinct_names() -> None:
+    """The version id and the manifest know an events file by its name: two files of one name would be one input."""
+    base = dict(region="conus", years="2019")
+    with pytest.raises(ConfigError) as info:
+        BuildConfig.from_options(overrides=["sample.events=[a/ev.csv, b/ev.csv]"], **base)
+    msg = str(info.value)
+    assert "  - sample.events:" in msg and "a/ev.csv and b/ev.csv" in msg and "rename one" in msg, msg
+    with pytest.raises(ConfigError, match=r"a/ev\.csv is listed twice"):
+        BuildConfig.from_options(overrides=["sample.events=[a/ev.csv, a/ev.csv]"], **base)
+    cfg = BuildConfig.from_options(overrides=["sample.events=[a/ev.csv, b/ev2.csv]"], **base)
+    assert cfg.resolved()["events"] == ["ev.csv", "ev2.csv"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pandas as pd
@@ -70,14 +71,8 @@ def _not_empty(value: str | None, what: str) -> str | None:
 
 
 def _text(what: str) -> AfterValidator:
-    """The validator of a text field that may be absent (None) but never empty or blank.
-
-    Args:
-        what: what the key should hold, for the message (`give <what>, or leave the key out`).
-
-    Returns:
-        A pydantic `AfterValidator`, used as `Annotated[str | None, _text("a local folder")]`.
-    """
+    """The validator of a text field that may be absent (None) but never empty or blank, used as
+    `Annotated[str | None, _text("a local folder")]`; `what` is what the key should hold, for the message."""
     return AfterValidator(lambda value: _not_empty(value, what))
 
 
@@ -274,15 +269,9 @@ class SampleConfig(Section):
     strict: bool = False
     """Fail on the first invalid sample instead of quarantining it."""
 
-    @field_validator("window", "time_step")
+    @field_validator("window", "time_step", "stride")
     @classmethod
-    def _duration_ok(cls, value: str) -> str:
-        _duration(value)
-        return value.strip().lower()
-
-    @field_validator("stride")
-    @classmethod
-    def _stride_ok(cls, value: str | None) -> str | None:
+    def _duration_ok(cls, value: str | None) -> str | None:
         if value is None:
             return None
         _duration(value)
@@ -300,8 +289,14 @@ class SampleConfig(Section):
     @field_validator("events")
     @classmethod
     def _events_ok(cls, value: list[str]) -> list[str]:
-        for path in value:
+        seen: dict[str, str] = {}
+        for path in value:  # the version id and the manifest know an events file by its name alone
             _not_empty(path, "the path of a NOAA Storm Events CSV(.gz)")
+            if (name := PurePath(path).name) in seen:
+                raise ValueError(f"{path} is listed twice: list it once" if seen[name] == path else
+                                 f"{seen[name]} and {path} have the same file name {name!r}, by which the version "
+                                 "id and the manifest know an events file: rename one of them")  # fmt: skip
+            seen[name] = path
         return value
 
     @field_validator("tile")
