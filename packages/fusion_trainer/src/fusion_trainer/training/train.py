@@ -259,9 +259,9 @@ def _train(config: TrainConfig, rank: int, world: int) -> RunResult:
         skip_bad_samples=config.skip_bad_samples, lanes=config.data_lanes, stats=config.stats_loss_weight > 0,
         length_groups=config.length_groups, token_cache_dir=config.token_cache_dir, rehash=config.rehash_shards,
     )  # fmt: skip
-    loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=config.num_workers, collate_fn=as_built
-    )
+    # its own generator: iter() draws a base seed, which from the global one shifted a resumed run's random numbers
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers, collate_fn=as_built,
+                                         generator=torch.Generator().manual_seed(config.seed))  # fmt: skip
     batches: Iterator[dict[str, Any]] = iter(loader)
     peak = device_peak_flops(device)
     fpt = flops_per_token(n_trainable, n_frozen)
