@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from climate_text_schema import open_dataset
 from merra2_text_data import BuildConfig, build, plan_build
+from merra2_text_data.errors import MissingDataError
 from merra2_text_data.regions import parse_region
 from merra2_text_data.samples import text as text_mod
 from merra2_text_data.source.synth import write_synthetic_granules
@@ -55,3 +56,14 @@ def test_manifest_records_the_text_format_in_the_hashed_config(granules: Path, t
     assert compute_version(manifest.config, manifest.sources, inputs) == manifest.version
     card = (tmp_path / "datasets").glob("*/versions/*/README.md")
     assert f'"text_format": "{text_mod.TEXT_FORMAT}"' in next(card).read_text(encoding="utf-8")
+
+
+def test_an_unreadable_input_file_names_its_option(granules: Path, tmp_path: Path) -> None:
+    base = _config(granules, tmp_path)
+    missing = str(tmp_path / "nowhere.csv")
+    table = base.model_copy(update={"sample": base.sample.model_copy(update={"text_table": missing})})
+    with pytest.raises(MissingDataError, match=r"nowhere\.csv cannot be read .*given to --text-table$"):
+        plan_build(table)
+    events = base.model_copy(update={"sample": base.sample.model_copy(update={"events": [missing]})})
+    with pytest.raises(MissingDataError, match=r"nowhere\.csv cannot be read .*given to --events$"):
+        plan_build(events)

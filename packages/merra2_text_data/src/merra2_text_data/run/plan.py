@@ -59,12 +59,13 @@ def _ranges(days: Sequence[dt.date]) -> str:
     return ", ".join(out)
 
 
-def _file_digest(path: str) -> str:
+def _file_digest(path: str, option: str) -> str:
+    """The SHA-256 of an input file; `option` is the flag that named it (`--events`, `--text-table`), for the error."""
     try:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError as exc:
         raise MissingDataError(
-            f"input file {path} cannot be read ({exc}); check the path given to --events"
+            f"input file {path} cannot be read ({exc}); check the path given to {option}"
         ) from exc
 
 
@@ -126,9 +127,10 @@ def _plan_era5(config: BuildConfig) -> BuildPlan:
 def _finish_plan(
     config: BuildConfig, granules: list[Granule], sources: list[SourceInfo], gaps: list[str]
 ) -> BuildPlan:
-    inputs = {f"events:{Path(p).name}": _file_digest(p) for p in config.sample.events}
+    inputs = {f"events:{Path(p).name}": _file_digest(p, "--events") for p in config.sample.events}
     if config.sample.text_table:
-        inputs[f"text_table:{Path(config.sample.text_table).name}"] = _file_digest(config.sample.text_table)
+        table = config.sample.text_table
+        inputs[f"text_table:{Path(table).name}"] = _file_digest(table, "--text-table")
     _, out = url_to_fs(config.publish.out)
     name = config.dataset_name()
     version = compute_version(data_config(config, gaps), sources, inputs)
