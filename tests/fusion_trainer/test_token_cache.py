@@ -90,3 +90,27 @@ def test_a_damaged_file_is_ignored_and_rewritten(tokenizer: Any, tmp_path: Path)
     small: dict[str, np.ndarray] = {}
     TokenCache(tmp_path, "v1", "train", "full", tokenizer).load_into(small, 230)
     assert len(small) == 1, "the room bounds what is loaded"
+
+
+@pytest.mark.parametrize("fails", ["savez", "replace"])
+def test_a_failed_save_leaves_no_temporary_file(
+    tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    """A full disk (np.savez) or a failed rename left a partial `.tokens-*.tmp` behind at every epoch's save."""
+    import fusion_trainer.data.token_cache as token_cache
+
+    def full_disk(fh: Any, *args: Any, **kw: Any) -> None:
+        fh.write(b"PK partial")
+        raise OSError(28, "No space left on device")
+
+    def no_rename(src: Any, dst: Any) -> None:
+        raise OSError(13, "Permission denied")
+
+    if fails == "savez":
+        monkeypatch.setattr(token_cache.np, "savez", full_disk)
+    else:
+        monkeypatch.setattr(token_cache.os, "replace", no_rename)
+    cache = TokenCache(tmp_path, "v1", "train", "full", tokenizer)
+    for epoch in range(3):
+        cache.save({f"caption {epoch}": np.array([5, 2], dtype=np.int32)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing written, nothing left"

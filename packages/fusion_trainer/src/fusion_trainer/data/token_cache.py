@@ -116,6 +116,7 @@ class TokenCache:
         np.cumsum([len(b) for b in encoded], out=text_offsets[1:])
         blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         ids = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, dtype=np.int32)
+        tmp: str | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
@@ -123,6 +124,9 @@ class TokenCache:
                 np.savez(fh, ids=ids, offsets=offsets, texts=blob, text_offsets=text_offsets)
             os.replace(tmp, self.path)
         except OSError as exc:  # a cache: a full or read-only disk costs speed, never the run
+            if tmp is not None:  # a partial file under a temporary name: each failed save left one more
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             logger.warning(
                 "token cache: cannot write %s (%s); captions will be tokenised again", self.path, exc
             )
