@@ -129,6 +129,25 @@ def test_cache_wins_over_the_older_cache_dir_and_an_object_store_cache_puts_the_
     assert cube_mod.default_cache("s3://b/out") == "s3://b/out/.cache"
 
 
+def test_a_file_url_cache_is_its_absolute_folder(
+    granules: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--cache file:///abs/path` is the folder /abs/path (not `./file:/abs/path` under the working directory)."""
+    from merra2_text_data import BuildConfig, build
+    from merra2_text_data.run.plan import cache_dir
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    cache = tmp_path / "cache"
+    opts = dict(region="-100,35,-96,38", start=str(START), end=str(END), source=str(Path(granules[0].url).parent),
+                window="1d", variables=",".join(VARIABLES), tile="3x3", quiet=True, out=str(tmp_path / "out"))  # fmt: skip
+    config = BuildConfig.from_options(**opts, cache=cache.as_uri())
+    assert not cube_mod.on_workers(config) and cache_dir(config) == cache
+    build(config)
+    assert list(cwd.iterdir()) == [] and list((cache / "zarr").iterdir())
+
+
 def test_an_object_store_cache_in_one_process_builds_the_local_version(
     granules: list, tmp_path: Path, s3_bucket: str
 ) -> None:

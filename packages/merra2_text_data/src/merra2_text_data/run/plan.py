@@ -144,8 +144,12 @@ def data_config(config: BuildConfig, gaps: list[str]) -> dict[str, Any]:
 
 
 def cache_dir(config: BuildConfig) -> Path:
-    if config.source.cache_location():
-        return Path(str(config.source.cache_location())).expanduser()
+    """The cache folder of a build that reads the cube here: `source.cache` (a `file://` URL as its path), else
+    `<out>/.cache` for a local output, else ~/.cache/merra2-text."""
+    location = config.source.cache_location()
+    if location:
+        fs, url = url_to_fs(location)
+        return Path(fs_path(fs, url)) if is_local(fs) else Path(location).expanduser()
     fs, out = url_to_fs(config.publish.out)
     return Path(fs_path(fs, out)) / ".cache" if is_local(fs) else Path.home() / ".cache" / "merra2-text"
 
