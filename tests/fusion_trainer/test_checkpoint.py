@@ -85,6 +85,17 @@ def test_export_adapter_replaces_final_atomically(
     weights = load_file(str(run / "final" / "adapter.safetensors"))
     for name, param in model.fusion_named_parameters():
         assert torch.equal(weights[name], param.detach())
+    stale = run / ".final.old"  # a run killed between replacing final/ and removing the old one
+    (stale / "adapter").mkdir(parents=True)
+    (stale / "adapter" / "adapter.safetensors").write_bytes(b"old")
+    with torch.no_grad():
+        for p in model.fusion_params():
+            p.add_(1.0)
+    assert export_adapter(model, run, rank=0) == run / "final", "it failed with Errno 39 (directory not empty)"
+    assert sorted(p.name for p in run.iterdir()) == ["final"]
+    weights = load_file(str(run / "final" / "adapter.safetensors"))
+    for name, param in model.fusion_named_parameters():
+        assert torch.equal(weights[name], param.detach())
 
 
 def test_frozen_digest_sees_a_change_in_the_base(make_config: Callable[..., TrainConfig]) -> None:

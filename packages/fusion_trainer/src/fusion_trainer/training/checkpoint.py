@@ -389,6 +389,7 @@ def export_adapter(model: Any, run_dir: Path, rank: int, shapes: dict[str, torch
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_adapter(tmp, state_dict=state)
             old = run_dir / f".{FINAL_DIR}.old"
+            shutil.rmtree(old, ignore_errors=True)  # a run killed before removing it left one: replace would fail
             if final.exists():
                 final.replace(old)
             tmp.replace(final)
