@@ -86,6 +86,40 @@ def test_errors_exit_non_zero_with_one_message(
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("scheme", ["file://", "s3://bucket"])
+def test_nproc_launch_takes_out_as_a_local_folder(
+    dataset_ref: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str
+) -> None:
+    """`--nproc N` wrote its launch config under Path(out): ./file:/... for a file:// out, ./s3:/... for an s3:// one
+    (which the ranks then refused); the launcher now strips file:// and refuses other schemes before writing."""
+    from fusion_trainer.cli import train_app
+    from fusion_trainer.training import launch
+    from typer.testing import CliRunner
+
+    launched: list[list[str]] = []
+
+    def fake_launch(nproc: int, args: list[str], layout: Any = None) -> int:
+        launched.append(args)
+        assert Path(args[args.index("--config") + 1]).is_file()
+        return 0
+
+    monkeypatch.setattr(launch, "launch_local", fake_launch)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(train_app, ["--shards", dataset_ref, "--model", str(tiny_model_dir), "--out",
+                                            f"{scheme}{run}", "--nproc", "2", "--no-bf16", *TINY])  # fmt: skip
+    assert list(cwd.iterdir()) == [], "nothing is written under the working folder"
+    if scheme == "file://":
+        assert result.exit_code == 0, result.output
+        assert launched and Path(launched[0][launched[0].index("--config") + 1]).parent == run
+    else:
+        assert result.exit_code == 1 and "must be a local folder" in result.output and not launched
+
+
 def test_eval_and_generate_refuse_an_unfinished_run(dataset_ref: str, tmp_path: Path) -> None:
     out = _run("fusion-eval", "--run", str(tmp_path), "--shards", dataset_ref)
     assert out.returncode == 1 and "config.yaml" in out.stderr and "Traceback" not in out.stderr

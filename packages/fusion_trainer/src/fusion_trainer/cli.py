@@ -133,9 +133,10 @@ def train_command(
 
 def _launch(cfg: Any, layout: Any, log_level: str) -> int:
     """Start this node's ranks (`launch_local`) on the resolved config; return the launcher's exit code."""
+    from .runs import local_run_dir
     from .training.launch import launch_local
 
-    run_dir = Path(cfg.out)
+    run_dir = local_run_dir(cfg.out)  # before anything is written: file:// stripped, s3:// refused
     run_dir.mkdir(parents=True, exist_ok=True)
     # one file per node: with a RUN_DIR shared between nodes, two launchers must not write the same file
     name = f".launch-config-node{layout.node_rank}.yaml" if layout.no_ssh else ".launch-config.yaml"

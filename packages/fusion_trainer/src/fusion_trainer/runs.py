@@ -24,12 +24,24 @@ from .errors import CheckpointError, ConfigError, DataError
 if TYPE_CHECKING:
     from .model.fusion_model import FusionModel
 
-__all__ = ["PROMPT_FILE", "FusionRun", "load_run", "load_run_for"]
+__all__ = ["PROMPT_FILE", "FusionRun", "load_run", "load_run_for", "local_run_dir"]
 
 logger = logging.getLogger(__name__)
 
 PROMPT_FILE = "prompt.txt"
 """The rendered prompt a run trained with, written by `fusion-train` beside config.yaml."""
+
+
+def local_run_dir(out: str) -> Path:
+    """A training config's `out` as a local folder: `file://` stripped, another scheme refused (what `fusion-train`
+    checks before it writes anything there).
+
+    Raises:
+        ConfigError: `out` is a URL of another scheme (s3://, gs://, ...).
+    """
+    if "://" in out and not out.startswith("file://"):
+        raise ConfigError(f"out: {out!r} must be a local folder (DeepSpeed checkpoints are written locally)")
+    return Path(out.removeprefix("file://"))
 
 
 @dataclass

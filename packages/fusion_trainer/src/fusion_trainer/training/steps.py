@@ -19,7 +19,7 @@ from fusion_trainer.config import TrainConfig
 from fusion_trainer.data.stream import DataPosition
 from fusion_trainer.errors import CheckpointError, ConfigError, DataError, TrainingError
 from fusion_trainer.metrics import MetricsLog, Throughput, log_rank_zero, peak_memory_bytes, repair_jsonl_tail
-from fusion_trainer.runs import PROMPT_FILE
+from fusion_trainer.runs import PROMPT_FILE, local_run_dir
 
 from .checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -149,11 +149,7 @@ def prepare_run_dir(config: TrainConfig, rank: int) -> Path:
     Raises:
         ConfigError: `out` is not a local folder, or it holds checkpoints and `resume` is not set.
     """
-    if "://" in config.out and not config.out.startswith("file://"):
-        raise ConfigError(
-            f"out: {config.out!r} must be a local folder (DeepSpeed checkpoints are written locally)"
-        )
-    run_dir = Path(config.out.removeprefix("file://"))
+    run_dir = local_run_dir(config.out)
     if rank == 0:
         has_ckpt = find_latest_checkpoint(run_dir) is not None
         if has_ckpt and not config.resume:
