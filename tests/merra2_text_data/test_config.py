@@ -114,3 +114,21 @@ def test_events_files_need_distinct_names() -> None:
         BuildConfig.from_options(overrides=["sample.events=[a/ev.csv, a/ev.csv]"], **base)
     cfg = BuildConfig.from_options(overrides=["sample.events=[a/ev.csv, b/ev2.csv]"], **base)
     assert cfg.resolved()["events"] == ["ev.csv", "ev2.csv"]
+
+
+def test_the_year_range_is_the_sources_record() -> None:
+    """ERA5 starts in 1940, MERRA-2 in 1980: each source's builds may ask for its own record, and the error names it."""
+    era5 = dict(region="conus", source="era5:/data/era5.zarr")
+    assert BuildConfig.from_options(**era5, years="1950-1951").subset.period()[0] == dt.date(1950, 1, 1)
+    cfg = BuildConfig.from_options(**era5, start="1940-01-01", end="1945-06-30", overrides=["sample.test_years=[1944]"])
+    assert cfg.subset.period() == (dt.date(1940, 1, 1), dt.date(1945, 6, 30)) and cfg.sample.test_years == [1944]
+    with pytest.raises(ConfigError) as info:
+        BuildConfig.from_options(**era5, years="1939", overrides=["sample.val_years=[1939]"])
+    msg = str(info.value)
+    assert "  - subset.years:" in msg and "  - sample.val_years:" in msg and "1940.." in msg, msg
+    assert "(ERA5's record)" in msg and "MERRA-2" not in msg, msg
+    with pytest.raises(ConfigError, match=r"1939-12-31 is outside 1940-01-01\.\..*\(ERA5's record\)"):
+        BuildConfig.from_options(**era5, start="1939-12-31", end="1940-01-02")
+    for options in (dict(years="1950"), dict(start="1979-12-31", end="1980-01-02")):
+        with pytest.raises(ConfigError, match=r"outside 1980.*\(MERRA-2's record\)"):
+            BuildConfig.from_options(region="conus", source="/data/merra2", **options)

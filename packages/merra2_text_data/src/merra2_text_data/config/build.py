@@ -22,6 +22,7 @@ from pydantic import Field, ValidationError, model_validator
 from merra2_text_data.errors import ConfigError
 
 from .sections import (
+    ERA5_FIRST_YEAR,
     FIRST_YEAR,
     PublishConfig,
     RunConfig,
@@ -31,9 +32,11 @@ from .sections import (
     SourceConfig,
     SubsetConfig,
     parse_size,
+    record_of,
 )
 
 __all__ = [
+    "ERA5_FIRST_YEAR",
     "FIRST_YEAR",
     "BuildConfig",
     "PublishConfig",
@@ -43,6 +46,7 @@ __all__ = [
     "SourceConfig",
     "SubsetConfig",
     "parse_size",
+    "record_of",
 ]
 
 
@@ -82,9 +86,12 @@ class BuildConfig(Section):
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> BuildConfig:
-        """Validate a nested dict, raising one ConfigError that names every bad key."""
+        """Validate a nested dict, raising one ConfigError that names every bad key. The years and dates are checked
+        against the record of the source (`record_of`: ERA5 from 1940, MERRA-2 from 1980)."""
+        source = data.get("source")
+        record = record_of(source.get("source") or "earthaccess") if isinstance(source, dict) else record_of("")
         try:
-            return cls.model_validate(data)
+            return cls.model_validate(data, context={"record": record})
         except ValidationError as exc:
             raise ConfigError(_format_errors(exc, where)) from exc
 

@@ -20,14 +20,18 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+
+from .records import ERA5_FIRST_YEAR, FIRST_YEAR, record_of, source_record
 
 if TYPE_CHECKING:
     from merra2_text_data.regions import Region
 
 __all__ = [
+    "ERA5_FIRST_YEAR",
     "FIRST_YEAR",
     "PublishConfig",
     "RunConfig",
@@ -36,10 +40,8 @@ __all__ = [
     "SourceConfig",
     "SubsetConfig",
     "parse_size",
+    "record_of",
 ]
-
-FIRST_YEAR = 1980
-"""MERRA-2 starts on 1980-01-01."""
 
 _YEARS_RE = re.compile(r"^\s*(\d{4})\s*(?:-\s*(\d{4})\s*)?$")
 _TILE_RE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
@@ -141,7 +143,7 @@ class SubsetConfig(Section):
 
     @field_validator("years")
     @classmethod
-    def _years_ok(cls, value: str | None) -> str | None:
+    def _years_ok(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
         match = _YEARS_RE.match(value)
@@ -149,21 +151,20 @@ class SubsetConfig(Section):
             raise ValueError(f"{value!r} is not a year or a year range; write 2019 or 2018-2020")
         first = int(match.group(1))
         last = int(match.group(2) or first)
-        now = dt.date.today().year
+        now, (record, since) = dt.date.today().year, source_record(info)
         for year in (first, last):
-            if not FIRST_YEAR <= year <= now:
-                raise ValueError(
-                    f"year {year} in {value!r} is outside {FIRST_YEAR}..{now} (MERRA-2's record)"
-                )
+            if not since <= year <= now:
+                raise ValueError(f"year {year} in {value!r} is outside {since}..{now} ({record}'s record)")
         if last < first:
             raise ValueError(f"{value!r} ends before it starts; write {last}-{first}")
         return f"{first}" if first == last else f"{first}-{last}"
 
     @field_validator("start", "end")
     @classmethod
-    def _date_ok(cls, value: dt.date | None) -> dt.date | None:
-        if value is not None and not dt.date(FIRST_YEAR, 1, 1) <= value <= dt.date.today():
-            raise ValueError(f"{value} is outside {FIRST_YEAR}-01-01..{dt.date.today()} (MERRA-2's record)")
+    def _date_ok(cls, value: dt.date | None, info: ValidationInfo) -> dt.date | None:
+        record, since = source_record(info)
+        if value is not None and not dt.date(since, 1, 1) <= value <= dt.date.today():
+            raise ValueError(f"{value} is outside {since}-01-01..{dt.date.today()} ({record}'s record)")
         return value
 
     @field_validator("variables", mode="before")
@@ -279,11 +280,11 @@ class SampleConfig(Section):
 
     @field_validator("val_years", "test_years")
     @classmethod
-    def _years_in_record(cls, value: list[int]) -> list[int]:
-        now = dt.date.today().year
-        outside = [y for y in value if not FIRST_YEAR <= y <= now]
+    def _years_in_record(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        now, (record, since) = dt.date.today().year, source_record(info)
+        outside = [y for y in value if not since <= y <= now]
         if outside:
-            raise ValueError(f"year(s) {outside} are outside {FIRST_YEAR}..{now} (MERRA-2's record)")
+            raise ValueError(f"year(s) {outside} are outside {since}..{now} ({record}'s record)")
         return value
 
     @field_validator("events")
