@@ -83,6 +83,18 @@ def test_config_problems_are_listed_together() -> None:
         TrainConfig.load({"shards": "x", "model": "m", "out": "o", "fusion": {"fusion": "nope"}})
 
 
+def test_seed_and_betas_are_refused_outside_what_numpy_and_adamw_take() -> None:
+    """A seed above 2**32 - 1 (np.random.seed) or a beta outside [0, 1) (AdamW) was accepted, then raised a traceback
+    after config.yaml was written."""
+    base = {"shards": "x", "model": "m", "out": "o"}
+    with pytest.raises(ConfigError, match=r"- seed: .*4294967295 \(got 4294967296\)"):
+        TrainConfig.load({**base, "seed": 2**32})
+    with pytest.raises(ConfigError, match=r"- betas\.0: .*less than 1 \(got 1\.0\)\n  - betas\.1: .*\(got -0\.5\)"):
+        TrainConfig.load({**base, "betas": [1.0, -0.5]})
+    config = TrainConfig.load({**base, "seed": 2**32 - 1, "betas": [0.0, 0.999]})
+    assert (config.seed, config.betas) == (2**32 - 1, (0.0, 0.999))
+
+
 def test_set_overrides_and_yaml(tmp_path: Path) -> None:
     path = tmp_path / "train.yaml"
     path.write_text("shards: a\nmodel: b\nout: c\nfusion:\n  fusion: add\n")

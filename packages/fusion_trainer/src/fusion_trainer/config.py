@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -38,6 +38,7 @@ def prompt_fields_hint() -> str:
 
 
 _BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+_Beta = Annotated[float, Field(ge=0, lt=1)]  # AdamW refuses others, after config.yaml was written
 
 
 class TrainConfig(BaseModel):
@@ -71,7 +72,7 @@ class TrainConfig(BaseModel):
     lr: float = Field(default=1e-4, gt=0, description="peak learning rate of AdamW")
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="final lr of the cosine as a fraction of lr")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay (not on biases and norms)")
-    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW betas")
+    betas: tuple[_Beta, _Beta] = Field(default=(0.9, 0.95), description="AdamW betas, each in [0, 1)")
     warmup_steps: int = Field(default=0, ge=0, description="linear warm-up steps before the cosine decay")
     schedule: Literal["cosine", "constant"] = Field(default="cosine", description="lr schedule after warm-up")
     grad_clip: float = Field(default=1.0, ge=0, description="gradient clipping norm (0: off)")
@@ -85,7 +86,7 @@ class TrainConfig(BaseModel):
         description="torch.compile each decoder layer of the frozen base (fuses its norms, activations and rotary "
         "kernels: 1.27x on an H200 with an 8B base; exact to rounding); the first steps wait for the compiler",
     )
-    seed: int = Field(default=0, ge=0, description="seed of the model init, data order and RNGs")
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="seed of the model init, data order and RNGs")
     eval_every: int = Field(
         default=0, ge=0, description="evaluate the val split every N steps (0: only at the end)"
     )
