@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -202,6 +203,19 @@ def test_a_pickled_climate_member_is_refused(
         fh.write(json.dumps(manifest))
     with pytest.raises(DataError, match="not a plain numeric"):
         next(iter(_stream(ref, tokenizer, micro_batch=1)))
+
+
+@pytest.mark.parametrize("change", [600, -600])
+def test_a_shard_of_another_size_states_its_size(make_dataset: Callable[..., str], change: int) -> None:
+    """A longer file is read to one byte past the listed size: the error said 'more than <listed + 1> bytes'."""
+    ds = open_shards(make_dataset(name="resized"))
+    shard = ds.shards("train")[0]
+    path = Path(ds.url_of(shard.path).removeprefix("file://"))
+    raw = path.read_bytes()
+    path.write_bytes(raw + b"\0" * change if change > 0 else raw[:change])
+    size = f"more than {shard.bytes}" if change > 0 else str(shard.bytes + change)
+    with pytest.raises(DataError, match=rf"fails its checks \({size} bytes where the manifest lists {shard.bytes}\)"):
+        list(iter_shard(ds, shard))
 
 
 def test_collate_refuses_samples_of_different_shapes() -> None:

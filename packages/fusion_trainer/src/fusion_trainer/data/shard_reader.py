@@ -206,10 +206,11 @@ def _parse_checked(
         DataError: the size, the sha256 (`digest`), the tar or the sample count is not the manifest's.
     """
     if len(data) != shard.bytes:
-        more = "more than " if len(data) > shard.bytes else ""
+        # a longer file is read to one byte past the listed size: all that is known is that it is longer
+        size = f"more than {shard.bytes}" if len(data) > shard.bytes else str(len(data))
         raise DataError(
-            f"shard {url} fails its checks ({more}{len(data)} bytes where the manifest lists {shard.bytes}): it is "
-            "truncated or was altered"
+            f"shard {url} fails its checks ({size} bytes where the manifest lists {shard.bytes}): it is truncated "
+            "or was altered"
         )
     parse_error: Exception | None = None
     samples: list[tuple[RawSample, str | None]] = []
