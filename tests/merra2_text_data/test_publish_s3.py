@@ -124,3 +124,39 @@ def test_failed_write_leaves_no_version_and_rerun_completes(
     assert open_dataset(f"{root}@latest").version == version
     assert verify(f"{root}@latest").ok
     assert gc(root).orphans == []
+
+
+def test_the_conditional_write_probe_stays_in_the_datasets_prefix(
+    s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials limited to a prefix (here: any write outside it is refused) can publish: the probe that the store
+    honours If-None-Match is written in the folder of the object it guards, once per folder, and removed."""
+    from collections import Counter
+
+    from merra2_text_data import fs as fs_mod
+    from merra2_text_data.fs import write_create_only
+
+    monkeypatch.setattr(fs_mod, "_CONDITIONAL_OK", set())
+    root = f"{s3_bucket}/team/ds/conus"
+    prefix = f"{root.removeprefix('s3://')}/"
+    original = s3fs.S3FileSystem._pipe_file
+    probes: list[str] = []
+
+    async def scoped(self: s3fs.S3FileSystem, path: str, data: bytes, *args: Any, **kwargs: Any) -> Any:
+        path = str(path).lstrip("/")
+        if ".merra2-text-probe" in path:
+            probes.append(path)
+        if not path.startswith(prefix):
+            raise PermissionError(f"AccessDenied: PutObject on {path}")
+        return await original(self, path, data, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_pipe_file", scoped)
+    version = publish_fake(root)
+    assert probes and all(p.startswith(prefix) for p in probes), probes
+    assert set(Counter(probes).values()) == {2}  # each probe written twice (the second refused), each folder once
+    folders = [p.rsplit("/", 1)[0] for p in dict.fromkeys(probes)]
+    assert len(folders) == len(set(folders)) and f"{prefix}versions/{version}" in folders
+    fs = _s3()
+    assert not [p for p in fs.find(s3_bucket.removeprefix("s3://")) if ".merra2-text-probe" in p]
+    n = len(probes)
+    assert write_create_only(fs, f"{root}/versions/{version}/extra.json", b"{}") and len(probes) == n

@@ -2,7 +2,7 @@
 
 `write_atomic` makes a write all-or-nothing (local disk: a temp sibling, then rename; object stores: one PUT to the
 final key, which an object store shows only once complete). `write_create_only` never replaces what is there (local
-disk: a hard link; S3: a conditional PUT `If-None-Match: *`, after a once-per-bucket probe that the store honours
+disk: a hard link; S3: a conditional PUT `If-None-Match: *`, after a once-per-folder probe that the store honours
 it; elsewhere: check, then write). Every failed write raises `StoreError` naming the object and the way out.
 """
 
@@ -98,7 +98,7 @@ def write_create_only(fs: AbstractFileSystem, url: str, data: bytes) -> bool:
     """Write `data` at `url` only if nothing is there yet.
 
     Local disk: a temp sibling hard-linked onto the name (a link never replaces); the temp file is removed whatever
-    happens. S3: a conditional PUT (`If-None-Match: *`), after a once-per-store probe that the store honours it
+    happens. S3: a conditional PUT (`If-None-Match: *`), after a once-per-folder probe that the store honours it
     (`check_conditional_writes`). Elsewhere: check, then write.
 
     Returns:
@@ -144,29 +144,33 @@ def write_create_only(fs: AbstractFileSystem, url: str, data: bytes) -> bool:
 
 
 _CONDITIONAL_OK: set[str] = set()
-"""Buckets (filesystem class, options digest, `protocol://bucket`) whose store was seen to refuse a second create-only PUT of one key."""
+"""Folders (filesystem class, options digest, `protocol://bucket/folder`) where the store was seen to refuse a second
+create-only PUT of one key."""
 
 
 def check_conditional_writes(fs: AbstractFileSystem, path: str) -> None:
-    """Once per bucket: write a probe object create-only twice; the second write must be refused.
+    """Once per folder: write a probe object create-only twice in the folder of `path`; the second write must be
+    refused.
 
     Some S3-compatible stores accept `If-None-Match: *` and ignore it, so a create-only manifest write would replace
-    a published one silently. Such a store is refused here, before anything is committed to it.
+    a published one silently. Such a store is refused here, before anything is committed to it. The probe is a
+    temporary sibling of `path` (`.merra2-text-probe.tmp-...`, removed at once; `gc` reaps one left in a dataset), so
+    credentials limited to the dataset's or the cache's prefix can write it.
 
     Raises:
         PublishError: the store replaced the probe (it ignores conditional writes).
         StoreError: the probe could not be written.
     """
     lead = "/" if path.startswith("/") else ""
-    bucket = path.lstrip("/").split("/", 1)[0]
-    where = f"{_protocols(fs)[0]}://{bucket}"
+    folder = path.strip("/").rsplit("/", 1)[0]
+    where = f"{_protocols(fs)[0]}://{folder}"
     options = hashlib.sha256(repr(sorted(fs.storage_options.items())).encode()).hexdigest()[:16]
     key = (
         f"{type(fs).__name__} {options} {where}"  # the same bucket name on another endpoint is another store
     )
     if key in _CONDITIONAL_OK:
         return
-    probe = f"{lead}{bucket}/.merra2-text-probe/{temp_sibling('create-only').rsplit('/', 1)[-1]}"
+    probe = temp_sibling(f"{lead}{folder}/.merra2-text-probe")
     try:
         fs.pipe_file(probe, b"1", mode="create")
         try:
@@ -175,7 +179,7 @@ def check_conditional_writes(fs: AbstractFileSystem, path: str) -> None:
         except FileExistsError:
             replaced = False
     except Exception as exc:
-        raise store_error(f"{where}/{probe.lstrip('/').split('/', 1)[1]}", exc) from exc
+        raise store_error(f"{where}/{probe.rsplit('/', 1)[-1]}", exc) from exc
     finally:
         with contextlib.suppress(Exception):
             fs.rm_file(probe)
