@@ -97,6 +97,30 @@ def test_multi_year_build_states_faithful_anomalies(granules: Path, tmp_path: Pa
     assert "day-of-year climatology" in card and "SYNTHETIC" in card
 
 
+def test_sub_daily_windows_are_compared_with_the_same_time_of_day(granules: Path, tmp_path: Path) -> None:
+    """6-hour windows: a window's climatology is that of its date *and* its time of day (the samples starting at the
+    same hour within 7 days, any year), not the date's mean over every hour, which made each anomaly mostly the
+    diurnal offset of its hour."""
+    ref = build(_config(granules, tmp_path / "ds", window="6h"))
+    ds = open_dataset(ref)
+    index = ds.read_index()
+    assert len(index) == len(YEARS) * DAYS * 4 and verify(ref).ok
+    doy = pd.to_datetime("2000-" + index["time_start"].dt.strftime("%m-%d"))
+    hour = index["time_start"].dt.strftime("%H:%M")
+    for _, row in index.iterrows():
+        near = index.loc[((doy - pd.Timestamp(f"2000-{row['time_start']:%m-%d}")).abs() <= pd.Timedelta(days=7))
+                         & (hour == f"{row['time_start']:%H:%M}"), "T2M_mean"]  # fmt: skip
+        assert row["T2M_clim"] == pytest.approx(near.mean(), rel=1e-12)
+        assert row["T2M_anom"] == pytest.approx(row["T2M_mean"] - row["T2M_clim"], abs=1e-9)
+    by_hour = index.groupby(hour)["T2M_clim"].mean()
+    assert by_hour.max() - by_hour.min() > 0.5  # the diurnal cycle is in the climatology, not in the anomalies
+    assert (ds.manifest.model_extra or {})["climatology"]["time_of_day"] is True
+    daily = build(_config(granules, tmp_path / "daily"))
+    assert (open_dataset(daily).manifest.model_extra or {})["climatology"]["time_of_day"] is False
+    assert "climatology" not in open_dataset(daily).manifest.config
+    assert ds.manifest.config["climatology"] == "time_of_day"
+
+
 def test_two_passes_resume_and_one_year_has_no_anomaly(
     granules: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -50,7 +50,7 @@ from .run.cube_source import CubeSource
 from .run.plan import BuildPlan, cache_dir, data_config, plan_build
 from .run.runner import connect, run_tasks
 from .run.tasks import ANOMALY_VARIABLE, STATS_STAGE, ShardTask, units_of
-from .samples.climatology import DayOfYearClimatology, spans_several_years
+from .samples.climatology import DayOfYearClimatology, by_time_of_day, climatology_group, spans_several_years
 from .samples.events import Event, grid_margins, load_storm_events, load_text_table, match_events
 from .samples.normalize import NormAccumulator
 from .samples.pairs import SamplePlan, parse_duration, plan_samples
@@ -148,9 +148,10 @@ def _climatology(
         return None
     receipts = run_tasks(STATS_STAGE, _tasks.run_stats_task, tasks, cube, cfg, plan.dataset_url,
                                 plan.version, progress=progress, client=client)  # fmt: skip
-    rows = ((group, pd.Timestamp(start), {ANOMALY_VARIABLE: {"mean": mean}})
-            for rec in receipts for _, group, start, mean in rec["rows"])  # fmt: skip
-    clim = DayOfYearClimatology.from_samples(rows, variables=[ANOMALY_VARIABLE])
+    hourly = by_time_of_day(cfg.sample.window, cfg.sample.stride)  # sub-daily windows: per time of day
+    rows = ((climatology_group(tile, pd.Timestamp(start), hourly), pd.Timestamp(start),
+             {ANOMALY_VARIABLE: {"mean": mean}}) for rec in receipts for _, tile, start, mean in rec["rows"])  # fmt: skip
+    clim = DayOfYearClimatology.from_samples(rows, variables=[ANOMALY_VARIABLE], time_of_day=hourly)
     if clim is not None:
         logger.info("climatology of %s over %s from %d samples", ANOMALY_VARIABLE, clim.period,
                     sum(len(r["rows"]) for r in receipts))  # fmt: skip

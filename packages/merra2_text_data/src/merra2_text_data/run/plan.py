@@ -17,12 +17,15 @@ from merra2_text_data.errors import MissingDataError
 from merra2_text_data.fs import fs_path, is_local, url_to_fs
 from merra2_text_data.regions import Region
 from merra2_text_data.samples import text as _text
+from merra2_text_data.samples.climatology import by_time_of_day
 from merra2_text_data.source.cmr import search_earthaccess
 from merra2_text_data.source.digests import content_digests
 from merra2_text_data.source.era5 import era5_days, era5_source_info, era5_url, is_era5
 from merra2_text_data.source.fetch import find_granules
 from merra2_text_data.source.granules import Granule, collection_for, missing_days
 from merra2_text_data.store.publish import compute_version
+
+from .tasks import ANOMALY_VARIABLE
 
 __all__ = ["BuildPlan", "cache_dir", "data_config", "plan_build"]
 
@@ -139,8 +142,13 @@ def _finish_plan(
 
 def data_config(config: BuildConfig, gaps: list[str]) -> dict[str, Any]:
     """What the version id hashes and the manifest records as `config`: the resolved build config, the missing days
-    built around, and the caption format of this builder (`text.TEXT_FORMAT`, read at call time)."""
-    return {**config.resolved(), "gaps": gaps, "text_format": _text.TEXT_FORMAT}
+    built around, the caption format of this builder (`text.TEXT_FORMAT`, read at call time), and `climatology:
+    time_of_day` where sub-daily T2M windows are compared with their time of day (their anomalies, hence their
+    captions, differ from those of builds before that rule)."""
+    sample = config.sample
+    hourly = ANOMALY_VARIABLE in config.subset.variables and by_time_of_day(sample.window, sample.stride)
+    return {**config.resolved(), "gaps": gaps, "text_format": _text.TEXT_FORMAT,
+            **({"climatology": "time_of_day"} if hourly else {})}  # fmt: skip
 
 
 def cache_dir(config: BuildConfig) -> Path:

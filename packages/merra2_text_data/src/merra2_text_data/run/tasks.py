@@ -30,7 +30,7 @@ from merra2_text_data.config.build import BuildConfig
 from merra2_text_data.errors import PublishError
 from merra2_text_data.fs import url_to_fs
 from merra2_text_data.regions import REGIONS
-from merra2_text_data.samples.climatology import DayOfYearClimatology
+from merra2_text_data.samples.climatology import DayOfYearClimatology, by_time_of_day, climatology_group
 from merra2_text_data.samples.events import Event
 from merra2_text_data.samples.normalize import NormAccumulator
 from merra2_text_data.samples.pairs import SamplePlan, iter_samples
@@ -148,6 +148,7 @@ def run_task(
     rows: list[dict[str, Any]] = []
     quarantined: list[dict[str, Any]] = []
     acc = NormAccumulator(variables)
+    hourly = by_time_of_day(config.sample.window, config.sample.stride)
     for sample in iter_samples(cube, list(task.plans), variables, config.sample.time_step):
         p = sample.plan
         reasons = validate_sample(sample.array, sample.stats, variables, sample.lat, sample.lon)
@@ -158,9 +159,8 @@ def run_task(
             quarantined.append(quarantine_row(p.key, p.split, p.time_start, p.time_end, reasons))
             continue
         region_words = describe_region(words, p.bbox if p.tile is not None else None)
-        anomalies = (
-            None if climatology is None else climatology.anomalies(p.tile_label, p.time_start, sample.stats)
-        )
+        group = climatology_group(p.tile_label, p.time_start, hourly)
+        anomalies = None if climatology is None else climatology.anomalies(group, p.time_start, sample.stats)
         joined = events.get(p.key) or []
         text = make_caption(p.key, region_words, p.time_start, p.time_end, sample.stats, units, anomalies,
                             events=joined)  # fmt: skip

@@ -11,6 +11,9 @@ Rules (also the dataset card's wording):
   day when it has a sample within +-`half_width_days` of that date *in that year* (so late December of 2019 counts as
   2020 for 3 January), and the caption names the first and last contributing years, e.g. `2018-2020`.
 - The anomaly is the sample's mean minus that climatological mean; the index stores both (`T2M_clim`, `T2M_anom`).
+- Windows shorter than a day, or starting more than once a day, are compared with the same time of day: the group
+  carries the window's start time (`climatology_group`), so a 6-hour window at 12:00 is measured against the 12:00
+  windows near its date, not against the date's mean over every hour (whose anomaly would be the diurnal offset).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["AnomalyInfo", "DayOfYearClimatology", "spans_several_years"]
+__all__ = ["AnomalyInfo", "DayOfYearClimatology", "by_time_of_day", "climatology_group", "spans_several_years"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,21 @@ def spans_several_years(starts: Iterable[pd.Timestamp], min_years: int = 2) -> b
     return len({pd.Timestamp(t).year for t in starts}) >= min_years
 
 
+def by_time_of_day(window: str, stride: str | None) -> bool:
+    """True when windows are shorter than a day or start more than once a day: their climatology is kept per time of
+    day (`climatology_group`)."""
+    from .pairs import parse_duration
+
+    day = pd.Timedelta(days=1)
+    return parse_duration(window) < day or parse_duration(stride or window) < day
+
+
+def climatology_group(tile_label: str, time_start: pd.Timestamp, time_of_day: bool) -> str:
+    """The climatology group of a window: its tile label, followed by its start time (`t00x01 06:00`) when the
+    climatology is kept per time of day (`by_time_of_day`)."""
+    return f"{tile_label} {pd.Timestamp(time_start):%H:%M}" if time_of_day else tile_label
+
+
 def _smooth_circular(values: np.ndarray, h: int) -> np.ndarray:
     if h == 0:
         return values.copy()
@@ -71,9 +89,12 @@ class DayOfYearClimatology:
     """
 
     def __init__(
-        self, tables: dict[tuple[str, str], dict[str, np.ndarray]], half_width_days: int, min_years: int
-    ):
+        self, tables: dict[tuple[str, str], dict[str, np.ndarray]], half_width_days: int, min_years: int,
+        time_of_day: bool = False,
+    ):  # fmt: skip
         self._tables = tables
+        self.time_of_day = time_of_day
+        """The groups carry the window's start time (`climatology_group`)."""
         self.half_width_days = half_width_days
         self.min_years = min_years
         firsts = [int(np.nanmin(t["first"])) for t in tables.values() if np.isfinite(t["first"]).any()]
@@ -88,8 +109,10 @@ class DayOfYearClimatology:
         variables: Sequence[str] = ("T2M",),
         half_width_days: int = 7,
         min_years: int = 2,
+        time_of_day: bool = False,
     ) -> DayOfYearClimatology | None:
-        """Build from `(group, time_start, stats)` rows (group: `SamplePlan.tile_label`).
+        """Build from `(group, time_start, stats)` rows (group: `climatology_group` of the sample; `time_of_day`
+        says whether the groups carry the start time, for `describe`).
 
         Returns:
             The climatology, or None when no day of the year has `min_years` contributing years.
@@ -130,7 +153,7 @@ class DayOfYearClimatology:
         if not any(np.isfinite(t["mean"]).any() for t in tables.values()):
             logger.info("no climatology: no day of the year has samples from %d different years", min_years)
             return None
-        return cls(tables, h, min_years)
+        return cls(tables, h, min_years, time_of_day)
 
     def mean(self, group: str, variable: str, day: pd.Timestamp) -> float:
         """The smoothed climatological mean for a date (NaN when fewer than `min_years` years are near that day)."""
@@ -168,11 +191,13 @@ class DayOfYearClimatology:
         return AnomalyInfo(values, period, reference) if values else None
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-ready summary for the manifest: variables, period, half width, minimum years, groups."""
+        """A JSON-ready summary for the manifest: variables, period, half width, minimum years, groups, and whether
+        it is kept per time of day."""
         return {
             "variables": sorted({v for _, v in self._tables}),
             "period": self.period,
             "half_width_days": self.half_width_days,
             "min_years": self.min_years,
             "groups": len({g for g, _ in self._tables}),
+            "time_of_day": self.time_of_day,
         }

@@ -84,8 +84,9 @@ def _provenance(extra: dict[str, Any], index: pd.DataFrame) -> list[str]:
                   " event text (index columns `n_events`, `event_types`); it is appended after `Reported events:`."]  # fmt: skip
     clim = extra.get("climatology")
     if clim:
+        hours = ", at the window's time of day" if clim.get("time_of_day") else ""
         lines += ["", f"Captions state the {', '.join(clim['variables'])} anomaly against a day-of-year climatology of"
-                  f" the samples ({clim['period']}, +-{clim['half_width_days']} days, at least {clim['min_years']}"
+                  f" the samples ({clim['period']}, +-{clim['half_width_days']} days{hours}, at least {clim['min_years']}"
                   " years per date); the index holds it as `T2M_clim` and `T2M_anom`."]  # fmt: skip
     return lines
 
