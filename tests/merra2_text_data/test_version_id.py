@@ -67,3 +67,17 @@ def test_an_unreadable_input_file_names_its_option(granules: Path, tmp_path: Pat
     events = base.model_copy(update={"sample": base.sample.model_copy(update={"events": [missing]})})
     with pytest.raises(MissingDataError, match=r"nowhere\.csv cannot be read .*given to --events$"):
         plan_build(events)
+
+
+def test_a_build_joining_events_names_its_join_rule_in_the_id(granules: Path, tmp_path: Path) -> None:
+    """The event join widens tiles by half of each axis's grid step (it used the latitude's on both): a build with
+    events records that rule in its hashed config, so its id differs from one made under the old rule."""
+    from merra2_text_data.run.plan import data_config
+
+    base = _config(granules, tmp_path)
+    assert "event_margins" not in data_config(base, [])
+    table = tmp_path / "table.csv"
+    table.write_text("key,text\n", encoding="utf-8")
+    joined = base.model_copy(update={"sample": base.sample.model_copy(update={"text_table": str(table)})})
+    assert data_config(joined, [])["event_margins"] == "per_axis"
+

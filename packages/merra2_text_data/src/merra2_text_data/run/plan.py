@@ -144,11 +144,15 @@ def data_config(config: BuildConfig, gaps: list[str]) -> dict[str, Any]:
     """What the version id hashes and the manifest records as `config`: the resolved build config, the missing days
     built around, the caption format of this builder (`text.TEXT_FORMAT`, read at call time), and `climatology:
     time_of_day` where sub-daily T2M windows are compared with their time of day (their anomalies, hence their
-    captions, differ from those of builds before that rule)."""
+    captions, differ from those of builds before that rule), and `event_margins: per_axis` where event reports are
+    joined (since the join widens each tile by half of each axis's grid step, not the latitude's on both, a build
+    with events may pair other reports than one before it: its id changes, so no stale version is reused)."""
     sample = config.sample
     hourly = ANOMALY_VARIABLE in config.subset.variables and by_time_of_day(sample.window, sample.stride)
+    joins = bool(sample.events or sample.text_table)
     return {**config.resolved(), "gaps": gaps, "text_format": _text.TEXT_FORMAT,
-            **({"climatology": "time_of_day"} if hourly else {})}  # fmt: skip
+            **({"climatology": "time_of_day"} if hourly else {}),
+            **({"event_margins": "per_axis"} if joins else {})}  # fmt: skip
 
 
 def cache_dir(config: BuildConfig) -> Path:
